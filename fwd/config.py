@@ -1,0 +1,64 @@
+"""Server settings and the small parsers for addresses and sizes.
+
+Kept apart from the CLI so that workers, tests and the future control socket
+can build a Config without click.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+MODES = ("chan", "broadcast")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str | int) -> int:
+    """``"4MiB"``, ``"512k"``, ``"1048576"`` → bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 65536, 512KiB, 4MiB)")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``"0.0.0.0:8601"``, ``"[::]:8601"``, ``"localhost:0"`` → (host, port)."""
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
+    if not m:
+        raise ValueError(f"not HOST:PORT: {text!r} (IPv6 as [::1]:8601)")
+    host = m.group(1) if m.group(1) is not None else m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise ValueError(f"port out of range: {port}")
+    return host or "0.0.0.0", port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class Config:
+    """Every knob of one fwd-server; defaults match the CLI's."""
+
+    listen: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 8601)])
+    mode: str = "broadcast"
+    workers: int = 1
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 0.0
+    max_buffer: int = 4 * 1024**2
+    slow_timeout: float = 30.0
+    hold_bytes: int = 1024**2
+    hold_seconds: float = 30.0
+    hold_total: int = 256 * 1024**2
+    max_conns: int = 10000
+    takeover: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")

@@ -1,0 +1,24 @@
+"""Pick the compiled data path, or its pure-Python twin when asked to.
+
+Like pyzmq's backend selection: the choice is made once at import, an
+environment variable overrides it, and a missing build fails loudly with the
+fix instead of silently running slow.
+"""
+from __future__ import annotations
+
+import os
+
+if os.environ.get("FWD_PURE_PYTHON") == "1":
+    from ._fastcopy_py import fanout
+    IMPLEMENTATION = "python"
+else:
+    try:
+        from ._fastcopy import fanout
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "fwd._fastcopy is not built: install fwd with 'pip install .' (needs gcc and "
+            "the Python headers), or set FWD_PURE_PYTHON=1 to use the slow twin"
+        ) from exc
+    IMPLEMENTATION = "cython"
+
+__all__ = ["fanout", "IMPLEMENTATION"]

@@ -1,0 +1,361 @@
+"""The chan handshake as a sans-I/O state machine.
+
+Nothing here touches a socket or a clock: the I/O layer feeds received bytes in
+(``receive_data``), pulls events out (``next_event``) and turns events it wants
+to send into bytes (``send``). That keeps every rule of docs/PROTOCOL.md
+testable byte by byte, and lets the same machine serve the server, the client
+library and, later, an encrypted line codec.
+
+The legal moves are data (``_RECEIVE`` and ``_SEND``, keyed by role, state and
+event type); a move that is not in the tables is a protocol error, and once a
+machine has failed it stays failed.
+"""
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol, Union
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+MAX_LINE = 4096
+"""Longest handshake line, in bytes, not counting its ``\\n``."""
+MAX_CHID_BYTES = 128
+MAX_RECVERS = 1024
+MAX_TIMEOUT = 2**31 - 1
+"""Largest ``timeout`` accepted (seconds): larger values are rejected, not clamped."""
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    PAUSED = "PAUSED"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_DATA = _Sentinel.NEED_DATA
+"""``next_event``: a whole line has not arrived yet."""
+PAUSED = _Sentinel.PAUSED
+"""``next_event``: it is our turn to send (or the handshake is over)."""
+
+
+def _fail(desc: str) -> RemoteProtocolError:
+    return RemoteProtocolError(desc)
+
+
+def check_chid(value: object, what: str = "chid") -> str:
+    """Return ``value`` if it is a usable chid, else raise with a reason.
+
+    Chids end up in logs, metrics labels and other clients' recvers lists, so
+    they are limited to short printable text.
+    """
+    if not isinstance(value, str):
+        raise _fail(f"{what} must be a string")
+    if not value:
+        raise _fail(f"{what} must not be empty")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _fail(f"{what} is not valid Unicode") from None
+    if size > MAX_CHID_BYTES:
+        raise _fail(f"{what} longer than {MAX_CHID_BYTES} bytes")
+    if any(c < " " or "\x7f" <= c <= "\x9f" for c in value):
+        raise _fail(f"{what} contains control characters")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Hs1:
+    """Client asks for a chid; ``None`` lets the server pick one."""
+
+    chid: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.chid is not None:
+            check_chid(self.chid)
+
+
+@dataclass(frozen=True, slots=True)
+class Hs2:
+    """Server confirms the chid the session now holds."""
+
+    chid: str
+
+    def __post_init__(self) -> None:
+        check_chid(self.chid)
+
+
+@dataclass(frozen=True, slots=True)
+class Hs3:
+    """Client names its receivers (empty: everyone else) and an idle timeout."""
+
+    recvers: tuple[str, ...] = ()
+    timeout: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.recvers) > MAX_RECVERS:
+            raise _fail(f"more than {MAX_RECVERS} recvers")
+        for r in self.recvers:
+            check_chid(r, "recver")
+        t = self.timeout
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TIMEOUT
+        ):
+            raise _fail(f"timeout must be an integer from 0 to {MAX_TIMEOUT}")
+
+
+@dataclass(frozen=True, slots=True)
+class Hs4:
+    """Server's verdict; a FAIL carries a human-readable reason."""
+
+    ok: bool
+    desc: str = ""
+
+
+Event = Union[Hs1, Hs2, Hs3, Hs4]
+
+
+class Role(enum.Enum):
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class State(enum.Enum):
+    SEND_HS1 = "SEND_HS1"
+    AWAIT_HS1 = "AWAIT_HS1"
+    SEND_HS2 = "SEND_HS2"
+    AWAIT_HS2 = "AWAIT_HS2"
+    SEND_HS3 = "SEND_HS3"
+    AWAIT_HS3 = "AWAIT_HS3"
+    SEND_HS4 = "SEND_HS4"
+    AWAIT_HS4 = "AWAIT_HS4"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+S = State
+_RECEIVE: dict[tuple[Role, State, type], State] = {
+    (Role.SERVER, S.AWAIT_HS1, Hs1): S.SEND_HS2,
+    (Role.SERVER, S.AWAIT_HS3, Hs3): S.SEND_HS4,
+    (Role.CLIENT, S.AWAIT_HS2, Hs2): S.SEND_HS3,
+    (Role.CLIENT, S.AWAIT_HS2, Hs4): S.FAILED,  # e.g. "chid in use"
+    (Role.CLIENT, S.AWAIT_HS4, Hs4): S.DONE,  # FAIL is mapped to FAILED below
+}
+_SEND: dict[tuple[Role, State, type], State] = {
+    (Role.SERVER, S.SEND_HS2, Hs2): S.AWAIT_HS3,
+    (Role.SERVER, S.SEND_HS4, Hs4): S.DONE,  # FAIL is mapped to FAILED below
+    (Role.CLIENT, S.SEND_HS1, Hs1): S.AWAIT_HS2,
+    (Role.CLIENT, S.SEND_HS3, Hs3): S.AWAIT_HS4,
+}
+_INITIAL = {Role.SERVER: S.AWAIT_HS1, Role.CLIENT: S.SEND_HS1}
+_OUR_TURN = {S.SEND_HS1, S.SEND_HS2, S.SEND_HS3, S.SEND_HS4, S.DONE}
+_NAMES = {Hs1: "hs1", Hs2: "hs2", Hs3: "hs3", Hs4: "hs4"}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def decode_json_line(line: bytes) -> Any:
+    """Parse one line of UTF-8 JSON, mapping every failure to a remote error."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail("invalid UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise _fail("not JSON") from None
+
+
+class LineCodec(Protocol):
+    """How one handshake message becomes one line; the encrypted codec plugs in here."""
+
+    def decode(self, line: bytes) -> Any: ...
+
+    def encode(self, message: dict[str, Any]) -> bytes: ...
+
+
+class PlainCodec:
+    """Compact JSON, one object per ``\\n``-terminated line."""
+
+    def decode(self, line: bytes) -> Any:
+        return decode_json_line(line)
+
+    def encode(self, message: dict[str, Any]) -> bytes:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+PLAIN = PlainCodec()
+
+
+def to_message(event: Event) -> dict[str, Any]:
+    """The JSON object that carries ``event`` on the wire."""
+    if isinstance(event, Hs1):
+        return {"req": "hs1"} if event.chid is None else {"req": "hs1", "chid": event.chid}
+    if isinstance(event, Hs2):
+        return {"rsp": "hs2", "chid": event.chid}
+    if isinstance(event, Hs3):
+        msg: dict[str, Any] = {"req": "hs3", "recvers": list(event.recvers)}
+        if event.timeout is not None:
+            msg["timeout"] = event.timeout
+        return msg
+    if event.ok:
+        return {"rsp": "hs4", "result": "OK"}
+    return {"rsp": "hs4", "result": "FAIL", "desc": event.desc}
+
+
+def from_message(obj: Any, role: Role) -> Event:
+    """Validate a decoded JSON value as the message ``role`` expects to receive.
+
+    Unknown keys are ignored so that newer clients can add fields.
+    """
+    if not isinstance(obj, dict):
+        raise _fail("not a JSON object")
+    key = "req" if role is Role.SERVER else "rsp"
+    kind = obj.get(key)
+    if not isinstance(kind, str):
+        raise _fail(f"missing {key!r}")
+    if role is Role.SERVER:
+        if kind == "hs1":
+            chid = obj.get("chid")
+            return Hs1(None if chid is None or chid == "" else check_chid(chid))
+        if kind == "hs3":
+            recvers = obj.get("recvers")
+            if recvers is None:
+                recvers = []
+            if not isinstance(recvers, list):
+                raise _fail("recvers must be a list")
+            if len(recvers) > MAX_RECVERS:
+                raise _fail(f"more than {MAX_RECVERS} recvers")
+            for r in recvers:
+                check_chid(r, "recver")
+            # dict.fromkeys drops repeats but keeps the order the client gave.
+            return Hs3(tuple(dict.fromkeys(recvers)), obj.get("timeout"))
+    else:
+        if kind == "hs2":
+            return Hs2(check_chid(obj.get("chid")))
+        if kind == "hs4":
+            result = obj.get("result")
+            if result == "OK":
+                return Hs4(True)
+            if result == "FAIL":
+                desc = obj.get("desc")
+                return Hs4(False, desc if isinstance(desc, str) else "")
+            raise _fail("hs4 result must be OK or FAIL")
+    raise _fail(f"unknown {key} {kind[:32]!r}")
+
+
+class Handshake:
+    """One side of one connection's handshake.
+
+    ``receive_data(b"")`` signals EOF. After DONE, ``trailing_data`` holds the
+    bytes that arrived behind the last handshake line: they are the start of
+    the raw stream and must be forwarded, not dropped.
+    """
+
+    __slots__ = ("role", "state", "codec", "_buf", "_eof", "_error")
+
+    def __init__(self, role: Role, codec: LineCodec = PLAIN) -> None:
+        self.role = role
+        self.codec = codec
+        self.state = _INITIAL[role]
+        self._buf = bytearray()
+        self._eof = False
+        self._error: RemoteProtocolError | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        if self._eof:
+            raise LocalProtocolError("data after EOF")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | _Sentinel:
+        if self._error is not None:
+            raise self._error
+        if self.state in _OUR_TURN:
+            return PAUSED
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self.state = S.FAILED
+            self._error = exc
+            raise
+
+    def _next_event(self) -> Event | _Sentinel:
+        nl = self._buf.find(b"\n", 0, MAX_LINE + 1)
+        if nl < 0:
+            if len(self._buf) > MAX_LINE:
+                raise _fail(f"line longer than {MAX_LINE} bytes")
+            if self._eof:
+                raise _fail("connection closed during handshake")
+            return NEED_DATA
+        line = bytes(self._buf[:nl])
+        del self._buf[: nl + 1]
+        event = from_message(self.codec.decode(line), self.role)
+        new_state = _RECEIVE.get((self.role, self.state, type(event)))
+        if new_state is None:
+            expected = self.state.name[-3:].lower()
+            raise _fail(f"unexpected {_NAMES[type(event)]}, expected {expected}")
+        if isinstance(event, Hs4) and not event.ok:
+            new_state = S.FAILED
+        self.state = new_state
+        return event
+
+    def send(self, event: Event) -> bytes:
+        """Bytes for ``event``; a server may send a FAIL hs4 in any state but DONE."""
+        if (
+            self.role is Role.SERVER
+            and isinstance(event, Hs4)
+            and not event.ok
+            and self.state is not S.DONE
+        ):
+            self.state = S.FAILED
+            return self.codec.encode(to_message(event))
+        new_state = _SEND.get((self.role, self.state, type(event)))
+        if new_state is None:
+            raise LocalProtocolError(f"cannot send {_NAMES[type(event)]} in state {self.state.name}")
+        if isinstance(event, Hs4) and not event.ok:
+            new_state = S.FAILED
+        self.state = new_state
+        return self.codec.encode(to_message(event))
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Take the bytes buffered behind the final handshake line."""
+        if self.state is not S.DONE:
+            raise LocalProtocolError("handshake not finished")
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class Sniff(enum.Enum):
+    DATA = "DATA"
+    HANDSHAKE = "HANDSHAKE"
+    UNDECIDED = "UNDECIDED"
+
+
+def sniff(prefix: bytes) -> Sniff:
+    """Classify the first bytes of a broadcast-mode connection.
+
+    A connection is a handshake only if its very first byte is ``{`` and its
+    first line is a JSON object whose ``req`` is ``"hs1"``. The I/O layer adds
+    the time limit: still UNDECIDED after a few milliseconds means DATA.
+    """
+    if not prefix:
+        return Sniff.UNDECIDED
+    if prefix[0] != 0x7B:
+        return Sniff.DATA
+    nl = prefix.find(b"\n", 0, MAX_LINE + 1)
+    if nl < 0:
+        return Sniff.DATA if len(prefix) > MAX_LINE else Sniff.UNDECIDED
+    try:
+        obj = decode_json_line(prefix[:nl])
+    except RemoteProtocolError:
+        return Sniff.DATA
+    return Sniff.HANDSHAKE if isinstance(obj, dict) and obj.get("req") == "hs1" else Sniff.DATA

@@ -1,0 +1,236 @@
+"""Who receives a sender's bytes: the chid registry, routes, hold buffers and
+backpressure bookkeeping, all without I/O.
+
+Sessions are opaque hashable objects here; the I/O layer does the writing. The
+routing table answers "which live sessions get this chunk, and which named
+receivers are absent" in O(1) per read while nothing changes, because routes are
+cached and only rebuilt after a join or leave (tracked by ``generation``).
+"""
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, Hashable, Iterable, TypeVar
+
+from .errors import ChidInUse
+
+T = TypeVar("T", bound=Hashable)
+
+
+def new_chid() -> str:
+    """A short, URL-safe chid nobody can guess (96 random bits)."""
+    return secrets.token_urlsafe(12)
+
+
+@dataclass(frozen=True, slots=True)
+class Route(Generic[T]):
+    """Where one sender's bytes go right now.
+
+    ``targets`` may include the sender itself (the shared "everyone" tuple is
+    reused for all broadcasters), so the writer skips ``sender``. ``to_all`` is
+    true for "everyone else" routes; ``missing`` lists named receivers that are
+    not live, whose bytes are to be held.
+    """
+
+    generation: int
+    targets: tuple[T, ...]
+    missing: tuple[str, ...]
+    to_all: bool
+
+
+@dataclass(slots=True)
+class _Hold:
+    chunks: deque[tuple[float, bytes]] = field(default_factory=deque)
+    size: int = 0
+
+
+class Router(Generic[T]):
+    """The chid registry and route resolution of one worker.
+
+    A session goes through ``claim`` (handshake step hs1; broadcast clients
+    without a handshake skip it), then ``join`` (it becomes live: it can send
+    and receive), then ``leave``.
+    """
+
+    def __init__(self, *, hold_bytes: int, hold_seconds: float, hold_total: int) -> None:
+        self.hold_bytes = hold_bytes
+        self.hold_seconds = hold_seconds
+        self.hold_total = hold_total
+        self.generation = 0
+        self.held = 0
+        self._owner: dict[str, T] = {}
+        self._chid_of: dict[T, str] = {}
+        self._live: dict[str, T] = {}
+        self._recvers: dict[T, tuple[str, ...]] = {}
+        self._everyone: tuple[T, ...] = ()
+        self._everyone_gen = -1
+        self._routes: dict[T, Route[T]] = {}
+        self._holds: dict[str, _Hold] = {}
+
+    # -- registry ---------------------------------------------------------------
+
+    def claim(self, session: T, chid: str | None, *, takeover: bool = False) -> tuple[str, T | None]:
+        """Reserve ``chid`` (or a fresh one) for ``session``.
+
+        Returns the chid and, with ``takeover``, the session it was taken from
+        (the caller closes that one). Raises ChidInUse otherwise.
+        """
+        if chid is None:
+            chid = new_chid()
+            while chid in self._owner:  # pragma: no cover - 96 random bits
+                chid = new_chid()
+        evicted = self._owner.get(chid)
+        if evicted is not None:
+            if not takeover or evicted is session:
+                raise ChidInUse(chid)
+            self.leave(evicted)
+        self._owner[chid] = session
+        self._chid_of[session] = chid
+        return chid, evicted
+
+    def owner(self, chid: str) -> T | None:
+        return self._owner.get(chid)
+
+    def chid_of(self, session: T) -> str | None:
+        return self._chid_of.get(session)
+
+    def join(self, session: T, recvers: Iterable[str] = ()) -> list[bytes]:
+        """Make ``session`` live; return the bytes held for its chid, oldest first."""
+        self._recvers[session] = tuple(recvers)
+        self.generation += 1
+        chid = self._chid_of.get(session)
+        if chid is None:
+            return []
+        self._live[chid] = session
+        hold = self._holds.pop(chid, None)
+        if hold is None:
+            return []
+        self.held -= hold.size
+        return [chunk for _, chunk in hold.chunks]
+
+    def leave(self, session: T) -> None:
+        """Forget ``session``; its chid is free again at once. Idempotent."""
+        chid = self._chid_of.pop(session, None)
+        if chid is not None and self._owner.get(chid) is session:
+            del self._owner[chid]
+            if self._live.get(chid) is session:
+                del self._live[chid]
+        if self._recvers.pop(session, None) is not None:
+            self.generation += 1
+        self._routes.pop(session, None)
+
+    def is_live(self, session: T) -> bool:
+        return session in self._recvers
+
+    def __len__(self) -> int:
+        return len(self._recvers)
+
+    # -- routes -----------------------------------------------------------------
+
+    def route(self, sender: T) -> Route[T]:
+        """The receivers of ``sender``'s next chunk (``sender`` must be live)."""
+        cached = self._routes.get(sender)
+        if cached is not None and cached.generation == self.generation:
+            return cached
+        recvers = self._recvers[sender]
+        if recvers:
+            live = self._live
+            targets = tuple(live[c] for c in recvers if c in live and live[c] is not sender)
+            missing = tuple(c for c in recvers if c not in live)
+            route = Route(self.generation, targets, missing, False)
+        else:
+            route = Route(self.generation, self.everyone(), (), True)
+        self._routes[sender] = route
+        return route
+
+    def everyone(self) -> tuple[T, ...]:
+        """All live sessions, shared by every "everyone else" route."""
+        if self._everyone_gen != self.generation:
+            self._everyone = tuple(self._recvers)
+            self._everyone_gen = self.generation
+        return self._everyone
+
+    # -- hold buffers ------------------------------------------------------------
+
+    def hold(self, chid: str, chunk: bytes, now: float) -> int:
+        """Keep ``chunk`` for the absent receiver ``chid``; return bytes dropped.
+
+        Tail drop: a receiver that connects late gets the first bytes sent to it
+        (up to the limit) and loses the rest, rather than a stream with a hole
+        at its start.
+        """
+        hold = self._holds.get(chid)
+        if hold is None:
+            hold = self._holds[chid] = _Hold()
+        room = min(self.hold_bytes - hold.size, self.hold_total - self.held)
+        if room <= 0:
+            return len(chunk)
+        kept = chunk if len(chunk) <= room else chunk[:room]
+        hold.chunks.append((now, kept))
+        hold.size += len(kept)
+        self.held += len(kept)
+        return len(chunk) - len(kept)
+
+    def expire(self, now: float) -> int:
+        """Drop held chunks older than ``hold_seconds``; return bytes dropped."""
+        deadline = now - self.hold_seconds
+        dropped = 0
+        for chid in list(self._holds):
+            hold = self._holds[chid]
+            while hold.chunks and hold.chunks[0][0] <= deadline:
+                _, chunk = hold.chunks.popleft()
+                hold.size -= len(chunk)
+                dropped += len(chunk)
+            if not hold.chunks:
+                del self._holds[chid]
+        self.held -= dropped
+        return dropped
+
+    def has_holds(self) -> bool:
+        return bool(self._holds)
+
+
+class Backpressure(Generic[T]):
+    """Which senders are paused, and on which full receivers they wait.
+
+    A sender stays paused while at least one receiver it wrote to is above its
+    high-water mark; ``release`` names the senders that may read again.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[T, set[T]] = {}
+        self._waiting_on: dict[T, int] = {}
+
+    def block(self, sender: T, receiver: T) -> bool:
+        """Record that ``sender`` waits for ``receiver``; True if it must pause now."""
+        waiters = self._waiters.setdefault(receiver, set())
+        if sender in waiters:
+            return False
+        waiters.add(sender)
+        count = self._waiting_on.get(sender, 0)
+        self._waiting_on[sender] = count + 1
+        return count == 0
+
+    def release(self, receiver: T) -> list[T]:
+        """``receiver`` drained (or left): the senders that are free again."""
+        freed = []
+        for sender in self._waiters.pop(receiver, ()):
+            count = self._waiting_on[sender] - 1
+            if count:
+                self._waiting_on[sender] = count
+            else:
+                del self._waiting_on[sender]
+                freed.append(sender)
+        return freed
+
+    def is_paused(self, sender: T) -> bool:
+        return sender in self._waiting_on
+
+    def forget(self, session: T) -> list[T]:
+        """``session`` is gone, as a receiver and as a sender."""
+        freed = self.release(session)
+        if self._waiting_on.pop(session, None) is not None:
+            for waiters in self._waiters.values():
+                waiters.discard(session)
+        return freed

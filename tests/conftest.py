@@ -1,0 +1,167 @@
+"""Fixtures that start real fwd-server processes on ephemeral loopback ports.
+
+Synchronisation is by events the server really emits: its log lines (read by a
+thread into a list) and the bytes on the sockets. Every socket a test opens
+through a fixture is closed at teardown, and a server that logged a traceback
+or an ERROR fails the test that used it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from helpers import handshake
+
+LOG_WAIT = 15.0
+
+
+class Server:
+    """A running fwd-server process and the log lines it has written."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.sockets: list[socket.socket] = []
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fwd.cli", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=full_env, preexec_fn=preexec, text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        m = self.wait_log(r"listening on (\S+)")
+        addr = m.group(1).split(",")[0]
+        host, _, port = addr.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_log(self, pattern: str, timeout: float = LOG_WAIT, start: int = 0,
+                 count: int = 1) -> re.Match[str]:
+        """Wait until ``count`` log lines from index ``start`` match; return the last match."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [m for line in self.lines[start:] if (m := rx.search(line))]
+                if len(found) >= count:
+                    return found[count - 1]
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"server exited ({self.proc.returncode}) before "
+                                         f"{pattern!r}:\n" + "\n".join(self.lines[-30:]))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line {pattern!r} within {timeout}s:\n"
+                                         + "\n".join(self.lines[-30:]))
+                self.cond.wait(left)
+
+    def mark(self) -> int:
+        """Index to pass as ``start`` to wait only for lines logged from now on."""
+        with self.cond:
+            return len(self.lines)
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        self.sockets.append(sock)
+        return sock
+
+    def handshake(self, chid: str | None = None, recvers: list[str] | None = None,
+                  timeout: int | None = None) -> tuple[socket.socket, str]:
+        sock = self.connect()
+        return sock, handshake(sock, chid, recvers, timeout)
+
+    def rss(self) -> int:
+        """Resident set size of the server process, in bytes."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self, check: bool = True) -> None:
+        for s in self.sockets:
+            s.close()
+        self.sockets.clear()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("server did not stop within 15 s of SIGTERM")
+        self._reader.join(5)
+        if check:
+            assert self.proc.returncode == 0, f"server exit code {self.proc.returncode}"
+            bad = [ln for ln in self.lines if "Traceback" in ln or " ERROR " in ln]
+            assert not bad, "server logged errors:\n" + "\n".join(self.lines)
+
+
+@pytest.fixture
+def impl(request: pytest.FixtureRequest) -> str:
+    """Which data path the server runs; tests marked ``both_impls`` run both."""
+    return getattr(request, "param", "cython")
+
+
+@pytest.fixture
+def start_server(impl: str) -> Iterator[Callable[..., Server]]:
+    """Factory: ``start_server("--mode", "chan", env=..., preexec=...)``."""
+    servers: list[Server] = []
+
+    def start(*args: str, env: dict[str, str] | None = None,
+              preexec: Callable[[], None] | None = None, log_level: str = "debug") -> Server:
+        env = dict(env or {})
+        if impl == "python":
+            env["FWD_PURE_PYTHON"] = "1"
+        server = Server(["--listen", "127.0.0.1:0", "--log-level", log_level, *args],
+                        env=env, preexec=preexec)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def chan_server(start_server: Callable[..., Server]) -> Server:
+    return start_server("--mode", "chan")
+
+
+@pytest.fixture
+def bcast_server(start_server: Callable[..., Server]) -> Server:
+    return start_server("--mode", "broadcast")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests marked both_impls run against the compiled loop and its Python twin.
+    if "impl" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_impls"):
+        metafunc.parametrize("impl", ["cython", "python"], indirect=True)

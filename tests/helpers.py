@@ -1,0 +1,138 @@
+"""Blocking socket helpers for talking to a real fwd-server in tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+from typing import Any
+
+
+def send_json(sock: socket.socket, obj: Any) -> None:
+    sock.sendall(json.dumps(obj).encode() + b"\n")
+
+
+def read_line(sock: socket.socket, limit: int = 65536) -> bytes:
+    """One ``\\n``-terminated line, read byte by byte so no stream data is eaten."""
+    buf = bytearray()
+    while len(buf) < limit:
+        b = sock.recv(1)
+        if not b:
+            raise EOFError(f"connection closed after {bytes(buf)!r}")
+        buf += b
+        if b == b"\n":
+            return bytes(buf)
+    raise AssertionError("line too long")
+
+
+def read_json(sock: socket.socket) -> Any:
+    return json.loads(read_line(sock))
+
+
+def handshake(sock: socket.socket, chid: str | None = None, recvers: list[str] | None = None,
+              timeout: int | None = None) -> str:
+    """Run hs1..hs4 and return the chid the server granted; fail the test on FAIL."""
+    hs1: dict[str, Any] = {"req": "hs1"}
+    if chid is not None:
+        hs1["chid"] = chid
+    send_json(sock, hs1)
+    hs2 = read_json(sock)
+    assert hs2.get("rsp") == "hs2", hs2
+    hs3: dict[str, Any] = {"req": "hs3"}
+    if recvers is not None:
+        hs3["recvers"] = recvers
+    if timeout is not None:
+        hs3["timeout"] = timeout
+    send_json(sock, hs3)
+    hs4 = read_json(sock)
+    assert hs4 == {"rsp": "hs4", "result": "OK"}, hs4
+    return hs2["chid"]
+
+
+def expect_fail(sock: socket.socket) -> str:
+    """Read the hs4 FAIL line, check the server then closes, and return its desc."""
+    msg = read_json(sock)
+    assert msg.get("rsp") == "hs4" and msg.get("result") == "FAIL", msg
+    assert isinstance(msg.get("desc"), str) and msg["desc"], msg
+    assert_closed(sock)
+    return msg["desc"]
+
+
+def assert_closed(sock: socket.socket) -> None:
+    """The server closed the connection and sent nothing more."""
+    try:
+        rest = sock.recv(65536)
+    except ConnectionResetError:
+        return
+    assert rest == b"", f"unexpected bytes before close: {rest[:100]!r}"
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_hash(sock: socket.socket, n: int) -> str:
+    """sha256 of exactly ``n`` received bytes, without keeping them all."""
+    h = hashlib.sha256()
+    left = n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError(f"closed with {left} of {n} bytes missing")
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+class Sender(threading.Thread):
+    """Send ``size`` random bytes in the background; ``digest`` is their sha256."""
+
+    def __init__(self, sock: socket.socket, size: int, block: int = 1 << 16) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.data = os.urandom(size)
+        self.block = block
+        self.digest = hashlib.sha256(self.data).hexdigest()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            view = memoryview(self.data)
+            for i in range(0, len(view), self.block):
+                self.sock.sendall(view[i:i + self.block])
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+
+    def finish(self, timeout: float = 60.0) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "sender did not finish"
+        if self.error is not None:
+            raise self.error
+
+
+def pair(server: Any, a: str = "a", b: str = "b") -> tuple[socket.socket, socket.socket]:
+    """Two chan sessions that list each other as their only receiver."""
+    sa, _ = server.handshake(a, [b])
+    sb, _ = server.handshake(b, [a])
+    return sa, sb
+
+
+def assert_pair_works(server: Any) -> None:
+    """The server still serves a fresh chan pair, both ways."""
+    import secrets
+
+    a, b = "ok-" + secrets.token_hex(4), "ok-" + secrets.token_hex(4)
+    sa, sb = pair(server, a, b)
+    sa.sendall(b"ping")
+    assert recv_exact(sb, 4) == b"ping"
+    sb.sendall(b"pong")
+    assert recv_exact(sa, 4) == b"pong"
+    sa.close()
+    sb.close()
