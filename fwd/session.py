@@ -100,6 +100,7 @@ class Session(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=hub.config.max_buffer)
         loop = hub.loop
         self.started = self.last_active = loop.time()
+        self.timeout = hub.config.idle_timeout  # hs3 may override it
         if hub.config.mode == "chan":
             self._start_handshake()
         else:
@@ -201,8 +202,8 @@ class Session(asyncio.BufferedProtocol):
                     self._on_hs1(event)
                 elif isinstance(event, Hs3):
                     self.transport.write(hs.send(Hs4(True)))
-                    t = event.timeout
-                    self.timeout = float(t) if t is not None else self.hub.config.idle_timeout
+                    if event.timeout is not None:
+                        self.timeout = float(event.timeout)
                     self._go_live(event.recvers, hs.trailing_data)
         except RemoteProtocolError as exc:
             self._fail(exc.desc)
