@@ -136,22 +136,34 @@ class State(enum.Enum):
 
 
 S = State
-_RECEIVE: dict[tuple[Role, State, type], State] = {
-    (Role.SERVER, S.AWAIT_HS1, Hs1): S.SEND_HS2,
-    (Role.SERVER, S.AWAIT_HS3, Hs3): S.SEND_HS4,
-    (Role.CLIENT, S.AWAIT_HS2, Hs2): S.SEND_HS3,
-    (Role.CLIENT, S.AWAIT_HS2, Hs4): S.FAILED,  # e.g. "chid in use"
-    (Role.CLIENT, S.AWAIT_HS4, Hs4): S.DONE,  # FAIL is mapped to FAILED below
+_SERVER_STATES = (S.AWAIT_HS1, S.SEND_HS2, S.AWAIT_HS3, S.SEND_HS4, S.FAILED)
+# Keys are (role, state, kind); kind tells hs4 OK from hs4 FAIL (see _kind).
+_RECEIVE: dict[tuple[Role, State, str], State] = {
+    (Role.SERVER, S.AWAIT_HS1, "hs1"): S.SEND_HS2,
+    (Role.SERVER, S.AWAIT_HS3, "hs3"): S.SEND_HS4,
+    (Role.CLIENT, S.AWAIT_HS2, "hs2"): S.SEND_HS3,
+    (Role.CLIENT, S.AWAIT_HS2, "hs4 FAIL"): S.FAILED,  # e.g. "chid in use"
+    (Role.CLIENT, S.AWAIT_HS4, "hs4 OK"): S.DONE,
+    (Role.CLIENT, S.AWAIT_HS4, "hs4 FAIL"): S.FAILED,
 }
-_SEND: dict[tuple[Role, State, type], State] = {
-    (Role.SERVER, S.SEND_HS2, Hs2): S.AWAIT_HS3,
-    (Role.SERVER, S.SEND_HS4, Hs4): S.DONE,  # FAIL is mapped to FAILED below
-    (Role.CLIENT, S.SEND_HS1, Hs1): S.AWAIT_HS2,
-    (Role.CLIENT, S.SEND_HS3, Hs3): S.AWAIT_HS4,
+_SEND: dict[tuple[Role, State, str], State] = {
+    (Role.SERVER, S.SEND_HS2, "hs2"): S.AWAIT_HS3,
+    (Role.SERVER, S.SEND_HS4, "hs4 OK"): S.DONE,
+    (Role.CLIENT, S.SEND_HS1, "hs1"): S.AWAIT_HS2,
+    (Role.CLIENT, S.SEND_HS3, "hs3"): S.AWAIT_HS4,
+    # The server may refuse at any step before the handshake is done.
+    **{(Role.SERVER, st, "hs4 FAIL"): S.FAILED for st in _SERVER_STATES},
 }
 _INITIAL = {Role.SERVER: S.AWAIT_HS1, Role.CLIENT: S.SEND_HS1}
 _OUR_TURN = {S.SEND_HS1, S.SEND_HS2, S.SEND_HS3, S.SEND_HS4, S.DONE}
 _NAMES = {Hs1: "hs1", Hs2: "hs2", Hs3: "hs3", Hs4: "hs4"}
+
+
+def _kind(event: Event) -> str:
+    name = _NAMES[type(event)]
+    if isinstance(event, Hs4):
+        return f"{name} OK" if event.ok else f"{name} FAIL"
+    return name
 
 
 def _reject_constant(name: str) -> Any:
@@ -277,6 +289,8 @@ class Handshake:
     def next_event(self) -> Event | _Sentinel:
         if self._error is not None:
             raise self._error
+        if self.state is S.FAILED:
+            raise LocalProtocolError("the handshake has already failed")
         if self.state in _OUR_TURN:
             return PAUSED
         try:
@@ -297,30 +311,18 @@ class Handshake:
         line = bytes(self._buf[:nl])
         del self._buf[: nl + 1]
         event = from_message(self.codec.decode(line), self.role)
-        new_state = _RECEIVE.get((self.role, self.state, type(event)))
+        new_state = _RECEIVE.get((self.role, self.state, _kind(event)))
         if new_state is None:
             expected = self.state.name[-3:].lower()
             raise _fail(f"unexpected {_NAMES[type(event)]}, expected {expected}")
-        if isinstance(event, Hs4) and not event.ok:
-            new_state = S.FAILED
         self.state = new_state
         return event
 
     def send(self, event: Event) -> bytes:
         """Bytes for ``event``; a server may send a FAIL hs4 in any state but DONE."""
-        if (
-            self.role is Role.SERVER
-            and isinstance(event, Hs4)
-            and not event.ok
-            and self.state is not S.DONE
-        ):
-            self.state = S.FAILED
-            return self.codec.encode(to_message(event))
-        new_state = _SEND.get((self.role, self.state, type(event)))
+        new_state = _SEND.get((self.role, self.state, _kind(event)))
         if new_state is None:
-            raise LocalProtocolError(f"cannot send {_NAMES[type(event)]} in state {self.state.name}")
-        if isinstance(event, Hs4) and not event.ok:
-            new_state = S.FAILED
+            raise LocalProtocolError(f"cannot send {_kind(event)} in state {self.state.name}")
         self.state = new_state
         return self.codec.encode(to_message(event))
 

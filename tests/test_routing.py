@@ -1,0 +1,653 @@
+"""Sans-I/O tests for the chid registry, routes, hold buffers and backpressure."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fwd.errors import ChidInUse
+from fwd.protocol import check_chid
+from fwd.routing import Backpressure, Router, new_chid
+
+
+class Sess:
+    """A stand-in session: hashable by identity, readable in failure output."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Sess({self.name})"
+
+
+def make_router(hold_bytes=100, hold_seconds=10.0, hold_total=1000) -> Router:
+    return Router(hold_bytes=hold_bytes, hold_seconds=hold_seconds, hold_total=hold_total)
+
+
+def live(router: Router, name: str, chid: str | None = None, recvers=()) -> Sess:
+    """Claim ``chid`` (if given) and join: a live session."""
+    s = Sess(name)
+    if chid is not None:
+        router.claim(s, chid)
+    router.join(s, recvers)
+    return s
+
+
+# -- claim ------------------------------------------------------------------------------
+
+
+def test_claim_reserves_the_chid():
+    r = make_router()
+    a = Sess("a")
+    assert r.claim(a, "x") == ("x", None)
+    assert r.owner("x") is a
+    assert r.chid_of(a) == "x"
+    assert not r.is_live(a), "claim alone does not make a session live"
+    assert len(r) == 0
+
+
+def test_claim_without_chid_generates_unique_url_safe_ones():
+    r = make_router()
+    seen = set()
+    for i in range(300):
+        s = Sess(str(i))
+        chid, evicted = r.claim(s, None)
+        assert evicted is None
+        assert re.fullmatch(r"[A-Za-z0-9_-]{16}", chid), chid  # 96 bits of URL-safe base64
+        assert check_chid(chid) == chid
+        assert r.owner(chid) is s
+        seen.add(chid)
+    assert len(seen) == 300
+
+
+def test_new_chid_is_random():
+    assert len({new_chid() for _ in range(100)}) == 100
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_claim_of_held_chid_raises(joined):
+    """Held means claimed, whether or not the holder is live yet."""
+    r = make_router()
+    a = Sess("a")
+    r.claim(a, "x")
+    if joined:
+        r.join(a)
+    b = Sess("b")
+    with pytest.raises(ChidInUse) as info:
+        r.claim(b, "x")
+    assert info.value.chid == "x"
+    assert r.owner("x") is a
+    assert r.chid_of(b) is None
+    assert r.is_live(a) is joined
+
+
+def test_takeover_evicts_the_holder():
+    r = make_router()
+    a = live(r, "a", "x")
+    gen = r.generation
+    b = Sess("b")
+    assert r.claim(b, "x", takeover=True) == ("x", a)
+    assert r.owner("x") is b
+    assert r.chid_of(b) == "x"
+    assert r.chid_of(a) is None, "the evicted session no longer owns the chid"
+    assert not r.is_live(a)
+    assert r.generation > gen, "the live set changed, so routes must be rebuilt"
+
+
+def test_takeover_of_a_free_chid_evicts_nobody():
+    r = make_router()
+    b = Sess("b")
+    assert r.claim(b, "x", takeover=True) == ("x", None)
+    assert r.owner("x") is b
+
+
+def test_late_leave_of_evicted_session_keeps_the_new_owner():
+    r = make_router()
+    a = live(r, "a", "x")
+    b = Sess("b")
+    r.claim(b, "x", takeover=True)
+    r.join(b)
+    sender = live(r, "s", "s", recvers=("x",))
+    before = r.route(sender)
+    gen = r.generation
+    r.leave(a)  # the I/O layer closes the evicted session later
+    assert r.owner("x") is b
+    assert r.chid_of(b) == "x"
+    assert r.is_live(b)
+    assert r.generation == gen
+    assert r.route(sender).targets == (b,)
+    assert before.targets == (b,)
+    with pytest.raises(ChidInUse):
+        r.claim(Sess("c"), "x")
+
+
+def test_takeover_routes_go_to_the_new_owner():
+    r = make_router()
+    a = live(r, "a", "x")
+    sender = live(r, "s", "s", recvers=("x",))
+    assert r.route(sender).targets == (a,)
+    b = Sess("b")
+    r.claim(b, "x", takeover=True)
+    assert r.route(sender).targets == ()
+    assert r.route(sender).missing == ("x",)
+    r.join(b)
+    assert r.route(sender).targets == (b,)
+    assert r.route(sender).missing == ()
+
+
+# -- join / leave -------------------------------------------------------------------
+
+
+def test_join_makes_live_and_bumps_generation():
+    r = make_router()
+    a = Sess("a")
+    r.claim(a, "x")
+    gen = r.generation
+    assert r.join(a, ("y",)) == []
+    assert r.is_live(a)
+    assert len(r) == 1
+    assert r.generation > gen
+
+
+def test_join_without_claim_is_a_nameless_broadcaster():
+    """Broadcast clients skip the handshake: live, in everyone(), but not addressable."""
+    r = make_router()
+    anon = live(r, "anon")
+    assert r.is_live(anon)
+    assert r.chid_of(anon) is None
+    assert anon in r.everyone()
+    named = live(r, "n", "n", recvers=("anon",))
+    assert r.route(named).targets == ()
+    assert r.route(named).missing == ("anon",)
+
+
+def test_leave_frees_the_chid_at_once():
+    r = make_router()
+    a = live(r, "a", "x")
+    gen = r.generation
+    r.leave(a)
+    assert not r.is_live(a)
+    assert r.owner("x") is None
+    assert r.chid_of(a) is None
+    assert len(r) == 0
+    assert r.generation > gen
+    b = Sess("b")
+    assert r.claim(b, "x") == ("x", None)
+
+
+def test_leave_of_claimed_but_not_joined_frees_the_chid():
+    r = make_router()
+    a = Sess("a")
+    r.claim(a, "x")
+    r.leave(a)
+    assert r.owner("x") is None
+    r.claim(Sess("b"), "x")
+
+
+def test_leave_is_idempotent():
+    r = make_router()
+    other = live(r, "o", "o")
+    a = live(r, "a", "x")
+    r.leave(a)
+    gen = r.generation
+    r.leave(a)
+    r.leave(a)
+    r.leave(Sess("never seen"))
+    assert r.generation == gen
+    assert r.is_live(other) and r.owner("o") is other
+    assert len(r) == 1
+
+
+# -- routes -----------------------------------------------------------------------------
+
+
+def test_named_route_targets_and_missing_in_order():
+    r = make_router()
+    b = live(r, "b", "b")
+    d = live(r, "d", "d")
+    c = Sess("c")
+    r.claim(c, "c")  # claimed, not live yet: still missing
+    s = live(r, "s", "s", recvers=("d", "a", "b", "c"))
+    route = r.route(s)
+    assert route.targets == (d, b)
+    assert route.missing == ("a", "c")
+    assert route.to_all is False
+    assert route.generation == r.generation
+
+
+def test_named_route_never_targets_the_sender():
+    r = make_router()
+    b = live(r, "b", "b")
+    s = live(r, "s", "s", recvers=("s", "b"))
+    route = r.route(s)
+    assert route.targets == (b,)
+    assert route.missing == ()
+
+
+def test_everyone_route_includes_all_live_sessions_and_is_shared():
+    r = make_router()
+    a = live(r, "a", "a")
+    b = live(r, "b", "b")
+    anon = live(r, "anon")
+    pending = Sess("p")
+    r.claim(pending, "p")
+    ra, rb = r.route(a), r.route(b)
+    assert ra.to_all and rb.to_all
+    assert set(ra.targets) == {a, b, anon}, "includes the sender; the writer skips it"
+    assert pending not in ra.targets
+    assert ra.missing == ()
+    assert ra.targets is rb.targets, "one shared tuple for every broadcaster"
+    assert r.everyone() is ra.targets
+
+
+def test_route_is_cached_until_generation_changes():
+    r = make_router()
+    a = live(r, "a", "a")
+    s = live(r, "s", "s", recvers=("a", "b"))
+    first = r.route(s)
+    assert r.route(s) is first
+    r.claim(Sess("x"), "x")  # claims do not change who is live
+    assert r.route(s) is first
+    b = live(r, "b", "b")
+    second = r.route(s)
+    assert second is not first
+    assert second.generation == r.generation > first.generation
+    assert second.targets == (a, b) and second.missing == ()
+    assert r.route(s) is second
+    r.leave(a)
+    third = r.route(s)
+    assert third.targets == (b,) and third.missing == ("a",)
+
+
+def test_everyone_route_follows_joins_and_leaves():
+    r = make_router()
+    a = live(r, "a", "a")
+    assert r.route(a).targets == (a,)
+    b = live(r, "b", "b")
+    assert set(r.route(a).targets) == {a, b}
+    r.leave(b)
+    assert r.route(a).targets == (a,)
+    r.leave(a)
+    assert r.everyone() == ()
+
+
+def test_route_after_sender_leaves_and_rejoins_is_fresh():
+    r = make_router()
+    b = live(r, "b", "b")
+    s = Sess("s")
+    r.claim(s, "s")
+    r.join(s, ("b",))
+    assert r.route(s).targets == (b,)
+    r.leave(s)
+    r.claim(s, "s")
+    r.join(s, ())
+    assert r.route(s).to_all
+
+
+# -- model-based check of routes ---------------------------------------------------
+
+_NAMES = ["a", "b", "c", "d"]
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["claim", "takeover", "join", "leave", "route"]),
+        st.integers(0, 5),  # session index
+        st.sampled_from(_NAMES),
+        st.lists(st.sampled_from(_NAMES), max_size=3, unique=True),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_ops)
+def test_routes_match_a_brute_force_model(ops):
+    """Whatever the order of claims, takeovers, joins and leaves, every route is exact."""
+    r = make_router()
+    sessions = [Sess(str(i)) for i in range(6)]
+    owner: dict[str, Sess] = {}
+    live_recvers: dict[Sess, tuple[str, ...]] = {}
+    for op, i, chid, recvers in ops:
+        s = sessions[i]
+        mine = next((c for c, o in owner.items() if o is s), None)
+        if op in ("claim", "takeover"):
+            if mine is not None or s in live_recvers:
+                continue  # the I/O layer claims once, before joining
+            holder = owner.get(chid)
+            if holder is not None and op == "claim":
+                with pytest.raises(ChidInUse):
+                    r.claim(s, chid)
+                continue
+            assert r.claim(s, chid, takeover=op == "takeover") == (chid, holder)
+            if holder is not None:
+                live_recvers.pop(holder, None)
+            owner[chid] = s
+        elif op == "join":
+            if s in live_recvers:
+                continue
+            r.join(s, tuple(recvers))
+            live_recvers[s] = tuple(recvers)
+        elif op == "leave":
+            r.leave(s)
+            live_recvers.pop(s, None)
+            if mine is not None:
+                del owner[mine]
+        for c in _NAMES:
+            assert r.owner(c) is owner.get(c)
+        for x in sessions:
+            assert r.is_live(x) == (x in live_recvers)
+        live_by_chid = {c: o for c, o in owner.items() if o in live_recvers}
+        for sender, want in live_recvers.items():
+            route = r.route(sender)
+            if want:
+                assert route.targets == tuple(
+                    live_by_chid[c]
+                    for c in want
+                    if c in live_by_chid and live_by_chid[c] is not sender
+                )
+                assert route.missing == tuple(c for c in want if c not in live_by_chid)
+                assert not route.to_all
+            else:
+                assert set(route.targets) == set(live_recvers)
+                assert len(route.targets) == len(live_recvers)
+                assert route.to_all and route.missing == ()
+
+
+# -- hold buffers -------------------------------------------------------------------
+
+
+def test_hold_then_join_returns_bytes_in_order():
+    r = make_router()
+    assert r.hold("x", b"one", 0.0) == 0
+    assert r.hold("x", b"two", 1.0) == 0
+    assert r.hold("y", b"other", 1.0) == 0
+    assert r.held == 11
+    assert r.has_holds()
+    a = Sess("a")
+    r.claim(a, "x")
+    assert r.join(a) == [b"one", b"two"]
+    assert r.held == 5
+    b = Sess("b")
+    r.claim(b, "y")
+    assert r.join(b) == [b"other"]
+    assert r.held == 0
+    assert not r.has_holds()
+
+
+def test_held_bytes_are_handed_out_once():
+    r = make_router()
+    r.hold("x", b"data", 0.0)
+    a = live(r, "a", "x")
+    r.leave(a)
+    b = Sess("b")
+    r.claim(b, "x")
+    assert r.join(b) == []
+
+
+def test_hold_per_receiver_cap_is_tail_drop_with_partial_chunk():
+    """A late receiver gets the first bytes sent to it, up to hold_bytes."""
+    r = make_router(hold_bytes=10, hold_total=1000)
+    assert r.hold("x", b"abcdef", 0.0) == 0
+    assert r.hold("x", b"ghijkl", 0.0) == 2  # keeps "ghij"
+    assert r.hold("x", b"mno", 0.0) == 3
+    assert r.hold("x", b"", 0.0) == 0
+    assert r.held == 10
+    assert r.hold("y", b"0123456789", 0.0) == 0, "the cap is per receiver"
+    assert r.hold("y", b"!", 0.0) == 1
+    a = Sess("a")
+    r.claim(a, "x")
+    assert b"".join(r.join(a)) == b"abcdefghij"
+
+
+def test_hold_chunk_exactly_filling_the_cap_is_kept_whole():
+    r = make_router(hold_bytes=8)
+    assert r.hold("x", b"1234", 0.0) == 0
+    assert r.hold("x", b"5678", 0.0) == 0
+    assert r.held == 8
+    a = Sess("a")
+    r.claim(a, "x")
+    assert r.join(a) == [b"1234", b"5678"]
+
+
+def test_hold_global_cap():
+    r = make_router(hold_bytes=8, hold_total=10)
+    assert r.hold("a", b"x" * 8, 0.0) == 0
+    assert r.hold("b", b"y" * 8, 0.0) == 6  # only 2 bytes of room left overall
+    assert r.hold("c", b"z", 0.0) == 1
+    assert r.held == 10
+    s = Sess("s")
+    r.claim(s, "a")
+    r.join(s)  # releases 8 bytes of global room
+    assert r.held == 2
+    assert r.hold("c", b"z" * 5, 0.0) == 0
+    # b may take 6 more under its own cap but only 3 under the global one.
+    assert r.hold("b", b"y" * 8, 0.0) == 5
+    assert r.held == 10
+
+
+def test_hold_global_cap_accounting_is_exact():
+    r = make_router(hold_bytes=8, hold_total=10)
+    r.hold("a", b"x" * 8, 0.0)
+    r.hold("b", b"y" * 8, 0.0)
+    assert r.held == 10
+    s = Sess("s")
+    r.claim(s, "a")
+    assert r.join(s) == [b"x" * 8]
+    assert r.held == 2
+    # b holds 2 bytes: its own cap leaves 6, the global cap leaves 8.
+    assert r.hold("b", b"y" * 7, 0.0) == 1
+    assert r.held == 8
+    t = Sess("t")
+    r.claim(t, "b")
+    assert b"".join(r.join(t)) == b"y" * 8
+
+
+def test_zero_caps_drop_everything():
+    r = make_router(hold_bytes=0)
+    assert r.hold("x", b"abc", 0.0) == 3
+    assert r.held == 0
+    r2 = make_router(hold_total=0)
+    assert r2.hold("x", b"abc", 0.0) == 3
+    assert r2.held == 0
+
+
+def test_expire_drops_old_chunks_and_returns_bytes_dropped():
+    r = make_router(hold_seconds=5.0)
+    r.hold("x", b"old", 0.0)
+    r.hold("x", b"newer", 3.0)
+    r.hold("y", b"ancient", 0.5)
+    assert r.expire(4.0) == 0
+    assert r.held == 15
+    assert r.expire(6.0) == len(b"old") + len(b"ancient")
+    assert r.held == 5
+    a = Sess("a")
+    r.claim(a, "y")
+    assert r.join(a) == []
+    b = Sess("b")
+    r.claim(b, "x")
+    assert r.join(b) == [b"newer"]
+    assert not r.has_holds()
+
+
+def test_expire_everything_clears_holds():
+    r = make_router(hold_seconds=1.0)
+    r.hold("x", b"a", 10.0)
+    r.hold("x", b"b", 10.5)
+    assert r.expire(100.0) == 2
+    assert r.held == 0
+    assert not r.has_holds()
+    assert r.expire(200.0) == 0
+
+
+def test_expire_frees_room_under_both_caps():
+    r = make_router(hold_bytes=4, hold_total=4, hold_seconds=1.0)
+    r.hold("x", b"1234", 0.0)
+    assert r.hold("x", b"5", 0.5) == 1
+    assert r.hold("y", b"5", 0.5) == 1
+    r.expire(2.0)
+    assert r.hold("x", b"abcd", 2.0) == 0
+    a = Sess("a")
+    r.claim(a, "x")
+    assert r.join(a) == [b"abcd"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abc"), st.integers(1, 12), st.integers(0, 3)),
+        max_size=30,
+    ),
+    st.integers(0, 20),
+    st.integers(0, 30),
+)
+def test_hold_accounting_model(ops, hold_bytes, hold_total):
+    """held is always the sum of what is held, within both caps, and nothing is lost silently."""
+    # hold_seconds is off the 0.5 s grid of chunk times: no chunk sits exactly on the
+    # boundary, so this does not pin down whether "older than" is < or <=.
+    r = make_router(hold_bytes=hold_bytes, hold_total=hold_total, hold_seconds=2.25)
+    model: dict[str, list[tuple[float, bytes]]] = {}
+    now = 0.0
+    for chid, size, step in ops:
+        now += step * 0.5
+        dropped_old = r.expire(now)
+        expected_old = 0
+        for c in list(model):
+            keep = [(t, b) for t, b in model[c] if now - t < 2.25]
+            expected_old += sum(len(b) for t, b in model[c] if now - t > 2.25)
+            model[c] = keep
+        assert dropped_old == expected_old
+        chunk = bytes([65 + size]) * size
+        mine = sum(len(b) for _, b in model.get(chid, []))
+        total = sum(len(b) for v in model.values() for _, b in v)
+        room = max(0, min(hold_bytes - mine, hold_total - total))
+        kept = chunk[:room]
+        assert r.hold(chid, chunk, now) == len(chunk) - len(kept)
+        if kept:
+            model.setdefault(chid, []).append((now, kept))
+        total = sum(len(b) for v in model.values() for _, b in v)
+        assert r.held == total <= hold_total
+    for chid in "abc":
+        s = Sess(chid)
+        r.claim(s, chid)
+        assert r.join(s) == [b for _, b in model.get(chid, [])]
+    assert r.held == 0
+
+
+# -- backpressure -----------------------------------------------------------------------
+
+
+def test_block_pauses_on_first_full_receiver_only():
+    bp = Backpressure()
+    s, r1, r2 = Sess("s"), Sess("r1"), Sess("r2")
+    assert not bp.is_paused(s)
+    assert bp.block(s, r1) is True
+    assert bp.is_paused(s)
+    assert bp.block(s, r1) is False, "already waiting on r1"
+    assert bp.block(s, r2) is False, "already paused"
+    assert bp.is_paused(s)
+
+
+def test_sender_paused_until_every_receiver_it_waits_on_drains():
+    bp = Backpressure()
+    s, r1, r2 = Sess("s"), Sess("r1"), Sess("r2")
+    bp.block(s, r1)
+    bp.block(s, r2)
+    assert bp.release(r1) == []
+    assert bp.is_paused(s)
+    assert bp.release(r2) == [s]
+    assert not bp.is_paused(s)
+    assert bp.block(s, r1) is True, "a new wait pauses again"
+
+
+def test_duplicate_block_is_counted_once():
+    bp = Backpressure()
+    s, r = Sess("s"), Sess("r")
+    bp.block(s, r)
+    bp.block(s, r)
+    assert bp.release(r) == [s]
+    assert not bp.is_paused(s)
+
+
+def test_release_frees_several_senders():
+    bp = Backpressure()
+    a, b, c, r, r2 = Sess("a"), Sess("b"), Sess("c"), Sess("r"), Sess("r2")
+    bp.block(a, r)
+    bp.block(b, r)
+    bp.block(c, r)
+    bp.block(c, r2)
+    assert set(bp.release(r)) == {a, b}
+    assert bp.is_paused(c)
+    assert bp.release(r) == []
+    assert bp.release(Sess("unknown")) == []
+
+
+def test_forget_a_receiver_frees_its_senders():
+    bp = Backpressure()
+    s, r = Sess("s"), Sess("r")
+    bp.block(s, r)
+    assert bp.forget(r) == [s]
+    assert not bp.is_paused(s)
+
+
+def test_forget_a_sender_removes_it_everywhere():
+    bp = Backpressure()
+    s, other, r1, r2 = Sess("s"), Sess("o"), Sess("r1"), Sess("r2")
+    bp.block(s, r1)
+    bp.block(s, r2)
+    bp.block(other, r1)
+    assert bp.forget(s) == []
+    assert not bp.is_paused(s)
+    assert bp.release(r1) == [other], "a forgotten sender is never freed later"
+    assert bp.release(r2) == []
+    assert bp.block(s, r1) is True
+
+
+def test_forget_a_session_that_is_both_sender_and_receiver():
+    bp = Backpressure()
+    a, b, c = Sess("a"), Sess("b"), Sess("c")
+    bp.block(a, b)  # a waits on b
+    bp.block(b, c)  # b waits on c
+    assert bp.forget(b) == [a]
+    assert not bp.is_paused(b)
+    assert bp.release(c) == []
+    bp.forget(b)  # idempotent
+    assert bp.forget(Sess("never")) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["block", "release", "forget"]), st.integers(0, 4), st.integers(0, 4)
+        ),
+        max_size=40,
+    )
+)
+def test_backpressure_matches_a_model(ops):
+    """A sender is paused exactly while it waits on at least one receiver."""
+    bp = Backpressure()
+    ss = [Sess(str(i)) for i in range(5)]
+    waits: dict[Sess, set[Sess]] = {}
+    for op, i, j in ops:
+        if op == "block":
+            if i == j:
+                continue  # the writer never waits on itself
+            s, r = ss[i], ss[j]
+            was = bool(waits.get(s))
+            got = bp.block(s, r)
+            waits.setdefault(s, set()).add(r)
+            assert got == (not was)
+        else:
+            r = ss[i]
+            paused_before = {s for s, w in waits.items() if w}
+            if op == "forget":
+                waits.pop(r, None)
+            for w in waits.values():
+                w.discard(r)
+            paused_after = {s for s, w in waits.items() if w}
+            freed = bp.release(r) if op == "release" else bp.forget(r)
+            assert len(freed) == len(set(freed))
+            assert set(freed) == paused_before - paused_after - {r}
+        for s in ss:
+            assert bp.is_paused(s) == bool(waits.get(s))
