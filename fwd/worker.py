@@ -117,7 +117,31 @@ async def serve(config: Config) -> None:
     log.info("stopped")
 
 
+FD_RESERVE = 64
+"""File descriptors kept for listeners, logs and the event loop itself."""
+
+
+def raise_fd_limit(max_conns: int) -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard one, and warn if it still cannot
+    hold ``max_conns``: beyond it libuv sheds new connections silently."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # pragma: no cover - hard limit unsettable
+            pass
+    if soft != resource.RLIM_INFINITY and max_conns + FD_RESERVE > soft:
+        log.warning("file descriptor limit %d is below --max-conns %d + %d: connections "
+                    "beyond the limit are closed at accept without a log line",
+                    soft, max_conns, FD_RESERVE)
+    return soft
+
+
 def run(config: Config) -> None:
     import uvloop
 
+    raise_fd_limit(config.max_conns)
     uvloop.run(serve(config))

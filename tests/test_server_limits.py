@@ -1,0 +1,438 @@
+"""Resource limits of a real fwd-server: backpressure, slow consumers, hold
+buffers, --max-conns, running out of file descriptors, TCP keepalive.
+
+Speed is never asserted. What is asserted are resource bounds (bytes the server
+buffers, RSS, CPU time burnt while idle-but-saturated) and that no byte is lost
+or reordered where the rules say it must not be.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import resource
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+from helpers import (
+    Sender,
+    assert_closed,
+    assert_pair_works,
+    read_json,
+    recv_exact,
+    recv_hash,
+    send_json,
+)
+
+KiB = 1 << 10
+MiB = 1 << 20
+READ_SIZE = 256 * KiB
+"""The server's read size (fwd.worker.READ_SIZE): one read may overshoot --max-buffer by this."""
+
+
+# -- /proc helpers -----------------------------------------------------------------------
+
+
+def tcp_rows() -> list[tuple[int, int, int, int, int]]:
+    """(local port, remote port, state, tx_queue, rx_queue) of every TCP socket here."""
+    rows = []
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    p = line.split()
+                    txq, rxq = p[4].split(":")
+                    rows.append((int(p[1].rsplit(":", 1)[1], 16), int(p[2].rsplit(":", 1)[1], 16),
+                                 int(p[3], 16), int(txq, 16), int(rxq, 16)))
+        except FileNotFoundError:  # pragma: no cover - no IPv6
+            pass
+    return rows
+
+
+def conn_rows(server_port: int, *client_ports: int) -> list[tuple[int, int, int, int, int]]:
+    """The rows of both ends of these connections to the server (nobody else's)."""
+    ends = {(c, server_port) for c in client_ports} | {(server_port, c) for c in client_ports}
+    return sorted(row for row in tcp_rows() if row[:2] in ends)
+
+
+def kernel_queued(server_port: int, *client_ports: int) -> int:
+    """Bytes the kernel holds (send + receive queues, both ends) on these connections."""
+    return sum(tx + rx for _lp, _rp, _st, tx, rx in conn_rows(server_port, *client_ports))
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    """Poll ``cond`` for *cleanup* only (fd counts): bounded, never a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)
+
+
+class PatternStream:
+    """``total`` bytes made of 1 MiB blocks, each stamped with its index, so that a
+    lost, repeated or reordered block changes the hash; produced lazily."""
+
+    def __init__(self, total: int, block: int = MiB) -> None:
+        assert total % block == 0
+        self.total = total
+        self.block = block
+        self.base = os.urandom(block)
+        self.sent = 0
+        self.hash = hashlib.sha256()
+        self._view = memoryview(b"")
+
+    def send_some(self, sock: socket.socket) -> int:
+        """One non-blocking send; raises BlockingIOError when the kernel takes nothing."""
+        if not self._view:
+            index = self.sent // self.block
+            chunk = struct.pack("<Q", index) + self.base[8:]
+            self.hash.update(chunk)
+            self._view = memoryview(chunk)
+        n = sock.send(self._view)
+        self._view = self._view[n:]
+        self.sent += n
+        return n
+
+    @property
+    def done(self) -> bool:
+        return self.sent >= self.total
+
+
+# -- backpressure ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_stalled_receiver_throttles_sender_losslessly(start_server):
+    """A -> B with B not reading: the server buffers at most --max-buffer (+ one read) for B,
+    stops reading A, so A's sends stop making progress, and RSS stays flat; when B reads,
+    all 256 MiB arrive intact."""
+    max_buffer = 4 * MiB
+    total = 256 * MiB
+    server = start_server("--mode", "chan", "--max-buffer", "4MiB", "--slow-timeout", "0")
+    sa, _ = server.handshake("a", ["b"])
+    sb, _ = server.handshake("b", ["a"])
+    port_a, port_b = sa.getsockname()[1], sb.getsockname()[1]
+    rss_base = server.rss()
+    rss_peak = rss_base
+
+    stream = PatternStream(total)
+    sa.setblocking(False)
+    sb.setblocking(False)
+
+    def server_held(sent: int) -> int:
+        # Bytes accepted from A that are neither in a kernel queue nor at B: they sit in
+        # the server's memory (B's outgoing transport buffer).
+        return sent - kernel_queued(server.port, port_a, port_b)
+
+    # Phase 1: offer everything while B is stalled, until nothing moves anywhere.
+    deadline = time.monotonic() + 180
+    plateau = None
+    while plateau is None:
+        assert time.monotonic() < deadline, (
+            f"no plateau: sent={stream.sent} held={server_held(stream.sent)}")
+        assert not stream.done, "all 256 MiB were accepted while the receiver was stalled"
+        try:
+            while not stream.done:
+                stream.send_some(sa)
+            continue
+        except BlockingIOError:
+            pass
+        before = (stream.sent, conn_rows(server.port, port_a, port_b))
+        # A cannot send: is this the plateau (server no longer reading A), or is the
+        # server merely behind? Look again after a quiet window.
+        _, writable, _ = select.select([], [sa], [], 1.0)
+        rss_peak = max(rss_peak, server.rss())
+        if writable:
+            continue
+        after = (stream.sent, conn_rows(server.port, port_a, port_b))
+        held = server_held(stream.sent)
+        if before == after and held > max_buffer:
+            plateau = held
+
+    rss_plateau = server.rss()
+    rss_peak = max(rss_peak, rss_plateau)
+    # A is throttled: far from everything was taken in.
+    assert stream.sent < total // 2, f"sender not throttled: {stream.sent} bytes accepted"
+    # The server stopped reading A once B's buffer passed --max-buffer, within one read.
+    assert max_buffer < plateau <= max_buffer + READ_SIZE, (
+        f"server holds {plateau} bytes for the stalled receiver (--max-buffer {max_buffer})")
+    # Resource bound: the server's memory did not follow the 256 MiB offered.
+    assert rss_peak - rss_base < 64 * MiB, (
+        f"server RSS grew {(rss_peak - rss_base) / MiB:.1f} MiB during the stall")
+    # The stall holds: still nothing moves.
+    _, writable, _ = select.select([], [sa], [], 0.5)
+    assert not writable and server_held(stream.sent) == plateau
+
+    # Phase 2: B reads; A sends the rest; every byte arrives in order.
+    received = 0
+    digest = hashlib.sha256()
+    buf = bytearray(MiB)
+    view = memoryview(buf)
+    deadline = time.monotonic() + 300
+    while received < total:
+        assert time.monotonic() < deadline, f"drain stuck at {received} of {total} bytes"
+        r, w, _ = select.select([sb], [] if stream.done else [sa], [], 30)
+        assert r or w, f"no progress for 30 s (received {received}, sent {stream.sent})"
+        if w:
+            try:
+                stream.send_some(sa)
+            except BlockingIOError:
+                pass
+        if r:
+            n = sb.recv_into(buf)
+            assert n, f"receiver got EOF after {received} bytes"
+            digest.update(view[:n])
+            received += n
+    assert received == total
+    assert digest.hexdigest() == stream.hash.hexdigest(), "stream corrupted through backpressure"
+    assert stream.sent == total
+
+
+def test_slow_consumer_is_disconnected_and_sender_freed(start_server):
+    """One of two broadcast receivers never reads: after --slow-timeout it is cut off, the
+    sender flows again, and the healthy receiver gets every byte."""
+    total = 48 * MiB
+    server = start_server("--mode", "chan", "--max-buffer", "256KiB", "--slow-timeout", "1")
+    stalled, stalled_chid = server.handshake("stalled", ["nobody"])
+    healthy, _ = server.handshake("healthy", ["nobody"])
+    src, _ = server.handshake("src", [])  # [] = every other live session
+    for s in (stalled, healthy, src):
+        s.settimeout(60)
+    mark = server.mark()
+    sender = Sender(src, total)
+    sender.start()
+    # The healthy receiver reads the whole stream; this only completes if the sender is
+    # released after the stalled receiver is dropped.
+    assert recv_hash(healthy, total) == sender.digest
+    sender.finish()
+    server.wait_log(rf"slow consumer disconnected chid={stalled_chid} ", start=mark)
+    server.wait_log(rf"session end chid={stalled_chid} .*reason=slow consumer", start=mark)
+    # The stalled receiver got a prefix of the stream, then a reset.
+    got = bytearray()
+    try:
+        while chunk := stalled.recv(MiB):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    assert len(got) < total
+    assert hashlib.sha256(sender.data[:len(got)]).digest() == hashlib.sha256(got).digest()
+    # The sender is still live and unthrottled.
+    src.sendall(b"after")
+    assert recv_exact(healthy, 5) == b"after"
+
+
+# -- hold buffers --------------------------------------------------------------------------
+
+
+def test_held_bytes_delivered_in_order_on_connect(start_server):
+    server = start_server("--mode", "chan", "--hold-bytes", "64KiB", "--hold-seconds", "60")
+    witness, _ = server.handshake("w", ["nobody"])
+    src, _ = server.handshake("src", ["late", "w"])
+    chunks = [os.urandom(n) for n in (1000, 5000, 20000, 7)]
+    for c in chunks:
+        src.sendall(c)
+        # Once the witness has the chunk, the server has held it for "late" too.
+        assert recv_exact(witness, len(c)) == c
+    late, _ = server.handshake("late", ["nobody"])
+    held = b"".join(chunks)
+    assert recv_exact(late, len(held)) == held
+    src.sendall(b"live")
+    assert recv_exact(late, 4) == b"live"
+
+
+def test_hold_limit_drops_tail_and_logs_once_per_sender(start_server):
+    hold = 64 * KiB
+    server = start_server("--mode", "chan", "--hold-bytes", "64KiB", "--hold-seconds", "60")
+    witness, _ = server.handshake("w", ["nobody"])
+    mark = server.mark()
+    src, _ = server.handshake("src", ["late", "w"])
+    data = os.urandom(200 * KiB)
+    for i in range(0, len(data), 40 * KiB):
+        src.sendall(data[i:i + 40 * KiB])
+        assert recv_exact(witness, 40 * KiB) == data[i:i + 40 * KiB]
+    src.close()
+    # The session-end line follows every line the session logged before it.
+    m = server.wait_log(r"session end chid=src .* dropped=(\d+)", start=mark)
+    assert int(m.group(1)) == len(data) - hold
+    drops = [ln for ln in server.lines[mark:]
+             if "dropping bytes for absent receiver chid=late from chid=src" in ln]
+    assert len(drops) == 1, drops
+
+    # Another sender session over the limit logs again, once.
+    mark2 = server.mark()
+    src2, _ = server.handshake("src2", ["late", "w"])
+    for _ in range(3):
+        src2.sendall(b"x" * 1000)
+        assert recv_exact(witness, 1000) == b"x" * 1000
+    server.wait_log(r"dropping bytes for absent receiver chid=late from chid=src2", start=mark2)
+
+    # The late receiver gets exactly the first --hold-bytes bytes, then live bytes.
+    late, _ = server.handshake("late", ["nobody"])
+    src2.sendall(b"MARK")
+    assert recv_exact(late, hold + 4) == data[:hold] + b"MARK"
+    src2.close()
+    m = server.wait_log(r"session end chid=src2 .* dropped=(\d+)", start=mark2)
+    assert int(m.group(1)) == 3000
+    assert sum("dropping bytes for absent receiver" in ln for ln in server.lines[mark2:]) == 1
+
+
+def test_held_bytes_expire_after_hold_seconds(start_server):
+    server = start_server("--mode", "chan", "--hold-bytes", "64KiB", "--hold-seconds", "1")
+    witness, _ = server.handshake("w", ["nobody"])
+    src, _ = server.handshake("src", ["late", "w"])
+    mark = server.mark()
+    data = os.urandom(3000)
+    src.sendall(data)
+    assert recv_exact(witness, len(data)) == data
+    m = server.wait_log(r"dropped (\d+) held bytes older than 1s", start=mark)
+    assert int(m.group(1)) == len(data)
+    late, _ = server.handshake("late", ["nobody"])
+    src.sendall(b"MARK")
+    # Expired bytes would have been written before MARK.
+    assert recv_exact(late, 4) == b"MARK"
+
+
+# -- connection limits --------------------------------------------------------------------
+
+
+def test_max_conns_refuses_extra_connection_at_once(start_server):
+    server = start_server("--mode", "chan", "--max-conns", "3")
+    sa, _ = server.handshake("a", ["b"])
+    sb, _ = server.handshake("b", ["a"])
+    sc, _ = server.handshake("c", ["a"])
+    mark = server.mark()
+    extra = server.connect()
+    port = extra.getsockname()[1]
+    assert_closed(extra)  # EOF or reset, with no byte sent
+    server.wait_log(rf"refusing connection from 127\.0\.0\.1:{port}: 3 connections "
+                    r"\(--max-conns\)", start=mark)
+    # The admitted sessions are untouched.
+    sa.sendall(b"hello b")
+    assert recv_exact(sb, 7) == b"hello b"
+    sc.sendall(b"hi a")
+    sb.sendall(b"hello a")
+    assert recv_exact(sa, 11) == b"hi ahello a"
+    # One leaves; a new connection is admitted.
+    mark = server.mark()
+    sc.close()
+    server.wait_log(r"session end chid=c ", start=mark)
+    sd, _ = server.handshake("d", ["a"])
+    sd.sendall(b"from d")
+    assert recv_exact(sa, 6) == b"from d"
+    # Full again: refused again.
+    again = server.connect()
+    assert_closed(again)
+
+
+def _limit_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_emfile_neither_kills_nor_spins_and_recovers(start_server):
+    """RLIMIT_NOFILE=64 and 100 connections. libuv's "EMFILE trick" (a spare fd it closes to
+    accept-and-close pending connections) sheds the excess: those clients see EOF. The server
+    must stay up, keep serving what it admitted, not busy-loop on the listening socket, and
+    serve new clients once fds are free again."""
+    server = start_server("--mode", "chan", preexec=_limit_nofile)
+    fds_idle = server.fd_count()
+    conns: list[tuple[socket.socket, str | None]] = []
+    for _ in range(100):
+        s = server.connect()
+        send_json(s, {"req": "hs1"})
+        try:
+            conns.append((s, read_json(s)["chid"]))
+        except (EOFError, ConnectionResetError):
+            conns.append((s, None))
+    admitted = [(s, chid) for s, chid in conns if chid is not None]
+    shed = [s for s, chid in conns if chid is None]
+    assert shed, "the fd limit was never reached: the test did not test EMFILE"
+    assert len(admitted) >= 2
+    # Admitted ones come first: once full, every further connection is shed.
+    assert [chid is not None for _, chid in conns] == [True] * len(admitted) + [False] * len(shed)
+    assert server.fd_count() <= 64
+
+    # Resource check (not a speed check): while saturated, with a connection pending on the
+    # listening socket, the server must be idle. A loop spinning on accept() -> EMFILE burns
+    # about 1 s of CPU per second; allow at most 0.5 s over a ~1 s window.
+    cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+    pending = server.connect()
+    time.sleep(1.0)  # the measurement window itself, not a synchronisation
+    used, window = cpu_seconds(server.pid) - cpu0, time.monotonic() - t0
+    assert used < 0.5, f"server burnt {used:.2f}s CPU in {window:.2f}s while saturated"
+    assert_closed(pending)  # shed, like the others
+    assert server.proc.poll() is None
+
+    # What was admitted still works while saturated: finish two handshakes as a pair.
+    (s1, c1), (s2, c2) = admitted[0], admitted[1]
+    send_json(s1, {"req": "hs3", "recvers": [c2]})
+    send_json(s2, {"req": "hs3", "recvers": [c1]})
+    assert read_json(s1) == {"rsp": "hs4", "result": "OK"}
+    assert read_json(s2) == {"rsp": "hs4", "result": "OK"}
+    s1.sendall(b"still here")
+    assert recv_exact(s2, 10) == b"still here"
+
+    for s, _ in conns:
+        s.close()
+    wait_until(lambda: server.fd_count() <= fds_idle, 30, "server fd count back to idle")
+    assert_pair_works(server)
+
+
+# -- keepalive ----------------------------------------------------------------------------
+
+
+_KEEPALIVE = re.compile(r"timer:\(keepalive,(?:(\d+)min)?(?:([\d.]+)sec)?(?:([\d.]+)ms)?,")
+
+
+def test_tcp_keepalive_on_client_sockets(chan_server):
+    """Client sockets carry SO_KEEPALIVE with an idle time of tens of seconds. Seen from
+    outside with ``ss -o``: an established socket with nothing unacknowledged shows
+    ``timer:(keepalive,<time left>,0)``."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    sa, _ = chan_server.handshake("a", ["b"])
+    sb, _ = chan_server.handshake("b", ["a"])
+    peers = {sa.getsockname()[1], sb.getsockname()[1]}
+
+    def timers() -> tuple[str, dict[int, str]]:
+        out = subprocess.run(
+            ["ss", "-tno", "state", "established", f"( sport = :{chan_server.port} )"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+        found = {}
+        for line in out.splitlines():
+            m = re.search(r"127\.0\.0\.1:(\d+)\s*(timer:\S*)?\s*$", line)
+            if m is not None and int(m.group(1)) in peers:
+                found[int(m.group(1))] = m.group(2) or ""
+        return out, found
+
+    # The hs4 line may still be unacknowledged (delayed ACK): then ss shows the
+    # retransmit timer instead. Wait (bounded) for the kernel's ACK, not for the server.
+    deadline = time.monotonic() + 10
+    while True:
+        out, found = timers()
+        if set(found) == peers and all("keepalive" in t for t in found.values()):
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no keepalive timer on the server's sockets:\n{out}")
+        time.sleep(0.05)
+    for timer in found.values():
+        k = _KEEPALIVE.search(timer)
+        assert k, timer
+        remaining = (int(k.group(1) or 0) * 60 + float(k.group(2) or 0)
+                     + float(k.group(3) or 0) / 1000)
+        # Idle time of tens of seconds (KEEPALIVE idle 30 s), not the kernel's 2 hours.
+        assert 5 < remaining <= 60, out
