@@ -103,12 +103,14 @@ async def serve(config: Config) -> None:
     for host, port in config.listen:
         servers.append(await loop.create_server(
             lambda: Session(hub), host, port, backlog=1024, reuse_address=True))
-    addrs = [format_hostport(*s.getsockname()[:2]) for srv in servers for s in srv.sockets]
-    log.info("listening on %s mode=%s workers=%d password=%s",
-             ",".join(addrs), config.mode, config.workers, "off")
+    # Handlers first: "listening on" tells supervisors (and tests) the server is
+    # ready, so a SIGTERM right after it must already mean a clean stop.
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    addrs = [format_hostport(*s.getsockname()[:2]) for srv in servers for s in srv.sockets]
+    log.info("listening on %s mode=%s workers=%d password=%s",
+             ",".join(addrs), config.mode, config.workers, "off")
     await stop.wait()
     log.info("stopping: closing %d sessions", len(hub.sessions))
     for srv in servers:
