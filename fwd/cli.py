@@ -83,5 +83,55 @@ def server(**options: Any) -> None:
         raise click.ClickException(f"cannot listen: {exc}") from None
 
 
+def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[str, ...]:
+    # "--recvers a,b --recvers c" and FWD_RECVERS="a,b c" both mean a, b, c.
+    return tuple(r for v in value or () for r in v.split(",") if r)
+
+
+@click.command(context_settings={"auto_envvar_prefix": "FWD", "show_default": True,
+                                 "help_option_names": ["-h", "--help"]})
+@click.option("--server0", type=_HostPort(), default="127.0.0.1:8601",
+              help="The fwd-server to join (the public side).")
+@click.option("--server1", type=_HostPort(), default="127.0.0.1:8080",
+              help="The service to expose (usually on the LAN).")
+@click.option("--chid", default=None, help="Chan handshake on server0: the chid to claim.")
+@click.option("--recvers", multiple=True, callback=_split_recvers,
+              help="Chan handshake: receivers of our bytes (repeat or comma-separate).")
+@click.option("--timeout", type=click.IntRange(min=0), default=None,
+              help="Chan handshake: idle timeout (seconds) the server applies to our session.")
+@click.option("--handshake/--no-handshake", default=None,
+              help="Force the chan handshake on or off [default: on if --chid, --recvers or "
+                   "--timeout is given].", show_default=False)
+@click.option("--on-close", type=click.Choice(["both", "one"]), default="both",
+              help="When one side closes: both = end the pair and start a fresh one; "
+                   "one = reconnect only that side.")
+@click.option("--connect", type=click.Choice(["lazy", "eager"]), default="lazy",
+              help="lazy: connect server1 when server0 first sends bytes; eager: right after "
+                   "server0 (for services that speak first).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=None,
+              help="Give up after this many consecutive failures of one side [default: never].")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              help="Seconds allowed for a connect plus handshake.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info")
+def client(**options: Any) -> None:
+    """Connect out to a fwd-server (server0) and a service (server1), and copy bytes
+    between them; listens on nothing."""
+    from .bridge import BridgeOptions, run
+
+    handshake = options.pop("handshake")
+    if handshake is None:
+        handshake = bool(options["chid"] or options["recvers"] or options["timeout"] is not None)
+    logging.basicConfig(
+        level=options.pop("log_level").upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        opts = BridgeOptions(handshake=handshake, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(run(opts))
+
+
 if __name__ == "__main__":  # pragma: no cover
     server()

@@ -12,12 +12,24 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import socket
 from typing import TYPE_CHECKING
 
 from .errors import ChidInUse, RemoteProtocolError
 from .fastpath import fanout
-from .protocol import NEED_DATA, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, Sniff, sniff, to_message
+from .protocol import (
+    NEED_DATA,
+    PLAIN,
+    Handshake,
+    Hs1,
+    Hs2,
+    Hs3,
+    Hs4,
+    Role,
+    Sniff,
+    sniff,
+    to_message,
+)
+from .sockopts import set_keepalive
 
 if TYPE_CHECKING:
     from .worker import Hub
@@ -30,8 +42,6 @@ SNIFF_LINE_WINDOW = 0.005
 """Broadcast mode: a first line starting with ``{`` must end within this long to be an hs1."""
 CLOSE_LINGER = 5.0
 """How long a closing connection may take to flush before it is aborted."""
-KEEPALIVE = (30, 10, 3)
-"""TCP keepalive: idle seconds, probe interval, probes (a dead peer is found in ~60 s)."""
 
 
 class St(enum.Enum):
@@ -39,17 +49,6 @@ class St(enum.Enum):
     HANDSHAKE = "handshake"
     LIVE = "live"
     CLOSED = "closed"
-
-
-def _set_keepalive(sock: socket.socket) -> None:
-    idle, interval, count = KEEPALIVE
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-    except (OSError, AttributeError):  # pragma: no cover - non-Linux
-        pass
 
 
 class Session(asyncio.BufferedProtocol):
@@ -96,7 +95,7 @@ class Session(asyncio.BufferedProtocol):
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            _set_keepalive(sock)
+            set_keepalive(sock)
         transport.set_write_buffer_limits(high=hub.config.max_buffer)
         loop = hub.loop
         self.started = self.last_active = loop.time()
@@ -187,7 +186,8 @@ class Session(asyncio.BufferedProtocol):
         limit = self.hub.config.handshake_timeout
         if limit > 0:
             remaining = self.started + limit - self.hub.loop.time()
-            self.timer = self.hub.loop.call_later(max(remaining, 0), self._fail, "handshake timeout")
+            self.timer = self.hub.loop.call_later(
+                max(remaining, 0), self._fail, "handshake timeout")
 
     def _handshake_input(self, chunk: bytes) -> None:
         hs = self.hs
@@ -224,7 +224,8 @@ class Session(asyncio.BufferedProtocol):
         """Answer with one hs4 FAIL line, then close."""
         if self.state is St.CLOSED or self.transport is None:
             return
-        line = self.hs.send(Hs4(False, desc)) if self.hs else PLAIN.encode(to_message(Hs4(False, desc)))
+        fail = Hs4(False, desc)
+        line = self.hs.send(fail) if self.hs else PLAIN.encode(to_message(fail))
         self.hub.stats["handshake_failures"] += 1
         log.info("handshake failed peer=%s: %s", self.peer, desc)
         self.transport.write(line)

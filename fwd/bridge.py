@@ -1,0 +1,630 @@
+"""fwd-client: splice one fwd-server session (server0) to one service (server1).
+
+Both connections are outbound, so a service on a private LAN can be reached by
+the relay's remote clients without opening any port: the bridge listens on
+nothing.
+
+Data path. Same style as the server (session.py): uvloop, one BufferedProtocol
+per connection reading into one shared buffer, each read copied once into
+``bytes`` before ``transport.write`` (uvloop keeps a reference to what it could
+not send at once, so a view of the reused buffer would be overwritten). A side
+whose destination is above ``MAX_BUFFER`` stops reading until the destination's
+``resume_writing``, so TCP pushes back on the fast peer and memory per bridge
+stays at about two write buffers plus one read.
+
+Lazy server1. By default server1 is connected only when the first bytes arrive
+from server0 (``--connect lazy``). An idle relay session can last hours; holding
+a LAN connection open for it would trip the service's own idle timeout, and
+with ``--on-close both`` that would tear down and rebuild the relay session over
+and over. It also means a service that is down costs nothing until someone
+actually uses it. The price: a service that speaks first (SMTP, FTP, MySQL
+greetings) is not reached until the remote side sends something; use
+``--connect eager`` for those.
+
+Close policy (``--on-close``):
+
+* ``both`` (default): one pair of connections is one session. A FIN on one side
+  is passed to the other (``write_eof``) and the other direction keeps
+  flowing; the pair ends when both directions are done or either side is lost.
+  Then both are closed (queued bytes flushed) and a fresh pair starts, server0
+  first, server1 on demand. This is what makes "expose a LAN service" work
+  session after session: a service that closes after its answer (HTTP/1.0,
+  request/response protocols) gets a new connection for the next request, and
+  its FIN reaches the relay (fwd-server ends our session on it, which frees and
+  re-claims the chid).
+* ``one``: a side that closes (FIN or loss) is closed and reconnected alone;
+  the other side is kept, and a FIN is not passed on (it would end the kept
+  side's write direction). Use it to keep the relay session, and its chid, up
+  across restarts of the LAN service, or the LAN connection up across relay
+  restarts. Bytes for an absent side wait (reading paused) until it is back.
+
+Retries. Connecting (including the chan handshake) is retried with capped
+exponential backoff (0.5 s doubling to 10 s, each delay scaled by a random
+factor in [0.5, 1) so that many bridges do not reconnect in lockstep). A
+connection that ends after carrying data, after ``HEALTHY_AFTER`` seconds, or
+because we ended it when its partner went away, was healthy: the side
+reconnects at once and its failure count resets. One that dies young and
+silent counts as a failure, so a server that accepts and drops at once is not
+hammered. ``--max-retries N`` gives up
+after N consecutive failures of one side (exit status 1).
+
+Handshake failures. An hs4 FAIL saying ``chid in use`` is retried: the session
+holding the chid is often our own previous one, still being torn down by the
+server (or a peer that will go away). So are a handshake timeout and a
+connection closed during the handshake (server restarting, ``--max-conns``).
+Any other FAIL (a chid or recvers the server refuses) or a reply that is not
+the protocol at all will fail the same way every time: the bridge exits with
+status 3 and the server's reason.
+
+Exit status: 0 after SIGINT/SIGTERM, 1 when ``--max-retries`` ran out, 3 when
+the server rejected the handshake for good (2 is click's usage error).
+
+Known limit: fwd-server does not tell a session that one of its peers left, so
+in ``both`` mode a LAN connection lives until the service, or the relay
+session, closes it. One bridge carries one byte stream: concurrent remote
+clients share it (as they share the chid).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from .config import format_hostport
+from .errors import FwdError, RemoteProtocolError
+from .protocol import NEED_DATA, PAUSED, Handshake, Hs1, Hs2, Hs3, Hs4, Role
+from .sockopts import set_keepalive
+
+log = logging.getLogger("fwd.bridge")
+
+READ_SIZE = 256 * 1024
+"""One read's maximum; the buffer is shared by both sides."""
+MAX_BUFFER = 1024 * 1024
+"""High-water mark of each side's write buffer: above it the other side stops reading."""
+BACKOFF_START = 0.5
+BACKOFF_CAP = 10.0
+HEALTHY_AFTER = 10.0
+"""A connection that lived this long was not a failed attempt, even if it carried nothing."""
+CLOSE_LINGER = 5.0
+"""How long a closing side may take to flush before it is aborted."""
+SHUTDOWN_LINGER = 2.0
+"""On SIGTERM, the wait for queued bytes before aborting what is left."""
+SIDES = ("server0", "server1")
+ON_CLOSE = ("both", "one")
+CONNECT = ("lazy", "eager")
+EXIT_OK = 0
+EXIT_GAVE_UP = 1
+EXIT_REJECTED = 3
+_RETRYABLE_FAIL = ("chid in use", "handshake timeout", "connection closed", "server shutdown")
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """Everything the CLI decides; plain data so tests and scripts can build it."""
+
+    server0: tuple[str, int] = ("127.0.0.1", 8601)
+    server1: tuple[str, int] = ("127.0.0.1", 8080)
+    handshake: bool = False
+    chid: str | None = None
+    recvers: tuple[str, ...] = ()
+    timeout: int | None = None
+    on_close: str = "both"
+    connect: str = "lazy"
+    max_retries: int | None = None
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.on_close not in ON_CLOSE:
+            raise ValueError(f"on_close must be one of {', '.join(ON_CLOSE)}")
+        if self.connect not in CONNECT:
+            raise ValueError(f"connect must be one of {', '.join(CONNECT)}")
+        if self.handshake:
+            # Same checks the server applies, so a bad chid is a usage error, not a retry loop.
+            try:
+                Hs1(self.chid)
+                Hs3(self.recvers, self.timeout)
+            except RemoteProtocolError as exc:
+                raise ValueError(exc.desc) from None
+
+    def describe_handshake(self) -> str:
+        if not self.handshake:
+            return "off"
+        return (f"chid={self.chid or '(server picks)'} recvers={','.join(self.recvers) or '(all)'}"
+                f" timeout={'-' if self.timeout is None else self.timeout}")
+
+
+class HandshakeFailed(FwdError):
+    """The handshake did not complete; ``retryable`` says whether trying again can help."""
+
+    def __init__(self, desc: str, retryable: bool) -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.retryable = retryable
+
+
+class GiveUp(FwdError):
+    """Stop the bridge with a non-zero exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Stale(FwdError):
+    """A connection finished after the pair it was made for had ended."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log: no tracebacks, no repr noise."""
+    if isinstance(exc, HandshakeFailed):
+        return f"handshake failed: {exc.desc}"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror if exc.errno is None else f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def backoff_delay(failures: int) -> float:
+    """Delay before attempt number ``failures + 1``; jitter spreads reconnect storms."""
+    base = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures - 1, 32))
+    return base * (0.5 + random.random() / 2)
+
+
+class Link(asyncio.BufferedProtocol):
+    """One outbound connection. It only reports to the Bridge, which owns the policy."""
+
+    def __init__(self, bridge: Bridge, side: int, gen: int) -> None:
+        self.bridge = bridge
+        self.side = side
+        self.name = SIDES[side]
+        self.gen = gen
+        loop = bridge.loop
+        self.transport: asyncio.Transport | None = None
+        self.hs = Handshake(Role.CLIENT) if side == 0 and bridge.opts.handshake else None
+        self.chid: str | None = None
+        self.ready: asyncio.Future[None] = loop.create_future()
+        # Mark a failed attempt's exception retrieved even if nobody awaits it any more.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.done: asyncio.Future[str] = loop.create_future()
+        self.attached = False
+        self.reading = True
+        self.writing_paused = False
+        self.eof_in = False
+        self.by_us = False
+        """We ended it while it was fine (the other side of its pair went away)."""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = loop.time()
+        self.linger: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.bridge.links_all.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_keepalive(sock)
+        transport.set_write_buffer_limits(high=MAX_BUFFER)
+        if self.hs is None:
+            self.bridge.attach(self)
+        else:
+            transport.write(self.hs.send(Hs1(self.bridge.opts.chid)))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.bridge.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        chunk = bytes(self.bridge.view[:nbytes])
+        if self.attached:
+            self.bridge.forward(self, chunk)
+        elif self.hs is not None and not self.ready.done():
+            self.hs.receive_data(chunk)
+            self._handshake_step()
+        # else: a stale or closing connection; its bytes have nowhere to go.
+
+    def eof_received(self) -> bool:
+        self.eof_in = True
+        self.reading = False
+        if not self.attached:
+            if self.hs is not None and not self.ready.done():
+                self.hs.receive_data(b"")
+                self._handshake_step()
+            return False
+        return self.bridge.on_eof(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
+        if not self.ready.done():
+            what = "connection closed during handshake" if self.hs else "connection closed"
+            self.ready.set_exception(
+                HandshakeFailed(f"{what}: {describe(exc)}" if exc else what, retryable=True))
+        if self.attached:
+            self.bridge.lost(self, "connection lost" + (f": {describe(exc)}" if exc else ""))
+        self.bridge.links_all.discard(self)
+        self.transport = None
+        if not self.done.done():
+            self.done.set_result("closed")
+        self.bridge.on_link_gone()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self.bridge.update_reading(1 - self.side)
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.bridge.update_reading(1 - self.side)
+
+    # -- handshake (server0 only) -------------------------------------------------------
+
+    def _handshake_step(self) -> None:
+        hs = self.hs
+        assert hs is not None and self.transport is not None
+        try:
+            while True:
+                event = hs.next_event()
+                if event is NEED_DATA or event is PAUSED:
+                    return
+                if isinstance(event, Hs2):
+                    self.chid = event.chid
+                    opts = self.bridge.opts
+                    self.transport.write(hs.send(Hs3(opts.recvers, opts.timeout)))
+                elif isinstance(event, Hs4):
+                    if not event.ok:
+                        desc = event.desc or "(no reason given)"
+                        self._fail(HandshakeFailed(desc, desc.startswith(_RETRYABLE_FAIL)))
+                        return
+                    trailing = hs.trailing_data
+                    self.hs = None
+                    self.bridge.attach(self)
+                    if trailing and self.attached:
+                        self.bridge.forward(self, trailing)
+                    return
+        except RemoteProtocolError as exc:
+            # EOF mid-handshake is a server going away; anything else is not a fwd-server.
+            closed = exc.desc.startswith("connection closed")
+            self._fail(HandshakeFailed(exc.desc if closed else f"bad reply: {exc.desc}", closed))
+
+    def _fail(self, exc: HandshakeFailed) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        self.close()
+
+    # -- control ----------------------------------------------------------------------
+
+    def set_reading(self, want: bool) -> None:
+        t = self.transport
+        if want == self.reading or self.eof_in or t is None or t.is_closing():
+            return
+        self.reading = want
+        if want:
+            t.resume_reading()
+        else:
+            t.pause_reading()
+
+    def close(self, abort: bool = False, linger: float = CLOSE_LINGER) -> None:
+        """Close after queued bytes are flushed, or abort if that takes too long."""
+        t = self.transport
+        if t is None:
+            return
+        if abort:
+            t.abort()
+            return
+        if t.is_closing():
+            return
+        t.close()
+        self.linger = self.bridge.loop.call_later(linger, t.abort)
+
+    def stats(self) -> str:
+        return f"{self.name} in={self.bytes_in} out={self.bytes_out}"
+
+
+class Bridge:
+    """The two slots, the bytes waiting for an absent side, and the close policy."""
+
+    def __init__(self, opts: BridgeOptions, loop: asyncio.AbstractEventLoop) -> None:
+        self.opts = opts
+        self.loop = loop
+        self.addrs = (opts.server0, opts.server1)
+        self.buffer = bytearray(READ_SIZE)
+        self.view = memoryview(self.buffer)
+        self.links: list[Link | None] = [None, None]
+        self.links_all: set[Link] = set()
+        # pending[i]: bytes read from the other side while side i was absent.
+        self.pending: list[list[bytes]] = [[], []]
+        self.pending_eof = [False, False]
+        self.failures = [0, 0]
+        self.gen = 0
+        """Bumped when a pair ends (``both``): attempts started for the old pair are void."""
+        self.pair_started = 0.0
+        self.stopping = False
+        self.poke = [asyncio.Event(), asyncio.Event()]
+        self.gone = asyncio.Event()
+
+    # -- data -----------------------------------------------------------------------
+
+    def forward(self, src: Link, chunk: bytes) -> None:
+        src.bytes_in += len(chunk)
+        dst_side = 1 - src.side
+        dst = self.links[dst_side]
+        if dst is not None:
+            assert dst.transport is not None
+            dst.bytes_out += len(chunk)
+            dst.transport.write(chunk)  # may call dst.pause_writing -> src stops reading
+        else:
+            # Hold this one read and stop reading until the other side is back.
+            self.pending[dst_side].append(chunk)
+            src.set_reading(False)
+            self.poke[dst_side].set()
+
+    def update_reading(self, side: int) -> None:
+        """Read from ``side`` only while its bytes have somewhere to go."""
+        link = self.links[side]
+        if link is None:
+            return
+        dst = self.links[1 - side]
+        link.set_reading(not dst.writing_paused if dst is not None
+                         else not self.pending[1 - side])
+
+    # -- events from links ------------------------------------------------------------
+
+    def attach(self, link: Link) -> None:
+        side = link.side
+        stale = (self.stopping or link.gen != self.gen or self.links[side] is not None
+                 or (side == 1 and self.opts.on_close == "both" and self.links[0] is None))
+        if stale:
+            if not link.ready.done():
+                link.ready.set_exception(_Stale())
+            link.close(abort=True)
+            return
+        assert link.transport is not None
+        self.links[side] = link
+        link.attached = True
+        if self.links[1 - side] is None:
+            self.pair_started = self.loop.time()
+        if not link.ready.done():
+            link.ready.set_result(None)
+        extra = f" chid={link.chid}" if link.chid is not None else ""
+        log.info("%s connected %s%s", link.name, format_hostport(*self.addrs[side]), extra)
+        held = self.pending[side]
+        if held:
+            log.debug("%s: passing on %d held bytes", link.name, sum(map(len, held)))
+            for chunk in held:
+                link.bytes_out += len(chunk)
+                link.transport.write(chunk)
+            self.pending[side] = []
+        if self.pending_eof[side]:
+            self.pending_eof[side] = False
+            link.transport.write_eof()
+        self.update_reading(side)
+        self.update_reading(1 - side)
+        if side == 0:
+            self.poke[1].set()  # eager mode wants server1 now
+
+    def on_eof(self, link: Link) -> bool:
+        """A FIN from ``link``; return True to keep its write direction open."""
+        side = link.side
+        log.debug("%s sent EOF", link.name)
+        if self.opts.on_close == "one":
+            self.detach(link, "closed by peer")
+            link.close()
+            return True
+        other = self.links[1 - side]
+        if other is not None:
+            assert other.transport is not None
+            if other.transport.can_write_eof():
+                other.transport.write_eof()
+            if other.eof_in:
+                self.end_pair("both sides closed")
+        elif self.pending[1 - side]:
+            self.pending_eof[1 - side] = True  # passed on once the other side connects
+        else:
+            self.end_pair(f"{link.name} closed")
+        return True
+
+    def lost(self, link: Link, reason: str) -> None:
+        if self.opts.on_close == "both":
+            self.end_pair(f"{link.name} {reason}")
+        else:
+            self.detach(link, reason)
+
+    def on_link_gone(self) -> None:
+        if not self.links_all:
+            self.gone.set()
+
+    # -- policy -------------------------------------------------------------------------
+
+    def detach(self, link: Link, reason: str) -> None:
+        if not link.attached:
+            return
+        link.attached = False
+        self.links[link.side] = None
+        log.info("%s closed after %.1fs: %s (%s)", link.name,
+                 self.loop.time() - link.started, reason, link.stats())
+        if not link.done.done():
+            link.done.set_result(reason)
+        self.update_reading(1 - link.side)
+        self.poke[link.side].set()
+
+    def end_pair(self, reason: str) -> None:
+        """``both`` mode: close both sides and let the slots start a fresh pair."""
+        links = [x for x in self.links if x is not None]
+        if not links:
+            return
+        held = sum(len(c) for q in self.pending for c in q)
+        log.info("pair end after %.1fs: %s; %s%s", self.loop.time() - self.pair_started, reason,
+                 ", ".join(x.stats() for x in links),
+                 f"; dropped {held} held bytes" if held else "")
+        self.gen += 1
+        self.pending = [[], []]
+        self.pending_eof = [False, False]
+        for x in links:
+            # Ended for the other side's sake: not a failure of this one.
+            x.by_us = not x.eof_in and x.transport is not None and not x.transport.is_closing()
+            self.detach(x, reason)
+            x.close()
+        for ev in self.poke:
+            ev.set()
+
+    def wanted(self, side: int) -> bool:
+        if self.stopping or self.links[side] is not None:
+            return False
+        if side == 0:
+            return True
+        return bool(self.pending[1] or self.pending_eof[1]
+                    or (self.opts.connect == "eager" and self.links[0] is not None))
+
+    # -- slots ------------------------------------------------------------------------------
+
+    async def slot(self, side: int) -> None:
+        """Keep one side connected while it is wanted; raises GiveUp to stop the bridge."""
+        while not self.stopping:
+            await self._until_wanted(side)
+            link = await self._connect_retry(side)
+            if link is None:
+                continue
+            reason = await link.done
+            age = self.loop.time() - link.started
+            if link.by_us or link.bytes_in or age >= HEALTHY_AFTER:
+                self.failures[side] = 0
+            else:
+                await self._backoff(side, f"dropped after {age:.1f}s without data: {reason}",
+                                    self.gen)
+
+    async def _until_wanted(self, side: int) -> None:
+        ev = self.poke[side]
+        while not self.stopping:
+            ev.clear()
+            if self.wanted(side):
+                return
+            await ev.wait()
+
+    async def _connect_retry(self, side: int) -> Link | None:
+        gen = self.gen
+        while True:
+            if gen != self.gen or not self.wanted(side):
+                return None
+            try:
+                return await self._connect_once(side, gen)
+            except _Stale:
+                return None
+            except HandshakeFailed as exc:
+                if not exc.retryable:
+                    raise GiveUp(f"{SIDES[side]} {format_hostport(*self.addrs[side])} rejected "
+                                 f"the handshake: {exc.desc}", EXIT_REJECTED) from None
+                if not await self._backoff(side, describe(exc), gen):
+                    return None
+            except (OSError, asyncio.TimeoutError) as exc:
+                if not await self._backoff(side, f"cannot connect: {describe(exc)}", gen):
+                    return None
+
+    async def _connect_once(self, side: int, gen: int) -> Link:
+        host, port = self.addrs[side]
+        made: list[Link] = []
+
+        def factory() -> Link:
+            made.append(Link(self, side, gen))
+            return made[-1]
+
+        deadline = self.loop.time() + self.opts.connect_timeout
+        try:
+            await asyncio.wait_for(self.loop.create_connection(factory, host, port),
+                                   self.opts.connect_timeout)
+            link = made[-1]
+            await asyncio.wait_for(link.ready, max(deadline - self.loop.time(), 0.001))
+        except asyncio.TimeoutError:
+            for x in made:
+                x.close(abort=True)
+            raise
+        return link
+
+    async def _backoff(self, side: int, why: str, gen: int) -> bool:
+        """Count a failure, give up past --max-retries, else wait; False if the wait became moot."""
+        if self.stopping:
+            return False
+        self.failures[side] += 1
+        n = self.failures[side]
+        where = f"{SIDES[side]} {format_hostport(*self.addrs[side])}"
+        limit = self.opts.max_retries
+        if limit is not None and n > limit:
+            raise GiveUp(f"giving up on {where} after {n} failed attempts: {why}", EXIT_GAVE_UP)
+        delay = backoff_delay(n)
+        log.warning("%s: %s (retry %d in %.1fs)", where, why, n, delay)
+        deadline = self.loop.time() + delay
+        ev = self.poke[side]
+        while (left := deadline - self.loop.time()) > 0:
+            ev.clear()
+            try:
+                await asyncio.wait_for(ev.wait(), left)
+            except asyncio.TimeoutError:
+                break
+            if gen != self.gen or self.stopping:
+                return False
+        return True
+
+    def stop(self) -> None:
+        """Close every connection (queued bytes get SHUTDOWN_LINGER to flush) and wake
+        every slot, so that none waits on a link that will never end."""
+        self.stopping = True
+        for link in list(self.links_all):
+            self.detach(link, "shutting down")
+            link.close(linger=SHUTDOWN_LINGER)
+        for ev in self.poke:
+            ev.set()
+
+    async def wait_closed(self) -> None:
+        if self.links_all:
+            self.gone.clear()
+            try:
+                await asyncio.wait_for(self.gone.wait(), SHUTDOWN_LINGER + 1)
+            except asyncio.TimeoutError:  # pragma: no cover - the linger aborts first
+                pass
+
+
+async def bridge_main(opts: BridgeOptions) -> int:
+    """Run until a signal (0) or a reason to give up (non-zero)."""
+    loop = asyncio.get_running_loop()
+    bridge = Bridge(opts, loop)
+    log.info("fwd-client starting server0=%s server1=%s handshake=%s on-close=%s connect=%s "
+             "max-retries=%s", format_hostport(*opts.server0), format_hostport(*opts.server1),
+             opts.describe_handshake(), opts.on_close, opts.connect,
+             "forever" if opts.max_retries is None else opts.max_retries)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Task[None]] = [loop.create_task(bridge.slot(i)) for i in (0, 1)]
+    stopper: asyncio.Task[Any] = loop.create_task(stop.wait())
+    waiting: list[asyncio.Task[Any]] = [*tasks, stopper]
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    code = EXIT_OK
+    for t in tasks:
+        if t.done() and not t.cancelled() and (exc := t.exception()) is not None:
+            if not isinstance(exc, GiveUp):
+                raise exc
+            log.error("%s", exc)
+            code = exc.code
+    log.info("stopping" if code == EXIT_OK else "stopping after an error")
+    # Cancelling alone is not enough: before Python 3.12, wait_for swallows a
+    # cancel that races with its result, so the slots also see ``stopping``.
+    bridge.stop()
+    for t in waiting:
+        t.cancel()
+    await asyncio.wait(waiting, timeout=SHUTDOWN_LINGER)
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: a late error during shutdown is not worth a traceback
+    await bridge.wait_closed()
+    log.info("stopped")
+    return code
+
+
+def run(opts: BridgeOptions) -> int:
+    import uvloop
+
+    return uvloop.run(bridge_main(opts))

@@ -1,0 +1,447 @@
+"""fwd-client end to end: a real fwd-server, a real TCP service run by the test, and
+fwd-client as a process in between.
+
+Synchronisation is on events: fwd-client's and fwd-server's log lines, and bytes
+(or EOF) on sockets. Where the relay itself cannot show a behaviour (fwd-server
+ends a session on the client's FIN, so a half-close cannot cross it), a plain
+listening socket owned by the test stands in for server0.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Server
+from helpers import Sender, read_line, recv_exact, recv_hash, send_json
+
+MiB = 1 << 20
+WAIT = 30.0
+"""Generous: reconnects go through backoff, and the machine is shared."""
+XOR = bytes(b ^ 0x5A for b in range(256))
+
+_SCRIPT = Path(sys.executable).with_name("fwd-client")
+CLIENT_CMD = ([str(_SCRIPT)] if _SCRIPT.exists()
+              else [sys.executable, "-c", "from fwd.cli import client; client()"])
+
+
+class Client(Server):
+    """A running fwd-client; Server's log reader, wait_log and stop apply unchanged."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.sockets: list[socket.socket] = []
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [*CLIENT_CMD, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=full_env, text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_log(r"fwd-client starting")
+
+    def stop(self, check: bool = True) -> None:
+        try:
+            super().stop(check)
+        except AssertionError as exc:
+            raise AssertionError(f"fwd-client: {exc}\n" + "\n".join(self.lines[-40:])) from None
+
+    def exit_code(self, timeout: float = WAIT) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+
+class Service:
+    """A threaded TCP service on 127.0.0.1; ``handler(conn)`` serves each connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], port: int = 0) -> None:
+        self.handler = handler
+        self.listener = socket.create_server(("127.0.0.1", port))  # SO_REUSEADDR: restartable
+        self.port = self.listener.getsockname()[1]
+        self.addr = f"127.0.0.1:{self.port}"
+        self.conns: list[socket.socket] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.cond:
+                self.conns.append(conn)
+                self.cond.notify_all()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    @property
+    def accepted(self) -> int:
+        with self.cond:
+            return len(self.conns)
+
+    def stop(self) -> None:
+        """Close the listener and every connection, like a service that is shut down."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self.cond:
+            for c in self.conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def xor_echo(conn: socket.socket) -> None:
+    """Answer every byte, transformed, so an answer cannot be mistaken for an echo."""
+    while data := conn.recv(1 << 16):
+        conn.sendall(data.translate(XOR))
+
+
+def digest_after_eof(conn: socket.socket) -> None:
+    """Answer only once the request is complete (EOF): the sha256 of all of it."""
+    h = hashlib.sha256()
+    while data := conn.recv(1 << 16):
+        h.update(data)
+    conn.sendall(h.hexdigest().encode() + b"\n")
+
+
+@pytest.fixture
+def start_client() -> Iterator[Callable[..., Client]]:
+    clients: list[Client] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Client:
+        c = Client(["--log-level", "debug", *args], env=env)
+        clients.append(c)
+        return c
+
+    yield start
+    for c in clients:
+        c.stop(check=c.proc.poll() is None)  # SIGTERM must give exit 0 and a clean log
+
+
+@pytest.fixture
+def start_service() -> Iterator[Callable[..., Service]]:
+    services: list[Service] = []
+
+    def start(handler: Callable[[socket.socket], None], port: int = 0) -> Service:
+        s = Service(handler, port)
+        services.append(s)
+        return s
+
+    yield start
+    for s in services:
+        s.stop()
+
+
+def addr(server: Server) -> str:
+    return f"{server.host}:{server.port}"
+
+
+def round_trip(sock: socket.socket, size: int) -> None:
+    """Send ``size`` random bytes; the XOR-ed bytes must come back, byte-exact."""
+    up = Sender(sock, size)
+    up.start()
+    assert recv_hash(sock, size) == hashlib.sha256(up.data.translate(XOR)).hexdigest()
+    up.finish()
+
+
+def chan_bridge(start_client: Callable[..., Client], server: Server, service: Service,
+                *extra: str) -> Client:
+    br = start_client("--server0", addr(server), "--server1", service.addr,
+                      "--chid", "svc", "--recvers", "user", *extra)
+    br.wait_log(r"server0 connected \S+ chid=svc", timeout=WAIT)
+    return br
+
+
+def test_broadcast_remote_request_reaches_lan_service_byte_exact(
+        start_server, start_client, start_service):
+    server = start_server("--mode", "broadcast")
+    svc = start_service(xor_echo)
+    mark = server.mark()
+    br = start_client("--server0", addr(server), "--server1", svc.addr)
+    m = br.wait_log(r"fwd-client starting server0=(\S+) server1=(\S+)")
+    assert m.groups() == (addr(server), svc.addr)
+    br.wait_log(r"server0 connected")
+    server.wait_log(r"live chid=None", start=mark)  # the bridge, past its sniff window
+    remote = server.connect()
+    server.wait_log(r"live chid=None", start=mark, count=2)
+    round_trip(remote, 4 * MiB)
+    assert svc.accepted == 1
+
+
+def test_chan_handshake_round_trip_and_lazy_lan_connect(start_server, start_client,
+                                                        start_service):
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc)
+    # Lazy: an idle relay session holds no LAN connection.
+    assert svc.accepted == 0
+    assert not any("server1 connected" in ln for ln in br.lines)
+    remote, _ = server.handshake("user", ["svc"])
+    round_trip(remote, 4 * MiB)
+    br.wait_log(r"server1 connected")
+    assert svc.accepted == 1
+
+
+def test_lan_service_restart_is_recovered(start_server, start_client, start_service):
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc)
+    remote, _ = server.handshake("user", ["svc"])
+    round_trip(remote, 256 * 1024)
+
+    m = br.mark()
+    svc.stop()
+    br.wait_log(r"pair end", start=m, timeout=WAIT)
+    br.wait_log(r"server0 connected \S+ chid=svc", start=m, timeout=WAIT)
+    # A request while the service is down waits in the bridge, which keeps retrying.
+    up = Sender(remote, 512 * 1024)
+    up.start()
+    br.wait_log(r"server1 \S+: cannot connect", start=m, timeout=WAIT)
+    start_service(xor_echo, port=svc.port)
+    assert recv_hash(remote, 512 * 1024) == hashlib.sha256(up.data.translate(XOR)).hexdigest()
+    up.finish()
+
+
+def test_fwd_server_restart_on_same_port_is_recovered(start_server, start_client,
+                                                      start_service):
+    server = start_server("--mode", "chan")
+    port = server.port
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc)
+    remote, _ = server.handshake("user", ["svc"])
+    round_trip(remote, 256 * 1024)
+
+    m = br.mark()
+    server.stop()
+    br.wait_log(r"server0 \S+: cannot connect", start=m, timeout=WAIT)
+    again = Server(["--listen", f"127.0.0.1:{port}", "--mode", "chan", "--log-level", "debug"])
+    try:
+        br.wait_log(r"server0 connected \S+ chid=svc", start=m, timeout=WAIT)
+        remote2, _ = again.handshake("user", ["svc"])
+        round_trip(remote2, 1 * MiB)
+    finally:
+        again.stop()
+
+
+def _listening_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if m := re.fullmatch(r"socket:\[(\d+)\]", target):
+            found.add(m.group(1))
+    return found
+
+
+def test_client_holds_no_listening_socket(start_server, start_client, start_service):
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc)
+    remote, _ = server.handshake("user", ["svc"])
+    round_trip(remote, 64 * 1024)  # both sides are connected now
+    sockets = _socket_inodes(br.pid)
+    assert len(sockets) >= 2, "expected the two outbound connections"
+    assert not sockets & _listening_inodes()
+    # The check itself sees listeners: the server's is found the same way.
+    assert _socket_inodes(server.pid) & _listening_inodes()
+
+
+def _rx_queue(pid: int, remote_port: int) -> int | None:
+    """Bytes waiting unread in ``pid``'s socket connected to ``remote_port``."""
+    mine = _socket_inodes(pid)
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[9] in mine and int(fields[2].split(":")[1], 16) == remote_port:
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def test_slow_lan_service_throttles_the_relay_side(start_server, start_client, start_service):
+    gate = threading.Event()
+
+    def gated_echo(conn: socket.socket) -> None:
+        gate.wait(WAIT * 2)
+        xor_echo(conn)
+
+    server = start_server("--mode", "chan")
+    svc = start_service(gated_echo)
+    br = chan_bridge(start_client, server, svc)
+    remote, _ = server.handshake("user", ["svc"])
+    remote.settimeout(WAIT)
+    base = br.rss()
+    size = 64 * MiB  # more than every kernel and relay buffer on the way can hold
+    up = Sender(remote, size, block=1 * MiB)
+    try:
+        up.start()
+        br.wait_log(r"server1 connected")
+        # The service reads nothing: the bridge must leave server0's bytes in the kernel.
+        deadline = time.monotonic() + WAIT
+        while (q := _rx_queue(br.pid, server.port) or 0) < 512 * 1024:
+            assert time.monotonic() < deadline, f"bridge kept reading server0 (rx_queue={q})"
+            time.sleep(0.05)  # polling kernel state; there is no event to wait on
+        # "Nothing more gets through" needs a window: without backpressure the bridge
+        # swallows the whole stream and the sender is done in well under a second.
+        up.join(2.0)
+        assert up.is_alive(), "the bridge absorbed the whole stream"
+        grown = br.rss() - base
+        assert grown < 16 * MiB, f"bridge buffered {grown} bytes"
+    finally:
+        gate.set()
+    assert recv_hash(remote, size) == hashlib.sha256(up.data.translate(XOR)).hexdigest()
+    up.finish()
+
+
+def test_half_close_passes_both_ways(start_client, start_service):
+    # fwd-server ends a session on its client's FIN, so a stand-in relay plays server0.
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(WAIT)
+    svc = start_service(digest_after_eof)
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", svc.addr)
+        conn, _ = relay.accept()
+        conn.settimeout(WAIT)
+        data = os.urandom(1 * MiB)
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        # The service answers only after EOF, and its own FIN comes back as ours.
+        reply = bytearray()
+        while chunk := conn.recv(65536):
+            reply += chunk
+        assert bytes(reply) == hashlib.sha256(data).hexdigest().encode() + b"\n"
+        br.wait_log(r"pair end .*both sides closed", timeout=WAIT)
+        conn.close()
+        conn2, _ = relay.accept()  # and a fresh pair starts with server0
+        conn2.close()
+    finally:
+        relay.close()
+
+
+def test_chid_in_use_is_retried_until_free(start_server, start_client, start_service):
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    holder, _ = server.handshake("svc")
+    br = start_client("--server0", addr(server), "--server1", svc.addr,
+                      "--chid", "svc", "--recvers", "user")
+    br.wait_log(r"handshake failed: chid in use: svc \(retry 1 ", timeout=WAIT)
+    holder.close()
+    br.wait_log(r"server0 connected \S+ chid=svc", timeout=WAIT)
+    remote, _ = server.handshake("user", ["svc"])
+    round_trip(remote, 64 * 1024)
+
+
+def test_handshake_rejected_for_good_exits_3_with_the_reason(start_client):
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(WAIT)
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}", "--chid", "svc")
+        conn, _ = relay.accept()
+        conn.settimeout(WAIT)
+        assert read_line(conn) == b'{"req":"hs1","chid":"svc"}\n'
+        send_json(conn, {"rsp": "hs4", "result": "FAIL", "desc": "password required"})
+        assert br.exit_code() == 3
+        br.wait_log(r"ERROR .*rejected the handshake: password required")
+        conn.close()
+    finally:
+        relay.close()
+
+
+def test_max_retries_exhausted_exits_1_options_from_env(start_client):
+    # A bound socket that does not listen: connecting to it is refused.
+    with socket.socket() as closed0, socket.socket() as closed1:
+        closed0.bind(("127.0.0.1", 0))
+        closed1.bind(("127.0.0.1", 0))
+        a0 = f"127.0.0.1:{closed0.getsockname()[1]}"
+        a1 = f"127.0.0.1:{closed1.getsockname()[1]}"
+        br = start_client(env={"FWD_SERVER0": a0, "FWD_SERVER1": a1, "FWD_MAX_RETRIES": "2"})
+        m = br.wait_log(r"fwd-client starting server0=(\S+) server1=(\S+)")
+        assert m.groups() == (a0, a1)
+        assert br.exit_code() == 1
+        br.wait_log(rf"ERROR .*giving up on server0 {a0} after 3 failed attempts: "
+                    r"cannot connect: .*refused")
+
+
+def test_on_close_one_keeps_the_relay_session_across_a_lan_restart(
+        start_server, start_client, start_service):
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc, "--on-close", "one")
+    remote, _ = server.handshake("user", ["svc"])
+    round_trip(remote, 256 * 1024)
+
+    mb, ms = br.mark(), server.mark()
+    svc.stop()
+    br.wait_log(r"server1 closed", start=mb, timeout=WAIT)
+    start_service(xor_echo, port=svc.port)
+    round_trip(remote, 256 * 1024)
+    br.wait_log(r"server1 connected", start=mb)
+    assert not any("server0" in ln for ln in br.lines[mb:]), br.lines[mb:]
+    assert not any("chid=svc" in ln for ln in server.lines[ms:]), server.lines[ms:]
+
+
+def test_sigint_also_exits_0(start_server, start_client, start_service):
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc)
+    br.proc.send_signal(signal.SIGINT)
+    assert br.exit_code() == 0
+    br.wait_log(r"stopped")
+
+
+def test_eager_connects_the_service_without_traffic(start_server, start_client, start_service):
+    server = start_server("--mode", "chan")
+    greeting = b"220 service ready\n"
+
+    def speaks_first(conn: socket.socket) -> None:
+        conn.sendall(greeting)
+        xor_echo(conn)
+
+    svc = start_service(speaks_first)
+    remote, _ = server.handshake("user", ["svc"])
+    br = start_client("--server0", addr(server), "--server1", svc.addr, "--connect", "eager",
+                      "--chid", "svc", env={"FWD_RECVERS": "user,other"})
+    br.wait_log(r"handshake=chid=svc recvers=user,other ")
+    br.wait_log(r"server1 connected", timeout=WAIT)
+    remote.settimeout(WAIT)
+    assert recv_exact(remote, len(greeting)) == greeting
+    round_trip(remote, 64 * 1024)
