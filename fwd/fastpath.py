@@ -13,7 +13,7 @@ if os.environ.get("FWD_PURE_PYTHON") == "1":
     IMPLEMENTATION = "python"
 else:
     try:
-        from ._fastcopy import fanout
+        from ._fastcopy import fanout  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
             "fwd._fastcopy is not built: install fwd with 'pip install .' (needs gcc and "

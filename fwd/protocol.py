@@ -114,7 +114,7 @@ class Hs4:
     desc: str = ""
 
 
-Event = Union[Hs1, Hs2, Hs3, Hs4]
+Event = Union[Hs1, Hs2, Hs3, Hs4]  # noqa: UP007 - a runtime alias on Python 3.10
 
 
 class Role(enum.Enum):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, Iterable, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import ChidInUse
 
@@ -70,7 +71,9 @@ class Router(Generic[T]):
 
     # -- registry ---------------------------------------------------------------
 
-    def claim(self, session: T, chid: str | None, *, takeover: bool = False) -> tuple[str, T | None]:
+    def claim(
+        self, session: T, chid: str | None, *, takeover: bool = False
+    ) -> tuple[str, T | None]:
         """Reserve ``chid`` (or a fresh one) for ``session``.
 
         Returns the chid and, with ``takeover``, the session it was taken from

@@ -117,7 +117,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError("server did not stop within 15 s of SIGTERM")
+                raise AssertionError("server did not stop within 15 s of SIGTERM") from None
         self._reader.join(5)
         if check:
             assert self.proc.returncode == 0, f"server exit code {self.proc.returncode}"

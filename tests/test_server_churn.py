@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+
 from helpers import assert_pair_works, handshake, read_line, send_json
 
 pytestmark = pytest.mark.slow

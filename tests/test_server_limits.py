@@ -19,6 +19,7 @@ import subprocess
 import time
 
 import pytest
+
 from helpers import (
     Sender,
     assert_closed,
