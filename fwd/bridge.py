@@ -30,8 +30,9 @@ Close policy (``--on-close``):
   first, server1 on demand. This is what makes "expose a LAN service" work
   session after session: a service that closes after its answer (HTTP/1.0,
   request/response protocols) gets a new connection for the next request, and
-  its FIN reaches the relay (fwd-server ends our session on it, which frees and
-  re-claims the chid).
+  its FIN reaches the relay: in a chan pair (our recvers name only the remote
+  client, whose recvers name only us) fwd-server passes it on to the remote
+  client; elsewhere it ends our relay session.
 * ``one``: a side that closes (FIN or loss) is closed and reconnected alone;
   the other side is kept, and a FIN is not passed on (it would end the kept
   side's write direction). Use it to keep the relay session, and its chid, up
@@ -59,10 +60,11 @@ status 3 and the server's reason.
 Exit status: 0 after SIGINT/SIGTERM, 1 when ``--max-retries`` ran out, 3 when
 the server rejected the handshake for good (2 is click's usage error).
 
-Known limit: fwd-server does not tell a session that one of its peers left, so
-in ``both`` mode a LAN connection lives until the service, or the relay
-session, closes it. One bridge carries one byte stream: concurrent remote
-clients share it (as they share the chid).
+Known limit: outside a chan pair fwd-server does not tell a session that one of
+its peers left (a pair gets the peer's FIN), so in ``both`` mode a LAN
+connection lives until the service, or the relay session, closes it. One
+bridge carries one byte stream: concurrent remote clients share it (as they
+share the chid).
 """
 from __future__ import annotations
 

@@ -63,6 +63,7 @@ class Router(Generic[T]):
         self._owner: dict[str, T] = {}
         self._chid_of: dict[T, str] = {}
         self._live: dict[str, T] = {}
+        self._muted: set[T] = set()
         self._recvers: dict[T, tuple[str, ...]] = {}
         self._everyone: tuple[T, ...] = ()
         self._everyone_gen = -1
@@ -122,6 +123,30 @@ class Router(Generic[T]):
         if self._recvers.pop(session, None) is not None:
             self.generation += 1
         self._routes.pop(session, None)
+        self._muted.discard(session)
+
+    def mute(self, session: T) -> None:
+        """``session`` can no longer receive (its write side is shut) but may
+        still send; bytes for its chid are dropped, not held."""
+        if session in self._recvers and session not in self._muted:
+            self._muted.add(session)
+            self.generation += 1
+
+    def pair_of(self, session: T) -> T | None:
+        """The partner if ``session`` and it name each other as sole receivers.
+
+        A pair is a 1:1 stream, so a FIN can be passed on (as socat does); in
+        any larger room it could not, because others still write to the receiver.
+        """
+        recvers = self._recvers.get(session)
+        if recvers is None or len(recvers) != 1:
+            return None
+        partner = self._owner.get(recvers[0])
+        if partner is None or partner is session:
+            return None
+        if self._recvers.get(partner) != (self._chid_of.get(session),):
+            return None
+        return partner
 
     def is_live(self, session: T) -> bool:
         return session in self._recvers
@@ -138,8 +163,11 @@ class Router(Generic[T]):
             return cached
         recvers = self._recvers[sender]
         if recvers:
-            live = self._live
-            targets = tuple(live[c] for c in recvers if c in live and live[c] is not sender)
+            live, muted = self._live, self._muted
+            targets = tuple(
+                s for c in recvers
+                if (s := live.get(c)) is not None and s is not sender and s not in muted
+            )
             missing = tuple(c for c in recvers if c not in live)
             route = Route(self.generation, targets, missing, False)
         else:
@@ -150,7 +178,8 @@ class Router(Generic[T]):
     def everyone(self) -> tuple[T, ...]:
         """All live sessions, shared by every "everyone else" route."""
         if self._everyone_gen != self.generation:
-            self._everyone = tuple(self._recvers)
+            muted = self._muted
+            self._everyone = tuple(s for s in self._recvers if s not in muted)
             self._everyone_gen = self.generation
         return self._everyone
 

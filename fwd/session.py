@@ -58,6 +58,7 @@ class Session(asyncio.BufferedProtocol):
         "hub", "transport", "state", "peer", "chid", "hs", "sniffed", "pending_out",
         "pending_size", "timeout", "timer", "slow_timer", "linger", "last_active",
         "writing_paused", "bytes_in", "bytes_out", "started", "dropped", "end_reason",
+        "read_closed", "write_closed", "partner",
     )
 
     def __init__(self, hub: Hub) -> None:
@@ -81,6 +82,10 @@ class Session(asyncio.BufferedProtocol):
         self.started = 0.0
         self.dropped = 0
         self.end_reason = ""
+        # Half-close state of a chan pair (see eof_received).
+        self.read_closed = False
+        self.write_closed = False
+        self.partner: Session | None = None
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -120,15 +125,38 @@ class Session(asyncio.BufferedProtocol):
             self._sniff_input(chunk)
 
     def eof_received(self) -> bool:
-        # A client's EOF ends its session (as with ncat --broker): its chid is
-        # freed now, and the transport closes once queued bytes are flushed.
+        # In a chan pair the FIN is passed on and the other direction keeps
+        # flowing, as through socat. Anywhere else a client's EOF ends its
+        # session (as with ncat --broker): its chid is freed now, and the
+        # transport closes once queued bytes are flushed.
         if self.state is St.HANDSHAKE:
             self._fail("connection closed during handshake")
-        else:
-            if self.state is St.SNIFF and self.sniffed:
-                self._sniff_expired()
-            self.close("client closed")
+            return True
+        if self.state is St.LIVE:
+            partner = self.hub.router.pair_of(self)
+            if partner is not None:
+                self.read_closed = True
+                self.partner, partner.partner = partner, self
+                partner._shut_write()
+                self._close_if_done()
+                return True
+        if self.state is St.SNIFF and self.sniffed:
+            self._sniff_expired()
+        self.close("client closed")
         return True
+
+    def _shut_write(self) -> None:
+        """Pass the partner's FIN on: nothing more will be written to us."""
+        if self.write_closed or self.transport is None:
+            return
+        self.write_closed = True
+        self.hub.router.mute(self)
+        self.transport.write_eof()  # uvloop sends the FIN after queued bytes
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.read_closed and self.write_closed:
+            self.close("half-closed both ways")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave("connection lost" if exc is None else f"connection lost: {exc}")
@@ -347,6 +375,10 @@ class Session(asyncio.BufferedProtocol):
         self.pending_out = None
         hub.router.leave(self)
         hub.resume_senders(hub.backpressure.forget(self))
+        partner, self.partner = self.partner, None
+        if partner is not None and partner.read_closed:
+            # It has sent its FIN and now has nobody left to hear from.
+            partner.close("half-closed both ways" if partner.write_closed else "pair partner left")
         if was_live or self.chid is not None:
             log.info(
                 "session end chid=%s peer=%s in=%d out=%d secs=%.1f reason=%s%s",

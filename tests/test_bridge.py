@@ -2,8 +2,8 @@
 fwd-client as a process in between.
 
 Synchronisation is on events: fwd-client's and fwd-server's log lines, and bytes
-(or EOF) on sockets. Where the relay itself cannot show a behaviour (fwd-server
-ends a session on the client's FIN, so a half-close cannot cross it), a plain
+(or EOF) on sockets. Where only the bridge's own behaviour is at stake (a FIN from
+server0 in broadcast mode, handshake replies the server would never send), a plain
 listening socket owned by the test stands in for server0.
 """
 from __future__ import annotations
@@ -215,11 +215,16 @@ def test_lan_service_restart_is_recovered(start_server, start_client, start_serv
     remote, _ = server.handshake("user", ["svc"])
     round_trip(remote, 256 * 1024)
 
-    m = br.mark()
+    m, sm = br.mark(), server.mark()
     svc.stop()
+    # The service's close reaches the remote client as EOF (the pair passes FINs on).
+    assert remote.recv(1) == b""
+    remote.close()
     br.wait_log(r"pair end", start=m, timeout=WAIT)
     br.wait_log(r"server0 connected \S+ chid=svc", start=m, timeout=WAIT)
+    server.wait_log(r"session end chid=user ", start=sm)
     # A request while the service is down waits in the bridge, which keeps retrying.
+    remote, _ = server.handshake("user", ["svc"])
     up = Sender(remote, 512 * 1024)
     up.start()
     br.wait_log(r"server1 \S+: cannot connect", start=m, timeout=WAIT)
@@ -332,7 +337,7 @@ def test_slow_lan_service_throttles_the_relay_side(start_server, start_client, s
 
 
 def test_half_close_passes_both_ways(start_client, start_service):
-    # fwd-server ends a session on its client's FIN, so a stand-in relay plays server0.
+    # A stand-in relay plays server0, so the test controls exactly when its FIN is sent.
     relay = socket.create_server(("127.0.0.1", 0))
     relay.settimeout(WAIT)
     svc = start_service(digest_after_eof)
@@ -355,6 +360,23 @@ def test_half_close_passes_both_ways(start_client, start_service):
         conn2.close()
     finally:
         relay.close()
+
+
+def test_half_close_crosses_a_real_chan_server(start_server, start_client, start_service):
+    # A chan pair passes FINs on, so a request/response-after-EOF protocol works
+    # end to end: remote -> fwd-server -> fwd-client -> service and back.
+    server = start_server("--mode", "chan")
+    svc = start_service(digest_after_eof)
+    chan_bridge(start_client, server, svc)
+    remote, _ = server.handshake("user", ["svc"])
+    data = os.urandom(1 * MiB)
+    remote.sendall(data)
+    remote.shutdown(socket.SHUT_WR)
+    reply = bytearray()
+    while chunk := remote.recv(65536):
+        reply += chunk
+    assert bytes(reply) == hashlib.sha256(data).hexdigest().encode() + b"\n"
+    server.wait_log(r"session end chid=user .*reason=half-closed both ways")
 
 
 def test_chid_in_use_is_retried_until_free(start_server, start_client, start_service):

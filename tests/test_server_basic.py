@@ -1,6 +1,9 @@
 """The happy paths of both modes, over real sockets, on both data paths."""
 from __future__ import annotations
 
+import socket
+import struct
+
 import pytest
 
 from helpers import Sender, assert_pair_works, pair, recv_exact, recv_hash
@@ -39,3 +42,55 @@ def test_broadcast_without_handshake_reaches_every_other_client(bcast_server):
 
 def test_fresh_pair_after_start(chan_server):
     assert_pair_works(chan_server)
+
+
+def test_chan_pair_passes_half_close_on_both_ways(chan_server):
+    """A FIN from one side of a pair reaches the other, and the reverse direction
+    keeps flowing until it too is closed (socat semantics)."""
+    sa, sb = pair(chan_server)
+    sa.sendall(b"request")
+    sa.shutdown(socket.SHUT_WR)
+    assert recv_exact(sb, 7) == b"request"
+    assert sb.recv(1) == b""  # A's FIN, passed on
+    sb.sendall(b"response after EOF")
+    sb.shutdown(socket.SHUT_WR)
+    assert recv_exact(sa, 18) == b"response after EOF"
+    assert sa.recv(1) == b""
+    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways")
+    chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways")
+
+
+def test_half_closed_side_is_closed_when_its_partner_leaves(chan_server):
+    sa, sb = pair(chan_server)
+    sa.shutdown(socket.SHUT_WR)
+    assert sb.recv(1) == b""
+    # B vanishes without a FIN (RST): A can neither send nor hear from anyone now.
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sb.close()
+    assert sa.recv(1) == b""
+    chan_server.wait_log(r"session end chid=a .*reason=pair partner left")
+
+
+def test_eof_outside_a_pair_ends_the_session(chan_server):
+    """In a room (recvers naming several, or everyone) a FIN cannot be passed on:
+    the session ends, as with ncat --broker, and its chid is free at once."""
+    sa, _ = chan_server.handshake("a", ["b", "c"])
+    sb, _ = chan_server.handshake("b", [])
+    sa.shutdown(socket.SHUT_WR)
+    assert sa.recv(1) == b""
+    chan_server.wait_log(r"session end chid=a .*reason=client closed")
+    chan_server.handshake("a", ["b"])
+
+
+def test_muted_receiver_gets_nothing_more_from_third_parties(chan_server):
+    """After a pair partner's FIN the receiver's write side is shut; bytes from a
+    third session are dropped for it, not written after the FIN or held."""
+    sa, sb = pair(chan_server)
+    sc, _ = chan_server.handshake("c", ["b", "w"])
+    sw, _ = chan_server.handshake("w", ["c"])
+    sa.shutdown(socket.SHUT_WR)
+    assert sb.recv(1) == b""
+    sc.sendall(b"late")
+    assert recv_exact(sw, 4) == b"late"  # c's bytes were routed
+    sb.sendall(b"still")
+    assert recv_exact(sa, 5) == b"still"
