@@ -1,0 +1,136 @@
+"""Hand a connected client socket to another process, with its metadata and
+the bytes already read from it, in one SCM_RIGHTS message.
+
+The channel is a Unix SOCK_SEQPACKET pair: each message arrives whole, so a
+socket can never be separated from its metadata, and a peer that died shows as
+EOF. The sending side never blocks (a full channel queues, see ``Handoff``),
+because the acceptor must keep accepting while a worker is busy or dead.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+MAX_DATA = 60 * 1024
+"""Bytes already read that may travel with a socket (one message must fit a
+default Unix socket buffer); the sender reads no more than this before a hand-off."""
+_HEAD = struct.Struct("!I")
+_MAX_MESSAGE = 64 * 1024
+
+
+def pack(meta: dict[str, Any], data: bytes = b"") -> bytes:
+    if len(data) > MAX_DATA:
+        raise ValueError(f"at most {MAX_DATA} bytes may travel with a socket")
+    blob = json.dumps(meta, separators=(",", ":")).encode()
+    message = _HEAD.pack(len(blob)) + blob + data
+    if len(message) > _MAX_MESSAGE:
+        raise ValueError("hand-off message too large")
+    return message
+
+
+def unpack(message: bytes) -> tuple[dict[str, Any], bytes]:
+    (n,) = _HEAD.unpack_from(message)
+    meta = json.loads(message[_HEAD.size:_HEAD.size + n])
+    return meta, message[_HEAD.size + n:]
+
+
+def send_socket(channel: socket.socket, fd: int, meta: dict[str, Any], data: bytes = b"") -> None:
+    """Send one socket; raises BlockingIOError on a full non-blocking channel."""
+    socket.send_fds(channel, [pack(meta, data)], [fd])
+
+
+def recv_socket(channel: socket.socket) -> tuple[socket.socket, dict[str, Any], bytes] | None:
+    """Receive one socket, or None at EOF (the other process is gone)."""
+    message, fds, flags, _ = socket.recv_fds(channel, _MAX_MESSAGE, 4)
+    if not message and not fds:
+        return None
+    if flags & socket.MSG_CTRUNC or len(fds) != 1:
+        for fd in fds:
+            socket.close(fd)
+        raise OSError(f"hand-off message carried {len(fds)} descriptors (flags {flags:#x})")
+    meta, data = unpack(message)
+    return socket.socket(fileno=fds[0]), meta, data
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+class Handoff:
+    """The sending end of a channel in an event loop: never blocks the loop.
+
+    Sockets that do not fit into the channel right now wait in a queue (the
+    sender's copy of each fd stays open until it is sent); ``close`` drops them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, channel: socket.socket) -> None:
+        channel.setblocking(False)
+        self.loop = loop
+        self.channel = channel
+        self._queue: collections.deque[tuple[socket.socket, bytes]] = collections.deque()
+        self._writing = False
+
+    def send(self, sock: socket.socket, meta: dict[str, Any], data: bytes = b"") -> None:
+        """Pass ``sock`` on; our copy is closed once it has been sent."""
+        message = pack(meta, data)
+        if not self._queue:
+            try:
+                socket.send_fds(self.channel, [message], [sock.fileno()])
+            except BlockingIOError:
+                pass
+            else:
+                sock.close()
+                return
+        self._queue.append((sock, message))
+        if not self._writing:
+            self._writing = True
+            self.loop.add_writer(self.channel, self._flush)
+
+    def _flush(self) -> None:
+        while self._queue:
+            sock, message = self._queue[0]
+            try:
+                socket.send_fds(self.channel, [message], [sock.fileno()])
+            except BlockingIOError:
+                return
+            self._queue.popleft()
+            sock.close()
+        self.loop.remove_writer(self.channel)
+        self._writing = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        if self._writing:
+            self.loop.remove_writer(self.channel)
+            self._writing = False
+        while self._queue:
+            self._queue.popleft()[0].close()
+        self.channel.close()
+
+
+def receive_into(loop: asyncio.AbstractEventLoop, channel: socket.socket,
+                 on_socket: Callable[[socket.socket, dict[str, Any], bytes], None],
+                 on_eof: Callable[[], None]) -> None:
+    """Call ``on_socket`` for every socket that arrives on ``channel``."""
+    channel.setblocking(False)
+
+    def readable() -> None:
+        while True:
+            try:
+                got = recv_socket(channel)
+            except BlockingIOError:
+                return
+            if got is None:
+                loop.remove_reader(channel)
+                on_eof()
+                return
+            on_socket(*got)
+
+    loop.add_reader(channel, readable)

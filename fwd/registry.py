@@ -1,0 +1,122 @@
+"""Chid ownership and session placement across worker processes, without I/O.
+
+With several workers, one process (the acceptor) keeps this table so that a
+chid is unique server-wide even when many workers see the same hs1 at once:
+claims are serialised here. Each entry names the worker and a per-worker
+session token, so that a late release from a session that was taken over, or
+from a worker that was restarted, can never free a chid that changed hands.
+
+Placement serves co-location: a pair A<->B should live on one worker, so its
+bytes never cross processes. A new session goes where the chids it names
+live, or where sessions that name it live (they may hold bytes for it),
+otherwise to the least-loaded worker.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .errors import ChidInUse
+from .routing import new_chid
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    worker: int
+    token: int
+
+
+class Registry:
+    """The acceptor's view of every claimed chid and of each worker's load."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._owner: dict[str, Owner] = {}
+        self._wanted_by: dict[str, Counter[int]] = {}
+        self._conns: Counter[int] = Counter({w: 0 for w in range(workers)})
+
+    def claim(self, chid: str | None, owner: Owner, *,
+              takeover: bool = False) -> tuple[str, Owner | None]:
+        """Give ``chid`` (or a fresh one) to ``owner``; return the evicted owner
+        with ``takeover``, else raise ChidInUse if it is held."""
+        if chid is None:
+            chid = new_chid()
+            while chid in self._owner:  # pragma: no cover - 96 random bits
+                chid = new_chid()
+        old = self._owner.get(chid)
+        if old is not None and old != owner and not takeover:
+            raise ChidInUse(chid)
+        self._owner[chid] = owner
+        return chid, (old if old != owner else None)
+
+    def release(self, chid: str, owner: Owner) -> bool:
+        """Free ``chid`` if ``owner`` still holds it; stale releases are ignored."""
+        if self._owner.get(chid) != owner:
+            return False
+        del self._owner[chid]
+        return True
+
+    def where(self, chid: str) -> int | None:
+        owner = self._owner.get(chid)
+        return None if owner is None else owner.worker
+
+    def owner(self, chid: str) -> Owner | None:
+        return self._owner.get(chid)
+
+    def move(self, chid: str, old: Owner, new: Owner) -> bool:
+        """Record that a session migrated to another worker."""
+        if self._owner.get(chid) != old:
+            return False
+        self._owner[chid] = new
+        return True
+
+    def worker_lost(self, worker: int) -> list[str]:
+        """A worker died: free its chids (its sockets died with it)."""
+        lost = [c for c, o in self._owner.items() if o.worker == worker]
+        for chid in lost:
+            del self._owner[chid]
+        for counts in self._wanted_by.values():
+            counts.pop(worker, None)
+        self._conns[worker] = 0
+        return lost
+
+    # -- placement -------------------------------------------------------------
+
+    def want(self, worker: int, recvers: Iterable[str], delta: int = 1) -> None:
+        """Note that a session on ``worker`` names ``recvers`` (delta -1 when it ends)."""
+        for chid in recvers:
+            counts = self._wanted_by.setdefault(chid, Counter())
+            counts[worker] += delta
+            if counts[worker] <= 0:
+                del counts[worker]
+                if not counts:
+                    del self._wanted_by[chid]
+
+    def place(self, chid: str | None, recvers: Iterable[str]) -> int:
+        """The worker a session with this chid and these recvers should live on."""
+        votes: Counter[int] = Counter()
+        for r in recvers:
+            where = self.where(r)
+            if where is not None:
+                votes[where] += 1
+        if chid is not None and chid in self._wanted_by:
+            votes.update(self._wanted_by[chid])
+        if votes:
+            return max(votes, key=lambda w: (votes[w], -self._conns[w], -w))
+        return self.least_loaded()
+
+    # -- load ------------------------------------------------------------------
+
+    def connected(self, worker: int, delta: int = 1) -> None:
+        """A connection was handed to ``worker`` (delta -1: one of its connections ended)."""
+        self._conns[worker] = max(self._conns[worker] + delta, 0)
+
+    def least_loaded(self) -> int:
+        return min(range(self.workers), key=lambda w: (self._conns[w], w))
+
+    def load(self, worker: int) -> int:
+        return self._conns[worker]
+
+    def __len__(self) -> int:
+        return len(self._owner)

@@ -1,0 +1,86 @@
+"""Socket hand-off over SCM_RIGHTS, with real sockets and a real event loop."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+import uvloop
+
+from fwd import fdpass
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    lsock = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(lsock.getsockname())
+    b, _ = lsock.accept()
+    lsock.close()
+    return a, b
+
+
+def test_socket_metadata_and_bytes_arrive_together():
+    tx, rx = fdpass.channel_pair()
+    client, server_side = _tcp_pair()
+    fdpass.send_socket(tx, server_side.fileno(), {"chid": "a", "recvers": ["b"]}, b"early")
+    server_side.close()  # the receiver's copy keeps the connection open
+    sock, meta, data = fdpass.recv_socket(rx)
+    assert meta == {"chid": "a", "recvers": ["b"]} and data == b"early"
+    client.sendall(b"through the passed fd")
+    assert sock.recv(100) == b"through the passed fd"
+    for s in (sock, client, tx, rx):
+        s.close()
+
+
+def test_eof_when_the_sender_is_gone():
+    tx, rx = fdpass.channel_pair()
+    tx.close()
+    assert fdpass.recv_socket(rx) is None
+    rx.close()
+
+
+def test_too_much_data_is_refused():
+    with pytest.raises(ValueError):
+        fdpass.pack({}, bytes(fdpass.MAX_DATA + 1))
+    meta, data = fdpass.unpack(fdpass.pack({"k": 1}, bytes(fdpass.MAX_DATA)))
+    assert meta == {"k": 1} and len(data) == fdpass.MAX_DATA
+
+
+def test_handoff_queues_when_the_channel_is_full_and_never_blocks():
+    """A stalled receiver must not stall the acceptor: sends queue, then drain."""
+    tx, rx = fdpass.channel_pair()
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = uvloop.new_event_loop()
+    pairs = [_tcp_pair() for _ in range(40)]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    got: list[tuple[dict, bytes]] = []
+    done = asyncio.Event()
+
+    async def main() -> None:
+        handoff = fdpass.Handoff(loop, tx)
+        for i, (_, server_side) in enumerate(pairs):
+            handoff.send(server_side, {"i": i}, bytes(2000))
+        assert len(handoff) > 0  # some had to wait
+        queued = len(handoff)
+
+        def on_socket(sock, meta, data):
+            got.append((meta, data))
+            sock.close()
+            if len(got) == len(pairs):
+                done.set()
+
+        fdpass.receive_into(loop, rx, on_socket, lambda: None)
+        await asyncio.wait_for(done.wait(), 10)
+        assert len(handoff) == 0 and queued
+        loop.remove_reader(rx)
+
+    loop.run_until_complete(main())
+    loop.close()
+    assert [m["i"] for m, _ in got] == list(range(40))  # in order
+    assert all(len(d) == 2000 for _, d in got)
+    # Our copies were closed once sent: 40 fewer fds (the received ones were closed too).
+    assert len(os.listdir("/proc/self/fd")) <= fds_before - 40 + 2
+    for client, _ in pairs:
+        client.close()
+    tx.close()
+    rx.close()

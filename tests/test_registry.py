@@ -1,0 +1,121 @@
+"""The cross-worker chid registry and placement rules, without processes."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fwd.errors import ChidInUse
+from fwd.registry import Owner, Registry
+
+A1, A2 = Owner(0, 1), Owner(0, 2)
+B1 = Owner(1, 1)
+
+
+def test_claim_is_exclusive_across_workers():
+    reg = Registry(2)
+    assert reg.claim("x", A1) == ("x", None)
+    with pytest.raises(ChidInUse):
+        reg.claim("x", B1)
+    assert reg.where("x") == 0
+
+
+def test_generated_chids_are_distinct():
+    reg = Registry(1)
+    chids = {reg.claim(None, Owner(0, i))[0] for i in range(100)}
+    assert len(chids) == 100
+
+
+def test_takeover_returns_the_evicted_owner_and_its_late_release_is_ignored():
+    reg = Registry(2)
+    reg.claim("x", A1)
+    assert reg.claim("x", B1, takeover=True) == ("x", A1)
+    assert not reg.release("x", A1)  # the old session ends after the takeover
+    assert reg.owner("x") == B1
+    assert reg.release("x", B1)
+    assert reg.owner("x") is None
+
+
+def test_release_by_another_session_of_the_same_worker_is_ignored():
+    reg = Registry(1)
+    reg.claim("x", A1)
+    assert not reg.release("x", A2)
+    assert reg.where("x") == 0
+
+
+def test_worker_lost_frees_only_its_chids():
+    reg = Registry(2)
+    reg.claim("a", A1)
+    reg.claim("b", B1)
+    reg.connected(0)
+    assert reg.worker_lost(0) == ["a"]
+    assert reg.where("a") is None and reg.where("b") == 1
+    assert reg.load(0) == 0
+    reg.claim("a", B1)  # free again at once
+
+
+def test_move_follows_a_migrating_session():
+    reg = Registry(2)
+    reg.claim("a", A1)
+    assert reg.move("a", A1, B1)
+    assert reg.where("a") == 1
+    assert not reg.move("a", A1, B1)  # stale
+
+
+def test_place_next_to_the_named_receiver():
+    reg = Registry(3)
+    reg.claim("a", Owner(2, 1))
+    assert reg.place("b", ["a"]) == 2
+
+
+def test_place_next_to_sessions_that_name_it():
+    """A sender on worker 1 names "b" before "b" exists: it may hold bytes for it."""
+    reg = Registry(3)
+    reg.want(1, ["b"])
+    assert reg.place("b", []) == 1
+    reg.want(1, ["b"], -1)
+    assert reg.place("b", []) == 0
+
+
+def test_place_falls_back_to_least_loaded():
+    reg = Registry(3)
+    reg.connected(0)
+    reg.connected(0)
+    reg.connected(1)
+    assert reg.place(None, ["absent"]) == 2
+    assert reg.least_loaded() == 2
+    reg.connected(2, 2)
+    assert reg.least_loaded() == 1
+
+
+def test_place_majority_wins_ties_go_to_the_lighter_worker():
+    reg = Registry(3)
+    reg.claim("x", Owner(0, 1))
+    reg.claim("y", Owner(1, 1))
+    reg.claim("z", Owner(1, 2))
+    assert reg.place(None, ["x", "y", "z"]) == 1
+    reg.connected(1, 5)
+    assert reg.place(None, ["x", "y"]) == 0
+
+
+@given(st.lists(st.tuples(st.sampled_from("cr"), st.sampled_from("abc"),
+                          st.integers(0, 2), st.integers(0, 3)), max_size=60))
+def test_at_most_one_owner_per_chid_matches_a_model(ops):
+    reg = Registry(3)
+    model: dict[str, Owner] = {}
+    for op, chid, worker, token in ops:
+        owner = Owner(worker, token)
+        if op == "c":
+            try:
+                reg.claim(chid, owner)
+                assert chid not in model or model[chid] == owner
+                model[chid] = owner
+            except ChidInUse:
+                assert chid in model and model[chid] != owner
+        else:
+            assert reg.release(chid, owner) == (model.get(chid) == owner)
+            if model.get(chid) == owner:
+                del model[chid]
+        assert len(reg) == len(model)
+        for c, o in model.items():
+            assert reg.owner(c) == o
