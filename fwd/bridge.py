@@ -72,12 +72,13 @@ import asyncio
 import logging
 import random
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import format_hostport
+from .crypto import AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
-from .protocol import NEED_DATA, PAUSED, Handshake, Hs1, Hs2, Hs3, Hs4, Role
+from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role
 from .sockopts import set_keepalive
 
 log = logging.getLogger("fwd.bridge")
@@ -117,12 +118,18 @@ class BridgeOptions:
     connect: str = "lazy"
     max_retries: int | None = None
     connect_timeout: float = 10.0
+    password: str | None = field(default=None, repr=False)
+    """Encrypted handshake on server0 (docs/PROTOCOL.md §7); never logged."""
 
     def __post_init__(self) -> None:
         if self.on_close not in ON_CLOSE:
             raise ValueError(f"on_close must be one of {', '.join(ON_CLOSE)}")
         if self.connect not in CONNECT:
             raise ValueError(f"connect must be one of {', '.join(CONNECT)}")
+        if self.password is not None and not self.handshake:
+            raise ValueError("a password needs the handshake (drop --no-handshake)")
+        if self.password == "":
+            raise ValueError("the password must not be empty")
         if self.handshake:
             # Same checks the server applies, so a bad chid is a usage error, not a retry loop.
             try:
@@ -135,7 +142,8 @@ class BridgeOptions:
         if not self.handshake:
             return "off"
         return (f"chid={self.chid or '(server picks)'} recvers={','.join(self.recvers) or '(all)'}"
-                f" timeout={'-' if self.timeout is None else self.timeout}")
+                f" timeout={'-' if self.timeout is None else self.timeout}"
+                f" password={'off' if self.password is None else 'on'}")
 
 
 class HandshakeFailed(FwdError):
@@ -186,7 +194,11 @@ class Link(asyncio.BufferedProtocol):
         self.gen = gen
         loop = bridge.loop
         self.transport: asyncio.Transport | None = None
-        self.hs = Handshake(Role.CLIENT) if side == 0 and bridge.opts.handshake else None
+        self.hs: Handshake | None = None
+        if side == 0 and bridge.opts.handshake:
+            key = bridge.key
+            self.hs = Handshake(Role.CLIENT,
+                                PLAIN if key is None else AeadLineCodec(key, Role.CLIENT))
         self.chid: str | None = None
         self.ready: asyncio.Future[None] = loop.create_future()
         # Mark a failed attempt's exception retrieved even if nobody awaits it any more.
@@ -276,7 +288,8 @@ class Link(asyncio.BufferedProtocol):
                 if isinstance(event, Hs2):
                     self.chid = event.chid
                     opts = self.bridge.opts
-                    self.transport.write(hs.send(Hs3(opts.recvers, opts.timeout)))
+                    # Echo hs2's nonce (encrypted handshake); plain servers send none.
+                    self.transport.write(hs.send(Hs3(opts.recvers, opts.timeout, event.nonce)))
                 elif isinstance(event, Hs4):
                     if not event.ok:
                         desc = event.desc or "(no reason given)"
@@ -333,6 +346,8 @@ class Bridge:
     def __init__(self, opts: BridgeOptions, loop: asyncio.AbstractEventLoop) -> None:
         self.opts = opts
         self.loop = loop
+        # scrypt is slow on purpose: once per process, not per connection.
+        self.key = None if opts.password is None else derive_key(opts.password)
         self.addrs = (opts.server0, opts.server1)
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .config import MODES, Config, parse_hostport, parse_size
+from .runtime import set_title, setup_logging
 
 
 class _Size(click.ParamType):
@@ -37,6 +38,33 @@ _SECONDS = click.FloatRange(min=0)
 _D = Config()
 
 
+def _password_options(f: Any) -> Any:
+    """--password / --password-file (also FWD_PASSWORD / FWD_PASSWORD_FILE)."""
+    f = click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
+                     default=None, help="Read the handshake password from this file "
+                     "(its first line; the rest is ignored).")(f)
+    return click.option("--password", default=None, show_default=False,
+                        help="Encrypt the handshake with this password (visible in the "
+                        "process list: prefer --password-file or FWD_PASSWORD).")(f)
+
+
+def _take_password(options: dict[str, Any]) -> str | None:
+    """Pop both options and return the password; the error never shows it."""
+    password, path = options.pop("password"), options.pop("password_file")
+    if password is not None and path is not None:
+        raise click.UsageError("give --password or --password-file, not both")
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.UsageError(f"cannot read --password-file {path}: "
+                                   f"{getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
+    if password == "":
+        raise click.UsageError("the password must not be empty")
+    return password
+
+
 @click.command(context_settings={"auto_envvar_prefix": "FWD", "show_default": True,
                                  "help_option_names": ["-h", "--help"]})
 @click.option("--listen", type=_HostPort(), multiple=True, default=["0.0.0.0:8601"],
@@ -63,24 +91,27 @@ _D = Config()
               help="Connections beyond this are closed at once.")
 @click.option("--takeover/--no-takeover", default=_D.takeover,
               help="A new session claiming a held chid replaces the old one.")
+@click.option("--drain-timeout", type=_SECONDS, default=_D.drain_timeout,
+              help="On SIGTERM/SIGINT, how long queued bytes may take to reach receivers.")
+@_password_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=_D.log_level)
 def server(**options: Any) -> None:
     """Relay raw TCP bytes between clients that connect to it."""
     options["listen"] = list(options["listen"])
+    options["password"] = _take_password(options)
     if options["workers"] != 1:
         raise click.UsageError("--workers > 1 is not implemented yet; run with --workers 1")
     config = Config(**options)
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from .worker import run
+    setup_logging(config.log_level, "acceptor")
+    set_title("fwd-server: acceptor")
+    from .arbiter import run
 
     try:
-        run(config)
+        code = run(config)
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc}") from None
+    sys.exit(code)
 
 
 def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[str, ...]:
@@ -100,8 +131,8 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
 @click.option("--timeout", type=click.IntRange(min=0), default=None,
               help="Chan handshake: idle timeout (seconds) the server applies to our session.")
 @click.option("--handshake/--no-handshake", default=None,
-              help="Force the chan handshake on or off [default: on if --chid, --recvers or "
-                   "--timeout is given].", show_default=False)
+              help="Force the chan handshake on or off [default: on if --chid, --recvers, "
+                   "--timeout or a password is given].", show_default=False)
 @click.option("--on-close", type=click.Choice(["both", "one"]), default="both",
               help="When one side closes: both = end the pair and start a fresh one; "
                    "one = reconnect only that side.")
@@ -112,6 +143,7 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
               help="Give up after this many consecutive failures of one side [default: never].")
 @click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
               help="Seconds allowed for a connect plus handshake.")
+@_password_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info")
 def client(**options: Any) -> None:
@@ -119,9 +151,11 @@ def client(**options: Any) -> None:
     between them; listens on nothing."""
     from .bridge import BridgeOptions, run
 
+    options["password"] = _take_password(options)
     handshake = options.pop("handshake")
     if handshake is None:
-        handshake = bool(options["chid"] or options["recvers"] or options["timeout"] is not None)
+        handshake = bool(options["chid"] or options["recvers"] or options["timeout"] is not None
+                         or options["password"] is not None)
     logging.basicConfig(
         level=options.pop("log_level").upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -131,6 +165,104 @@ def client(**options: Any) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     sys.exit(run(opts))
+
+
+CAT_EXIT_ERROR = 1
+"""fwd-cat: cannot connect, connection lost, local I/O error."""
+CAT_EXIT_REJECTED = 3
+"""fwd-cat: the server refused the handshake (same code as fwd-client)."""
+CAT_EXIT_E2E = 4
+"""fwd-cat: the end-to-end encrypted stream was not authentic or was cut short."""
+
+
+def _cat_secret(value: str | None, path: str | None, what: str) -> str | None:
+    """A secret from its option/env value or the first line of a file; never echoed."""
+    if value is not None and path is not None:
+        raise click.UsageError(f"give --{what} or --{what}-file, not both")
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.UsageError(f"cannot read --{what}-file {path}: "
+                                   f"{getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
+    if value == "":
+        raise click.UsageError(f"the {what} must not be empty")
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("address", type=_HostPort(), metavar="HOST:PORT")
+@click.option("--chid", default=None, help="Handshake: the chid to claim [default: server picks].")
+@click.option("--to", "recvers", multiple=True, callback=_split_recvers,
+              help="Handshake: a receiver of our bytes (repeat or comma-separate) "
+                   "[default: everyone else].")
+@click.option("--timeout", type=click.IntRange(min=0), default=None,
+              help="Handshake: idle timeout (seconds) the server applies to our session.")
+@click.option("--handshake/--no-handshake", default=None,
+              help="Force the handshake on or off [default: on if --chid, --to, --timeout or "
+                   "a password is given; off is a plain broadcast client].")
+@click.option("--password", envvar="FWD_PASSWORD", default=None,
+              help="Handshake password (server --password); visible in the process list, "
+                   "prefer FWD_PASSWORD or --password-file.")
+@click.option("--password-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the handshake password from this file's first line.")
+@click.option("--e2e-key", envvar="FWD_E2E_KEY", default=None,
+              help="Shared secret: encrypt the stream end to end (every peer needs it); "
+                   "prefer FWD_E2E_KEY or --e2e-key-file.")
+@click.option("--e2e-key-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the end-to-end secret from this file's first line.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds allowed for connect plus handshake.")
+def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
+        timeout: int | None, handshake: bool | None, password: str | None,
+        password_file: str | None, e2e_key: str | None, e2e_key_file: str | None,
+        connect_timeout: float) -> None:
+    """Copy stdin to a fwd-server session and the session to stdout (netcat for fwd).
+
+    At EOF on stdin the session is half-closed (in a chan pair the partner gets
+    the FIN) and fwd-cat keeps reading; it exits when the relay ends the stream.
+    Exit status: 0 done, 1 connection or I/O error, 2 usage, 3 handshake
+    refused, 4 end-to-end stream not authentic or cut short.
+    """
+    from .client import HandshakeError, connect, splice_stdio
+    from .e2e import E2EError
+
+    password = _cat_secret(password, password_file, "password")
+    secret = _cat_secret(e2e_key, e2e_key_file, "e2e-key")
+    wants = bool(chid or recvers or timeout is not None or password is not None)
+    if handshake is None:
+        handshake = wants
+    elif not handshake and wants:
+        raise click.UsageError("--chid, --to, --timeout and --password need the handshake")
+    host, port = address
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+
+    def die(message: str, code: int) -> None:
+        click.echo(f"fwd-cat: {message}", err=True)
+        sys.exit(code)
+
+    try:
+        try:
+            conn = connect(host, port, chid, recvers, timeout, password, secret,
+                           handshake=handshake, connect_timeout=connect_timeout)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        except HandshakeError as exc:
+            return die(f"{where}: {exc}", CAT_EXIT_REJECTED)
+        except (OSError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or exc)
+            return die(f"cannot connect to {where}: {reason}", CAT_EXIT_ERROR)
+        try:
+            splice_stdio(conn, sys.stdin.fileno(), sys.stdout.fileno())
+        except E2EError as exc:
+            return die(f"end-to-end decryption: {exc}", CAT_EXIT_E2E)
+        except OSError as exc:
+            return die(f"{where}: {exc.strerror or exc}", CAT_EXIT_ERROR)
+        finally:
+            conn.close()
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

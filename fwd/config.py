@@ -57,8 +57,13 @@ class Config:
     hold_total: int = 256 * 1024**2
     max_conns: int = 10000
     takeover: bool = False
+    drain_timeout: float = 5.0
     log_level: str = "info"
+    password: str | None = field(default=None, repr=False)
+    """Encrypted handshake (docs/PROTOCOL.md §7); never logged or shown."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if self.password == "":
+            raise ValueError("the password must not be empty")

@@ -23,6 +23,16 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids."""
 
 
+class LineRejected(RemoteProtocolError):
+    """A handshake line could not be read at all (too long; with a password also:
+    not base64, not authentic, not JSON). ``desc`` is what the peer may be told;
+    ``reason`` is the detail, for our own log only."""
+
+    def __init__(self, desc: str, reason: str | None = None) -> None:
+        super().__init__(desc)
+        self.reason = reason or desc
+
+
 class LocalProtocolError(ProtocolError):
     """We tried to send an event the current state does not allow."""
 

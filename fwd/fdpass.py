@@ -117,8 +117,10 @@ class Handoff:
 
 def receive_into(loop: asyncio.AbstractEventLoop, channel: socket.socket,
                  on_socket: Callable[[socket.socket, dict[str, Any], bytes], None],
-                 on_eof: Callable[[], None]) -> None:
-    """Call ``on_socket`` for every socket that arrives on ``channel``."""
+                 on_eof: Callable[[], None],
+                 on_error: Callable[[OSError], None]) -> None:
+    """Call ``on_socket`` for every socket that arrives on ``channel``; a socket
+    lost in transit (``on_error``) does not stop the ones behind it."""
     channel.setblocking(False)
 
     def readable() -> None:
@@ -127,6 +129,11 @@ def receive_into(loop: asyncio.AbstractEventLoop, channel: socket.socket,
                 got = recv_socket(channel)
             except BlockingIOError:
                 return
+            except OSError as exc:
+                # Typically out of descriptors: the kernel dropped the socket
+                # (closing it), and the channel itself is fine.
+                on_error(exc)
+                return  # the loop calls us again for what is left
             if got is None:
                 loop.remove_reader(channel)
                 on_eof()

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LineRejected, LocalProtocolError, RemoteProtocolError
 
 MAX_LINE = 4096
 """Longest handshake line, in bytes, not counting its ``\\n``."""
@@ -25,6 +25,8 @@ MAX_CHID_BYTES = 128
 MAX_RECVERS = 1024
 MAX_TIMEOUT = 2**31 - 1
 """Largest ``timeout`` accepted (seconds): larger values are rejected, not clamped."""
+MAX_NONCE_CHARS = 128
+"""Longest ``nonce`` (hs2/hs3, encrypted handshake) accepted, in characters."""
 
 
 class _Sentinel(enum.Enum):
@@ -66,6 +68,13 @@ def check_chid(value: object, what: str = "chid") -> str:
     return value
 
 
+def check_nonce(value: object) -> str | None:
+    """``None`` or a string of at most MAX_NONCE_CHARS characters."""
+    if value is not None and (not isinstance(value, str) or len(value) > MAX_NONCE_CHARS):
+        raise _fail(f"nonce must be a string of at most {MAX_NONCE_CHARS} characters")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Hs1:
     """Client asks for a chid; ``None`` lets the server pick one."""
@@ -79,12 +88,18 @@ class Hs1:
 
 @dataclass(frozen=True, slots=True)
 class Hs2:
-    """Server confirms the chid the session now holds."""
+    """Server confirms the chid the session now holds.
+
+    ``nonce`` (encrypted handshake only) is the server's fresh token for this
+    connection, which the client must echo in hs3.
+    """
 
     chid: str
+    nonce: str | None = None
 
     def __post_init__(self) -> None:
         check_chid(self.chid)
+        check_nonce(self.nonce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +108,11 @@ class Hs3:
 
     recvers: tuple[str, ...] = ()
     timeout: int | None = None
+    nonce: str | None = None
+    """Encrypted handshake only: the hs2 ``nonce``, echoed."""
 
     def __post_init__(self) -> None:
+        check_nonce(self.nonce)
         if len(self.recvers) > MAX_RECVERS:
             raise _fail(f"more than {MAX_RECVERS} recvers")
         for r in self.recvers:
@@ -208,11 +226,15 @@ def to_message(event: Event) -> dict[str, Any]:
     if isinstance(event, Hs1):
         return {"req": "hs1"} if event.chid is None else {"req": "hs1", "chid": event.chid}
     if isinstance(event, Hs2):
-        return {"rsp": "hs2", "chid": event.chid}
+        if event.nonce is None:
+            return {"rsp": "hs2", "chid": event.chid}
+        return {"rsp": "hs2", "chid": event.chid, "nonce": event.nonce}
     if isinstance(event, Hs3):
         msg: dict[str, Any] = {"req": "hs3", "recvers": list(event.recvers)}
         if event.timeout is not None:
             msg["timeout"] = event.timeout
+        if event.nonce is not None:
+            msg["nonce"] = event.nonce
         return msg
     if event.ok:
         return {"rsp": "hs4", "result": "OK"}
@@ -245,10 +267,11 @@ def from_message(obj: Any, role: Role) -> Event:
             for r in recvers:
                 check_chid(r, "recver")
             # dict.fromkeys drops repeats but keeps the order the client gave.
-            return Hs3(tuple(dict.fromkeys(recvers)), obj.get("timeout"))
+            return Hs3(tuple(dict.fromkeys(recvers)), obj.get("timeout"),
+                       check_nonce(obj.get("nonce")))
     else:
         if kind == "hs2":
-            return Hs2(check_chid(obj.get("chid")))
+            return Hs2(check_chid(obj.get("chid")), check_nonce(obj.get("nonce")))
         if kind == "hs4":
             result = obj.get("result")
             if result == "OK":
@@ -301,10 +324,12 @@ class Handshake:
             raise
 
     def _next_event(self) -> Event | _Sentinel:
-        nl = self._buf.find(b"\n", 0, MAX_LINE + 1)
+        # An encrypted codec's lines are longer than the JSON they carry.
+        limit: int = getattr(self.codec, "max_line", MAX_LINE)
+        nl = self._buf.find(b"\n", 0, limit + 1)
         if nl < 0:
-            if len(self._buf) > MAX_LINE:
-                raise _fail(f"line longer than {MAX_LINE} bytes")
+            if len(self._buf) > limit:
+                raise LineRejected(f"line longer than {limit} bytes")
             if self._eof:
                 raise _fail("connection closed during handshake")
             return NEED_DATA

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hmac
 import logging
+import secrets
 from typing import TYPE_CHECKING
 
-from .errors import ChidInUse, RemoteProtocolError
+from .crypto import REJECTED, AeadLineCodec
+from .errors import ChidInUse, LineRejected, RemoteProtocolError
 from .fastpath import fanout
 from .protocol import (
     NEED_DATA,
@@ -58,7 +61,7 @@ class Session(asyncio.BufferedProtocol):
         "hub", "transport", "state", "peer", "chid", "hs", "sniffed", "pending_out",
         "pending_size", "timeout", "timer", "slow_timer", "linger", "last_active",
         "writing_paused", "bytes_in", "bytes_out", "started", "dropped", "end_reason",
-        "read_closed", "write_closed", "partner",
+        "read_closed", "write_closed", "partner", "nonce",
     )
 
     def __init__(self, hub: Hub) -> None:
@@ -86,6 +89,7 @@ class Session(asyncio.BufferedProtocol):
         self.read_closed = False
         self.write_closed = False
         self.partner: Session | None = None
+        self.nonce: str | None = None  # hs2's token, encrypted handshake only
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -105,7 +109,8 @@ class Session(asyncio.BufferedProtocol):
         loop = hub.loop
         self.started = self.last_active = loop.time()
         self.timeout = hub.config.idle_timeout  # hs3 may override it
-        if hub.config.mode == "chan":
+        if hub.config.mode == "chan" or hub.key is not None:
+            # With a password there is no sniffing: everyone must handshake.
             self._start_handshake()
         else:
             self.pending_out = []
@@ -210,7 +215,8 @@ class Session(asyncio.BufferedProtocol):
     def _start_handshake(self) -> None:
         self._cancel_timer()
         self.state = St.HANDSHAKE
-        self.hs = Handshake(Role.SERVER)
+        key = self.hub.key
+        self.hs = Handshake(Role.SERVER, PLAIN if key is None else AeadLineCodec(key, Role.SERVER))
         limit = self.hub.config.handshake_timeout
         if limit > 0:
             remaining = self.started + limit - self.hub.loop.time()
@@ -229,10 +235,18 @@ class Session(asyncio.BufferedProtocol):
                 if isinstance(event, Hs1):
                     self._on_hs1(event)
                 elif isinstance(event, Hs3):
+                    # surrogatepass: a client's nonce may hold a lone surrogate.
+                    if self.nonce is not None and not (
+                            event.nonce is not None and hmac.compare_digest(
+                                event.nonce.encode("utf-8", "surrogatepass"),
+                                self.nonce.encode())):
+                        raise RemoteProtocolError("hs3 nonce does not match hs2")
                     self.transport.write(hs.send(Hs4(True)))
                     if event.timeout is not None:
                         self.timeout = float(event.timeout)
                     self._go_live(event.recvers, hs.trailing_data)
+        except LineRejected as exc:
+            self._fail(exc.desc, rejected=exc.reason)
         except RemoteProtocolError as exc:
             self._fail(exc.desc)
 
@@ -246,16 +260,35 @@ class Session(asyncio.BufferedProtocol):
         if evicted is not None:
             evicted.close(f"taken over by {self.peer}")
         assert self.hs is not None and self.transport is not None
-        self.transport.write(self.hs.send(Hs2(chid)))
+        if hub.key is not None:
+            self.nonce = secrets.token_hex(16)
+        self.transport.write(self.hs.send(Hs2(chid, self.nonce)))
 
-    def _fail(self, desc: str) -> None:
-        """Answer with one hs4 FAIL line, then close."""
+    def _fail(self, desc: str, rejected: str | None = None) -> None:
+        """Answer with one hs4 FAIL line, then close.
+
+        With a password, a peer that has not sent one authentic line, or whose
+        line did not decode (``rejected`` holds why, for the log), gets the
+        plain ``handshake rejected`` line; a key holder gets its real reason,
+        encrypted (docs/PROTOCOL.md §7.5).
+        """
         if self.state is St.CLOSED or self.transport is None:
             return
-        fail = Hs4(False, desc)
-        line = self.hs.send(fail) if self.hs else PLAIN.encode(to_message(fail))
+        hs = self.hs
+        codec = hs.codec if hs is not None else None
+        if isinstance(codec, AeadLineCodec) and (rejected or not codec.authenticated):
+            line = PLAIN.encode(to_message(Hs4(False, REJECTED)))
+            if desc != REJECTED:
+                rejected = desc
+            desc = REJECTED
+        else:
+            fail = Hs4(False, desc)
+            line = hs.send(fail) if hs else PLAIN.encode(to_message(fail))
         self.hub.stats["handshake_failures"] += 1
-        log.info("handshake failed peer=%s: %s", self.peer, desc)
+        if rejected and rejected != desc:
+            log.info("handshake failed peer=%s: %s (%s)", self.peer, desc, rejected)
+        else:
+            log.info("handshake failed peer=%s: %s", self.peer, desc)
         self.transport.write(line)
         self.close(f"handshake failed: {desc}")
 
@@ -308,6 +341,7 @@ class Session(asyncio.BufferedProtocol):
             for target in full:
                 pause |= hub.backpressure.block(self, target)
             if pause and self.transport is not None:
+                log.debug("paused chid=%s: a receiver is above --max-buffer", self.chid)
                 self.transport.pause_reading()
 
     def _queue_pending(self, chunk: bytes) -> None:

@@ -10,10 +10,16 @@ import asyncio
 import collections
 import logging
 import signal
+import socket
+import sys
+from typing import Any
 
-from .config import Config, format_hostport
+from . import fdpass
+from .config import Config
+from .crypto import derive_key
 from .routing import Backpressure, Router
-from .session import CLOSE_LINGER, Session, St
+from .runtime import set_title, setup_logging
+from .session import Session, St
 
 log = logging.getLogger("fwd.worker")
 
@@ -29,6 +35,8 @@ class Hub:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
+        # scrypt is slow on purpose: once per process, never per connection.
+        self.key: bytes | None = None if config.password is None else derive_key(config.password)
         self.router: Router[Session] = Router(
             hold_bytes=config.hold_bytes,
             hold_seconds=config.hold_seconds,
@@ -86,64 +94,78 @@ class Hub:
     async def shutdown(self) -> None:
         """Close every session, letting queued bytes flush for a bounded time."""
         self.stopping = True
+        queued = sum(s.transport.get_write_buffer_size() for s in self.sessions if s.transport)
+        log.info("draining %d sessions with %d queued bytes", len(self.sessions), queued)
         for s in list(self.sessions):
             s.close("server shutdown")
         if self.sessions:
             try:
-                await asyncio.wait_for(self.closed.wait(), CLOSE_LINGER + 1)
-            except asyncio.TimeoutError:  # pragma: no cover - linger aborts first
-                pass
+                await asyncio.wait_for(self.closed.wait(), self.config.drain_timeout)
+            except asyncio.TimeoutError:
+                log.warning("%d sessions did not drain within %gs: aborting them",
+                            len(self.sessions), self.config.drain_timeout)
+                for s in list(self.sessions):
+                    if s.transport is not None:
+                        s.transport.abort()
 
 
-async def serve(config: Config) -> None:
-    """Listen, serve until SIGINT/SIGTERM, then close cleanly."""
+async def serve(config: Config, wid: int, channel: socket.socket) -> None:
+    """Serve the client sockets the parent sends on ``channel`` until SIGTERM
+    (or until the parent is gone), then drain."""
     loop = asyncio.get_running_loop()
     hub = Hub(config, loop)
-    servers = []
-    for host, port in config.listen:
-        servers.append(await loop.create_server(
-            lambda: Session(hub), host, port, backlog=1024, reuse_address=True))
-    # Handlers first: "listening on" tells supervisors (and tests) the server is
-    # ready, so a SIGTERM right after it must already mean a clean stop.
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    addrs = [format_hostport(*s.getsockname()[:2]) for srv in servers for s in srv.sockets]
-    log.info("listening on %s mode=%s workers=%d password=%s",
-             ",".join(addrs), config.mode, config.workers, "off")
-    await stop.wait()
-    log.info("stopping: closing %d sessions", len(hub.sessions))
-    for srv in servers:
-        srv.close()
-    await hub.shutdown()
-    log.info("stopped")
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    last_loss_log = -1e9
 
-
-FD_RESERVE = 64
-"""File descriptors kept for listeners, logs and the event loop itself."""
-
-
-def raise_fd_limit(max_conns: int) -> int:
-    """Lift the soft RLIMIT_NOFILE to the hard one, and warn if it still cannot
-    hold ``max_conns``: beyond it libuv sheds new connections silently."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
+    async def adopt(sock: socket.socket) -> None:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):  # pragma: no cover - hard limit unsettable
-            pass
-    if soft != resource.RLIM_INFINITY and max_conns + FD_RESERVE > soft:
-        log.warning("file descriptor limit %d is below --max-conns %d + %d: connections "
-                    "beyond the limit are closed at accept without a log line",
-                    soft, max_conns, FD_RESERVE)
-    return soft
+            await loop.connect_accepted_socket(lambda: Session(hub), sock)
+        except OSError as exc:  # the client left during the hand-off
+            log.debug("could not adopt a connection: %s", exc)
+            sock.close()
+
+    def on_socket(sock: socket.socket, meta: dict[str, Any], data: bytes) -> None:
+        if hub.stopping:
+            sock.close()
+            return
+        loop.create_task(adopt(sock))
+
+    def on_parent_gone() -> None:
+        if not stop.is_set():
+            log.warning("the parent process is gone: stopping")
+            stop.set()
+
+    def on_loss(exc: OSError) -> None:
+        nonlocal last_loss_log
+        hub.stats["rejected"] += 1
+        if loop.time() - last_loss_log >= 1.0:
+            last_loss_log = loop.time()
+            log.warning("a connection was lost in the hand-off (%s): %d so far",
+                        exc, hub.stats["rejected"])
+
+    fdpass.receive_into(loop, channel, on_socket, on_parent_gone, on_loss)
+    channel.send(b"ready")
+    await stop.wait()
+    loop.remove_reader(channel)
+    await hub.shutdown()
+    channel.close()
 
 
-def run(config: Config) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a worker process: ``python -m fwd.worker WID FD``."""
     import uvloop
 
-    raise_fd_limit(config.max_conns)
-    uvloop.run(serve(config))
+    wid, fd = (int(a) for a in (sys.argv[1:] if argv is None else argv))
+    channel = socket.socket(fileno=fd)
+    meta, _ = fdpass.unpack(channel.recv(65536))
+    meta["listen"] = [tuple(a) for a in meta["listen"]]
+    config = Config(**meta)
+    setup_logging(config.log_level, f"w{wid}")
+    set_title(f"fwd-server: worker {wid}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which drains us
+    uvloop.run(serve(config, wid, channel))
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,9 @@ class Server:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        m = self.wait_log(r"listening on (\S+)")
+        m = self.wait_log(r"listening on (\S+) .*workers=(\d+)")
+        # Ready workers: fd and memory baselines taken from here on are stable.
+        self.wait_log(r"worker \d+ ready", count=int(m.group(2)))
         addr = m.group(1).split(",")[0]
         host, _, port = addr.rpartition(":")
         self.host = host.strip("[]")
@@ -95,16 +97,37 @@ class Server:
         sock = self.connect()
         return sock, handshake(sock, chid, recvers, timeout)
 
+    def pids(self) -> list[int]:
+        """The parent process and its children (the workers), as of now."""
+        pids = [self.pid]
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            with open(f"/proc/{self.pid}/task/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        return pids
+
+    def workers(self) -> list[int]:
+        return self.pids()[1:]
+
     def rss(self) -> int:
-        """Resident set size of the server process, in bytes."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        """Resident set size of all server processes together, in bytes."""
+        total = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+        return total
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """Open file descriptors of all server processes together."""
+        return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in self.pids())
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of all server processes together."""
+        total = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self, check: bool = True) -> None:
         for s in self.sockets:

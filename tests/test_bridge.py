@@ -467,3 +467,37 @@ def test_eager_connects_the_service_without_traffic(start_server, start_client, 
     remote.settimeout(WAIT)
     assert recv_exact(remote, len(greeting)) == greeting
     round_trip(remote, 64 * 1024)
+
+
+def test_password_handshake_with_a_password_server(start_server, start_client, start_service,
+                                                    tmp_path):
+    from fwd.crypto import AeadLineCodec, derive_key
+    from fwd.protocol import Role
+
+    password = "bridge pw \u00e9"
+    server = start_server("--mode", "chan", "--password", password)
+    svc = start_service(xor_echo)
+    # A wrong password is a permanent refusal: exit 3, and the password is not logged.
+    bad = start_client("--server0", addr(server), "--server1", svc.addr, "--chid", "svc",
+                       "--recvers", "user", env={"FWD_PASSWORD": "not it"})
+    assert bad.exit_code() == 3
+    bad.wait_log(r"ERROR .*rejected the handshake: handshake rejected$")
+    assert not any("not it" in ln for ln in bad.lines)
+    # The right one (from a file; --password implies the handshake) gets through.
+    path = tmp_path / "pw"
+    path.write_text(password + "\n", encoding="utf-8")
+    br = start_client("--server0", addr(server), "--server1", svc.addr, "--chid", "svc",
+                      "--recvers", "user", "--password-file", str(path))
+    br.wait_log(r"handshake=chid=svc recvers=user timeout=- password=on")
+    br.wait_log(r"server0 connected \S+ chid=svc", timeout=WAIT)
+    assert not any(password in ln for ln in br.lines + server.lines)
+    # A remote user with the same password reaches the LAN service through it.
+    codec = AeadLineCodec(derive_key(password), Role.CLIENT)
+    remote = server.connect()
+    remote.settimeout(WAIT)
+    remote.sendall(codec.encode({"req": "hs1", "chid": "user"}))
+    hs2 = codec.decode(read_line(remote)[:-1])
+    assert hs2["rsp"] == "hs2" and hs2["nonce"], hs2
+    remote.sendall(codec.encode({"req": "hs3", "recvers": ["svc"], "nonce": hs2["nonce"]}))
+    assert codec.decode(read_line(remote)[:-1]) == {"rsp": "hs4", "result": "OK"}
+    round_trip(remote, 256 * 1024)

@@ -69,7 +69,7 @@ def test_handoff_queues_when_the_channel_is_full_and_never_blocks():
             if len(got) == len(pairs):
                 done.set()
 
-        fdpass.receive_into(loop, rx, on_socket, lambda: None)
+        fdpass.receive_into(loop, rx, on_socket, lambda: None, pytest.fail)
         await asyncio.wait_for(done.wait(), 10)
         assert len(handoff) == 0 and queued
         loop.remove_reader(rx)

@@ -67,13 +67,6 @@ def kernel_queued(server_port: int, *client_ports: int) -> int:
     return sum(tx + rx for _lp, _rp, _st, tx, rx in conn_rows(server_port, *client_ports))
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_until(cond, timeout: float, what: str) -> None:
     """Poll ``cond`` for *cleanup* only (fd counts): bounded, never a timing assertion."""
     deadline = time.monotonic() + timeout
@@ -349,6 +342,11 @@ def test_emfile_neither_kills_nor_spins_and_recovers(start_server):
     must stay up, keep serving what it admitted, not busy-loop on the listening socket, and
     serve new clients once fds are free again."""
     server = start_server("--mode", "chan", preexec=_limit_nofile)
+    # Warm up first: libuv opens its one reserve descriptor with the first stream a
+    # worker creates, which is not a leak and must not count against the baseline.
+    mark = server.mark()
+    assert_pair_works(server)
+    server.wait_log(r"session end", start=mark, count=2)
     fds_idle = server.fd_count()
     conns: list[tuple[socket.socket, str | None]] = []
     for _ in range(100):
@@ -364,15 +362,15 @@ def test_emfile_neither_kills_nor_spins_and_recovers(start_server):
     assert len(admitted) >= 2
     # Admitted ones come first: once full, every further connection is shed.
     assert [chid is not None for _, chid in conns] == [True] * len(admitted) + [False] * len(shed)
-    assert server.fd_count() <= 64
+    assert all(len(os.listdir(f"/proc/{pid}/fd")) <= 64 for pid in server.pids())
 
     # Resource check (not a speed check): while saturated, with a connection pending on the
     # listening socket, the server must be idle. A loop spinning on accept() -> EMFILE burns
     # about 1 s of CPU per second; allow at most 0.5 s over a ~1 s window.
-    cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+    cpu0, t0 = server.cpu_seconds(), time.monotonic()
     pending = server.connect()
     time.sleep(1.0)  # the measurement window itself, not a synchronisation
-    used, window = cpu_seconds(server.pid) - cpu0, time.monotonic() - t0
+    used, window = server.cpu_seconds() - cpu0, time.monotonic() - t0
     assert used < 0.5, f"server burnt {used:.2f}s CPU in {window:.2f}s while saturated"
     assert_closed(pending)  # shed, like the others
     assert server.proc.poll() is None

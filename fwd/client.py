@@ -1,0 +1,615 @@
+"""Client library: open a relay session in one call, asyncio or blocking.
+
+Every client of fwd-server repeats the same few steps: connect, run the
+handshake through a buffer (stream bytes may arrive in the same segment as the
+hs4 line), turn an hs4 FAIL into an error a program can report, and optionally
+wrap the stream in end-to-end encryption (fwd/e2e.py). This module does those
+steps once, on top of the sans-I/O ``Handshake`` of fwd/protocol.py.
+
+Two entry points:
+
+* ``await open_session(host, port, ...)`` returns ``(reader, writer, chid)``:
+  asyncio ``StreamReader``/``StreamWriter`` (or, with ``e2e_key``, objects with
+  the same methods that encrypt and decrypt transparently).
+* ``connect(host, port, ...)`` returns a ``Connection``: a socket-like object
+  (``sendall``, ``recv``, ``shutdown_write``, ``close``, ``chid``) for plain
+  scripts and threads. ``splice_stdio(conn)`` copies stdin/stdout through it
+  (the core of fwd-cat).
+
+Handshake or not: ``handshake=True`` (the default) runs hs1..hs4 and is what
+chan mode requires. ``handshake=False`` is a plain broadcast client: raw bytes
+from the first byte on, no chid (``chid`` is returned as ``None``), and
+``chid``/``recvers``/``timeout``/``password`` are then refused.
+
+Errors: ``HandshakeError`` (a ``FwdError``) when the server refuses (its
+``desc`` is kept) or the handshake breaks; ``OSError`` for network errors;
+``TimeoutError`` when connect plus handshake take longer than
+``connect_timeout``; ``E2EError`` from reads when the encrypted stream is not
+authentic or is truncated.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from .e2e import Decoder, E2EError, E2EKey, Encoder, as_key
+from .errors import FwdError, RemoteProtocolError
+from .protocol import (
+    MAX_LINE,
+    NEED_DATA,
+    PAUSED,
+    PLAIN,
+    Handshake,
+    Hs1,
+    Hs2,
+    Hs3,
+    Hs4,
+    LineCodec,
+    Role,
+)
+from .sockopts import set_keepalive
+
+__all__ = [
+    "Connection", "E2EError", "E2EKey", "E2EStreamReader", "E2EStreamWriter", "HandshakeError",
+    "SessionReader", "SessionWriter", "connect", "open_session", "splice_stdio",
+]
+
+READ_SIZE = 64 * 1024
+CONNECT_TIMEOUT = 10.0
+"""Default limit, in seconds, for connect plus handshake."""
+
+
+class HandshakeError(FwdError):
+    """The server refused the session (hs4 FAIL) or the handshake broke off.
+
+    ``desc`` is the server's reason as it sent it (e.g. ``chid in use: a``), or
+    what went wrong locally (e.g. ``connection closed during handshake``).
+    """
+
+    def __init__(self, desc: str) -> None:
+        # A wrong password already reads "handshake rejected": don't say it twice.
+        prefix = "" if desc.startswith("handshake rejected") else "handshake rejected: "
+        super().__init__(prefix + desc)
+        self.desc = desc
+
+
+# -- the handshake, shared by both front ends ---------------------------------------
+
+
+def _recvers_tuple(recvers: Iterable[str] | str | None) -> tuple[str, ...]:
+    if recvers is None:
+        return ()
+    if isinstance(recvers, str):  # one chid, not its characters
+        return (recvers,)
+    return tuple(recvers)
+
+
+def _password_key(password: str) -> bytes:
+    try:
+        from .crypto import derive_key
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise FwdError("password mode needs fwd.crypto, which this fwd lacks") from None
+    return derive_key(password)
+
+
+def _password_codec(key: bytes) -> LineCodec:
+    from .crypto import AeadLineCodec
+
+    codec: LineCodec = AeadLineCodec(key, Role.CLIENT)
+    return codec
+
+
+class _ClientHandshake:
+    """Drives ``Handshake(Role.CLIENT)``; the I/O layer only moves bytes.
+
+    hs3 is sent after hs2 arrives, not pipelined with hs1: with a password the
+    server's hs2 carries a nonce that hs3 must echo.
+    """
+
+    def __init__(self, chid: str | None, recvers: tuple[str, ...], timeout: int | None,
+                 codec: LineCodec) -> None:
+        try:  # the server's own checks, so a bad argument is a ValueError, not a FAIL
+            self.hs1 = Hs1(chid or None)
+            Hs3(recvers, timeout)
+        except RemoteProtocolError as exc:
+            raise ValueError(exc.desc) from None
+        self.recvers = recvers
+        self.timeout = timeout
+        self.hs = Handshake(Role.CLIENT, codec)
+        self.chid: str | None = None
+        self.done = False
+
+    def hello(self) -> bytes:
+        return self.hs.send(self.hs1)
+
+    def receive(self, data: bytes) -> bytes:
+        """Feed received bytes (``b""`` = EOF); return bytes to send; raise on refusal."""
+        hs = self.hs
+        hs.receive_data(data)
+        out = b""
+        try:
+            while True:
+                event = hs.next_event()
+                if event is NEED_DATA or event is PAUSED:
+                    return out
+                if isinstance(event, Hs2):
+                    self.chid = event.chid
+                    # With a password hs2 carries a nonce, and hs3 echoes it.
+                    out += hs.send(Hs3(self.recvers, self.timeout, event.nonce))
+                elif isinstance(event, Hs4):
+                    if not event.ok:
+                        raise HandshakeError(event.desc or "(no reason given)")
+                    self.done = True
+                    return out
+        except RemoteProtocolError as exc:
+            raise HandshakeError(exc.desc) from None
+
+    def trailing(self) -> bytes:
+        """Stream bytes that came in the same read as the hs4 line."""
+        return self.hs.trailing_data
+
+
+def _check_mode(handshake: bool, chid: str | None, recvers: tuple[str, ...],
+                timeout: int | None, password: str | None) -> None:
+    if not handshake and (chid or recvers or timeout is not None or password is not None):
+        raise ValueError("chid, recvers, timeout and password need the handshake "
+                         "(handshake=False is a plain broadcast client)")
+
+
+# -- asyncio ---------------------------------------------------------------------------
+
+
+class SessionReader(Protocol):
+    """What ``open_session`` returns to read with: the asyncio.StreamReader subset."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes: ...
+
+    async def readline(self) -> bytes: ...
+
+    def at_eof(self) -> bool: ...
+
+
+class SessionWriter(Protocol):
+    """What ``open_session`` returns to write with: the asyncio.StreamWriter subset."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    def can_write_eof(self) -> bool: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    async def wait_closed(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+async def open_session(
+    host: str, port: int, chid: str | None = None, recvers: Iterable[str] | str | None = None,
+    timeout: int | None = None, password: str | None = None,
+    e2e_key: E2EKey | str | bytes | None = None, *, handshake: bool = True,
+    connect_timeout: float | None = CONNECT_TIMEOUT,
+) -> tuple[SessionReader, SessionWriter, str | None]:
+    """Connect, handshake, and return ``(reader, writer, chid)`` ready for raw data.
+
+    ``chid=None`` lets the server pick one (returned); ``recvers`` empty means
+    every other live session; ``timeout`` is the idle timeout the server
+    applies. ``password`` encrypts the handshake (server ``--password``).
+    ``e2e_key`` (an ``E2EKey`` or the shared secret) encrypts the stream end to
+    end. ``handshake=False``: plain broadcast client, ``chid`` is ``None``.
+    Slow key derivations run in the default executor, before connecting, so
+    the event loop keeps running and hs1 still goes out right after connect
+    (broadcast mode gives it 50 ms).
+    """
+    recv = _recvers_tuple(recvers)
+    _check_mode(handshake, chid, recv, timeout, password)
+    loop = asyncio.get_running_loop()
+    driver: _ClientHandshake | None = None
+    if handshake:
+        codec: LineCodec = PLAIN
+        if password is not None:
+            codec = _password_codec(await loop.run_in_executor(None, _password_key, password))
+        driver = _ClientHandshake(chid, recv, timeout, codec)
+    key: E2EKey | None = None
+    if e2e_key is not None:
+        key = await loop.run_in_executor(None, as_key, e2e_key)
+
+    async def establish() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                set_keepalive(sock)
+            if driver is not None:
+                await _handshake_async(driver, reader, writer)
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
+
+    reader, writer = await asyncio.wait_for(establish(), connect_timeout)
+    chid_out = driver.chid if driver is not None else None
+    if key is None:
+        return reader, writer, chid_out
+    enc = Encoder(key)
+    return E2EStreamReader(reader, Decoder(key, enc.salt)), E2EStreamWriter(writer, enc), chid_out
+
+
+async def _handshake_async(driver: _ClientHandshake, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+    # Read one line at a time: whatever follows the hs4 line stays in the
+    # StreamReader's buffer, so held stream bytes reach the caller's reads.
+    writer.write(driver.hello())
+    while not driver.done:
+        eof = False
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            line, eof = exc.partial, True
+        except asyncio.LimitOverrunError:
+            raise HandshakeError(f"line longer than {MAX_LINE} bytes") from None
+        out = driver.receive(line)
+        if eof and not driver.done:
+            driver.receive(b"")  # raises: closed during the handshake
+        if out:
+            writer.write(out)
+    assert not driver.trailing()  # nothing was read past the hs4 line
+
+
+class E2EStreamReader:
+    """Decrypting stand-in for ``asyncio.StreamReader``.
+
+    It reads from the transport only when its caller wants data, so TCP flow
+    control works as with a plain reader. A read returns only authenticated
+    plaintext; EOF comes after the peer's FINAL record, and an E2EError
+    replaces EOF when the stream was cut short or changed.
+    """
+
+    def __init__(self, raw: asyncio.StreamReader, decoder: Decoder) -> None:
+        self.raw = raw
+        self.decoder = decoder
+        self._buf = bytearray()
+        self._eof = False
+
+    async def _fill(self) -> None:
+        if self.decoder.finished:
+            self._eof = True
+            return
+        data = await self.raw.read(READ_SIZE)
+        if data:
+            self._buf += self.decoder.feed(data)
+            if self.decoder.finished:
+                self._eof = True
+        else:
+            self.decoder.feed_eof()  # raises (again on every read) if the stream was cut
+            self._eof = True
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        if n < 0:
+            while not self._eof:
+                await self._fill()
+            return self._take(len(self._buf))
+        while not self._buf and not self._eof:
+            await self._fill()
+        return self._take(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buf) < n and not self._eof:
+            await self._fill()
+        if len(self._buf) < n:
+            raise asyncio.IncompleteReadError(self._take(len(self._buf)), n)
+        return self._take(n)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        start = 0
+        while (i := self._buf.find(separator, start)) < 0:
+            if self._eof:
+                raise asyncio.IncompleteReadError(self._take(len(self._buf)), None)
+            start = max(0, len(self._buf) - len(separator) + 1)
+            await self._fill()
+        return self._take(i + len(separator))
+
+    async def readline(self) -> bytes:
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    def __aiter__(self) -> E2EStreamReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
+class E2EStreamWriter:
+    """Encrypting stand-in for ``asyncio.StreamWriter``.
+
+    ``write_eof`` and ``close`` send the FINAL record first, so the peer can
+    tell a finished stream from a cut one; ``transport.abort()`` does not.
+    """
+
+    def __init__(self, raw: asyncio.StreamWriter, encoder: Encoder) -> None:
+        self.raw = raw
+        self.encoder = encoder
+
+    @property
+    def transport(self) -> asyncio.WriteTransport:
+        return self.raw.transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        out = self.encoder.encode(data)
+        if out:
+            self.raw.write(out)
+
+    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def _finish(self) -> None:
+        if not self.encoder.finished and not self.raw.is_closing():
+            self.raw.write(self.encoder.finish())
+
+    def write_eof(self) -> None:
+        self._finish()
+        self.raw.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self.raw.can_write_eof()
+
+    async def drain(self) -> None:
+        await self.raw.drain()
+
+    def close(self) -> None:
+        try:
+            self._finish()
+        except RuntimeError:  # the raw writer was already half-closed: nothing more to say
+            pass
+        self.raw.close()
+
+    def is_closing(self) -> bool:
+        return self.raw.is_closing()
+
+    async def wait_closed(self) -> None:
+        await self.raw.wait_closed()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.raw.get_extra_info(name, default)
+
+
+# -- blocking ------------------------------------------------------------------------------
+
+
+class Connection:
+    """A live session over a blocking socket: ``sendall``/``recv`` carry stream data.
+
+    ``recv`` first returns the bytes that arrived together with the hs4 line,
+    then reads the socket; with end-to-end encryption it returns only
+    authenticated plaintext, ``b""`` after the peer's FINAL record, and raises
+    E2EError for a truncated or altered stream. ``sendall`` from one thread
+    while another ``recv``s is fine (as with a socket).
+    """
+
+    def __init__(self, sock: socket.socket, chid: str | None, pending: bytes = b"",
+                 key: E2EKey | None = None) -> None:
+        self.sock = sock
+        self.chid = chid
+        self._pending = bytearray(pending)
+        self._plain = bytearray()
+        """Encrypted mode: authenticated plaintext not returned yet."""
+        self._encoder: Encoder | None = None
+        self._decoder: Decoder | None = None
+        if key is not None:
+            self._encoder = Encoder(key)
+            self._decoder = Decoder(key, self._encoder.salt)
+        self._write_closed = False
+        self._send_lock = threading.Lock()
+        """Encrypted mode: encode-and-send is one step, so records leave in counter order
+        and two threads can never draw the same nonce."""
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        if self._encoder is None:
+            self.sock.sendall(data)
+            return
+        with self._send_lock:
+            out = self._encoder.encode(data)
+            if out:
+                self.sock.sendall(out)
+
+    def recv(self, bufsize: int = READ_SIZE) -> bytes:
+        """Up to ``bufsize`` bytes of stream data; ``b""`` at the end of the stream."""
+        dec = self._decoder
+        if dec is None:
+            if self._pending:
+                data = bytes(self._pending[:bufsize])
+                del self._pending[:bufsize]
+                return data
+            return self.sock.recv(bufsize)
+        plain = self._plain
+        while not plain:
+            if dec.finished:
+                return b""
+            if self._pending:  # bytes that came with the hs4 line, not decoded yet
+                raw = bytes(self._pending)
+                self._pending.clear()
+            else:
+                raw = self.sock.recv(max(bufsize, READ_SIZE))
+                if not raw:
+                    dec.feed_eof()  # raises unless the stream ended with its FINAL record
+                    return b""
+            plain += dec.feed(raw)
+        data = bytes(plain[:bufsize])
+        del plain[:bufsize]
+        return data
+
+    def shutdown_write(self) -> None:
+        """Half-close: no more data from us (in a chan pair the partner gets the FIN)."""
+        if self._write_closed:
+            return
+        self._write_closed = True
+        if self._encoder is not None:
+            with self._send_lock:
+                self.sock.sendall(self._encoder.finish())
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def shutdown(self, how: int) -> None:
+        """``socket.shutdown``, ending the encrypted stream properly first."""
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self.shutdown_write()
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self.sock.shutdown(socket.SHUT_RD)
+
+    def close(self) -> None:
+        """Close; an encrypted stream gets its FINAL record first if it can be sent now.
+
+        If another thread is stuck sending (the peer is not reading), the FINAL
+        record is skipped rather than waiting: the peer then reports truncation.
+        """
+        enc = self._encoder
+        try:
+            if enc is not None and not self._write_closed and self.sock.fileno() >= 0 \
+                    and self._send_lock.acquire(blocking=False):
+                try:
+                    if not enc.finished:
+                        self.sock.setblocking(False)  # a full send buffer must not block close
+                        self.sock.send(enc.finish())
+                finally:
+                    self._send_lock.release()
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+    def settimeout(self, value: float | None) -> None:
+        self.sock.settimeout(value)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    host: str, port: int, chid: str | None = None, recvers: Iterable[str] | str | None = None,
+    timeout: int | None = None, password: str | None = None,
+    e2e_key: E2EKey | str | bytes | None = None, *, handshake: bool = True,
+    connect_timeout: float | None = CONNECT_TIMEOUT,
+) -> Connection:
+    """Blocking ``open_session``: same arguments, returns a ``Connection``.
+
+    For scripts and threads that do not run an event loop. ``connect_timeout``
+    bounds connect plus handshake; the returned socket is blocking.
+    """
+    recv = _recvers_tuple(recvers)
+    _check_mode(handshake, chid, recv, timeout, password)
+    driver: _ClientHandshake | None = None
+    if handshake:
+        codec: LineCodec = PLAIN
+        if password is not None:
+            codec = _password_codec(_password_key(password))  # slow: before connecting
+        driver = _ClientHandshake(chid, recv, timeout, codec)
+    key = as_key(e2e_key) if e2e_key is not None else None
+    sock = socket.create_connection((host, port), timeout=connect_timeout)
+    pending = b""
+    try:
+        set_keepalive(sock)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if driver is not None:
+            _handshake_blocking(driver, sock, connect_timeout)
+            pending = driver.trailing()
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return Connection(sock, driver.chid if driver is not None else None, pending, key)
+
+
+def _handshake_blocking(driver: _ClientHandshake, sock: socket.socket,
+                        limit: float | None) -> None:
+    deadline = None if limit is None else time.monotonic() + limit
+    sock.sendall(driver.hello())
+    while not driver.done:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("handshake timed out")
+            sock.settimeout(left)
+        out = driver.receive(sock.recv(READ_SIZE))  # b"" (EOF) raises in receive
+        if out:
+            sock.sendall(out)
+
+
+def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
+    """Copy ``in_fd`` to the session and the session to ``out_fd`` (what fwd-cat does).
+
+    EOF on ``in_fd`` half-closes the session (in a chan pair the server passes
+    the FIN on to the partner) and reading goes on. It returns when the relay
+    ends the stream toward us: then the other side is done, and anything
+    still unread on ``in_fd`` is not sent. Raises the first error of either
+    direction (OSError, E2EError).
+    """
+    errors: list[BaseException] = []
+
+    def upstream() -> None:
+        try:
+            while True:
+                data = os.read(in_fd, READ_SIZE)
+                if not data:
+                    conn.shutdown_write()
+                    return
+                conn.sendall(data)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+            try:  # wake the reader: nothing more will be sent
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    threading.Thread(target=upstream, name="fwd-stdin", daemon=True).start()
+    try:
+        while True:
+            data = conn.recv(READ_SIZE)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out_fd, view):]
+    except OSError:
+        if errors:  # the first failure explains the second
+            raise errors[0] from None
+        raise
+    if errors:
+        raise errors[0]

@@ -1,0 +1,568 @@
+"""fwd.client and fwd.e2e: the client library against real fwd-server processes, and the
+end-to-end encrypted stream format as a sans-I/O unit (test vector, tampering).
+
+Synchronisation is by the server's log lines (a raw broadcast client is live once
+the server logged ``live chid=None peer=...``) and by bytes on sockets. A few
+tests put a test-owned listening socket in the server's place, to control
+exactly which bytes share a segment with the hs4 line.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import importlib.util
+import os
+import random
+import re
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from fwd import client as fc
+from fwd.client import HandshakeError, connect, open_session
+from fwd.e2e import (
+    FINAL_BIT,
+    HEADER_SIZE,
+    MAX_RECORD,
+    TAG_SIZE,
+    Decoder,
+    E2EError,
+    E2EKey,
+    Encoder,
+)
+from fwd.errors import FwdError
+from helpers import read_line, recv_exact
+
+MiB = 1 << 20
+WAIT = 60.0
+T = TypeVar("T")
+
+HAVE_CRYPTO = importlib.util.find_spec("fwd.crypto") is not None
+needs_crypto = pytest.mark.skipif(
+    not HAVE_CRYPTO, reason="fwd/crypto.py (password-encrypted handshake) is not there yet")
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run one async test body with an overall limit, so a bug fails instead of hanging."""
+    async def limited() -> T:
+        return await asyncio.wait_for(coro_fn(), WAIT)
+    return asyncio.run(limited())
+
+
+def live_pattern(port: int, chid: str = "None") -> str:
+    return rf"live chid={re.escape(chid)} peer=127\.0\.0\.1:{port} "
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def key() -> E2EKey:
+    return E2EKey.from_secret("shared secret for the tests")
+
+
+# -- e2e: sans-I/O unit tests ----------------------------------------------------------
+
+VECTOR_SECRET = "correct horse battery staple"
+VECTOR_SALT = bytes(range(16))
+VECTOR_PLAIN = b"hello, fwd\n"
+VECTOR_MASTER = "534f67adcaf6e7c05d9eb0cdeb15ff8b134fc6e73fefba1a95f2082b66c34ef7"
+VECTOR_STREAM_KEY = "1867e5495e6e8de40d0ec247ee3a5282fa2b36524b64b24158e705604082edbd"
+VECTOR_STREAM = (
+    "46574531" "000102030405060708090a0b0c0d0e0f"  # "FWE1" || salt
+    "0000001b"  # record 0: 11 plaintext bytes + 16 tag
+    "48e96399ff1a4631a2eab3f4ce465c4ece998ad1d20aa1d4279aa0"
+    "80000010"  # record 1: FINAL, empty plaintext
+    "ebcd1e17bc859f7f89d4224493e9cb20"
+)
+
+
+def test_vector_matches_the_spec_and_an_independent_derivation():
+    k = E2EKey.from_secret(VECTOR_SECRET)
+    assert k.master.hex() == VECTOR_MASTER
+    assert k.stream_key(VECTOR_SALT).hex() == VECTOR_STREAM_KEY
+    enc = Encoder(k, VECTOR_SALT)
+    assert (enc.encode(VECTOR_PLAIN) + enc.finish()).hex() == VECTOR_STREAM
+    # The same numbers from the standard library alone (scrypt; HKDF = RFC 5869 by hand).
+    master = hashlib.scrypt(VECTOR_SECRET.encode(), salt=b"fwd-e2e-v1", n=2**15, r=8, p=1,
+                            dklen=32, maxmem=64 * MiB)
+    prk = hmac.new(VECTOR_SALT, master, hashlib.sha256).digest()
+    okm = hmac.new(prk, b"fwd-e2e-v1 stream key\x01", hashlib.sha256).digest()
+    assert master.hex() == VECTOR_MASTER and okm.hex() == VECTOR_STREAM_KEY
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    stream = bytes.fromhex(VECTOR_STREAM)
+    word, body = stream[20:24], stream[24:24 + 27]
+    assert AESGCM(okm).decrypt(bytes(12), body, word) == VECTOR_PLAIN
+    dec = Decoder(k)
+    assert dec.feed(stream) == VECTOR_PLAIN and dec.finished
+    dec.feed_eof()
+
+
+def test_round_trip_in_any_split(key):
+    rnd = random.Random(7)
+    enc = Encoder(key)
+    writes = [os.urandom(n) for n in (1, 0, 1000, MAX_RECORD, MAX_RECORD + 1, 3 * MAX_RECORD + 5)]
+    stream = b"".join(enc.encode(w) for w in writes) + enc.finish()
+    for _ in range(5):
+        dec = Decoder(key)
+        out = bytearray()
+        pos = 0
+        while pos < len(stream):
+            step = rnd.choice((1, 3, 19, 4096, 70000))
+            out += dec.feed(stream[pos:pos + step])
+            pos += step
+        assert bytes(out) == b"".join(writes)
+        assert dec.finished
+        dec.feed_eof()
+
+
+def test_records_are_capped_and_counted(key):
+    enc = Encoder(key)
+    stream = enc.encode(bytes(MAX_RECORD + 1))
+    first = int.from_bytes(stream[HEADER_SIZE:HEADER_SIZE + 4], "big")
+    assert first == MAX_RECORD + TAG_SIZE
+    second_at = HEADER_SIZE + 4 + first
+    assert int.from_bytes(stream[second_at:second_at + 4], "big") == 1 + TAG_SIZE
+    # Each stream has its own salt, hence its own key: same plaintext, other bytes.
+    assert Encoder(key).encode(b"x" * 100) != Encoder(key).encode(b"x" * 100)
+
+
+def _sample(key: E2EKey) -> bytes:
+    enc = Encoder(key)
+    return enc.encode(b"attack at dawn") + enc.encode(b"bring snacks") + enc.finish()
+
+
+@pytest.mark.parametrize("where", ["magic", "salt", "length", "ciphertext", "tag", "final-word"])
+def test_any_flipped_bit_is_detected(key, where):
+    stream = bytearray(_sample(key))
+    second_record = HEADER_SIZE + 4 + len(b"attack at dawn") + TAG_SIZE
+    index = {"magic": 0, "salt": 7, "length": HEADER_SIZE + 3, "ciphertext": HEADER_SIZE + 6,
+             "tag": second_record - 1, "final-word": len(stream) - TAG_SIZE - 4}[where]
+    stream[index] ^= 0x01
+    dec = Decoder(key)
+    with pytest.raises(E2EError):
+        dec.feed(bytes(stream))
+        dec.feed_eof()
+    with pytest.raises(E2EError):  # the error is sticky
+        dec.feed(b"more")
+
+
+def test_no_forged_plaintext_is_released(key):
+    stream = bytearray(_sample(key))
+    stream[-1] ^= 0x80  # only the FINAL record's tag is wrong
+    dec = Decoder(key)
+    out = b""
+    with pytest.raises(E2EError, match="authentication failed"):
+        for i in range(len(stream)):
+            out += dec.feed(stream[i:i + 1])
+    assert out == b"attack at dawnbring snacks"  # the authentic records only
+
+
+def test_wrong_key_reordering_dropping_and_truncation_are_detected(key):
+    stream = _sample(key)
+    with pytest.raises(E2EError, match="wrong key"):
+        Decoder(E2EKey.from_secret("another secret")).feed(stream)
+    rec1 = HEADER_SIZE + 4 + 14 + TAG_SIZE
+    rec2 = rec1 + 4 + 12 + TAG_SIZE
+    swapped = stream[:HEADER_SIZE] + stream[rec1:rec2] + stream[HEADER_SIZE:rec1] + stream[rec2:]
+    with pytest.raises(E2EError):
+        Decoder(key).feed(swapped)
+    dropped = stream[:HEADER_SIZE] + stream[rec1:]
+    with pytest.raises(E2EError):
+        Decoder(key).feed(dropped)
+    for cut in (0, 5, HEADER_SIZE, rec1, rec2, len(stream) - 1):
+        dec = Decoder(key)
+        dec.feed(stream[:cut])
+        with pytest.raises(E2EError, match="truncated"):
+            dec.feed_eof()
+    dec = Decoder(key)
+    dec.feed(stream)
+    with pytest.raises(E2EError, match="after the end"):
+        dec.feed(b"\x00")
+
+
+def test_bad_lengths_and_reflection_are_refused_early(key):
+    enc = Encoder(key)
+    head = enc.encode(b"x")[:HEADER_SIZE]
+    huge = (MAX_RECORD + TAG_SIZE + 1).to_bytes(4, "big")
+    with pytest.raises(E2EError, match="bad record length"):
+        Decoder(key).feed(head + huge)  # refused before a byte of the body arrives
+    with pytest.raises(E2EError, match="bad record length"):
+        Decoder(key).feed(head + (FINAL_BIT | (TAG_SIZE + 1)).to_bytes(4, "big"))
+    with pytest.raises(E2EError, match="reflected"):
+        Decoder(key, forbid_salt=enc.salt).feed(head)
+    with pytest.raises(E2EError, match="bad header"):
+        Decoder(key).feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert issubclass(E2EError, FwdError)
+    assert key.master.hex() not in repr(key) and "shared" not in repr(key)
+
+
+# -- a fake server, to control what shares a segment with hs4 ------------------------------
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[[bytes], tuple[str, int]]]:
+    """``start(tail)``: a one-shot server that answers hs1/hs3 and sends ``hs4 OK + tail``
+    in one write, then waits for the client to close."""
+    listeners: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+
+    def start(tail: bytes) -> tuple[str, int]:
+        lst = socket.create_server(("127.0.0.1", 0))
+        listeners.append(lst)
+
+        def serve() -> None:
+            conn, _ = lst.accept()
+            with conn:
+                assert b'"hs1"' in read_line(conn)
+                conn.sendall(b'{"rsp":"hs2","chid":"fake"}\n')
+                assert b'"hs3"' in read_line(conn)
+                conn.sendall(b'{"rsp":"hs4","result":"OK"}\n' + tail)
+                while conn.recv(65536):
+                    pass
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        threads.append(t)
+        return "127.0.0.1", lst.getsockname()[1]
+
+    yield start
+    for t in threads:
+        t.join(10)
+    for lst in listeners:
+        lst.close()
+
+
+def test_bytes_in_the_hs4_segment_reach_the_async_reader(fake_server):
+    host, port = fake_server(b"first stream bytes")
+
+    async def body() -> None:
+        reader, writer, chid = await open_session(host, port, "me")
+        assert chid == "fake"
+        assert await reader.readexactly(18) == b"first stream bytes"
+        writer.close()
+        await writer.wait_closed()
+
+    run(body)
+
+
+def test_bytes_in_the_hs4_segment_reach_the_blocking_recv(fake_server):
+    host, port = fake_server(b"first stream bytes")
+    with connect(host, port) as conn:
+        assert conn.chid == "fake"
+        assert conn.recv(5) == b"first"
+        assert recv_exact(conn, 13) == b" stream bytes"
+
+
+def test_encrypted_bytes_in_the_hs4_segment_are_decrypted(fake_server, key):
+    enc = Encoder(key)
+    host, port = fake_server(enc.encode(b"sealed") + enc.finish())
+    with connect(host, port, e2e_key=key) as conn:
+        assert conn.recv(100) == b"sealed"
+        assert conn.recv(100) == b""
+
+
+def test_connect_timeout_covers_a_silent_server():
+    lst = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) but never answers
+    try:
+        port = lst.getsockname()[1]
+        with pytest.raises(TimeoutError):
+            connect("127.0.0.1", port, connect_timeout=0.3)
+
+        async def body() -> None:
+            with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+                await open_session("127.0.0.1", port, connect_timeout=0.3)
+
+        run(body)
+    finally:
+        lst.close()
+
+
+def test_arguments_are_checked_before_connecting():
+    with pytest.raises(ValueError, match="control characters"):
+        connect("127.0.0.1", 1, "bad\nchid")
+    with pytest.raises(ValueError, match="handshake"):
+        connect("127.0.0.1", 1, "a", handshake=False)
+    with pytest.raises(ValueError, match="timeout"):
+        asyncio.run(open_session("127.0.0.1", 1, timeout=-1))
+
+
+# -- against a real server -------------------------------------------------------------------
+
+
+def test_chan_pair_exchanges_mib_byte_exact_and_half_closes(chan_server):
+    a_data, b_data = os.urandom(6 * MiB + 123), os.urandom(5 * MiB + 7)
+
+    async def exchange(session: tuple[Any, Any, str | None], data: bytes) -> bytes:
+        reader, writer, _ = session
+
+        async def send() -> None:
+            view = memoryview(data)
+            for i in range(0, len(view), 100_000):
+                writer.write(view[i:i + 100_000])
+                await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.ensure_future(send())
+        received = await reader.read()  # until the partner's FIN, passed on by the server
+        await sender
+        writer.close()
+        return received
+
+    async def body() -> None:
+        # Both live before any byte moves: nothing has to wait in the hold buffer.
+        b = await open_session(chan_server.host, chan_server.port, "b", ["a"])
+        a = await open_session(chan_server.host, chan_server.port, "a", ["b"])
+        assert (a[2], b[2]) == ("a", "b")
+        got_a, got_b = await asyncio.gather(exchange(a, a_data), exchange(b, b_data))
+        assert sha(got_a) == sha(b_data) and len(got_a) == len(b_data)
+        assert sha(got_b) == sha(a_data) and len(got_b) == len(a_data)
+
+    run(body)
+
+
+def test_held_bytes_arrive_right_behind_hs4(chan_server):
+    async def body() -> None:
+        wr, ww, _ = await open_session(chan_server.host, chan_server.port, "watch")
+        ar, aw, _ = await open_session(chan_server.host, chan_server.port, "a", ["watch", "late"])
+        aw.write(b"held for late")
+        # watch has it, so the copy for the absent "late" is certainly held.
+        assert await wr.readexactly(13) == b"held for late"
+        lr, lw, chid = await open_session(chan_server.host, chan_server.port, "late", ["a"])
+        assert chid == "late"
+        assert await lr.readexactly(13) == b"held for late"
+        for w in (ww, aw, lw):
+            w.close()
+
+    run(body)
+    # The blocking client too.
+    watch, _ = chan_server.handshake("watch2")
+    a, _ = chan_server.handshake("a2", ["watch2", "late2"])
+    a.sendall(b"for late2")
+    assert recv_exact(watch, 9) == b"for late2"
+    with connect(chan_server.host, chan_server.port, "late2") as conn:
+        assert recv_exact(conn, 9) == b"for late2"
+
+
+def test_handshake_fail_raises_with_the_servers_desc(chan_server):
+    holder, _ = chan_server.handshake("dup")
+
+    async def body() -> None:
+        with pytest.raises(HandshakeError) as info:
+            await open_session(chan_server.host, chan_server.port, "dup", ["x"])
+        assert info.value.desc == "chid in use: dup"
+        assert str(info.value) == "handshake rejected: chid in use: dup"
+
+    run(body)
+    with pytest.raises(HandshakeError, match="chid in use: dup") as info:
+        connect(chan_server.host, chan_server.port, "dup")
+    assert isinstance(info.value, FwdError)
+    # A chan server refuses a client that skips the handshake; the raw bytes are data.
+    conn = connect(chan_server.host, chan_server.port, handshake=False)
+    conn.sendall(b"hello\n")
+    assert b'"desc":"not JSON"' in recv_exact(conn, 48)
+    conn.close()
+
+
+def test_blocking_pair_with_threads_and_half_close(chan_server):
+    data = os.urandom(3 * MiB)
+    b = connect(chan_server.host, chan_server.port, "tb", "ta")
+    a = connect(chan_server.host, chan_server.port, "ta", ["tb"])
+    assert (a.chid, b.chid) == ("ta", "tb")
+
+    def send() -> None:
+        a.sendall(data)
+        a.shutdown_write()
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    got = bytearray()
+    while chunk := b.recv(1 << 20):
+        got += chunk
+    t.join(WAIT)
+    assert sha(bytes(got)) == sha(data)
+    b.sendall(b"thanks")  # b can still answer after a's FIN
+    b.shutdown_write()
+    assert recv_exact(a, 6) == b"thanks"
+    assert a.recv(10) == b""
+    a.close()
+    b.close()
+
+
+def test_broadcast_raw_clients_without_handshake(bcast_server):
+    mark = bcast_server.mark()
+    x = connect(bcast_server.host, bcast_server.port, handshake=False)
+    bcast_server.wait_log(live_pattern(x.sock.getsockname()[1]), start=mark)
+    assert x.chid is None
+
+    async def body() -> None:
+        mark = bcast_server.mark()
+        reader, writer, chid = await open_session(bcast_server.host, bcast_server.port,
+                                                  handshake=False)
+        assert chid is None
+        bcast_server.wait_log(live_pattern(writer.get_extra_info("sockname")[1]), start=mark)
+        x.sendall(b"to everyone")
+        assert await reader.readexactly(11) == b"to everyone"
+        writer.write(b"{not a handshake}\n")
+        await writer.drain()
+        assert await asyncio.get_running_loop().run_in_executor(
+            None, recv_exact, x.sock, 18) == b"{not a handshake}\n"
+        # A handshake client in the same room hears the raw ones.
+        hr, hw, hchid = await open_session(bcast_server.host, bcast_server.port, "H")
+        assert hchid == "H"
+        x.sendall(b"hi H")
+        assert await hr.readexactly(4) == b"hi H"
+        assert await reader.readexactly(4) == b"hi H"
+        for w in (writer, hw):
+            w.close()
+
+    run(body)
+    x.close()
+
+
+def test_e2e_the_wire_carries_only_ciphertext(bcast_server, key):
+    plain = b"TOP SECRET payload, do not relay in clear. " * 5000  # ~215 KiB, 4 records
+    mark = bcast_server.mark()
+    spy = bcast_server.connect()  # a third, raw client: sees what the relay sees
+    bcast_server.wait_log(live_pattern(spy.getsockname()[1]), start=mark)
+
+    async def body() -> None:
+        ar, aw, _ = await open_session(bcast_server.host, bcast_server.port, "A", e2e_key=key)
+        br, bw, _ = await open_session(bcast_server.host, bcast_server.port, "B", e2e_key=key)
+        aw.write(plain)
+        await aw.drain()
+        assert await br.readexactly(len(plain)) == plain
+        aw.close()  # FINAL record: b sees a clean end of a's stream
+        assert await br.read() == b""
+        bw.close()  # b sent nothing: its header and FINAL record only
+
+    run(body)
+    records = -(-len(plain) // MAX_RECORD)
+    a_size = HEADER_SIZE + records * (4 + TAG_SIZE) + len(plain) + 4 + TAG_SIZE
+    wire = recv_exact(spy, a_size + HEADER_SIZE + 4 + TAG_SIZE)
+    # The spy got a's whole stream, then b's, and never the plaintext.
+    assert b"TOP SECRET" not in wire and b"relay in clear" not in wire
+    assert wire.startswith(b"FWE1") and wire[a_size:].startswith(b"FWE1")
+    with pytest.raises(E2EError):
+        Decoder(E2EKey(bytes(32))).feed(wire[:a_size])
+    dec = Decoder(key)
+    assert dec.feed(wire[:a_size]) == plain and dec.finished  # it was the real stream
+
+
+def test_e2e_chan_pair_both_ways_and_truncation_detected(chan_server, key):
+    data = os.urandom(2 * MiB + 5)
+
+    async def body() -> None:
+        br, bw, _ = await open_session(chan_server.host, chan_server.port, "eb", ["ea"],
+                                       e2e_key=key)
+        ar, aw, _ = await open_session(chan_server.host, chan_server.port, "ea", ["eb"],
+                                       e2e_key=key)
+        aw.write(data)
+        aw.write_eof()  # FINAL record, then FIN: passed on to b
+        got = await br.read()
+        assert sha(got) == sha(data) and br.at_eof()
+        bw.write(b"reply after your EOF\n")
+        assert await ar.readline() == b"reply after your EOF\n"
+        bw.write_eof()
+        assert await ar.read() == b""
+        for w in (aw, bw):
+            w.close()
+        # A FIN without the FINAL record is a cut stream, not an end.
+        cr, cw, _ = await open_session(chan_server.host, chan_server.port, "ec", ["ed"],
+                                       e2e_key=key)
+        dr, dw, _ = await open_session(chan_server.host, chan_server.port, "ed", ["ec"],
+                                       e2e_key=key)
+        cw.write(b"partial")
+        assert isinstance(cw, fc.E2EStreamWriter)
+        cw.raw.write_eof()  # bypass the wrapper: no FINAL record
+        assert await dr.readexactly(7) == b"partial"
+        for _ in range(2):  # and it stays an error, never a clean EOF
+            with pytest.raises(E2EError, match="truncated"):
+                await dr.read(100)
+        for w in (cw, dw):
+            w.close()
+
+    run(body)
+
+
+def test_e2e_blocking_and_async_interoperate_and_wrong_key_fails(chan_server, key):
+    async def body() -> None:
+        ar, aw, _ = await open_session(chan_server.host, chan_server.port, "ka", ["kb"],
+                                       e2e_key=key)
+        b = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: connect(chan_server.host, chan_server.port, "kb", ["ka"], e2e_key=key))
+        aw.write(b"from async")
+        await aw.drain()
+        got = await asyncio.get_running_loop().run_in_executor(None, b.recv, 100)
+        assert got == b"from async"
+        b.sendall(b"from blocking")
+        assert await ar.readexactly(13) == b"from blocking"
+        b.close()  # sends b's FINAL record
+        assert await ar.read() == b""
+        aw.close()
+
+        xr, xw, _ = await open_session(chan_server.host, chan_server.port, "kx", ["ky"],
+                                       e2e_key="the wrong secret")
+        yr, yw, _ = await open_session(chan_server.host, chan_server.port, "ky", ["kx"],
+                                       e2e_key=key)
+        xw.write(b"hello?")
+        with pytest.raises(E2EError, match="wrong key"):
+            await yr.read(10)
+        for w in (xw, yw):
+            w.close()
+
+    run(body)
+
+
+# -- password-encrypted handshake -------------------------------------------------------------
+
+
+@needs_crypto
+def test_password_right_one_works_wrong_one_is_rejected(start_server):
+    server = start_server("--mode", "chan", "--password", "open sesame")
+
+    async def body() -> None:
+        br, bw, b = await open_session(server.host, server.port, "pb", ["pa"],
+                                       password="open sesame")
+        ar, aw, a = await open_session(server.host, server.port, "pa", ["pb"], timeout=60,
+                                       password="open sesame")
+        assert (a, b) == ("pa", "pb")
+        aw.write(b"knock knock")
+        assert await br.readexactly(11) == b"knock knock"
+        for w in (aw, bw):
+            w.close()
+        with pytest.raises(HandshakeError, match="handshake rejected"):
+            await open_session(server.host, server.port, "pc", password="open barley")
+        with pytest.raises(HandshakeError, match="handshake rejected"):
+            await open_session(server.host, server.port, "pd")  # no password at all
+
+    run(body)
+    with connect(server.host, server.port, "pe", password="open sesame") as conn:
+        assert conn.chid == "pe"
+    with pytest.raises(HandshakeError, match="handshake rejected"):
+        connect(server.host, server.port, "pf", password="wrong")
+
+
+@needs_crypto
+def test_password_and_e2e_together(start_server, key):
+    server = start_server("--mode", "chan", "--password", "pw")
+
+    async def body() -> None:
+        br, bw, _ = await open_session(server.host, server.port, "qb", ["qa"], password="pw",
+                                       e2e_key=key)
+        ar, aw, _ = await open_session(server.host, server.port, "qa", ["qb"], password="pw",
+                                       e2e_key=key)
+        aw.write(b"double wrapped")
+        aw.write_eof()
+        assert await br.read() == b"double wrapped"
+        for w in (aw, bw):
+            w.close()
+
+    run(body)
+

@@ -1,0 +1,200 @@
+"""fwd-cat as a process against a real fwd-server: files through the relay byte-exact
+in chan and broadcast mode, exit codes, and one-line errors.
+
+Synchronisation: the server's ``live chid=...`` log lines say when a fwd-cat is
+in its session; after that only bytes and process exits are waited for.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import recv_hash
+
+MiB = 1 << 20
+WAIT = 60.0
+
+_SCRIPT = Path(sys.executable).with_name("fwd-cat")
+CAT_CMD = ([str(_SCRIPT)] if _SCRIPT.exists()
+           else [sys.executable, "-c", "from fwd.cli import cat; cat()"])
+needs_crypto = pytest.mark.skipif(
+    importlib.util.find_spec("fwd.crypto") is None,
+    reason="fwd/crypto.py (password-encrypted handshake) is not there yet")
+
+
+@pytest.fixture
+def fwd_cat() -> Iterator[Any]:
+    """Factory: ``fwd_cat(server, *args, stdin=..., stdout=..., env=...)`` -> Popen."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(server: Any, *args: str, stdin: Any = subprocess.DEVNULL,
+              stdout: Any = subprocess.DEVNULL, env: dict[str, str] | None = None,
+              address: str | None = None) -> subprocess.Popen[bytes]:
+        full_env = {k: v for k, v in os.environ.items()
+                    if k not in ("FWD_PASSWORD", "FWD_E2E_KEY")}
+        full_env.update(env or {})
+        addr = address or f"{server.host}:{server.port}"
+        proc = subprocess.Popen([*CAT_CMD, addr, *args], stdin=stdin, stdout=stdout,
+                                stderr=subprocess.PIPE, env=full_env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
+def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    """Exit code and stderr of a fwd-cat that is expected to end on its own."""
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()  # EOF when the process exits
+    return proc.wait(WAIT), err
+
+
+@pytest.fixture
+def big_file(tmp_path: Path) -> tuple[Path, str, int]:
+    data = os.urandom(3 * MiB + 4321)
+    path = tmp_path / "in.bin"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest(), len(data)
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
+def test_chan_file_transfer_byte_exact_both_exit_0(chan_server, fwd_cat, big_file, tmp_path,
+                                                   e2e):
+    src, digest, _ = big_file
+    out = tmp_path / "out.bin"
+    env = {"FWD_E2E_KEY": e2e} if e2e else None
+    mark = chan_server.mark()
+    # The receiver's stdin stays open (like a terminal): only a's FIN ends the transfer.
+    with open(out, "wb") as fout:
+        receiver = fwd_cat(chan_server, "--chid", "b", "--to", "a", stdin=subprocess.PIPE,
+                           stdout=fout, env=env)
+    # Start the sender once b is live, so its bytes go straight through, not via the hold.
+    chan_server.wait_log(r"live chid=b ", start=mark)
+    with open(src, "rb") as fin:
+        sender = fwd_cat(chan_server, "--chid", "a", "--to", "b", stdin=fin, env=env)
+    assert finish(receiver) == (0, "")
+    assert finish(sender) == (0, "")
+    assert file_sha(out) == digest
+    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways", start=mark)
+
+
+def test_broadcast_file_transfer_byte_exact(bcast_server, fwd_cat, big_file):
+    src, digest, size = big_file
+    mark = bcast_server.mark()
+    listener = fwd_cat(bcast_server, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    bcast_server.wait_log(r"live chid=None ", start=mark)
+    with open(src, "rb") as fin:
+        sender = fwd_cat(bcast_server, stdin=fin)
+    assert listener.stdout is not None and listener.stdin is not None
+    got = recv_hash(_PipeSock(listener.stdout), size)
+    assert got == digest
+    # The sender's EOF ended its broadcast session: the server closed it, it exits 0.
+    assert finish(sender) == (0, "")
+    listener.stdin.close()  # now the listener half-closes, the server ends it too
+    assert finish(listener) == (0, "")
+    assert listener.stdout.read() == b""  # nothing but the file
+
+
+class _PipeSock:
+    """``recv`` over a pipe, for the socket helpers."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def recv(self, n: int) -> bytes:
+        return self.f.read1(n)
+
+
+def test_unreachable_address_is_one_line_and_exit_1(fwd_cat):
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    proc = fwd_cat(None, address=f"127.0.0.1:{port}")
+    code, err = finish(proc)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith(f"fwd-cat: cannot connect to 127.0.0.1:{port}: ")
+    assert "Traceback" not in err
+
+
+def test_chid_in_use_exits_3_with_the_servers_desc(chan_server, fwd_cat):
+    holder, _ = chan_server.handshake("dup")
+    proc = fwd_cat(chan_server, "--chid", "dup")
+    code, err = finish(proc)
+    assert code == 3
+    assert err == (f"fwd-cat: {chan_server.host}:{chan_server.port}: "
+                   "handshake rejected: chid in use: dup\n")
+
+
+def test_usage_errors_exit_2(chan_server, fwd_cat):
+    code, err = finish(fwd_cat(chan_server, "--chid", "x", "--no-handshake"))
+    assert code == 2 and "need the handshake" in err
+    code, err = finish(fwd_cat(chan_server, "--chid", "bad\x01"))
+    assert code == 2 and "control characters" in err
+    code, err = finish(fwd_cat(None, address="no-port-here"))
+    assert code == 2
+
+
+def test_e2e_key_mismatch_exits_4(chan_server, fwd_cat, tmp_path):
+    keyfile = tmp_path / "key"
+    keyfile.write_text("key one\n")
+    mark = chan_server.mark()
+    receiver = fwd_cat(chan_server, "--chid", "mb", "--to", "ma", "--e2e-key-file", str(keyfile),
+                       stdin=subprocess.PIPE)
+    chan_server.wait_log(r"live chid=mb ", start=mark)
+    sender = fwd_cat(chan_server, "--chid", "ma", "--to", "mb", env={"FWD_E2E_KEY": "key two"},
+                     stdin=subprocess.PIPE)
+    assert sender.stdin is not None
+    sender.stdin.write(b"not for you")
+    sender.stdin.close()
+    code, err = finish(receiver)
+    assert code == 4
+    assert err.startswith("fwd-cat: end-to-end decryption: authentication failed")
+    assert err.count("\n") == 1
+    assert finish(sender)[0] == 4  # the receiver's closing record does not decrypt either
+
+
+@needs_crypto
+def test_password_from_env_or_file(start_server, fwd_cat, tmp_path):
+    server = start_server("--mode", "chan", "--password", "s3cret")
+    pwfile = tmp_path / "pw"
+    pwfile.write_text("s3cret\n")
+    mark = server.mark()
+    receiver = fwd_cat(server, "--chid", "pb", "--to", "pa", "--password-file", str(pwfile),
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    server.wait_log(r"live chid=pb ", start=mark)
+    sender = fwd_cat(server, "--chid", "pa", "--to", "pb", env={"FWD_PASSWORD": "s3cret"},
+                     stdin=subprocess.PIPE)
+    assert sender.stdin is not None and receiver.stdout is not None
+    sender.stdin.write(b"over an encrypted handshake\n")
+    sender.stdin.close()
+    assert receiver.stdout.read() == b"over an encrypted handshake\n"
+    assert finish(receiver) == (0, "")
+    assert finish(sender) == (0, "")
+
+    code, err = finish(fwd_cat(server, "--chid", "pc", env={"FWD_PASSWORD": "wrong"}))
+    assert code == 3 and "handshake rejected" in err
+    assert "wrong" not in err and "s3cret" not in err  # never echoed
+    # A password implies the handshake (no --chid needed).
+    code, err = finish(fwd_cat(server, "--password", "wrong"))
+    assert code == 3 and re.search(r"handshake rejected\n$", err)

@@ -1,0 +1,125 @@
+"""The process structure: an acceptor that hands sockets to workers, supervision,
+and clean stops. Real processes, signals and /proc; no mocks."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+
+import pytest
+
+from helpers import Sender, assert_pair_works, pair, recv_exact, recv_hash
+
+MiB = 1 << 20
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def _tcp_inodes(port: int, state: str) -> set[str]:
+    """Inodes of TCP sockets with local port ``port`` in ``state`` (01 ESTABLISHED, 0A LISTEN)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == state:
+                    found.add(cols[9])
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
+def test_client_sockets_live_in_the_worker_not_the_acceptor(chan_server):
+    sa, sb = pair(chan_server)
+    sa.sendall(b"x")
+    assert recv_exact(sb, 1) == b"x"
+    established = _tcp_inodes(chan_server.port, "01")
+    assert len(established) >= 2
+    acceptor = _socket_inodes(chan_server.pid)
+    (worker,) = chan_server.workers()
+    assert not acceptor & established, "the acceptor kept a client socket"
+    assert established <= _socket_inodes(worker)
+    assert acceptor & _tcp_inodes(chan_server.port, "0A"), "the acceptor owns the listener"
+
+
+def test_process_titles_name_the_roles(chan_server):
+    assert _cmdline(chan_server.pid) == "fwd-server: acceptor"
+    assert [_cmdline(p) for p in chan_server.workers()] == ["fwd-server: worker 0"]
+
+
+def test_killed_worker_is_replaced_and_its_chids_freed(chan_server):
+    sa, sb = pair(chan_server)
+    (old,) = chan_server.workers()
+    mark = chan_server.mark()
+    os.kill(old, signal.SIGKILL)
+    chan_server.wait_log(r"worker 0 \(pid \d+\) exited with signal 9", start=mark)
+    chan_server.wait_log(r"worker 0 ready", start=mark)
+    # The dead worker's clients see their connection end...
+    for s in (sa, sb):
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    # ...the acceptor never stopped, and the chids are free again.
+    (new,) = chan_server.workers()
+    assert new != old
+    pair(chan_server, "a", "b")
+    assert_pair_works(chan_server)
+
+
+def test_sigterm_drains_queued_bytes_then_leaves_no_process(start_server):
+    server = start_server("--mode", "chan", "--drain-timeout", "20", "--max-buffer", "2MiB")
+    sa, sb = pair(server)
+    mark = server.mark()
+    up = Sender(sa, 64 * MiB)
+    up.start()
+    # b does not read: the server queues for it until a is paused.
+    server.wait_log(r"paused chid=a", start=mark)
+    workers = server.workers()
+    server.proc.send_signal(signal.SIGTERM)
+    queued = int(server.wait_log(r"draining \d+ sessions with (\d+) queued bytes",
+                                 start=mark).group(1))
+    assert queued >= 2 * MiB
+    got = bytearray()
+    while chunk := sb.recv(1 << 20):
+        got += chunk
+    assert server.proc.wait(30) == 0
+    # What the server held when it was told to stop still arrived, intact and in order.
+    assert len(got) >= queued
+    assert hashlib.sha256(got).digest() == hashlib.sha256(up.data[:len(got)]).digest()
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}"), "a worker outlived the server"
+
+
+def test_sigint_stops_cleanly_too(start_server):
+    server = start_server("--mode", "broadcast")
+    workers = server.workers()
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(30) == 0
+    server.wait_log(r"stopped")
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("mode", ["chan", "broadcast"])
+def test_byte_exact_through_the_worker(start_server, mode):
+    server = start_server("--mode", mode)
+    sa, sb = pair(server)
+    up = Sender(sa, 4 * MiB)
+    up.start()
+    assert recv_hash(sb, 4 * MiB) == up.digest
+    up.finish()
