@@ -50,19 +50,23 @@ def _password_options(f: Any) -> Any:
 
 def _take_password(options: dict[str, Any]) -> str | None:
     """Pop both options and return the password; the error never shows it."""
-    password, path = options.pop("password"), options.pop("password_file")
-    if password is not None and path is not None:
-        raise click.UsageError("give --password or --password-file, not both")
+    return _read_secret(options.pop("password"), options.pop("password_file"), "password")
+
+
+def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
+    """A secret from its option/env value or the first line of a file; never echoed."""
+    if value is not None and path is not None:
+        raise click.UsageError(f"give --{what} or --{what}-file, not both")
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                password = f.readline().rstrip("\r\n")
+                value = f.readline().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as exc:
-            raise click.UsageError(f"cannot read --password-file {path}: "
+            raise click.UsageError(f"cannot read --{what}-file {path}: "
                                    f"{getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
-    if password == "":
-        raise click.UsageError("the password must not be empty")
-    return password
+    if value == "":
+        raise click.UsageError(f"the {what} must not be empty")
+    return value
 
 
 @click.command(context_settings={"auto_envvar_prefix": "FWD", "show_default": True,
@@ -175,22 +179,6 @@ CAT_EXIT_E2E = 4
 """fwd-cat: the end-to-end encrypted stream was not authentic or was cut short."""
 
 
-def _cat_secret(value: str | None, path: str | None, what: str) -> str | None:
-    """A secret from its option/env value or the first line of a file; never echoed."""
-    if value is not None and path is not None:
-        raise click.UsageError(f"give --{what} or --{what}-file, not both")
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                value = f.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise click.UsageError(f"cannot read --{what}-file {path}: "
-                                   f"{getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
-    if value == "":
-        raise click.UsageError(f"the {what} must not be empty")
-    return value
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("address", type=_HostPort(), metavar="HOST:PORT")
 @click.option("--chid", default=None, help="Handshake: the chid to claim [default: server picks].")
@@ -228,8 +216,8 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
     from .client import HandshakeError, connect, splice_stdio
     from .e2e import E2EError
 
-    password = _cat_secret(password, password_file, "password")
-    secret = _cat_secret(e2e_key, e2e_key_file, "e2e-key")
+    password = _read_secret(password, password_file, "password")
+    secret = _read_secret(e2e_key, e2e_key_file, "e2e-key")
     wants = bool(chid or recvers or timeout is not None or password is not None)
     if handshake is None:
         handshake = wants

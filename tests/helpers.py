@@ -1,6 +1,7 @@
 """Blocking socket helpers for talking to a real fwd-server in tests."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -136,3 +137,49 @@ def assert_pair_works(server: Any) -> None:
     assert recv_exact(sa, 4) == b"pong"
     sa.close()
     sb.close()
+
+
+TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_LISTEN = 0x01, 0x08, 0x0A
+
+
+@dataclasses.dataclass(frozen=True)
+class TcpSocket:
+    """One row of /proc/net/tcp{,6}: what the kernel says about a TCP socket."""
+
+    local_port: int
+    remote_port: int
+    state: int
+    tx_queue: int
+    rx_queue: int
+    inode: str
+
+
+def tcp_sockets() -> list[TcpSocket]:
+    """Every TCP socket on this machine (IPv4 and IPv6), from the kernel's tables."""
+    rows = []
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    p = line.split()
+                    txq, rxq = p[4].split(":")
+                    rows.append(TcpSocket(int(p[1].rsplit(":", 1)[1], 16),
+                                          int(p[2].rsplit(":", 1)[1], 16), int(p[3], 16),
+                                          int(txq, 16), int(rxq, 16), p[9]))
+        except FileNotFoundError:  # pragma: no cover - no IPv6
+            pass
+    return rows
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process ``pid`` holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -23,7 +22,16 @@ from pathlib import Path
 import pytest
 
 from conftest import Server
-from helpers import Sender, read_line, recv_exact, recv_hash, send_json
+from helpers import (
+    TCP_LISTEN,
+    Sender,
+    read_line,
+    recv_exact,
+    recv_hash,
+    send_json,
+    socket_inodes,
+    tcp_sockets,
+)
 
 MiB = 1 << 20
 WAIT = 30.0
@@ -255,26 +263,7 @@ def test_fwd_server_restart_on_same_port_is_recovered(start_server, start_client
 
 
 def _listening_inodes() -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A":  # TCP_LISTEN
-                    inodes.add(fields[9])
-    return inodes
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if m := re.fullmatch(r"socket:\[(\d+)\]", target):
-            found.add(m.group(1))
-    return found
+    return {t.inode for t in tcp_sockets() if t.state == TCP_LISTEN}
 
 
 def test_client_holds_no_listening_socket(start_server, start_client, start_service):
@@ -283,21 +272,19 @@ def test_client_holds_no_listening_socket(start_server, start_client, start_serv
     br = chan_bridge(start_client, server, svc)
     remote, _ = server.handshake("user", ["svc"])
     round_trip(remote, 64 * 1024)  # both sides are connected now
-    sockets = _socket_inodes(br.pid)
+    sockets = socket_inodes(br.pid)
     assert len(sockets) >= 2, "expected the two outbound connections"
     assert not sockets & _listening_inodes()
     # The check itself sees listeners: the server's is found the same way.
-    assert _socket_inodes(server.pid) & _listening_inodes()
+    assert socket_inodes(server.pid) & _listening_inodes()
 
 
 def _rx_queue(pid: int, remote_port: int) -> int | None:
     """Bytes waiting unread in ``pid``'s socket connected to ``remote_port``."""
-    mine = _socket_inodes(pid)
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[9] in mine and int(fields[2].split(":")[1], 16) == remote_port:
-                return int(fields[4].split(":")[1], 16)
+    mine = socket_inodes(pid)
+    for t in tcp_sockets():
+        if t.inode in mine and t.remote_port == remote_port:
+            return t.rx_queue
     return None
 
 

@@ -10,7 +10,15 @@ import time
 
 import pytest
 
-from helpers import assert_pair_works, handshake, read_line, send_json
+from helpers import (
+    TCP_CLOSE_WAIT,
+    TcpSocket,
+    assert_pair_works,
+    handshake,
+    read_line,
+    send_json,
+    tcp_sockets,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -18,25 +26,13 @@ MiB = 1 << 20
 WARMUP = 1000
 CYCLES = 5000
 THREADS = 4
-TCP_CLOSE_WAIT = 0x08
 KINDS = ("complete", "hs1-close", "hs2-close", "half-line", "half-close", "garbage-close",
          "garbage-read")
 
 
-def close_wait_on_port(port: int) -> list[str]:
-    """Lines of /proc/net/tcp{,6} for CLOSE_WAIT sockets whose local port is ``port``."""
-    bad = []
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f)
-                for line in f:
-                    p = line.split()
-                    if int(p[1].rsplit(":", 1)[1], 16) == port and int(p[3], 16) == TCP_CLOSE_WAIT:
-                        bad.append(line.strip())
-        except FileNotFoundError:  # pragma: no cover - no IPv6
-            pass
-    return bad
+def close_wait_on_port(port: int) -> list[TcpSocket]:
+    """CLOSE_WAIT sockets whose local port is ``port``."""
+    return [t for t in tcp_sockets() if t.local_port == port and t.state == TCP_CLOSE_WAIT]
 
 
 def wait_until(cond, timeout: float, what: str) -> None:

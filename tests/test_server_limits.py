@@ -28,6 +28,7 @@ from helpers import (
     recv_exact,
     recv_hash,
     send_json,
+    tcp_sockets,
 )
 
 KiB = 1 << 10
@@ -41,19 +42,8 @@ READ_SIZE = 256 * KiB
 
 def tcp_rows() -> list[tuple[int, int, int, int, int]]:
     """(local port, remote port, state, tx_queue, rx_queue) of every TCP socket here."""
-    rows = []
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f)
-                for line in f:
-                    p = line.split()
-                    txq, rxq = p[4].split(":")
-                    rows.append((int(p[1].rsplit(":", 1)[1], 16), int(p[2].rsplit(":", 1)[1], 16),
-                                 int(p[3], 16), int(txq, 16), int(rxq, 16)))
-        except FileNotFoundError:  # pragma: no cover - no IPv6
-            pass
-    return rows
+    return [(t.local_port, t.remote_port, t.state, t.tx_queue, t.rx_queue)
+            for t in tcp_sockets()]
 
 
 def conn_rows(server_port: int, *client_ports: int) -> list[tuple[int, int, int, int, int]]:

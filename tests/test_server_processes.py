@@ -8,34 +8,23 @@ import signal
 
 import pytest
 
-from helpers import Sender, assert_pair_works, pair, recv_exact, recv_hash
+from helpers import (
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
+    Sender,
+    assert_pair_works,
+    pair,
+    recv_exact,
+    recv_hash,
+    socket_inodes,
+    tcp_sockets,
+)
 
 MiB = 1 << 20
 
 
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
-
-
-def _tcp_inodes(port: int, state: str) -> set[str]:
-    """Inodes of TCP sockets with local port ``port`` in ``state`` (01 ESTABLISHED, 0A LISTEN)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            next(f)
-            for line in f:
-                cols = line.split()
-                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == state:
-                    found.add(cols[9])
-    return found
+def _tcp_inodes(port: int, state: int) -> set[str]:
+    return {t.inode for t in tcp_sockets() if t.local_port == port and t.state == state}
 
 
 def _cmdline(pid: int) -> str:
@@ -47,13 +36,13 @@ def test_client_sockets_live_in_the_worker_not_the_acceptor(chan_server):
     sa, sb = pair(chan_server)
     sa.sendall(b"x")
     assert recv_exact(sb, 1) == b"x"
-    established = _tcp_inodes(chan_server.port, "01")
+    established = _tcp_inodes(chan_server.port, TCP_ESTABLISHED)
     assert len(established) >= 2
-    acceptor = _socket_inodes(chan_server.pid)
+    acceptor = socket_inodes(chan_server.pid)
     (worker,) = chan_server.workers()
     assert not acceptor & established, "the acceptor kept a client socket"
-    assert established <= _socket_inodes(worker)
-    assert acceptor & _tcp_inodes(chan_server.port, "0A"), "the acceptor owns the listener"
+    assert established <= socket_inodes(worker)
+    assert acceptor & _tcp_inodes(chan_server.port, TCP_LISTEN), "the acceptor owns the listener"
 
 
 def test_process_titles_name_the_roles(chan_server):
