@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
+FWD_TEST_WORKERS ?= 1
 
 .PHONY: setup run test bench clean
 
@@ -18,8 +19,9 @@ $(VENV)/.installed: pyproject.toml setup.py fwd/_fastcopy.pyx
 run: setup
 	$(BIN)/fwd-server $(ARGS)
 
+# FWD_TEST_WORKERS=3 runs every server the tests start with three workers.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	FWD_TEST_WORKERS=$(FWD_TEST_WORKERS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m pytest bench --benchmark-only $(PYTEST_ARGS)

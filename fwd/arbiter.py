@@ -18,15 +18,18 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 from . import fdpass
 from .acceptor import Acceptor, describe, open_listeners
 from .config import Config
+from .coordinator import Coordinator
 
 log = logging.getLogger("fwd.arbiter")
 
@@ -52,6 +55,7 @@ class Worker:
     handoff: fdpass.Handoff
     ready: bool = False
     exited: bool = False
+    conns: int = 0
 
 
 class Arbiter:
@@ -67,9 +71,25 @@ class Arbiter:
         self._all_exited = asyncio.Event()
         self._rr = itertools.cycle(range(config.workers))
         self.acceptor: Acceptor | None = None
+        self.refused = 0
+        self._last_refusal_log = -1e9
+        # ZeroMQ ipc endpoints live here, private to this server, removed at exit.
+        self.rundir = tempfile.mkdtemp(prefix="fwd-")
+        self.coordinator: Coordinator | None = None
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            if self.coordinator is not None:
+                self.coordinator.close()
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    async def _run(self) -> int:
         listeners = open_listeners(self.config.listen)
+        if self.config.workers > 1:
+            self.coordinator = Coordinator(self.loop, self.config.workers, self.rundir,
+                                           self.config.takeover)
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.stop)
         for wid in range(self.config.workers):
@@ -98,31 +118,55 @@ class Arbiter:
             )
         finally:
             child.close()
-        parent.send(fdpass.pack(dataclasses.asdict(self.config)))
+        parent.send(fdpass.pack({**dataclasses.asdict(self.config), "rundir": self.rundir}))
         worker = Worker(wid, transport.get_pid(), transport, parent,
                         fdpass.Handoff(self.loop, parent))
         self.workers[wid] = worker
         self.loop.add_reader(parent, self._from_worker, worker)
         log.debug("worker %d started pid=%d", wid, worker.pid)
 
-    def _from_worker(self, worker: Worker) -> None:
+    def _from_worker(self, worker: Worker, drain: bool = False) -> None:
+        for _ in range(fdpass.BATCH if drain else 1):
+            if worker.exited or not self._one_from_worker(worker):
+                return
+
+    def _one_from_worker(self, worker: Worker) -> bool:
         try:
-            message = worker.channel.recv(64)
+            message, fds, _, _ = socket.recv_fds(worker.channel, 65536, 1)
         except BlockingIOError:
-            return
+            return False
         except OSError:
-            message = b""
-        if message == b"ready":
+            message, fds = b"", []
+        if fds:
+            self._forward_moved(worker, socket.socket(fileno=fds[0]), message)
+        elif message == b"x":  # one of its connections ended
+            worker.conns = max(worker.conns - 1, 0)
+        elif message == b"ready":
             worker.ready = True
             log.info("worker %d ready pid=%d", worker.wid, worker.pid)
         elif not message:
             self.loop.remove_reader(worker.channel)
+            return False
+        return True
+
+    def _forward_moved(self, source: Worker, sock: socket.socket, message: bytes) -> None:
+        """A worker hands a session to the worker its receivers live on."""
+        meta, data = fdpass.unpack(message)
+        source.conns = max(source.conns - 1, 0)
+        target = self.workers.get(meta.pop("to", -1))
+        if target is None or target.exited:
+            sock.close()  # that worker is restarting: the client sees the connection end
+            return
+        target.conns += 1
+        target.handoff.send(sock, meta, data)
 
     def worker_exited(self, wid: int) -> None:
         worker = self.workers.get(wid)
         if worker is None or worker.exited:
             return
         worker.exited = True
+        if self.coordinator is not None:
+            self.coordinator.worker_lost(wid)
         code = worker.transport.get_returncode()
         self.loop.remove_reader(worker.channel)
         worker.handoff.close()
@@ -145,13 +189,26 @@ class Arbiter:
     # -- connections -----------------------------------------------------------
 
     def dispatch(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        """Hand a new client socket to the next worker that is running."""
-        for _ in range(self.config.workers):
-            worker = self.workers.get(next(self._rr))
-            if worker is not None and not worker.exited:
-                worker.handoff.send(sock, {"peer": list(peer)})
-                return
-        sock.close()  # every worker is restarting: the client may retry
+        """Hand a new client socket to the running worker with the fewest."""
+        running = [w for w in self.workers.values() if not w.exited]
+        if sum(w.conns for w in running) >= self.config.max_conns:
+            for w in running:  # take in the "gone" notes already waiting, then decide
+                self._from_worker(w, drain=True)
+        if sum(w.conns for w in running) >= self.config.max_conns or not running:
+            # Over --max-conns (or every worker is restarting): closed at once.
+            sock.close()
+            self.refused += 1
+            now = self.loop.time()
+            if now - self._last_refusal_log >= 1.0:
+                self._last_refusal_log = now
+                log.warning("refusing connection from %s:%d: %d connections (--max-conns), "
+                            "%d refused so far", peer[0], peer[1],
+                            sum(w.conns for w in running), self.refused)
+            return
+        start, n = next(self._rr), self.config.workers  # rotate among equals
+        worker = min(running, key=lambda w: (w.conns, (w.wid - start) % n))
+        worker.conns += 1
+        worker.handoff.send(sock, {"peer": list(peer)})
 
     # -- shutdown --------------------------------------------------------------
 

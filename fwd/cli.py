@@ -76,7 +76,7 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
 @click.option("--mode", type=click.Choice(MODES), default=_D.mode,
               help="chan: clients handshake and name receivers; broadcast: all to all.")
 @click.option("--workers", type=click.IntRange(min=1), default=_D.workers,
-              help="Worker processes (only 1 is implemented so far).")
+              help="Worker processes that forward bytes.")
 @click.option("--handshake-timeout", type=_SECONDS, default=_D.handshake_timeout,
               help="Seconds a client has to finish the handshake (0 = no limit).")
 @click.option("--idle-timeout", type=_SECONDS, default=_D.idle_timeout,
@@ -104,8 +104,6 @@ def server(**options: Any) -> None:
     """Relay raw TCP bytes between clients that connect to it."""
     options["listen"] = list(options["listen"])
     options["password"] = _take_password(options)
-    if options["workers"] != 1:
-        raise click.UsageError("--workers > 1 is not implemented yet; run with --workers 1")
     config = Config(**options)
     setup_logging(config.log_level, "acceptor")
     set_title("fwd-server: acceptor")

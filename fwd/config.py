@@ -5,6 +5,7 @@ can build a Config without click.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ class Config:
 
     listen: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 8601)])
     mode: str = "broadcast"
-    workers: int = 1
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     handshake_timeout: float = 30.0
     idle_timeout: float = 0.0
     max_buffer: int = 4 * 1024**2

@@ -19,6 +19,8 @@ from typing import Any
 MAX_DATA = 60 * 1024
 """Bytes already read that may travel with a socket (one message must fit a
 default Unix socket buffer); the sender reads no more than this before a hand-off."""
+BATCH = 256
+"""Messages taken from a channel per wake-up before yielding to the loop."""
 _HEAD = struct.Struct("!I")
 _MAX_MESSAGE = 64 * 1024
 

@@ -93,8 +93,9 @@ class Registry:
                 if not counts:
                     del self._wanted_by[chid]
 
-    def place(self, chid: str | None, recvers: Iterable[str]) -> int:
-        """The worker a session with this chid and these recvers should live on."""
+    def votes(self, chid: str | None, recvers: Iterable[str]) -> Counter[int]:
+        """Per worker: how many of the chids this session names live there, plus
+        how many sessions there name it."""
         votes: Counter[int] = Counter()
         for r in recvers:
             where = self.where(r)
@@ -102,6 +103,11 @@ class Registry:
                 votes[where] += 1
         if chid is not None and chid in self._wanted_by:
             votes.update(self._wanted_by[chid])
+        return votes
+
+    def place(self, chid: str | None, recvers: Iterable[str]) -> int:
+        """The worker a session with this chid and these recvers should live on."""
+        votes = self.votes(chid, recvers)
         if votes:
             return max(votes, key=lambda w: (votes[w], -self._conns[w], -w))
         return self.least_loaded()

@@ -30,14 +30,17 @@ class Route(Generic[T]):
 
     ``targets`` may include the sender itself (the shared "everyone" tuple is
     reused for all broadcasters), so the writer skips ``sender``. ``to_all`` is
-    true for "everyone else" routes; ``missing`` lists named receivers that are
-    not live, whose bytes are to be held.
+    true for "everyone else" routes (which also reach every other worker);
+    ``remote`` names receivers live on other workers, as (worker, chid);
+    ``missing`` lists named receivers that are not live anywhere, whose bytes
+    are to be held.
     """
 
     generation: int
     targets: tuple[T, ...]
     missing: tuple[str, ...]
     to_all: bool
+    remote: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -69,6 +72,7 @@ class Router(Generic[T]):
         self._everyone_gen = -1
         self._routes: dict[T, Route[T]] = {}
         self._holds: dict[str, _Hold] = {}
+        self._remote: dict[str, int] = {}
 
     # -- registry ---------------------------------------------------------------
 
@@ -95,6 +99,11 @@ class Router(Generic[T]):
 
     def owner(self, chid: str) -> T | None:
         return self._owner.get(chid)
+
+    def live(self, chid: str) -> T | None:
+        """The live session holding ``chid`` here, unless its write side is shut."""
+        session = self._live.get(chid)
+        return None if session is None or session in self._muted else session
 
     def chid_of(self, session: T) -> str | None:
         return self._chid_of.get(session)
@@ -168,8 +177,11 @@ class Router(Generic[T]):
                 s for c in recvers
                 if (s := live.get(c)) is not None and s is not sender and s not in muted
             )
-            missing = tuple(c for c in recvers if c not in live)
-            route = Route(self.generation, targets, missing, False)
+            remote_of = self._remote
+            remote = tuple((remote_of[c], c) for c in recvers
+                           if c not in live and c in remote_of)
+            missing = tuple(c for c in recvers if c not in live and c not in remote_of)
+            route = Route(self.generation, targets, missing, False, remote)
         else:
             route = Route(self.generation, self.everyone(), (), True)
         self._routes[sender] = route
@@ -182,6 +194,34 @@ class Router(Generic[T]):
             self._everyone = tuple(s for s in self._recvers if s not in muted)
             self._everyone_gen = self.generation
         return self._everyone
+
+    # -- other workers -----------------------------------------------------------
+
+    def set_remote(self, chid: str, worker: int) -> list[bytes]:
+        """``chid`` went live on another worker; return what was held for it here,
+        to be sent there before anything newer."""
+        self._remote[chid] = worker
+        self.generation += 1
+        hold = self._holds.pop(chid, None)
+        if hold is None:
+            return []
+        self.held -= hold.size
+        return [chunk for _, chunk in hold.chunks]
+
+    def drop_remote(self, chid: str, worker: int | None = None) -> None:
+        """``chid`` left its worker (or, with ``worker``, only if it lived there)."""
+        if chid in self._remote and (worker is None or self._remote[chid] == worker):
+            del self._remote[chid]
+            self.generation += 1
+
+    def drop_worker(self, worker: int) -> None:
+        """A worker died: none of its chids are live any more."""
+        for chid in [c for c, w in self._remote.items() if w == worker]:
+            del self._remote[chid]
+        self.generation += 1
+
+    def where(self, chid: str) -> int | None:
+        return self._remote.get(chid)
 
     # -- hold buffers ------------------------------------------------------------
 

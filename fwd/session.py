@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hmac
 import logging
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from . import fdpass
 from .crypto import REJECTED, AeadLineCodec
 from .errors import ChidInUse, LineRejected, RemoteProtocolError
 from .fastpath import fanout
@@ -43,6 +45,8 @@ SNIFF_CONNECT_WINDOW = 0.05
 """Broadcast mode: a silent new connection becomes a plain receiver after this long."""
 SNIFF_LINE_WINDOW = 0.005
 """Broadcast mode: a first line starting with ``{`` must end within this long to be an hs1."""
+HANDSHAKE_READ = 16 * 1024
+"""Largest read before a session is live (bounds what travels if it moves)."""
 CLOSE_LINGER = 5.0
 """How long a closing connection may take to flush before it is aborted."""
 
@@ -61,10 +65,11 @@ class Session(asyncio.BufferedProtocol):
         "hub", "transport", "state", "peer", "chid", "hs", "sniffed", "pending_out",
         "pending_size", "timeout", "timer", "slow_timer", "linger", "last_active",
         "writing_paused", "bytes_in", "bytes_out", "started", "dropped", "end_reason",
-        "read_closed", "write_closed", "partner", "nonce",
+        "read_closed", "write_closed", "partner", "nonce", "token", "claiming", "moved",
+        "adopted", "counted_out",
     )
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None) -> None:
         self.hub = hub
         self.transport: asyncio.Transport | None = None
         self.state = St.SNIFF
@@ -90,6 +95,11 @@ class Session(asyncio.BufferedProtocol):
         self.write_closed = False
         self.partner: Session | None = None
         self.nonce: str | None = None  # hs2's token, encrypted handshake only
+        self.token = hub.new_token()  # names this session to the coordinator
+        self.claiming = False  # an hs1 waits for the coordinator's answer
+        self.moved = False  # handed to another worker: its chid goes with it
+        self.counted_out = False  # the parent was told this connection is gone
+        self.adopted = adopted
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -109,6 +119,9 @@ class Session(asyncio.BufferedProtocol):
         loop = hub.loop
         self.started = self.last_active = loop.time()
         self.timeout = hub.config.idle_timeout  # hs3 may override it
+        if self.adopted is not None:
+            self._adopt(*self.adopted)
+            return
         if hub.config.mode == "chan" or hub.key is not None:
             # With a password there is no sniffing: everyone must handshake.
             self._start_handshake()
@@ -118,7 +131,9 @@ class Session(asyncio.BufferedProtocol):
             self.timer = loop.call_later(SNIFF_CONNECT_WINDOW, self._sniff_expired)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.hub.view
+        # Before a session is live, small reads: what follows hs3 in the same
+        # read must fit into a hand-off message if the session moves.
+        return self.hub.view if self.state is St.LIVE else self.hub.view[:HANDSHAKE_READ]
 
     def buffer_updated(self, nbytes: int) -> None:
         chunk = bytes(self.hub.view[:nbytes])
@@ -173,15 +188,20 @@ class Session(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
-        slow = self.hub.config.slow_timeout
-        if slow > 0 and self.state is St.LIVE:
-            self.slow_timer = self.hub.loop.call_later(slow, self._slow_consumer)
+        if self.state is St.LIVE:
+            slow = self.hub.config.slow_timeout
+            if slow > 0:
+                self.slow_timer = self.hub.loop.call_later(slow, self._slow_consumer)
+            if self.hub.mesh is not None:  # senders on other workers must wait too
+                self.hub.mesh.signal(True, self.chid)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         if self.slow_timer is not None:
             self.slow_timer.cancel()
             self.slow_timer = None
+        if self.state is St.LIVE and self.hub.mesh is not None:
+            self.hub.mesh.signal(False, self.chid)
         self.hub.resume_senders(self.hub.backpressure.release(self))
 
     # -- broadcast sniffing ---------------------------------------------------------
@@ -227,8 +247,14 @@ class Session(asyncio.BufferedProtocol):
         hs = self.hs
         assert hs is not None and self.transport is not None
         hs.receive_data(chunk)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Act on every handshake line already received."""
+        hs = self.hs
+        assert hs is not None and self.transport is not None
         try:
-            while self.state is St.HANDSHAKE:
+            while self.state is St.HANDSHAKE and not self.claiming:
                 event = hs.next_event()
                 if event is NEED_DATA:
                     return
@@ -241,10 +267,17 @@ class Session(asyncio.BufferedProtocol):
                                 event.nonce.encode("utf-8", "surrogatepass"),
                                 self.nonce.encode())):
                         raise RemoteProtocolError("hs3 nonce does not match hs2")
-                    self.transport.write(hs.send(Hs4(True)))
                     if event.timeout is not None:
                         self.timeout = float(event.timeout)
-                    self._go_live(event.recvers, hs.trailing_data)
+                    mesh = self.hub.mesh
+                    if mesh is not None and self.chid is not None:
+                        # Ask where it belongs, to move next to its peers.
+                        self.claiming = True
+                        self.transport.pause_reading()
+                        mesh.place(self.chid, event.recvers,
+                                   functools.partial(self._on_placed, event.recvers))
+                        return
+                    self._finish_handshake(event.recvers, None)
         except LineRejected as exc:
             self._fail(exc.desc, rejected=exc.reason)
         except RemoteProtocolError as exc:
@@ -252,17 +285,107 @@ class Session(asyncio.BufferedProtocol):
 
     def _on_hs1(self, event: Hs1) -> None:
         hub = self.hub
+        if hub.mesh is not None:
+            # Several workers: only the coordinator can say whether the chid
+            # is free. Read nothing more until it answers.
+            self.claiming = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+            hub.mesh.claim(event.chid, self.token, hub.config.takeover, self.peer,
+                           functools.partial(self._on_claimed, event.chid))
+            return
         try:
             chid, evicted = hub.router.claim(self, event.chid, takeover=hub.config.takeover)
         except ChidInUse as exc:
             raise RemoteProtocolError(f"chid in use: {exc.chid}") from None
-        self.chid = chid
         if evicted is not None:
             evicted.close(f"taken over by {self.peer}")
+        self._send_hs2(chid)
+
+    def _on_claimed(self, asked: str | None, chid: str | None) -> None:
+        hub = self.hub
+        self.claiming = False
+        if self.state is not St.HANDSHAKE:
+            if chid is not None and hub.mesh is not None:
+                hub.mesh.release(chid, self.token)  # we left while it was being decided
+            return
+        if chid is None:
+            self._fail(f"chid in use: {asked}")
+            return
+        _, evicted = hub.router.claim(self, chid, takeover=True)
+        if evicted is not None:  # the coordinator already evicted it; be sure locally
+            evicted.close(f"taken over by {self.peer}")
+        self._send_hs2(chid)
+        assert self.transport is not None
+        self.transport.resume_reading()
+        self._pump()
+
+    def _send_hs2(self, chid: str) -> None:
+        self.chid = chid
         assert self.hs is not None and self.transport is not None
-        if hub.key is not None:
+        if self.hub.key is not None:
             self.nonce = secrets.token_hex(16)
         self.transport.write(self.hs.send(Hs2(chid, self.nonce)))
+
+    def _on_placed(self, recvers: tuple[str, ...], home: int | None) -> None:
+        self.claiming = False
+        if self.state is not St.HANDSHAKE:
+            return
+        self._finish_handshake(recvers, home)
+        if self.state is St.LIVE and self.transport is not None:
+            self.transport.resume_reading()
+
+    def _finish_handshake(self, recvers: tuple[str, ...], home: int | None) -> None:
+        hs = self.hs
+        assert hs is not None and self.transport is not None
+        ok = hs.send(Hs4(True))
+        trailing = hs.trailing_data
+        router = self.hub.router
+        # A moving session gets its hs4 from its new worker, once it is live
+        # there: a client never sees OK before its receivers can reach it.
+        if (home is not None and home != self.hub.wid
+                and not any(router.live(c) is not None for c in recvers)
+                and self._move(home, recvers, ok, trailing)):
+            return
+        self.transport.write(ok)
+        self._go_live(recvers, trailing)
+
+    def _move(self, home: int, recvers: tuple[str, ...], ok: bytes, trailing: bytes) -> bool:
+        """Hand this just-handshaken session to worker ``home``, where its
+        receivers live, so that its bytes never cross processes. False if it
+        cannot move now (it then stays here, and its bytes cross)."""
+        transport = self.transport
+        assert transport is not None and self.chid is not None
+        if transport.get_write_buffer_size() or len(trailing) > fdpass.MAX_DATA:
+            return False  # what we wrote must be on the wire before the socket moves
+        sock = transport.get_extra_info("socket")
+        meta = {"adopt": {"chid": self.chid, "token": self.token, "from": self.hub.wid,
+                          "recvers": list(recvers), "timeout": self.timeout,
+                          "peer": self.peer, "hs4": ok.decode("ascii")}, "to": home}
+        transport.pause_reading()
+        if not self.hub.send_to_parent(sock.fileno(), meta, trailing):
+            transport.resume_reading()
+            return False
+        log.debug("moving chid=%s peer=%s to worker %d", self.chid, self.peer, home)
+        self.moved = True
+        self._leave("moved")
+        transport.abort()  # our descriptor only: the parent holds the socket now
+        return True
+
+    def _adopt(self, meta: dict[str, Any], first: bytes) -> None:
+        """A session another worker handshook and moved here."""
+        hub = self.hub
+        chid = meta["chid"]
+        self.peer = meta["peer"]
+        self.timeout = meta["timeout"]
+        _, evicted = hub.router.claim(self, chid, takeover=True)
+        if evicted is not None:
+            evicted.close("taken over")
+        self.chid = chid
+        assert hub.mesh is not None and self.transport is not None
+        hub.mesh.move(chid, meta["from"], meta["token"], self.token)
+        self.transport.write(meta["hs4"].encode("ascii"))
+        self._go_live(tuple(meta["recvers"]), first)
 
     def _fail(self, desc: str, rejected: str | None = None) -> None:
         """Answer with one hs4 FAIL line, then close.
@@ -305,6 +428,8 @@ class Session(asyncio.BufferedProtocol):
         for chunk in hub.router.join(self, recvers):
             self.bytes_out += len(chunk)
             transport.write(chunk)
+        if hub.mesh is not None and self.chid is not None:
+            hub.mesh.live(self.chid, self.token, recvers)
         if self.pending_out:
             for chunk in self.pending_out:
                 self.bytes_out += len(chunk)
@@ -324,11 +449,15 @@ class Session(asyncio.BufferedProtocol):
         self.bytes_in += len(chunk)
         route = hub.router.route(self)
         full = fanout(chunk, route.targets, self, now)
+        if hub.mesh is not None and (route.to_all or route.remote):
+            waits = hub.forward_remote(route, chunk)
+            if waits:
+                full = (full or []) + waits
         if route.to_all:
             if hub.pending:
                 for p in hub.pending:
                     p._queue_pending(chunk)
-            elif len(route.targets) <= 1:
+            elif len(route.targets) <= 1 and hub.mesh is None:
                 hub.stats["dropped_bytes"] += len(chunk)
         elif route.missing:
             for chid in route.missing:
@@ -409,11 +538,17 @@ class Session(asyncio.BufferedProtocol):
         self.pending_out = None
         hub.router.leave(self)
         hub.resume_senders(hub.backpressure.forget(self))
+        if hub.mesh is not None:
+            if was_live and self.writing_paused:
+                hub.mesh.signal(False, self.chid)
+            if self.chid is not None and not self.moved:
+                hub.mesh.release(self.chid, self.token)
         partner, self.partner = self.partner, None
         if partner is not None and partner.read_closed:
             # It has sent its FIN and now has nobody left to hear from.
             partner.close("half-closed both ways" if partner.write_closed else "pair partner left")
-        if was_live or self.chid is not None:
+        hub.connection_gone(self)
+        if (was_live or self.chid is not None) and not self.moved:
             log.info(
                 "session end chid=%s peer=%s in=%d out=%d secs=%.1f reason=%s%s",
                 self.chid, self.peer, self.bytes_in, self.bytes_out,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import signal
 import socket
@@ -17,7 +18,9 @@ from typing import Any
 from . import fdpass
 from .config import Config
 from .crypto import derive_key
-from .routing import Backpressure, Router
+from .fastpath import fanout
+from .mesh import Mesh
+from .routing import Backpressure, Route, Router
 from .runtime import set_title, setup_logging
 from .session import Session, St
 
@@ -42,7 +45,16 @@ class Hub:
             hold_seconds=config.hold_seconds,
             hold_total=config.hold_total,
         )
-        self.backpressure: Backpressure[Session] = Backpressure()
+        # Senders wait on local sessions, or on keys for other workers:
+        # ("chid", c) a remote receiver, ("worker", w) any receiver there
+        # (for "everyone" routes), ("pipe", w) a full ZeroMQ pipe.
+        self.backpressure: Backpressure[Any] = Backpressure()
+        self.mesh: Mesh | None = None
+        self.wid = 0
+        self.channel: socket.socket | None = None
+        self._tokens = itertools.count(1)
+        self.remote_full_chids: dict[str, int] = {}
+        self.remote_full_count: collections.Counter[int] = collections.Counter()
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
         self.sessions: set[Session] = set()
@@ -52,6 +64,103 @@ class Hub:
         self.stopping = False
         self._hold_timer: asyncio.TimerHandle | None = None
         self._last_reject_log = -1e9
+
+    def new_token(self) -> int:
+        return next(self._tokens)
+
+    def connection_gone(self, session: Session | None = None) -> None:
+        """Tell the parent, which counts connections per worker (--max-conns,
+        placement): once per connection, as soon as its session ends."""
+        if session is not None:
+            if session.counted_out or session.moved:  # a moved one is counted by the parent
+                return
+            session.counted_out = True
+        if self.channel is not None:
+            try:
+                self.channel.send(b"x")
+            except OSError:  # parent gone or channel full: the count is advisory
+                pass
+
+    def send_to_parent(self, fd: int, meta: dict[str, Any], data: bytes) -> bool:
+        """Pass a socket to the parent (which forwards it); False if it cannot go now."""
+        assert self.channel is not None
+        try:
+            fdpass.send_socket(self.channel, fd, meta, data)
+        except OSError:  # full channel (or parent gone): the session stays
+            return False
+        return True
+
+    # -- other workers (called by the Mesh) ------------------------------------------
+
+    def forward_remote(self, route: Route[Session], chunk: bytes) -> list[Any]:
+        """Send ``chunk`` to the other workers ``route`` reaches; return what to wait on."""
+        mesh = self.mesh
+        assert mesh is not None
+        waits: list[Any] = []
+        if route.to_all:
+            waits.extend(("pipe", w) for w in mesh.send_all(chunk))
+            waits.extend(("worker", w) for w, n in self.remote_full_count.items() if n > 0)
+        for worker, chid in route.remote:
+            if not mesh.send_to(worker, chid, chunk):
+                waits.append(("pipe", worker))
+            if chid in self.remote_full_chids:
+                waits.append(("chid", chid))
+        return waits
+
+    def remote_live(self, chid: str, worker: int) -> None:
+        assert self.mesh is not None
+        for chunk in self.router.set_remote(chid, worker):  # held here, older than anything new
+            self.mesh.send_to(worker, chid, chunk)
+
+    def remote_gone(self, chid: str, worker: int) -> None:
+        self.router.drop_remote(chid, worker)
+
+    def worker_dead(self, worker: int) -> None:
+        self.router.drop_worker(worker)
+        for chid in [c for c, w in self.remote_full_chids.items() if w == worker]:
+            self.remote_full(worker, chid, False)
+        self.remote_full_count.pop(worker, None)
+        self.resume_senders(self.backpressure.release(("worker", worker)))
+
+    def evict(self, chid: str, token: int, by: str) -> None:
+        session = self.router.owner(chid)
+        if session is not None and session.token == token:
+            session.close(f"taken over by {by}")
+
+    def deliver(self, chid: str, chunk: bytes) -> None:
+        """Bytes from another worker for a local receiver (held if it is not here)."""
+        now = self.loop.time()
+        target = self.router.live(chid)
+        if target is None or target.transport is None:
+            self.stats["dropped_bytes"] += self.router.hold(chid, chunk, now)
+            self.watch_holds()
+            return
+        target.last_active = now
+        target.bytes_out += len(chunk)
+        target.transport.write(chunk)
+
+    def deliver_all(self, chunk: bytes) -> None:
+        """Bytes from another worker's "everyone" route."""
+        fanout(chunk, self.router.everyone(), None, self.loop.time())
+        for p in self.pending:
+            p._queue_pending(chunk)
+
+    def remote_full(self, worker: int, chid: str | None, full: bool) -> None:
+        """A receiver on ``worker`` crossed its high-water mark (or came back under)."""
+        count = self.remote_full_count[worker] + (1 if full else -1)
+        self.remote_full_count[worker] = max(count, 0)
+        if chid is not None:
+            if full:
+                self.remote_full_chids[chid] = worker
+            elif self.remote_full_chids.pop(chid, None) is not None:
+                self.resume_senders(self.backpressure.release(("chid", chid)))
+        if count <= 0:
+            self.resume_senders(self.backpressure.release(("worker", worker)))
+
+    def pipe_drained(self, worker: int) -> None:
+        self.resume_senders(self.backpressure.release(("pipe", worker)))
+
+    # -- connections -------------------------------------------------------------------
 
     def admit(self, session: Session) -> bool:
         """Count a new connection in, or refuse it (``--max-conns``, shutdown)."""
@@ -69,6 +178,7 @@ class Hub:
         return True
 
     def release(self, session: Session) -> None:
+        self.connection_gone(session)
         self.sessions.discard(session)
         if self.stopping and not self.sessions:
             self.closed.set()
@@ -109,27 +219,34 @@ class Hub:
                         s.transport.abort()
 
 
-async def serve(config: Config, wid: int, channel: socket.socket) -> None:
+async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -> None:
     """Serve the client sockets the parent sends on ``channel`` until SIGTERM
     (or until the parent is gone), then drain."""
     loop = asyncio.get_running_loop()
     hub = Hub(config, loop)
+    hub.wid, hub.channel = wid, channel
+    if config.workers > 1:
+        hub.mesh = Mesh(loop, wid, config.workers, rundir, hub)
+        await hub.mesh.connected()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     last_loss_log = -1e9
 
-    async def adopt(sock: socket.socket) -> None:
+    async def adopt(sock: socket.socket, moved: tuple[dict[str, Any], bytes] | None) -> None:
         try:
-            await loop.connect_accepted_socket(lambda: Session(hub), sock)
+            await loop.connect_accepted_socket(lambda: Session(hub, moved), sock)
         except OSError as exc:  # the client left during the hand-off
             log.debug("could not adopt a connection: %s", exc)
             sock.close()
+            hub.connection_gone()
 
     def on_socket(sock: socket.socket, meta: dict[str, Any], data: bytes) -> None:
         if hub.stopping:
             sock.close()
+            hub.connection_gone()
             return
-        loop.create_task(adopt(sock))
+        moved = (meta["adopt"], data) if "adopt" in meta else None
+        loop.create_task(adopt(sock, moved))
 
     def on_parent_gone() -> None:
         if not stop.is_set():
@@ -139,16 +256,27 @@ async def serve(config: Config, wid: int, channel: socket.socket) -> None:
     def on_loss(exc: OSError) -> None:
         nonlocal last_loss_log
         hub.stats["rejected"] += 1
+        hub.connection_gone()
         if loop.time() - last_loss_log >= 1.0:
             last_loss_log = loop.time()
             log.warning("a connection was lost in the hand-off (%s): %d so far",
                         exc, hub.stats["rejected"])
+
+    # libuv opens a reserve descriptor (for its EMFILE trick) with a loop's first
+    # stream; open it now, so that an idle worker holds as many descriptors
+    # before its first client as after its last one.
+    a, b = socket.socketpair()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+    transport.close()
+    b.close()
 
     fdpass.receive_into(loop, channel, on_socket, on_parent_gone, on_loss)
     channel.send(b"ready")
     await stop.wait()
     loop.remove_reader(channel)
     await hub.shutdown()
+    if hub.mesh is not None:
+        hub.mesh.close()
     channel.close()
 
 
@@ -159,12 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     wid, fd = (int(a) for a in (sys.argv[1:] if argv is None else argv))
     channel = socket.socket(fileno=fd)
     meta, _ = fdpass.unpack(channel.recv(65536))
+    rundir = meta.pop("rundir")
     meta["listen"] = [tuple(a) for a in meta["listen"]]
     config = Config(**meta)
     setup_logging(config.log_level, f"w{wid}")
     set_title(f"fwd-server: worker {wid}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which drains us
-    uvloop.run(serve(config, wid, channel))
+    uvloop.run(serve(config, wid, channel, rundir))
 
 
 if __name__ == "__main__":

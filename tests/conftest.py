@@ -22,6 +22,8 @@ import pytest
 from helpers import handshake
 
 LOG_WAIT = 15.0
+WORKERS = int(os.environ.get("FWD_TEST_WORKERS", "1"))
+"""Worker processes of every server the tests start: CI runs the suite for 1 and 3."""
 
 
 class Server:
@@ -164,6 +166,8 @@ def start_server(impl: str) -> Iterator[Callable[..., Server]]:
         env = dict(env or {})
         if impl == "python":
             env["FWD_PURE_PYTHON"] = "1"
+        if "--workers" not in args:
+            args = ("--workers", str(WORKERS), *args)
         server = Server(["--listen", "127.0.0.1:0", "--log-level", log_level, *args],
                         env=env, preexec=preexec)
         servers.append(server)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from conftest import WORKERS
 from helpers import (
     assert_closed,
     assert_pair_works,
@@ -464,7 +465,7 @@ def test_hs3_timeout_overrides_idle_timeout_default(start_server):
 
 def test_startup_log_line(chan_server):
     m = chan_server.wait_log(r"listening on (\S+) mode=(\w+) workers=(\d+) password=(\w+)")
-    assert m.groups() == (f"127.0.0.1:{chan_server.port}", "chan", "1", "off")
+    assert m.groups() == (f"127.0.0.1:{chan_server.port}", "chan", str(WORKERS), "off")
 
 
 def _ipv6_loopback() -> bool:
@@ -494,7 +495,7 @@ def test_listen_on_ipv6_loopback(start_server):
 
 def test_fwd_mode_environment_variable(start_server):
     server = start_server(env={"FWD_MODE": "chan"})
-    server.wait_log(r"listening on \S+ mode=chan workers=1 password=off")
+    server.wait_log(r"listening on \S+ mode=chan workers=\d+ password=off")
     # In broadcast mode these bytes would be relayed; in chan mode they are rejected.
     sock = server.connect()
     sock.sendall(b"hello\n")
@@ -513,7 +514,7 @@ def test_sigterm_right_after_the_startup_line_is_a_clean_stop(start_server):
 
 def test_default_mode_is_broadcast(start_server):
     server = start_server()
-    server.wait_log(r"listening on \S+ mode=broadcast workers=1 password=off")
+    server.wait_log(r"listening on \S+ mode=broadcast workers=\d+ password=off")
 
 
 def test_server_still_serves_a_fresh_pair_after_all_bad_inputs(start_server):

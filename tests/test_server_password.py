@@ -99,7 +99,7 @@ def expect_rejected(sock: socket.socket) -> None:
 
 
 def test_round_trip_after_the_encrypted_handshake(pw_server, key):
-    pw_server.wait_log(r"listening on \S+ mode=chan workers=1 password=on")
+    pw_server.wait_log(r"listening on \S+ mode=chan workers=\d+ password=on")
     a = enc_handshake(pw_server, key, "alice", ["bob"])
     b = Enc(pw_server.connect(), key)
     b.send({"req": "hs1", "chid": "bob"})
@@ -278,7 +278,7 @@ def _bcast_password_server(start_server: Any) -> Any:
 
 def test_broadcast_with_password_refuses_raw_clients(start_server, key):
     server = _bcast_password_server(start_server)
-    server.wait_log(r"listening on \S+ mode=broadcast workers=1 password=on")
+    server.wait_log(r"listening on \S+ mode=broadcast workers=\d+ password=on")
     silent = server.connect()  # would be a plain receiver without a password
     a = enc_handshake(server, key, "a")
     b = enc_handshake(server, key, None)

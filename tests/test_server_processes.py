@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 
 import pytest
 
+from conftest import WORKERS
 from helpers import (
     TCP_ESTABLISHED,
     TCP_LISTEN,
@@ -39,33 +41,58 @@ def test_client_sockets_live_in_the_worker_not_the_acceptor(chan_server):
     established = _tcp_inodes(chan_server.port, TCP_ESTABLISHED)
     assert len(established) >= 2
     acceptor = socket_inodes(chan_server.pid)
-    (worker,) = chan_server.workers()
+    in_workers = set().union(*(socket_inodes(w) for w in chan_server.workers()))
     assert not acceptor & established, "the acceptor kept a client socket"
-    assert established <= socket_inodes(worker)
+    assert established <= in_workers
     assert acceptor & _tcp_inodes(chan_server.port, TCP_LISTEN), "the acceptor owns the listener"
 
 
 def test_process_titles_name_the_roles(chan_server):
     assert _cmdline(chan_server.pid) == "fwd-server: acceptor"
-    assert [_cmdline(p) for p in chan_server.workers()] == ["fwd-server: worker 0"]
+    assert sorted(_cmdline(p) for p in chan_server.workers()) == [
+        f"fwd-server: worker {i}" for i in range(WORKERS)]
+
+
+def _owner_of(server, sock: socket.socket) -> int:
+    """The worker process holding the server side of ``sock``'s connection."""
+    port = sock.getsockname()[1]
+    inodes = {t.inode for t in tcp_sockets()
+              if t.remote_port == port and t.local_port == server.port}
+    (pid,) = [w for w in server.workers() if inodes & socket_inodes(w)]
+    return pid
 
 
 def test_killed_worker_is_replaced_and_its_chids_freed(chan_server):
     sa, sb = pair(chan_server)
-    (old,) = chan_server.workers()
+    victim = _owner_of(chan_server, sa)
+    assert _owner_of(chan_server, sb) == victim  # a pair lives on one worker
+    others = []
+    if WORKERS > 1:
+        # A pair on another worker must not lose a byte while its neighbour dies.
+        for i in range(WORKERS):
+            sc, sd = pair(chan_server, f"c{i}", f"d{i}")
+            if _owner_of(chan_server, sc) != victim:
+                others = [sc, sd]
+                break
+        assert others, "no pair landed on another worker"
+        up = Sender(others[0], 8 * MiB)
+        up.start()
     mark = chan_server.mark()
-    os.kill(old, signal.SIGKILL)
-    chan_server.wait_log(r"worker 0 \(pid \d+\) exited with signal 9", start=mark)
-    chan_server.wait_log(r"worker 0 ready", start=mark)
+    os.kill(victim, signal.SIGKILL)
+    chan_server.wait_log(rf"worker \d+ \(pid {victim}\) exited with signal 9", start=mark)
+    chan_server.wait_log(r"worker \d+ ready", start=mark)
     # The dead worker's clients see their connection end...
     for s in (sa, sb):
         try:
             assert s.recv(1) == b""
         except ConnectionResetError:
             pass
+    if others:
+        assert recv_hash(others[1], 8 * MiB) == up.digest
+        up.finish()
     # ...the acceptor never stopped, and the chids are free again.
-    (new,) = chan_server.workers()
-    assert new != old
+    assert victim not in chan_server.workers()
+    assert len(chan_server.workers()) == WORKERS
     pair(chan_server, "a", "b")
     assert_pair_works(chan_server)
 
@@ -80,8 +107,9 @@ def test_sigterm_drains_queued_bytes_then_leaves_no_process(start_server):
     server.wait_log(r"paused chid=a", start=mark)
     workers = server.workers()
     server.proc.send_signal(signal.SIGTERM)
-    queued = int(server.wait_log(r"draining \d+ sessions with (\d+) queued bytes",
-                                 start=mark).group(1))
+    queued = max(int(server.wait_log(r"draining \d+ sessions with (\d+) queued bytes",
+                                     start=mark, count=i + 1).group(1))
+                 for i in range(WORKERS))
     assert queued >= 2 * MiB
     got = bytearray()
     while chunk := sb.recv(1 << 20):

@@ -1,0 +1,119 @@
+"""The parent's side of the ZeroMQ layer: one chid registry for all workers.
+
+Claims are serialised here, so a chid is unique server-wide however many
+workers see the same hs1 at once. Each worker also learns from here where every
+live chid is (one ordered pipe per worker: a snapshot at hello, then events),
+which is what lets it route bytes to a receiver on another worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import zmq
+
+from . import mesh
+from .errors import ChidInUse
+from .registry import Owner, Registry
+
+log = logging.getLogger("fwd.coordinator")
+
+
+class Coordinator:
+    def __init__(self, loop: asyncio.AbstractEventLoop, workers: int, rundir: str,
+                 takeover: bool = False) -> None:
+        self.registry = Registry(workers)
+        self.workers = workers
+        self.live: dict[str, int] = {}
+        self.wants: dict[str, tuple[int, list[str]]] = {}
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
+        sock.bind(mesh.registry_address(rundir))
+        self.reader = mesh.Reader(loop, sock, self._handle)
+        self._claims: list[tuple[bytes, list[bytes]]] = []
+
+    def _to(self, wid: int, *frames: bytes) -> None:
+        try:
+            self.reader.sock.send_multipart([b"w%d" % wid, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError:  # that worker is gone; it gets a snapshot when back
+            pass
+        self.reader.kick()
+
+    def _others(self, wid: int, *frames: bytes) -> None:
+        for w in range(self.workers):
+            if w != wid:
+                self._to(w, *frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        ident, kind, *args = frames
+        wid = int(ident[1:])
+        if kind == mesh.CLAIM:
+            # Claims wait for the end of this batch: a release sent before a
+            # competing claim, but read after it, must win (see _claim).
+            self._claims.append((ident, args))
+            if len(self._claims) == 1:
+                self.reader.loop.call_soon(self._flush_claims)
+        elif kind == mesh.LIVE:
+            chid, owner = args[0].decode(), Owner(wid, int(args[1]))
+            if self.registry.owner(chid) == owner:
+                self.live[chid] = wid
+                recvers = json.loads(args[2])
+                self.registry.want(wid, recvers)  # draws the chids it names to its worker
+                self.wants[chid] = (wid, recvers)
+                self._others(wid, mesh.LOC, args[0], b"%d" % wid)
+        elif kind == mesh.RELEASE:
+            chid, owner = args[0].decode(), Owner(wid, int(args[1]))
+            if self.registry.release(chid, owner):
+                self._gone(chid)
+        elif kind == mesh.MOVE:
+            chid = args[0].decode()
+            old = Owner(int(args[1]), int(args[2]))
+            if not self.registry.move(chid, old, Owner(wid, int(args[3]))):
+                # Taken over (or its worker died) while it moved: end it.
+                self._to(wid, mesh.EVICT, args[0], args[3], b"a takeover")
+        elif kind == mesh.PLACE:
+            votes = self.registry.votes(args[1].decode() or None, json.loads(args[2]))
+            home = max(votes, key=lambda w: (votes[w], w == wid)) if votes else -1
+            self._to(wid, mesh.PLACED, args[0], b"%d" % home)
+        elif kind == mesh.HELLO:
+            self._to(wid, mesh.SNAP, json.dumps(self.live).encode())
+
+    def _gone(self, chid: str) -> None:
+        wanted = self.wants.pop(chid, None)
+        if wanted is not None:
+            self.registry.want(wanted[0], wanted[1], -1)
+        wid = self.live.pop(chid, None)
+        if wid is not None:
+            self._others(wid, mesh.GONE, chid.encode(), b"%d" % wid)
+
+    def _flush_claims(self) -> None:
+        self.reader.drain()  # take in every release that is already here
+        claims, self._claims = self._claims, []
+        for ident, (req, chid, token, takeover, peer) in claims:
+            wid = int(ident[1:])
+            owner = Owner(wid, int(token))
+            try:
+                got, evicted = self.registry.claim(chid.decode() or None, owner,
+                                                   takeover=takeover == b"1")
+            except ChidInUse:
+                self._to(wid, mesh.INUSE, req, chid)
+                continue
+            if evicted is not None:
+                self._gone(got)
+                self._to(evicted.worker, mesh.EVICT, got.encode(), b"%d" % evicted.token, peer)
+            self._to(wid, mesh.CLAIMED, req, got.encode())
+
+    def worker_lost(self, wid: int) -> None:
+        """Free a dead worker's chids and tell the others."""
+        self.registry.worker_lost(wid)
+        for chid in [c for c, w in self.live.items() if w == wid]:
+            del self.live[chid]
+            self.wants.pop(chid, None)
+        self._others(wid, mesh.DEAD, b"%d" % wid)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.ctx.term()

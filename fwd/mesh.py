@@ -1,0 +1,274 @@
+"""The ZeroMQ layer between processes: what a worker says to the coordinator
+(chid claims, live/release notices) and to the other workers (bytes for their
+receivers, and backpressure signals).
+
+Topology, all over ipc:// sockets in a private run directory:
+
+* worker DEALER (identity ``w<N>``) <-> coordinator ROUTER in the parent:
+  requests, and the coordinator's answers and chid location events. One pipe
+  per worker, so every worker sees location events in the order they happened.
+* worker PUSH -> PULL of every other worker: stream bytes. One pipe per ordered
+  pair of workers keeps each sender's bytes in order. Sends never block: a
+  full pipe (high-water mark) pauses the senders that route through it.
+
+Frames are bytes; the first names the message kind.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+log = logging.getLogger("fwd.mesh")
+
+# worker -> coordinator
+HELLO, CLAIM, LIVE, RELEASE, MOVE, PLACE = (
+    b"hello", b"claim", b"live", b"release", b"move", b"place")
+# coordinator -> worker
+CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, SNAP, DEAD = (
+    b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"snap", b"dead")
+# worker -> worker
+TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
+
+PIPE_HWM = 64
+"""Messages queued per worker-to-worker pipe (each at most one 256 KiB read)."""
+BATCH = 256
+"""Messages handled per wake-up before yielding to the event loop."""
+
+
+def registry_address(rundir: str) -> str:
+    return f"ipc://{rundir}/registry"
+
+
+def worker_address(rundir: str, wid: int) -> str:
+    return f"ipc://{rundir}/w{wid}"
+
+
+def _ignore(frames: list[bytes]) -> None:
+    """PUSH sockets receive nothing; their reader only watches writability."""
+
+
+class Reader:
+    """Feed a ZeroMQ socket's messages to a callback from an asyncio loop.
+
+    ZeroMQ's FD is edge-triggered and also signals writability, so every
+    wake-up drains until EVENTS says there is nothing more, in bounded batches.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
+                 on_message: Callable[[list[bytes]], None],
+                 on_writable: Callable[[], None] | None = None) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.on_message = on_message
+        self.on_writable = on_writable
+        self.fd: int = int(sock.getsockopt(zmq.FD))
+        self._scheduled = False
+        loop.add_reader(self.fd, self.drain)
+
+    def drain(self) -> None:
+        self._scheduled = False
+        sock = self.sock
+        for _ in range(BATCH):
+            events = int(sock.getsockopt(zmq.EVENTS))
+            if self.on_writable is not None and events & zmq.POLLOUT:
+                self.on_writable()
+            if not events & zmq.POLLIN:
+                return
+            self.on_message(sock.recv_multipart(zmq.NOBLOCK))
+        self.kick()
+
+    def kick(self) -> None:
+        """Look again soon: a send can consume the edge that announced input."""
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.drain)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+        self.sock.close(linger=0)
+
+
+class Mesh:
+    """One worker's end of the ZeroMQ layer. The Hub decides; this moves messages."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wid: int, workers: int, rundir: str,
+                 handler: Any) -> None:
+        self.loop = loop
+        self.wid = wid
+        self.peers = tuple(w for w in range(workers) if w != wid)
+        self.handler = handler
+        self.ctx = zmq.Context()
+        self._requests: dict[bytes, Callable[[Any], None]] = {}
+        self._ids = itertools.count()
+        self.full_pipes: set[int] = set()
+        self._overflow: dict[int, list[list[bytes]]] = {}
+        self._monitors: list[zmq.Socket] = []
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, b"w%d" % wid)
+        dealer.setsockopt(zmq.LINGER, 0)
+        self._watch(dealer)
+        dealer.connect(registry_address(rundir))
+        self.coordinator = Reader(loop, dealer, self._from_coordinator)
+        pull = self.ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, PIPE_HWM)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(worker_address(rundir, wid))
+        self.inbox = Reader(loop, pull, self._from_peer)
+        self.pipes: dict[int, Reader] = {}
+        for peer in self.peers:
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, PIPE_HWM)
+            push.setsockopt(zmq.LINGER, 0)
+            push.setsockopt(zmq.RECONNECT_IVL, 10)  # peers start a few ms apart
+            self._watch(push)
+            push.connect(worker_address(rundir, peer))
+            self.pipes[peer] = Reader(loop, push, _ignore,
+                                      on_writable=functools.partial(self._pipe_writable, peer))
+        self._ask(HELLO)
+
+    def _watch(self, sock: zmq.Socket) -> None:
+        self._monitors.append(sock.get_monitor_socket(zmq.EVENT_CONNECTED))
+
+    async def connected(self, timeout: float = 10.0) -> None:
+        """Wait until every outgoing connection is up, so that a worker that
+        says "ready" can reach all the others (and holds all its descriptors)."""
+        deadline = self.loop.time() + timeout
+        waiting = list(self._monitors)
+        while waiting:
+            for mon in list(waiting):
+                if mon.poll(0):
+                    mon.recv_multipart()
+                    mon.close(linger=0)
+                    waiting.remove(mon)
+            if waiting:
+                if self.loop.time() > deadline:
+                    raise TimeoutError("the other workers did not come up")
+                await asyncio.sleep(0.005)  # startup only: ZeroMQ connects in its own thread
+        for sock in (self.coordinator.sock, *(p.sock for p in self.pipes.values())):
+            sock.disable_monitor()
+
+    # -- coordinator ---------------------------------------------------------------
+
+    def _ask(self, *frames: bytes) -> None:
+        self.coordinator.sock.send_multipart(list(frames), zmq.NOBLOCK)
+        self.coordinator.kick()
+
+    def claim(self, chid: str | None, token: int, takeover: bool, peer: str,
+              done: Callable[[str | None], None]) -> None:
+        """Ask for ``chid`` (None: a fresh one); ``done(chid)`` or ``done(None)`` if in use.
+        ``peer`` is named in the log of a session this claim takes over."""
+        req = b"%d" % next(self._ids)
+        self._requests[req] = done
+        self._ask(CLAIM, req, (chid or "").encode(), b"%d" % token, b"1" if takeover else b"0",
+                  peer.encode())
+
+    def place(self, chid: str | None, recvers: tuple[str, ...],
+              done: Callable[[int | None], None]) -> None:
+        """Ask where a session belongs (next to the chids it names and to the
+        sessions that name it); ``done(worker)``, or ``done(None)``: anywhere."""
+        req = b"%d" % next(self._ids)
+        self._requests[req] = done
+        self._ask(PLACE, req, (chid or "").encode(), json.dumps(list(recvers)).encode())
+
+    def live(self, chid: str, token: int, recvers: tuple[str, ...]) -> None:
+        self._ask(LIVE, chid.encode(), b"%d" % token, json.dumps(list(recvers)).encode())
+
+    def move(self, chid: str, old_worker: int, old_token: int, token: int) -> None:
+        """A session moved here: its chid now belongs to ``token`` on this worker."""
+        self._ask(MOVE, chid.encode(), b"%d" % old_worker, b"%d" % old_token, b"%d" % token)
+
+    def release(self, chid: str, token: int) -> None:
+        self._ask(RELEASE, chid.encode(), b"%d" % token)
+
+    def _from_coordinator(self, frames: list[bytes]) -> None:
+        kind = frames[0]
+        h = self.handler
+        if kind in (CLAIMED, INUSE):
+            done = self._requests.pop(frames[1], None)
+            if done is not None:
+                done(frames[2].decode() if kind == CLAIMED else None)
+        elif kind == PLACED:
+            done = self._requests.pop(frames[1], None)
+            if done is not None:
+                worker = int(frames[2])
+                done(worker if worker >= 0 else None)
+        elif kind == LOC:
+            h.remote_live(frames[1].decode(), int(frames[2]))
+        elif kind == GONE:
+            h.remote_gone(frames[1].decode(), int(frames[2]))
+        elif kind == EVICT:
+            h.evict(frames[1].decode(), int(frames[2]), frames[3].decode())
+        elif kind == SNAP:
+            for chid, worker in json.loads(frames[1]).items():
+                h.remote_live(chid, worker)
+        elif kind == DEAD:
+            h.worker_dead(int(frames[1]))
+
+    # -- other workers -------------------------------------------------------------
+
+    def send_to(self, worker: int, chid: str, chunk: bytes) -> bool:
+        """Bytes for ``chid`` on ``worker``; False if the pipe is full (the
+        chunk is still sent: ZeroMQ queues past the mark only for us here)."""
+        return self._send(worker, [TO, chid.encode(), chunk])
+
+    def send_all(self, chunk: bytes) -> list[int]:
+        """Bytes for every live session of every other worker; returns full pipes."""
+        return [w for w in self.peers if not self._send(w, [ALL, chunk])]
+
+    def signal(self, full: bool, chid: str | None) -> None:
+        """Tell every other worker that a local receiver crossed its high-water mark."""
+        frames = [FULL if full else DRAIN, (chid or "").encode(), b"%d" % self.wid]
+        for w in self.peers:
+            self._send(w, frames)
+
+    def _send(self, worker: int, frames: list[bytes]) -> bool:
+        pipe = self.pipes[worker]
+        queued = self._overflow.get(worker)
+        if queued:  # keep the order: nothing overtakes what already waits
+            queued.append(frames)
+            return False
+        try:
+            pipe.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return worker not in self.full_pipes
+        except zmq.Again:
+            # Past the high-water mark: keep the bytes (lossless) in our own
+            # bounded queue and make the senders wait for the pipe.
+            self._overflow.setdefault(worker, []).append(frames)
+            self.full_pipes.add(worker)
+            pipe.kick()
+            return False
+
+    def _pipe_writable(self, worker: int) -> None:
+        queued = self._overflow.get(worker)
+        pipe = self.pipes[worker]
+        while queued:
+            try:
+                pipe.sock.send_multipart(queued[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            queued.pop(0)
+        if worker in self.full_pipes:
+            self.full_pipes.discard(worker)
+            self.handler.pipe_drained(worker)
+
+    def _from_peer(self, frames: list[bytes]) -> None:
+        kind = frames[0]
+        h = self.handler
+        if kind == TO:
+            h.deliver(frames[1].decode(), frames[2])
+        elif kind == ALL:
+            h.deliver_all(frames[1])
+        elif kind in (FULL, DRAIN):
+            h.remote_full(int(frames[2]), frames[1].decode() or None, kind == FULL)
+
+    def close(self) -> None:
+        for reader in (self.coordinator, self.inbox, *self.pipes.values()):
+            reader.close()
+        self.ctx.term()
