@@ -36,7 +36,7 @@ from typing import Any
 
 Addr = tuple[str, int]
 
-DEADLINE = 300.0
+DEADLINE = 120.0
 """Seconds after which a stuck measurement gives up (and says so) instead of hanging."""
 RECV_BUF = 1 << 20
 
@@ -153,6 +153,14 @@ def open_ends(ctl: Connection, ends: Ends) -> tuple[list[socket.socket], list[in
             socks.append(s)
     ctl.send(("connected",))
     return socks, early
+
+
+def pin(ends: Ends) -> None:
+    """Ping-pong may run with every process on one CPU: on a small VM a
+    wake-up on the other CPU costs tens of µs (an IPI and an idle exit), which
+    otherwise swamps the relay's own latency and changes from run to run."""
+    if ends.extra.get("cpu") is not None:
+        os.sched_setaffinity(0, {ends.extra["cpu"]})
 
 
 def _child(body: Callable[[], None], ctl: Connection) -> None:
@@ -282,6 +290,7 @@ def echo_main(ctl: Connection, ends: Ends, size: int, count: int) -> None:
     """Send back each ``size``-byte message as soon as it is complete."""
 
     def body() -> None:
+        pin(ends)
         socks, early = open_ends(ctl, ends)
         if early[0]:
             raise RuntimeError("unexpected bytes before the first ping")
@@ -305,6 +314,7 @@ def pinger_main(ctl: Connection, ends: Ends, size: int, count: int, warmup: int)
     ``count`` round-trip times in nanoseconds (perf_counter_ns)."""
 
     def body() -> None:
+        pin(ends)
         socks, _ = open_ends(ctl, ends)
         ctl.send(("ready",))
         _wait(ctl, "go")

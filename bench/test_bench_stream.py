@@ -1,51 +1,73 @@
-"""Throughput of one 1->1 stream through a chan pair, against direct loopback.
+"""1->1 streams (64 KiB and 512 B writes) and 64 B pipelined messages through
+a chan pair, against direct loopback and socat.
 
-Run with ``pytest bench --benchmark-only``; compare the two rows of the table
-(they run in the same session, so machine noise hits both alike).
+The timed part is only the transfer (``StreamRun.go``); setup (generator
+processes, handshakes) happens in pytest-benchmark's untimed ``setup``. The
+figures to compare are in ``extra_info`` (throughput, relay CPU per GiB,
+generator CPU shares); ``python -m bench.compare`` gives the ratios.
 """
 from __future__ import annotations
 
-import socket
-import threading
+from typing import Any
 
 import pytest
 
-from helpers import pair
-
-TOTAL = 64 << 20
-BLOCK = 64 << 10
-PAYLOAD = memoryview(bytes(BLOCK))
+from bench import scenarios as sc
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    def send() -> None:
-        for _ in range(TOTAL // BLOCK):
-            src.sendall(PAYLOAD)
+def bench_stream(benchmark: Any, kind: str, n: int, block: int, total: int, *,
+                 fwd: sc.Fwd | None = None, ncat: sc.Ncat | None = None,
+                 rounds: int = 3) -> None:
+    """Time ``rounds`` transfers; record the medians and check every byte arrived."""
+    runs: list[sc.StreamRun] = []
+    results: list[dict[str, Any]] = []
 
-    t = threading.Thread(target=send)
-    t.start()
-    buf = bytearray(1 << 20)
-    left = TOTAL
-    while left:
-        n = dst.recv_into(buf, min(left, len(buf)))
-        assert n
-        left -= n
-    t.join()
+    def setup() -> tuple[tuple[sc.StreamRun], dict[str, Any]]:
+        while runs:
+            runs.pop().close()
+        runs.append(sc.StreamRun(kind, n, block, total, fwd=fwd, ncat=ncat))
+        return (runs[-1],), {}
+
+    def target(run: sc.StreamRun) -> None:
+        results.append(run.go())
+
+    try:
+        benchmark.pedantic(target, setup=setup, rounds=rounds)
+    finally:
+        while runs:
+            runs.pop().close()
+    bad = [r for r in results if not r["ok"]]
+    assert not bad, f"bytes missing: {bad[0]}"
+    benchmark.extra_info.update(sc.summarize(results))
+    if kind == "fwd" and fwd is not None:
+        benchmark.extra_info["workers"] = fwd.workers
 
 
-@pytest.mark.benchmark(group="stream-64KiB")
-def test_direct_loopback(benchmark):
-    lsock = socket.create_server(("127.0.0.1", 0))
-    a = socket.create_connection(lsock.getsockname())
-    b, _ = lsock.accept()
-    benchmark.extra_info["bytes"] = TOTAL
-    benchmark.pedantic(_pump, args=(a, b), rounds=5)
-    for s in (a, b, lsock):
-        s.close()
+@pytest.mark.benchmark(group="1-1 64KiB writes")
+@pytest.mark.parametrize("kind", ["direct", "fwd", "socat"])
+def test_stream_64k(benchmark: Any, kind: str, request: pytest.FixtureRequest,
+                    sizes: sc.Sizes) -> None:
+    relay = request.getfixturevalue("fwd") if kind == "fwd" else None
+    if kind == "socat":
+        request.getfixturevalue("need_socat")
+    bench_stream(benchmark, kind, 1, 65536, sizes.stream_bytes, fwd=relay)
 
 
-@pytest.mark.benchmark(group="stream-64KiB")
-def test_fwd_chan_pair(benchmark, chan_server):
-    a, b = pair(chan_server)
-    benchmark.extra_info["bytes"] = TOTAL
-    benchmark.pedantic(_pump, args=(a, b), rounds=5)
+@pytest.mark.benchmark(group="1-1 512B writes")
+@pytest.mark.parametrize("kind", ["direct", "fwd", "socat"])
+def test_stream_512(benchmark: Any, kind: str, request: pytest.FixtureRequest,
+                    sizes: sc.Sizes) -> None:
+    relay = request.getfixturevalue("fwd") if kind == "fwd" else None
+    if kind == "socat":
+        request.getfixturevalue("need_socat")
+    bench_stream(benchmark, kind, 1, 512, sizes.small_bytes, fwd=relay)
+
+
+@pytest.mark.benchmark(group="1-1 64B pipelined messages")
+@pytest.mark.parametrize("kind", ["direct", "fwd", "socat"])
+def test_msgs_64(benchmark: Any, kind: str, request: pytest.FixtureRequest,
+                 sizes: sc.Sizes) -> None:
+    relay = request.getfixturevalue("fwd") if kind == "fwd" else None
+    if kind == "socat":
+        request.getfixturevalue("need_socat")
+    bench_stream(benchmark, kind, 1, 64, 64 * sizes.msgs, fwd=relay)
