@@ -87,6 +87,7 @@ class Arbiter:
 
     async def _run(self) -> int:
         listeners = open_listeners(self.config.listen)
+        log.debug("run directory %s", self.rundir)
         if self.config.workers > 1:
             self.coordinator = Coordinator(self.loop, self.config.workers, self.rundir,
                                            self.config.takeover)

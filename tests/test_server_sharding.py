@@ -1,0 +1,146 @@
+"""Rules that only several workers can break: server-wide chid uniqueness,
+bytes and backpressure across workers, co-location, clean stops. Every server
+here runs three workers, whatever FWD_TEST_WORKERS says."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import (
+    Sender,
+    pair,
+    read_json,
+    recv_exact,
+    recv_hash,
+    send_json,
+    socket_inodes,
+    tcp_sockets,
+)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def sharded(start_server):
+    return lambda *args: start_server("--workers", "3", *args)
+
+
+def _worker_of(server, sock: socket.socket) -> int:
+    port = sock.getsockname()[1]
+    inodes = {t.inode for t in tcp_sockets()
+              if t.remote_port == port and t.local_port == server.port}
+    (pid,) = [w for w in server.workers() if inodes & socket_inodes(w)]
+    return pid
+
+
+def test_chid_race_exactly_one_winner(sharded):
+    """200 clients send hs1 for the same chid at once: exactly one gets hs2."""
+    server = sharded("--mode", "chan")
+    socks = [server.connect() for _ in range(200)]
+    go = threading.Barrier(len(socks))
+    answers: list[str] = [""] * len(socks)
+
+    def race(i: int, s: socket.socket) -> None:
+        go.wait()
+        send_json(s, {"req": "hs1", "chid": "the-one"})
+        answers[i] = read_json(s)["rsp"]
+
+    threads = [threading.Thread(target=race, args=(i, s)) for i, s in enumerate(socks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert answers.count("hs2") == 1, answers
+    assert answers.count("hs4") == 199  # the others got "chid in use"
+
+
+def test_pairs_are_co_located(sharded):
+    server = sharded("--mode", "chan")
+    for i in range(6):
+        sa, sb = pair(server, f"a{i}", f"b{i}")
+        assert _worker_of(server, sa) == _worker_of(server, sb)
+
+
+def test_fan_out_across_workers_byte_exact(sharded):
+    server = sharded("--mode", "chan")
+    receivers = [server.handshake(f"r{i}", ["nobody"])[0] for i in range(6)]
+    assert len({_worker_of(server, r) for r in receivers}) == 3  # spread over all workers
+    src, _ = server.handshake("src", [])  # everyone else
+    up = Sender(src, 4 * MiB)
+    up.start()
+    for r in receivers:
+        assert recv_hash(r, 4 * MiB) == up.digest
+    up.finish()
+
+
+def test_broadcast_reaches_clients_on_every_worker(sharded):
+    server = sharded("--mode", "broadcast")
+    mark = server.mark()
+    receivers = [server.connect() for _ in range(6)]
+    server.wait_log(r"live chid=None", start=mark, count=6)
+    assert len({_worker_of(server, r) for r in receivers}) == 3
+    sender = server.connect()
+    payload = os.urandom(256 * 1024)
+    sender.sendall(payload)
+    for r in receivers:
+        assert recv_exact(r, len(payload)) == payload
+
+
+def test_stalled_receiver_on_another_worker_throttles_the_sender(sharded):
+    server = sharded("--mode", "chan", "--max-buffer", "1MiB", "--slow-timeout", "0")
+    stalled, _ = server.handshake("stalled", ["nobody"])
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    src, _ = server.handshake("src", [])
+    assert _worker_of(server, src) != _worker_of(server, stalled)
+    base = server.rss()
+    size = 128 * MiB
+    src.settimeout(None)
+    up = Sender(src, size)
+    up.start()
+    # The sender must stall long before 128 MiB: watch its progress stop.
+    sent_before = -1
+    while True:
+        sent_now = sum(t.tx_queue for t in tcp_sockets())  # any movement at all
+        time.sleep(0.5)  # a window to see that nothing moves; not a synchronisation
+        if not up.is_alive():
+            pytest.fail("the whole stream got through a stalled receiver")
+        if sent_now == sent_before:
+            break
+        sent_before = sent_now
+    grown = server.rss() - base
+    assert grown < 96 * MiB, f"servers buffered {grown / MiB:.0f} MiB for a stalled receiver"
+    assert recv_hash(stalled, size) == up.digest  # and then every byte arrives
+    up.finish()
+
+
+def test_sigterm_leaves_no_process_or_ipc_file(sharded):
+    server = sharded("--mode", "chan")
+    rundir = server.wait_log(r"run directory (\S+)").group(1)
+    assert os.path.isdir(rundir) and os.listdir(rundir)  # the ipc endpoints
+    pair(server, "a", "b")
+    workers = server.workers()
+    server.stop()
+    assert not os.path.exists(rundir)
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_claims_survive_moves_and_release(sharded):
+    """A chid freed on one worker is claimable at once from any other."""
+    server = sharded("--mode", "chan")
+    for _ in range(5):
+        mark = server.mark()
+        sa, sb = pair(server, "x", "y")
+        sa.close()
+        sb.close()
+        server.wait_log(r"session end chid=x ", start=mark)
+        server.wait_log(r"session end chid=y ", start=mark)
+    msg = json.dumps({"req": "hs1", "chid": "x"})
+    s = server.connect()
+    s.sendall(msg.encode() + b"\n")
+    assert read_json(s) == {"rsp": "hs2", "chid": "x"}
