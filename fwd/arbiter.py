@@ -157,6 +157,9 @@ class Arbiter:
         target = self.workers.get(meta.pop("to", -1))
         if target is None or target.exited:
             sock.close()  # that worker is restarting: the client sees the connection end
+            moved = meta.get("adopt")
+            if moved is not None and self.coordinator is not None:
+                self.coordinator.release(moved["chid"], source.wid, moved["token"])
             return
         target.conns += 1
         target.handoff.send(sock, meta, data)

@@ -65,9 +65,7 @@ class Coordinator:
                 self.wants[chid] = (wid, recvers)
                 self._others(wid, mesh.LOC, args[0], b"%d" % wid)
         elif kind == mesh.RELEASE:
-            chid, owner = args[0].decode(), Owner(wid, int(args[1]))
-            if self.registry.release(chid, owner):
-                self._gone(chid)
+            self.release(args[0].decode(), wid, int(args[1]))
         elif kind == mesh.MOVE:
             chid = args[0].decode()
             old = Owner(int(args[1]), int(args[2]))
@@ -105,6 +103,11 @@ class Coordinator:
                 self._gone(got)
                 self._to(evicted.worker, mesh.EVICT, got.encode(), b"%d" % evicted.token, peer)
             self._to(wid, mesh.CLAIMED, req, got.encode())
+
+    def release(self, chid: str, wid: int, token: int) -> None:
+        """Free a chid on a worker's behalf (its session died in transit)."""
+        if self.registry.release(chid, Owner(wid, token)):
+            self._gone(chid)
 
     def worker_lost(self, wid: int) -> None:
         """Free a dead worker's chids and tell the others."""

@@ -108,7 +108,9 @@ class Session(asyncio.BufferedProtocol):
         hub = self.hub
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        if not hub.admit(self):
+        # A moved session was admitted already (and its chid travels with it:
+        # refusing it here would strand that chid).
+        if not hub.admit(self, limit=self.adopted is None):
             self.state = St.CLOSED
             transport.abort()
             return

@@ -131,6 +131,11 @@ class Hub:
         """Bytes from another worker for a local receiver (held if it is not here)."""
         now = self.loop.time()
         target = self.router.live(chid)
+        if target is None:
+            owner = self.router.owner(chid)
+            if owner is not None and owner.write_closed:  # its write side is shut
+                self.stats["dropped_bytes"] += len(chunk)
+                return
         if target is None or target.transport is None:
             self.stats["dropped_bytes"] += self.router.hold(chid, chunk, now)
             self.watch_holds()
@@ -162,9 +167,9 @@ class Hub:
 
     # -- connections -------------------------------------------------------------------
 
-    def admit(self, session: Session) -> bool:
+    def admit(self, session: Session, limit: bool = True) -> bool:
         """Count a new connection in, or refuse it (``--max-conns``, shutdown)."""
-        if self.stopping or len(self.sessions) >= self.config.max_conns:
+        if limit and (self.stopping or len(self.sessions) >= self.config.max_conns):
             self.stats["rejected"] += 1
             now = self.loop.time()
             if now - self._last_reject_log >= 1.0:
