@@ -19,38 +19,30 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from helpers import handshake
+from helpers import handshake, socket_inodes, tcp_sockets
 
 LOG_WAIT = 15.0
 WORKERS = int(os.environ.get("FWD_TEST_WORKERS", "1"))
 """Worker processes of every server the tests start: CI runs the suite for 1 and 3."""
 
 
-class Server:
-    """A running fwd-server process and the log lines it has written."""
+class Process:
+    """A fwd command running as a child, with the log lines it writes on stderr."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None,
                  preexec: Callable[[], None] | None = None) -> None:
-        self.args = args
+        self.args = cmd
         self.lines: list[str] = []
         self.cond = threading.Condition()
         self.sockets: list[socket.socket] = []
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fwd.cli", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env=full_env, preexec_fn=preexec, text=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        m = self.wait_log(r"listening on (\S+) .*workers=(\d+)")
-        # Ready workers: fd and memory baselines taken from here on are stable.
-        self.wait_log(r"worker \d+ ready", count=int(m.group(2)))
-        addr = m.group(1).split(",")[0]
-        host, _, port = addr.rpartition(":")
-        self.host = host.strip("[]")
-        self.port = int(port)
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -89,16 +81,6 @@ class Server:
         with self.cond:
             return len(self.lines)
 
-    def connect(self, timeout: float = 10.0) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        self.sockets.append(sock)
-        return sock
-
-    def handshake(self, chid: str | None = None, recvers: list[str] | None = None,
-                  timeout: int | None = None) -> tuple[socket.socket, str]:
-        sock = self.connect()
-        return sock, handshake(sock, chid, recvers, timeout)
-
     def pids(self) -> list[int]:
         """The parent process and its children (the workers), as of now."""
         pids = [self.pid]
@@ -106,9 +88,6 @@ class Server:
             with open(f"/proc/{self.pid}/task/{tid}/children") as f:
                 pids.extend(int(p) for p in f.read().split())
         return pids
-
-    def workers(self) -> list[int]:
-        return self.pids()[1:]
 
     def rss(self) -> int:
         """Resident set size of all server processes together, in bytes."""
@@ -148,6 +127,42 @@ class Server:
             assert self.proc.returncode == 0, f"server exit code {self.proc.returncode}"
             bad = [ln for ln in self.lines if "Traceback" in ln or " ERROR " in ln]
             assert not bad, "server logged errors:\n" + "\n".join(self.lines)
+
+
+class Server(Process):
+    """A running fwd-server: ready once it listens and every worker said so."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        super().__init__([sys.executable, "-m", "fwd.cli", *args], env, preexec)
+        m = self.wait_log(r"listening on (\S+) .*workers=(\d+)")
+        # Ready workers: fd and memory baselines taken from here on are stable.
+        self.wait_log(r"worker \d+ ready", count=int(m.group(2)))
+        addr = m.group(1).split(",")[0]
+        host, _, port = addr.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        self.sockets.append(sock)
+        return sock
+
+    def handshake(self, chid: str | None = None, recvers: list[str] | None = None,
+                  timeout: int | None = None) -> tuple[socket.socket, str]:
+        sock = self.connect()
+        return sock, handshake(sock, chid, recvers, timeout)
+
+    def workers(self) -> list[int]:
+        return self.pids()[1:]
+
+    def worker_of(self, sock: socket.socket) -> int:
+        """The worker process that holds the server side of ``sock``'s connection."""
+        port = sock.getsockname()[1]
+        inodes = {t.inode for t in tcp_sockets()
+                  if t.remote_port == port and t.local_port == self.port}
+        (pid,) = [w for w in self.workers() if inodes & socket_inodes(w)]
+        return pid
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 
@@ -183,3 +184,13 @@ def socket_inodes(pid: int) -> set[str]:
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     return inodes
+
+
+def wait_until(cond: Any, timeout: float, what: str) -> None:
+    """Poll ``cond`` while the server cleans up (fd counts, kernel queues): bounded,
+    and never a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)

@@ -12,7 +12,6 @@ import hashlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server
+from conftest import Process, Server
 from helpers import (
     TCP_LISTEN,
     Sender,
@@ -43,22 +42,11 @@ CLIENT_CMD = ([str(_SCRIPT)] if _SCRIPT.exists()
               else [sys.executable, "-c", "from fwd.cli import client; client()"])
 
 
-class Client(Server):
-    """A running fwd-client; Server's log reader, wait_log and stop apply unchanged."""
+class Client(Process):
+    """A running fwd-client; the log reader, wait_log and stop apply unchanged."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.args = args
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
-        self.sockets: list[socket.socket] = []
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            [*CLIENT_CMD, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=full_env, text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__([*CLIENT_CMD, *args], env)
         self.wait_log(r"fwd-client starting")
 
     def stop(self, check: bool = True) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import socket
 import threading
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from helpers import (
     read_line,
     send_json,
     tcp_sockets,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -33,15 +33,6 @@ KINDS = ("complete", "hs1-close", "hs2-close", "half-line", "half-close", "garba
 def close_wait_on_port(port: int) -> list[TcpSocket]:
     """CLOSE_WAIT sockets whose local port is ``port``."""
     return [t for t in tcp_sockets() if t.local_port == port and t.state == TCP_CLOSE_WAIT]
-
-
-def wait_until(cond, timeout: float, what: str) -> None:
-    """Poll ``cond`` while the server cleans up (bounded; never a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.05)
 
 
 def read_to_eof(sock: socket.socket) -> bytes:

@@ -30,6 +30,7 @@ from helpers import (
     recv_hash,
     send_json,
     tcp_sockets,
+    wait_until,
 )
 
 KiB = 1 << 10
@@ -56,15 +57,6 @@ def conn_rows(server_port: int, *client_ports: int) -> list[tuple[int, int, int,
 def kernel_queued(server_port: int, *client_ports: int) -> int:
     """Bytes the kernel holds (send + receive queues, both ends) on these connections."""
     return sum(tx + rx for _lp, _rp, _st, tx, rx in conn_rows(server_port, *client_ports))
-
-
-def wait_until(cond, timeout: float, what: str) -> None:
-    """Poll ``cond`` for *cleanup* only (fd counts): bounded, never a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 class PatternStream:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 
 import pytest
 
@@ -53,25 +52,16 @@ def test_process_titles_name_the_roles(chan_server):
         f"fwd-server: worker {i}" for i in range(WORKERS)]
 
 
-def _owner_of(server, sock: socket.socket) -> int:
-    """The worker process holding the server side of ``sock``'s connection."""
-    port = sock.getsockname()[1]
-    inodes = {t.inode for t in tcp_sockets()
-              if t.remote_port == port and t.local_port == server.port}
-    (pid,) = [w for w in server.workers() if inodes & socket_inodes(w)]
-    return pid
-
-
 def test_killed_worker_is_replaced_and_its_chids_freed(chan_server):
     sa, sb = pair(chan_server)
-    victim = _owner_of(chan_server, sa)
-    assert _owner_of(chan_server, sb) == victim  # a pair lives on one worker
+    victim = chan_server.worker_of(sa)
+    assert chan_server.worker_of(sb) == victim  # a pair lives on one worker
     others = []
     if WORKERS > 1:
         # A pair on another worker must not lose a byte while its neighbour dies.
         for i in range(WORKERS):
             sc, sd = pair(chan_server, f"c{i}", f"d{i}")
-            if _owner_of(chan_server, sc) != victim:
+            if chan_server.worker_of(sc) != victim:
                 others = [sc, sd]
                 break
         assert others, "no pair landed on another worker"

@@ -18,7 +18,6 @@ from helpers import (
     recv_exact,
     recv_hash,
     send_json,
-    socket_inodes,
     tcp_sockets,
 )
 
@@ -28,14 +27,6 @@ MiB = 1 << 20
 @pytest.fixture
 def sharded(start_server):
     return lambda *args: start_server("--workers", "3", *args)
-
-
-def _worker_of(server, sock: socket.socket) -> int:
-    port = sock.getsockname()[1]
-    inodes = {t.inode for t in tcp_sockets()
-              if t.remote_port == port and t.local_port == server.port}
-    (pid,) = [w for w in server.workers() if inodes & socket_inodes(w)]
-    return pid
 
 
 def test_chid_race_exactly_one_winner(sharded):
@@ -63,13 +54,13 @@ def test_pairs_are_co_located(sharded):
     server = sharded("--mode", "chan")
     for i in range(6):
         sa, sb = pair(server, f"a{i}", f"b{i}")
-        assert _worker_of(server, sa) == _worker_of(server, sb)
+        assert server.worker_of(sa) == server.worker_of(sb)
 
 
 def test_fan_out_across_workers_byte_exact(sharded):
     server = sharded("--mode", "chan")
     receivers = [server.handshake(f"r{i}", ["nobody"])[0] for i in range(6)]
-    assert len({_worker_of(server, r) for r in receivers}) == 3  # spread over all workers
+    assert len({server.worker_of(r) for r in receivers}) == 3  # spread over all workers
     src, _ = server.handshake("src", [])  # everyone else
     up = Sender(src, 4 * MiB)
     up.start()
@@ -83,7 +74,7 @@ def test_broadcast_reaches_clients_on_every_worker(sharded):
     mark = server.mark()
     receivers = [server.connect() for _ in range(6)]
     server.wait_log(r"live chid=None", start=mark, count=6)
-    assert len({_worker_of(server, r) for r in receivers}) == 3
+    assert len({server.worker_of(r) for r in receivers}) == 3
     sender = server.connect()
     payload = os.urandom(256 * 1024)
     sender.sendall(payload)
@@ -96,7 +87,7 @@ def test_stalled_receiver_on_another_worker_throttles_the_sender(sharded):
     stalled, _ = server.handshake("stalled", ["nobody"])
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     src, _ = server.handshake("src", [])
-    assert _worker_of(server, src) != _worker_of(server, stalled)
+    assert server.worker_of(src) != server.worker_of(stalled)
     base = server.rss()
     size = 128 * MiB
     src.settimeout(None)
