@@ -102,7 +102,9 @@ class Coordinator:
             if evicted is not None:
                 self._gone(got)
                 self._to(evicted.worker, mesh.EVICT, got.encode(), b"%d" % evicted.token, peer)
-            self._to(wid, mesh.CLAIMED, req, got.encode())
+            # Where sessions that name it live: a hint for its placement at hs3.
+            home = self.registry.wanted_home(got)
+            self._to(wid, mesh.CLAIMED, req, got.encode(), b"%d" % (-1 if home is None else home))
 
     def release(self, chid: str, wid: int, token: int) -> None:
         """Free a chid on a worker's behalf (its session died in transit)."""

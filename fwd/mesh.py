@@ -105,7 +105,7 @@ class Mesh:
         self.peers = tuple(w for w in range(workers) if w != wid)
         self.handler = handler
         self.ctx = zmq.Context()
-        self._requests: dict[bytes, Callable[[Any], None]] = {}
+        self._requests: dict[bytes, Callable[..., None]] = {}
         self._ids = itertools.count()
         self.full_pipes: set[int] = set()
         self._overflow: dict[int, list[list[bytes]]] = {}
@@ -161,9 +161,10 @@ class Mesh:
         self.coordinator.kick()
 
     def claim(self, chid: str | None, token: int, takeover: bool, peer: str,
-              done: Callable[[str | None], None]) -> None:
-        """Ask for ``chid`` (None: a fresh one); ``done(chid)`` or ``done(None)`` if in use.
-        ``peer`` is named in the log of a session this claim takes over."""
+              done: Callable[[str | None, int | None], None]) -> None:
+        """Ask for ``chid`` (None: a fresh one); ``done(chid, home)`` where ``home``
+        is the worker whose sessions name it (or None), or ``done(None, None)`` if
+        it is in use. ``peer`` is named in the log of a session this takes over."""
         req = b"%d" % next(self._ids)
         self._requests[req] = done
         self._ask(CLAIM, req, (chid or "").encode(), b"%d" % token, b"1" if takeover else b"0",
@@ -193,7 +194,11 @@ class Mesh:
         if kind in (CLAIMED, INUSE):
             done = self._requests.pop(frames[1], None)
             if done is not None:
-                done(frames[2].decode() if kind == CLAIMED else None)
+                if kind == CLAIMED:
+                    home = int(frames[3])
+                    done(frames[2].decode(), home if home >= 0 else None)
+                else:
+                    done(None, None)
         elif kind == PLACED:
             done = self._requests.pop(frames[1], None)
             if done is not None:

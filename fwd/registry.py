@@ -93,6 +93,11 @@ class Registry:
                 if not counts:
                     del self._wanted_by[chid]
 
+    def wanted_home(self, chid: str) -> int | None:
+        """The worker whose live sessions name ``chid`` most, if any do."""
+        counts = self._wanted_by.get(chid)
+        return max(counts, key=lambda w: (counts[w], -w)) if counts else None
+
     def votes(self, chid: str | None, recvers: Iterable[str]) -> Counter[int]:
         """Per worker: how many of the chids this session names live there, plus
         how many sessions there name it."""

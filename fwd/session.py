@@ -67,6 +67,7 @@ class Session(asyncio.BufferedProtocol):
         "writing_paused", "bytes_in", "bytes_out", "started", "dropped", "end_reason",
         "read_closed", "write_closed", "partner", "nonce", "token", "claiming", "moved",
         "adopted", "counted_out",
+        "home_hint",
     )
 
     def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None) -> None:
@@ -99,6 +100,7 @@ class Session(asyncio.BufferedProtocol):
         self.claiming = False  # an hs1 waits for the coordinator's answer
         self.moved = False  # handed to another worker: its chid goes with it
         self.counted_out = False  # the parent was told this connection is gone
+        self.home_hint: int | None = None  # where sessions that name our chid live
         self.adopted = adopted
 
     # -- asyncio callbacks --------------------------------------------------------
@@ -122,7 +124,8 @@ class Session(asyncio.BufferedProtocol):
         self.started = self.last_active = loop.time()
         self.timeout = hub.config.idle_timeout  # hs3 may override it
         if self.adopted is not None:
-            self._adopt(*self.adopted)
+            adopted, self.adopted = self.adopted, None  # keep no bytes for the session's life
+            self._adopt(*adopted)
             return
         if hub.config.mode == "chan" or hub.key is not None:
             # With a password there is no sniffing: everyone must handshake.
@@ -272,14 +275,18 @@ class Session(asyncio.BufferedProtocol):
                     if event.timeout is not None:
                         self.timeout = float(event.timeout)
                     mesh = self.hub.mesh
+                    home = None
                     if mesh is not None and self.chid is not None:
-                        # Ask where it belongs, to move next to its peers.
-                        self.claiming = True
-                        self.transport.pause_reading()
-                        mesh.place(self.chid, event.recvers,
-                                   functools.partial(self._on_placed, event.recvers))
-                        return
-                    self._finish_handshake(event.recvers, None)
+                        known, home = self.hub.place_locally(event.recvers, self.home_hint)
+                        if not known:
+                            # A receiver this worker has not heard of may have just
+                            # gone live elsewhere: ask where it belongs.
+                            self.claiming = True
+                            self.transport.pause_reading()
+                            mesh.place(self.chid, event.recvers,
+                                       functools.partial(self._on_placed, event.recvers))
+                            return
+                    self._finish_handshake(event.recvers, home)
         except LineRejected as exc:
             self._fail(exc.desc, rejected=exc.reason)
         except RemoteProtocolError as exc:
@@ -304,9 +311,10 @@ class Session(asyncio.BufferedProtocol):
             evicted.close(f"taken over by {self.peer}")
         self._send_hs2(chid)
 
-    def _on_claimed(self, asked: str | None, chid: str | None) -> None:
+    def _on_claimed(self, asked: str | None, chid: str | None, home: int | None) -> None:
         hub = self.hub
         self.claiming = False
+        self.home_hint = home
         if self.state is not St.HANDSHAKE:
             if chid is not None and hub.mesh is not None:
                 hub.mesh.release(chid, self.token)  # we left while it was being decided

@@ -81,6 +81,24 @@ class Hub:
             except OSError:  # parent gone or channel full: the count is advisory
                 pass
 
+    def place_locally(self, recvers: tuple[str, ...],
+                      hint: int | None) -> tuple[bool, int | None]:
+        """Where a session naming ``recvers`` belongs, from what this worker knows:
+        (False, None) if a receiver is unknown here (the coordinator must say),
+        else (True, the worker, or None to stay)."""
+        assert self.mesh is not None
+        votes: collections.Counter[int] = collections.Counter()
+        for chid in recvers:
+            if self.router.live(chid) is not None:
+                return True, None  # a receiver is here already: stay
+            where = self.router.where(chid)
+            if where is None:
+                return False, None
+            votes[where] += 1
+        if hint is not None:
+            votes[hint] += 1
+        return True, (votes.most_common(1)[0][0] if votes else None)
+
     def send_to_parent(self, fd: int, meta: dict[str, Any], data: bytes) -> bool:
         """Pass a socket to the parent (which forwards it); False if it cannot go now."""
         assert self.channel is not None
