@@ -23,3 +23,49 @@ def fanout(bytes chunk, tuple targets, object sender, double now):
                 full = []
             full.append(t)
     return full
+
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+
+
+def send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender, double now):
+    """Send ``buf[:n]`` to each target but ``sender`` straight from the read
+    buffer: a receiver whose transport has nothing queued gets a plain
+    non-blocking send(), with no copy. Only what a socket does not take is
+    copied, once, into a bytes chunk that every such receiver shares (their
+    transports queue it). Returns (targets now above their high-water mark or
+    None, that chunk or None)."""
+    cdef const char *ptr = buf
+    cdef list full = None
+    cdef object chunk = None
+    cdef object t, transport
+    cdef ssize_t sent
+    cdef int fd
+    for t in targets:
+        if t is sender:
+            continue
+        t.last_active = now
+        t.bytes_out += n
+        transport = t.transport
+        sent = 0
+        if transport.get_write_buffer_size() == 0:
+            fd = t.fd
+            sent = send(fd, ptr, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if sent == n:
+                continue
+            if sent < 0:  # EAGAIN, or an error the transport will meet and report
+                sent = 0
+        if chunk is None:
+            chunk = PyBytes_FromStringAndSize(ptr, n)
+        transport.write(chunk if sent == 0 else chunk[sent:])
+        if t.writing_paused:
+            if full is None:
+                full = []
+            full.append(t)
+    return full, chunk

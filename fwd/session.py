@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import fdpass
 from .crypto import REJECTED, AeadLineCodec
 from .errors import ChidInUse, LineRejected, RemoteProtocolError
-from .fastpath import fanout
+from .fastpath import fanout, send_view
 from .protocol import (
     NEED_DATA,
     PLAIN,
@@ -37,6 +37,7 @@ from .protocol import (
 from .sockopts import set_keepalive
 
 if TYPE_CHECKING:
+    from .routing import Route
     from .worker import Hub
 
 log = logging.getLogger("fwd.session")
@@ -67,7 +68,7 @@ class Session(asyncio.BufferedProtocol):
         "writing_paused", "bytes_in", "bytes_out", "started", "dropped", "end_reason",
         "read_closed", "write_closed", "partner", "nonce", "token", "claiming", "moved",
         "adopted", "counted_out",
-        "home_hint",
+        "home_hint", "fd",
     )
 
     def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None) -> None:
@@ -101,6 +102,7 @@ class Session(asyncio.BufferedProtocol):
         self.moved = False  # handed to another worker: its chid goes with it
         self.counted_out = False  # the parent was told this connection is gone
         self.home_hint: int | None = None  # where sessions that name our chid live
+        self.fd = -1  # the socket, for send() straight from the read buffer
         self.adopted = adopted
 
     # -- asyncio callbacks --------------------------------------------------------
@@ -119,6 +121,7 @@ class Session(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             set_keepalive(sock)
+            self.fd = sock.fileno()
         transport.set_write_buffer_limits(high=hub.config.max_buffer)
         loop = hub.loop
         self.started = self.last_active = loop.time()
@@ -141,10 +144,11 @@ class Session(asyncio.BufferedProtocol):
         return self.hub.view if self.state is St.LIVE else self.hub.view[:HANDSHAKE_READ]
 
     def buffer_updated(self, nbytes: int) -> None:
-        chunk = bytes(self.hub.view[:nbytes])
         if self.state is St.LIVE:
-            self._forward(chunk)
-        elif self.state is St.HANDSHAKE:
+            self._forward_read(nbytes)
+            return
+        chunk = bytes(self.hub.view[:nbytes])
+        if self.state is St.HANDSHAKE:
             self._handshake_input(chunk)
         elif self.state is St.SNIFF:
             self._sniff_input(chunk)
@@ -453,23 +457,45 @@ class Session(asyncio.BufferedProtocol):
             self._forward(first)
 
     def _forward(self, chunk: bytes) -> None:
-        hub = self.hub
-        now = hub.loop.time()
-        self.last_active = now
-        self.bytes_in += len(chunk)
-        route = hub.router.route(self)
+        """Route bytes the session already holds (the first bytes after hs3)."""
+        route, now = self._route(len(chunk))
         full = fanout(chunk, route.targets, self, now)
+        self._route_rest(route, chunk, len(chunk), now, full)
+
+    def _forward_read(self, n: int) -> None:
+        """The hot path: route ``n`` bytes straight from the worker's read buffer."""
+        route, now = self._route(n)
+        full, chunk = send_view(self.hub.buffer, n, route.targets, self, now)
+        self._route_rest(route, chunk, n, now, full)
+
+    def _route(self, n: int) -> tuple[Route[Session], float]:
+        now = self.hub.loop.time()
+        self.last_active = now
+        self.bytes_in += n
+        return self.hub.router.route(self), now
+
+    def _route_rest(self, route: Route[Session], chunk: bytes | None, n: int, now: float,
+                    full: list[Any] | None) -> None:
+        """Everything but the local receivers: other workers, sessions still in
+        their sniff window, held bytes; then pause this sender if it must wait."""
+        hub = self.hub
+        if chunk is None and (route.missing or route.remote or (
+                route.to_all and (hub.pending or hub.mesh is not None))):
+            chunk = bytes(hub.view[:n])  # these keep the bytes: one copy for all of them
         if hub.mesh is not None and (route.to_all or route.remote):
+            assert chunk is not None
             waits = hub.forward_remote(route, chunk)
             if waits:
                 full = (full or []) + waits
         if route.to_all:
             if hub.pending:
+                assert chunk is not None
                 for p in hub.pending:
                     p._queue_pending(chunk)
             elif len(route.targets) <= 1 and hub.mesh is None:
-                hub.stats["dropped_bytes"] += len(chunk)
+                hub.stats["dropped_bytes"] += n
         elif route.missing:
+            assert chunk is not None
             for chid in route.missing:
                 dropped = hub.router.hold(chid, chunk, now)
                 if dropped:
