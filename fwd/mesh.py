@@ -16,6 +16,7 @@ Frames are bytes; the first names the message kind.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
 import json
@@ -75,13 +76,14 @@ class Reader:
     def drain(self) -> None:
         self._scheduled = False
         sock = self.sock
+        events = int(sock.getsockopt(zmq.EVENTS))
+        if self.on_writable is not None and events & zmq.POLLOUT:
+            self.on_writable()
         for _ in range(BATCH):
-            events = int(sock.getsockopt(zmq.EVENTS))
-            if self.on_writable is not None and events & zmq.POLLOUT:
-                self.on_writable()
             if not events & zmq.POLLIN:
                 return
             self.on_message(sock.recv_multipart(zmq.NOBLOCK))
+            events = int(sock.getsockopt(zmq.EVENTS))
         self.kick()
 
     def kick(self) -> None:
@@ -115,7 +117,9 @@ class Mesh:
         dealer.setsockopt(zmq.LINGER, 0)
         self._watch(dealer)
         dealer.connect(registry_address(rundir))
-        self.coordinator = Reader(loop, dealer, self._from_coordinator)
+        self._backlog: collections.deque[list[bytes]] = collections.deque()
+        self.coordinator = Reader(loop, dealer, self._from_coordinator,
+                                  on_writable=self._coordinator_writable)
         pull = self.ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, PIPE_HWM)
         pull.setsockopt(zmq.LINGER, 0)
@@ -157,8 +161,23 @@ class Mesh:
     # -- coordinator ---------------------------------------------------------------
 
     def _ask(self, *frames: bytes) -> None:
-        self.coordinator.sock.send_multipart(list(frames), zmq.NOBLOCK)
+        if not self._backlog:
+            try:
+                self.coordinator.sock.send_multipart(list(frames), zmq.NOBLOCK)
+                self.coordinator.kick()
+                return
+            except zmq.Again:  # the coordinator is behind: keep the order, never block
+                pass
+        self._backlog.append(list(frames))
         self.coordinator.kick()
+
+    def _coordinator_writable(self) -> None:
+        while self._backlog:
+            try:
+                self.coordinator.sock.send_multipart(self._backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._backlog.popleft()
 
     def claim(self, chid: str | None, token: int, takeover: bool, peer: str,
               done: Callable[[str | None, int | None], None]) -> None:
