@@ -89,8 +89,7 @@ class Arbiter:
         listeners = open_listeners(self.config.listen)
         log.debug("run directory %s", self.rundir)
         if self.config.workers > 1:
-            self.coordinator = Coordinator(self.loop, self.config.workers, self.rundir,
-                                           self.config.takeover)
+            self.coordinator = Coordinator(self.loop, self.config.workers, self.rundir)
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.stop)
         for wid in range(self.config.workers):

@@ -21,8 +21,7 @@ log = logging.getLogger("fwd.coordinator")
 
 
 class Coordinator:
-    def __init__(self, loop: asyncio.AbstractEventLoop, workers: int, rundir: str,
-                 takeover: bool = False) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, workers: int, rundir: str) -> None:
         self.registry = Registry(workers)
         self.workers = workers
         self.live: dict[str, int] = {}
@@ -31,6 +30,9 @@ class Coordinator:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
+        # A ROUTER drops what exceeds its high-water mark: location events must
+        # never be lost, so the mark is far above any backlog a live worker has.
+        sock.setsockopt(zmq.SNDHWM, mesh.CONTROL_HWM)
         sock.bind(mesh.registry_address(rundir))
         self.reader = mesh.Reader(loop, sock, self._handle)
         self._claims: list[tuple[bytes, list[bytes]]] = []
@@ -52,7 +54,7 @@ class Coordinator:
         wid = int(ident[1:])
         if kind == mesh.CLAIM:
             # Claims wait for the end of this batch: a release sent before a
-            # competing claim, but read after it, must win (see _claim).
+            # competing claim, but read after it, must win (see _flush_claims).
             self._claims.append((ident, args))
             if len(self._claims) == 1:
                 self.reader.loop.call_soon(self._flush_claims)

@@ -39,6 +39,9 @@ TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
 
 PIPE_HWM = 64
 """Messages queued per worker-to-worker pipe (each at most one 256 KiB read)."""
+CONTROL_HWM = 1_000_000
+"""Coordinator <-> worker messages queued before ZeroMQ would drop (ROUTER) or
+stall: small messages, so this bounds memory at tens of MB for a stuck worker."""
 BATCH = 256
 """Messages handled per wake-up before yielding to the event loop."""
 
@@ -115,6 +118,8 @@ class Mesh:
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.IDENTITY, b"w%d" % wid)
         dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVHWM, CONTROL_HWM)
+        dealer.setsockopt(zmq.SNDHWM, CONTROL_HWM)
         self._watch(dealer)
         dealer.connect(registry_address(rundir))
         self._backlog: collections.deque[list[bytes]] = collections.deque()
