@@ -75,9 +75,8 @@ class Coordinator:
                 # Taken over (or its worker died) while it moved: end it.
                 self._to(wid, mesh.EVICT, args[0], args[3], b"a takeover")
         elif kind == mesh.PLACE:
-            votes = self.registry.votes(args[1].decode() or None, json.loads(args[2]))
-            home = max(votes, key=lambda w: (votes[w], w == wid)) if votes else -1
-            self._to(wid, mesh.PLACED, args[0], b"%d" % home)
+            home = self.registry.home(args[1].decode() or None, json.loads(args[2]), wid)
+            self._to(wid, mesh.PLACED, args[0], b"%d" % (-1 if home is None else home))
         elif kind == mesh.HELLO:
             self._to(wid, mesh.SNAP, json.dumps(self.live).encode())
 

@@ -8,8 +8,8 @@ from a worker that was restarted, can never free a chid that changed hands.
 
 Placement serves co-location: a pair A<->B should live on one worker, so its
 bytes never cross processes. A new session goes where the chids it names
-live, or where sessions that name it live (they may hold bytes for it),
-otherwise to the least-loaded worker.
+live, or where sessions that name it live (they may hold bytes for it);
+otherwise it stays where the parent put it (the least-loaded worker).
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ class Registry:
         self.workers = workers
         self._owner: dict[str, Owner] = {}
         self._wanted_by: dict[str, Counter[int]] = {}
-        self._conns: Counter[int] = Counter({w: 0 for w in range(workers)})
 
     def claim(self, chid: str | None, owner: Owner, *,
               takeover: bool = False) -> tuple[str, Owner | None]:
@@ -78,7 +77,6 @@ class Registry:
             del self._owner[chid]
         for counts in self._wanted_by.values():
             counts.pop(worker, None)
-        self._conns[worker] = 0
         return lost
 
     # -- placement -------------------------------------------------------------
@@ -110,24 +108,13 @@ class Registry:
             votes.update(self._wanted_by[chid])
         return votes
 
-    def place(self, chid: str | None, recvers: Iterable[str]) -> int:
-        """The worker a session with this chid and these recvers should live on."""
+    def home(self, chid: str | None, recvers: Iterable[str], asking: int) -> int | None:
+        """The worker a session should live on, or None when nothing draws it
+        anywhere; on a tie the asking worker wins (no move needed)."""
         votes = self.votes(chid, recvers)
-        if votes:
-            return max(votes, key=lambda w: (votes[w], -self._conns[w], -w))
-        return self.least_loaded()
-
-    # -- load ------------------------------------------------------------------
-
-    def connected(self, worker: int, delta: int = 1) -> None:
-        """A connection was handed to ``worker`` (delta -1: one of its connections ended)."""
-        self._conns[worker] = max(self._conns[worker] + delta, 0)
-
-    def least_loaded(self) -> int:
-        return min(range(self.workers), key=lambda w: (self._conns[w], w))
-
-    def load(self, worker: int) -> int:
-        return self._conns[worker]
+        if not votes:
+            return None
+        return max(votes, key=lambda w: (votes[w], w == asking, -w))
 
     def __len__(self) -> int:
         return len(self._owner)

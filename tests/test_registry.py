@@ -47,10 +47,10 @@ def test_worker_lost_frees_only_its_chids():
     reg = Registry(2)
     reg.claim("a", A1)
     reg.claim("b", B1)
-    reg.connected(0)
+    reg.want(0, ["b"])
     assert reg.worker_lost(0) == ["a"]
     assert reg.where("a") is None and reg.where("b") == 1
-    assert reg.load(0) == 0
+    assert reg.home("b", [], asking=1) is None  # the dead worker's wishes are gone too
     reg.claim("a", B1)  # free again at once
 
 
@@ -62,40 +62,34 @@ def test_move_follows_a_migrating_session():
     assert not reg.move("a", A1, B1)  # stale
 
 
-def test_place_next_to_the_named_receiver():
+def test_home_is_next_to_the_named_receiver():
     reg = Registry(3)
     reg.claim("a", Owner(2, 1))
-    assert reg.place("b", ["a"]) == 2
+    assert reg.home("b", ["a"], asking=0) == 2
 
 
-def test_place_next_to_sessions_that_name_it():
+def test_home_is_next_to_sessions_that_name_it():
     """A sender on worker 1 names "b" before "b" exists: it may hold bytes for it."""
     reg = Registry(3)
     reg.want(1, ["b"])
-    assert reg.place("b", []) == 1
+    assert reg.home("b", [], asking=0) == 1
     reg.want(1, ["b"], -1)
-    assert reg.place("b", []) == 0
+    assert reg.home("b", [], asking=0) is None
 
 
-def test_place_falls_back_to_least_loaded():
+def test_home_is_none_when_nothing_draws_it():
     reg = Registry(3)
-    reg.connected(0)
-    reg.connected(0)
-    reg.connected(1)
-    assert reg.place(None, ["absent"]) == 2
-    assert reg.least_loaded() == 2
-    reg.connected(2, 2)
-    assert reg.least_loaded() == 1
+    assert reg.home(None, ["absent"], asking=2) is None
 
 
-def test_place_majority_wins_ties_go_to_the_lighter_worker():
+def test_home_majority_wins_and_ties_stay_with_the_asking_worker():
     reg = Registry(3)
     reg.claim("x", Owner(0, 1))
     reg.claim("y", Owner(1, 1))
     reg.claim("z", Owner(1, 2))
-    assert reg.place(None, ["x", "y", "z"]) == 1
-    reg.connected(1, 5)
-    assert reg.place(None, ["x", "y"]) == 0
+    assert reg.home(None, ["x", "y", "z"], asking=0) == 1
+    assert reg.home(None, ["x", "y"], asking=1) == 1
+    assert reg.home(None, ["x", "y"], asking=0) == 0
 
 
 @given(st.lists(st.tuples(st.sampled_from("cr"), st.sampled_from("abc"),
