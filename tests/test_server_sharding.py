@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -135,3 +136,19 @@ def test_claims_survive_moves_and_release(sharded):
     s = server.connect()
     s.sendall(msg.encode() + b"\n")
     assert read_json(s) == {"rsp": "hs2", "chid": "x"}
+
+
+def test_a_stopped_worker_stalls_no_other(sharded):
+    """SIGSTOP one worker (a worker that hangs): a pair on another worker streams
+    on, byte-exact; no worker ever waits for another."""
+    server = sharded("--mode", "chan", "--slow-timeout", "0")
+    sa, sb = pair(server, "a", "b")
+    victim = next(w for w in server.workers() if w != server.worker_of(sa))
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        up = Sender(sa, 8 * MiB)
+        up.start()
+        assert recv_hash(sb, 8 * MiB) == up.digest
+        up.finish()
+    finally:
+        os.kill(victim, signal.SIGCONT)
