@@ -43,31 +43,17 @@ def bench_stream(benchmark: Any, kind: str, n: int, block: int, total: int, *,
         benchmark.extra_info["workers"] = fwd.workers
 
 
-@pytest.mark.benchmark(group="1-1 64KiB writes")
 @pytest.mark.parametrize("kind", ["direct", "fwd", "socat"])
-def test_stream_64k(benchmark: Any, kind: str, request: pytest.FixtureRequest,
-                    sizes: sc.Sizes) -> None:
+@pytest.mark.parametrize(("write", "total"), [
+    pytest.param(65536, lambda z: z.stream_bytes, id="64KiB-writes"),
+    pytest.param(512, lambda z: z.small_bytes, id="512B-writes"),
+    pytest.param(64, lambda z: 64 * z.msgs, id="64B-pipelined-messages"),
+])
+def test_stream(benchmark: Any, kind: str, write: int, total: Any,
+                request: pytest.FixtureRequest, sizes: sc.Sizes) -> None:
+    """One 1->1 stream of ``write``-byte writes, through fwd or a baseline."""
+    benchmark.group = f"1-1 stream, {write} B writes"
     relay = request.getfixturevalue("fwd") if kind == "fwd" else None
     if kind == "socat":
         request.getfixturevalue("need_socat")
-    bench_stream(benchmark, kind, 1, 65536, sizes.stream_bytes, fwd=relay)
-
-
-@pytest.mark.benchmark(group="1-1 512B writes")
-@pytest.mark.parametrize("kind", ["direct", "fwd", "socat"])
-def test_stream_512(benchmark: Any, kind: str, request: pytest.FixtureRequest,
-                    sizes: sc.Sizes) -> None:
-    relay = request.getfixturevalue("fwd") if kind == "fwd" else None
-    if kind == "socat":
-        request.getfixturevalue("need_socat")
-    bench_stream(benchmark, kind, 1, 512, sizes.small_bytes, fwd=relay)
-
-
-@pytest.mark.benchmark(group="1-1 64B pipelined messages")
-@pytest.mark.parametrize("kind", ["direct", "fwd", "socat"])
-def test_msgs_64(benchmark: Any, kind: str, request: pytest.FixtureRequest,
-                 sizes: sc.Sizes) -> None:
-    relay = request.getfixturevalue("fwd") if kind == "fwd" else None
-    if kind == "socat":
-        request.getfixturevalue("need_socat")
-    bench_stream(benchmark, kind, 1, 64, 64 * sizes.msgs, fwd=relay)
+    bench_stream(benchmark, kind, 1, write, total(sizes), fwd=relay)
