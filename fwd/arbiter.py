@@ -15,26 +15,36 @@ instead of restarting it in a loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import fdpass
+from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
-from .config import Config
+from .config import Config, format_hostport
 from .coordinator import Coordinator
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer, ParentMetrics
 
 log = logging.getLogger("fwd.arbiter")
 
 KILL_MARGIN = 3.0
 """Seconds past ``--drain-timeout`` before workers that still run are killed."""
+WORKER_ANSWER = 2.0
+"""How long a control request waits for each worker (a stopped one is reported, not waited on)."""
+_SUMMED = ("connections", "rejected", "bytes_in", "bytes_out", "dropped_bytes",
+           "slow_disconnects", "handshake_failures", "cross_worker_bytes", "kicked",
+           "sessions_chan", "sessions_broadcast")
 
 
 class _WorkerProtocol(asyncio.SubprocessProtocol):
@@ -76,6 +86,11 @@ class Arbiter:
         # ZeroMQ ipc endpoints live here, private to this server, removed at exit.
         self.rundir = tempfile.mkdtemp(prefix="fwd-")
         self.coordinator: Coordinator | None = None
+        self.control: control.ControlServer | None = None
+        self.metrics: ParentMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.started = self.loop.time()
+        self.listening: list[str] = []
 
     async def run(self) -> int:
         try:
@@ -83,11 +98,30 @@ class Arbiter:
         finally:
             if self.coordinator is not None:
                 self.coordinator.close()
+            if self.control is not None:
+                await self.control.close()
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
     async def _run(self) -> int:
         listeners = open_listeners(self.config.listen)
+        self.listening = describe(listeners).split(",")
         log.debug("run directory %s", self.rundir)
+        path = self.config.control
+        if path is None:
+            path = control.default_path(listeners[0].getsockname()[1])
+        if path != "none":
+            self.control = control.ControlServer(path, self.serve_control)
+            await self.control.start()  # OSError: in use by another server
+        if self.config.metrics is not None:
+            from .metrics import MetricsServer, ParentMetrics, prepare
+
+            prepare(self.rundir)  # before any worker starts: they inherit it
+            self.metrics = ParentMetrics(self.config.workers)
+            self.metrics_server = MetricsServer(*self.config.metrics, self.render_metrics)
+            host, port = await self.metrics_server.start()
+            log.info("metrics on http://%s/metrics", format_hostport(host, port))
         if self.config.workers > 1:
             self.coordinator = Coordinator(self.loop, self.config.workers, self.rundir)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -96,9 +130,10 @@ class Arbiter:
             await self.spawn(wid)
         self.acceptor = Acceptor(self.loop, listeners, self.dispatch)
         self.acceptor.start()
-        log.info("listening on %s mode=%s workers=%d password=%s", describe(listeners),
-                 self.config.mode, self.config.workers,
-                 "on" if getattr(self.config, "password", None) else "off")
+        log.info("listening on %s mode=%s workers=%d password=%s control=%s",
+                 describe(listeners), self.config.mode, self.config.workers,
+                 "on" if getattr(self.config, "password", None) else "off",
+                 self.control.path if self.control is not None else "none")
         await self._stop.wait()
         await self._shutdown()
         return self.exit_code
@@ -171,6 +206,8 @@ class Arbiter:
         if self.coordinator is not None:
             self.coordinator.worker_lost(wid)
         code = worker.transport.get_returncode()
+        if self.metrics is not None:
+            self.metrics.worker_gone(worker.pid)
         self.loop.remove_reader(worker.channel)
         worker.handoff.close()
         worker.transport.close()
@@ -187,6 +224,8 @@ class Arbiter:
             return
         log.warning("worker %d (pid %d) exited with %s; its sessions are gone; restarting",
                     wid, worker.pid, how)
+        if self.metrics is not None:
+            self.metrics.restarts.inc()
         self.loop.create_task(self.spawn(wid))
 
     # -- connections -----------------------------------------------------------
@@ -201,6 +240,8 @@ class Arbiter:
             # Over --max-conns (or every worker is restarting): closed at once.
             sock.close()
             self.refused += 1
+            if self.metrics is not None:
+                self.metrics.refused.inc()
             now = self.loop.time()
             if now - self._last_refusal_log >= 1.0:
                 self._last_refusal_log = now
@@ -212,6 +253,81 @@ class Arbiter:
         worker = min(running, key=lambda w: (w.conns, (w.wid - start) % n))
         worker.conns += 1
         worker.handoff.send(sock, {"peer": list(peer)})
+
+    # -- control and metrics -----------------------------------------------------
+
+    async def ask_workers(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every worker's reply, in worker order; a worker that is restarting or
+        does not answer within WORKER_ANSWER gets an ``error`` entry instead."""
+        async def one(w: Worker) -> dict[str, Any]:
+            if w.exited or not w.ready:
+                return {"worker": w.wid, "ok": False, "error": "restarting"}
+            try:
+                reply = await control.ask(control.worker_path(self.rundir, w.wid), request,
+                                          WORKER_ANSWER)
+            except asyncio.TimeoutError:
+                reply = control.error(f"no answer within {WORKER_ANSWER:g}s")
+            except (OSError, ValueError, control.ControlError) as exc:
+                reply = control.error(f"cannot ask it: {exc}")
+            return {"worker": w.wid, "pid": w.pid, **reply}
+
+        workers = sorted(self.workers.values(), key=lambda w: w.wid)
+        return list(await asyncio.gather(*(one(w) for w in workers)))
+
+    async def serve_control(self, request: control.Request) -> dict[str, Any]:
+        """fwd-ctl's requests (docs/PROTOCOL.md §9)."""
+        if request.cmd == "drain":
+            self.loop.call_soon(self.stop)  # after this reply is written
+            return control.ok(drain_timeout=self.config.drain_timeout)
+        if request.cmd == "kick":
+            chid = request.args["chid"]
+            replies = await self.ask_workers({"cmd": "kick", "chid": chid})
+            kicked = sum(r.get("kicked", 0) for r in replies if r["ok"])
+            if kicked:
+                return control.ok(kicked=kicked)
+            silent = [r["worker"] for r in replies if not r["ok"]]
+            note = f" (workers {silent} did not answer)" if silent else ""
+            return control.error(f"no session with chid {chid!r}{note}")
+        if request.cmd == "sessions":
+            replies = await self.ask_workers({"cmd": "sessions"})
+            rows = [row for r in replies if r["ok"] for row in r["sessions"]]
+            return control.ok(sessions=rows, errors=_errors(replies))
+        assert request.cmd == "status"
+        return control.ok(**self._status(await self.ask_workers({"cmd": "status"})))
+
+    def _status(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
+        totals: collections.Counter[str] = collections.Counter()
+        failures: collections.Counter[str] = collections.Counter()
+        workers: list[dict[str, Any]] = []
+        for r in replies:
+            if not r["ok"]:
+                workers.append({k: r[k] for k in ("worker", "pid", "error") if k in r})
+                continue
+            live = sum(r["live"].values())
+            for key in _SUMMED:
+                totals[key] += r["totals"].get(key, 0)
+            totals["sessions"] += live
+            totals["open_connections"] += r["open_connections"]
+            totals["held_bytes"] += r["held_bytes"]
+            totals["buffered_bytes"] += r["buffered_bytes"]
+            failures.update(r["failures"])
+            workers.append({"worker": r["worker"], "pid": r["pid"], "sessions": live,
+                            "connections": r["open_connections"],
+                            "bytes_in": r["totals"].get("bytes_in", 0),
+                            "bytes_out": r["totals"].get("bytes_out", 0),
+                            "uptime": r["uptime"]})
+        totals["rejected"] += self.refused
+        totals["sessions_total"] = (totals.pop("sessions_chan", 0)
+                                    + totals.pop("sessions_broadcast", 0))
+        return {"pid": os.getpid(), "uptime": round(self.loop.time() - self.started, 3),
+                "mode": self.config.mode, "listen": self.listening, "workers": workers,
+                "totals": dict(totals), "failures": dict(failures)}
+
+    async def render_metrics(self) -> bytes:
+        """/metrics: the workers flush their counters first, so a scrape is current."""
+        assert self.metrics is not None
+        await self.ask_workers({"cmd": "flush"})
+        return self.metrics.render()
 
     # -- shutdown --------------------------------------------------------------
 
@@ -239,6 +355,10 @@ class Arbiter:
                         w.transport.kill()
                 await self._all_exited.wait()
         log.info("stopped")
+
+
+def _errors(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"worker": r["worker"], "error": r["error"]} for r in replies if not r["ok"]]
 
 
 def run(config: Config) -> int:

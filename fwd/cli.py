@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .config import MODES, Config, parse_hostport, parse_size
+from .config import LOG_FORMATS, MODES, Config, parse_hostport, parse_size
 from .runtime import set_title, setup_logging
 
 
@@ -98,21 +98,29 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
 @click.option("--drain-timeout", type=_SECONDS, default=_D.drain_timeout,
               help="On SIGTERM/SIGINT, how long queued bytes may take to reach receivers.")
 @_password_options
+@click.option("--control", default=None, metavar="PATH",
+              help="Unix socket for fwd-ctl (mode 0600); 'none' for no control socket  "
+                   "[default: $XDG_RUNTIME_DIR or /tmp, fwd-PORT.ctl, PORT the first listen "
+                   "port].")
+@click.option("--metrics", type=_HostPort(), default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics [default: off].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=_D.log_level)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default=_D.log_format,
+              help="text: one readable line per record; json: one JSON object per line.")
 def server(**options: Any) -> None:
     """Relay raw TCP bytes between clients that connect to it."""
     options["listen"] = list(options["listen"])
     options["password"] = _take_password(options)
     config = Config(**options)
-    setup_logging(config.log_level, "acceptor")
+    setup_logging(config.log_level, "acceptor", config.log_format)
     set_title("fwd-server: acceptor")
     from .arbiter import run
 
     try:
         code = run(config)
     except OSError as exc:
-        raise click.ClickException(f"cannot listen: {exc}") from None
+        raise click.ClickException(f"cannot start: {exc}") from None
     sys.exit(code)
 
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 MODES = ("chan", "broadcast")
+LOG_FORMATS = ("text", "json")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -60,11 +61,18 @@ class Config:
     takeover: bool = False
     drain_timeout: float = 5.0
     log_level: str = "info"
+    log_format: str = "text"
+    control: str | None = None
+    """Control socket path; None: derived from the listen port; "none": no socket."""
+    metrics: tuple[str, int] | None = None
+    """Serve Prometheus metrics on this address."""
     password: str | None = field(default=None, repr=False)
     """Encrypted handshake (docs/PROTOCOL.md §7); never logged or shown."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
         if self.password == "":
             raise ValueError("the password must not be empty")

@@ -386,3 +386,24 @@ def sniff(prefix: bytes) -> Sniff:
     except RemoteProtocolError:
         return Sniff.DATA
     return Sniff.HANDSHAKE if isinstance(obj, dict) and obj.get("req") == "hs1" else Sniff.DATA
+
+
+FAILURE_REASONS: tuple[tuple[str, str], ...] = (
+    ("handshake timeout", "timeout"),
+    ("connection closed during handshake", "closed"),
+    ("chid in use", "chid_in_use"),
+    ("handshake rejected", "rejected"),
+    ("line longer than", "line_too_long"),
+    ("unexpected ", "out_of_order"),
+    ("hs3 nonce", "bad_nonce"),
+)
+"""hs4 FAIL desc prefix → the reason label that metrics and logs count it under."""
+
+
+def failure_reason(desc: str) -> str:
+    """A small fixed set of names for handshake failures: the descs themselves
+    carry client input (a chid, a key name), unfit as a metric label."""
+    for prefix, reason in FAILURE_REASONS:
+        if desc.startswith(prefix):
+            return reason
+    return "malformed"

@@ -68,7 +68,7 @@ class Session(asyncio.BufferedProtocol):
         "writing_paused", "bytes_in", "bytes_out", "started", "dropped", "end_reason",
         "read_closed", "write_closed", "partner", "nonce", "token", "claiming", "moved",
         "adopted", "counted_out",
-        "home_hint", "fd",
+        "home_hint", "fd", "recvers",
     )
 
     def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None) -> None:
@@ -103,6 +103,7 @@ class Session(asyncio.BufferedProtocol):
         self.counted_out = False  # the parent was told this connection is gone
         self.home_hint: int | None = None  # where sessions that name our chid live
         self.fd = -1  # the socket, for send() straight from the read buffer
+        self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
         self.adopted = adopted
 
     # -- asyncio callbacks --------------------------------------------------------
@@ -421,7 +422,7 @@ class Session(asyncio.BufferedProtocol):
         else:
             fail = Hs4(False, desc)
             line = hs.send(fail) if hs else PLAIN.encode(to_message(fail))
-        self.hub.stats["handshake_failures"] += 1
+        self.hub.note_failure(desc)
         if rejected and rejected != desc:
             log.info("handshake failed peer=%s: %s (%s)", self.peer, desc, rejected)
         else:
@@ -438,6 +439,7 @@ class Session(asyncio.BufferedProtocol):
         self._cancel_timer()
         self.state = St.LIVE
         self.hs = None
+        self.recvers = recvers
         hub.pending.discard(self)
         for chunk in hub.router.join(self, recvers):
             self.bytes_out += len(chunk)
@@ -450,7 +452,13 @@ class Session(asyncio.BufferedProtocol):
                 transport.write(chunk)
         self.pending_out = None
         self.last_active = hub.loop.time()
-        log.debug("live chid=%s peer=%s recvers=%d", self.chid, self.peer, len(recvers))
+        mode = "broadcast" if self.chid is None else "chan"
+        hub.stats[f"sessions_{mode}"] += 1
+        log.info("session start chid=%s peer=%s worker=%d mode=%s recvers=%s",
+                 self.chid, self.peer, hub.wid, mode, ",".join(recvers) or "*",
+                 extra={"fields": {"event": "session_start", "chid": self.chid,
+                                   "peer": self.peer, "worker": hub.wid, "mode": mode,
+                                   "recvers": list(recvers) or None}})
         if self.timeout > 0:
             self.timer = hub.loop.call_later(self.timeout, self._idle_check)
         if first:
@@ -585,12 +593,15 @@ class Session(asyncio.BufferedProtocol):
             partner.close("half-closed both ways" if partner.write_closed else "pair partner left")
         hub.connection_gone(self)
         if (was_live or self.chid is not None) and not self.moved:
+            secs = hub.loop.time() - self.started
             log.info(
-                "session end chid=%s peer=%s in=%d out=%d secs=%.1f reason=%s%s",
-                self.chid, self.peer, self.bytes_in, self.bytes_out,
-                hub.loop.time() - self.started, reason,
+                "session end chid=%s peer=%s worker=%d in=%d out=%d secs=%.3f reason=%s%s",
+                self.chid, self.peer, hub.wid, self.bytes_in, self.bytes_out, secs, reason,
                 f" dropped={self.dropped}" if self.dropped else "",
-            )
+                extra={"fields": {"event": "session_end", "chid": self.chid, "peer": self.peer,
+                                  "worker": hub.wid, "bytes_in": self.bytes_in,
+                                  "bytes_out": self.bytes_out, "secs": round(secs, 3),
+                                  "reason": reason, "dropped": self.dropped}})
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -10,19 +10,25 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import fdpass
+from . import control, fdpass
 from .config import Config
 from .crypto import derive_key
 from .fastpath import fanout
 from .mesh import Mesh
+from .metrics import FLUSH_EVERY
+from .protocol import failure_reason
 from .routing import Backpressure, Route, Router
 from .runtime import set_title, setup_logging
 from .session import Session, St
+
+if TYPE_CHECKING:
+    from .metrics import WorkerMetrics
 
 log = logging.getLogger("fwd.worker")
 
@@ -59,11 +65,16 @@ class Hub:
         self.view = memoryview(self.buffer)
         self.sessions: set[Session] = set()
         self.pending: set[Session] = set()
+        # Totals since the worker started (bytes of sessions that ended: a live
+        # session counts its own until it is released).
         self.stats: collections.Counter[str] = collections.Counter()
+        self.failures: collections.Counter[str] = collections.Counter()  # by reason
+        self.started = loop.time()
         self.closed = asyncio.Event()
         self.stopping = False
         self._hold_timer: asyncio.TimerHandle | None = None
         self._last_reject_log = -1e9
+        self.metrics: WorkerMetrics | None = None
 
     def new_token(self) -> int:
         return next(self._tokens)
@@ -116,8 +127,10 @@ class Hub:
         assert mesh is not None
         waits: list[Any] = []
         if route.to_all:
+            self.stats["cross_worker_bytes"] += len(chunk) * len(mesh.peers)
             waits.extend(("pipe", w) for w in mesh.send_all(chunk))
             waits.extend(("worker", w) for w, n in self.remote_full_count.items() if n > 0)
+        self.stats["cross_worker_bytes"] += len(chunk) * len(route.remote)
         for worker, chid in route.remote:
             if not mesh.send_to(worker, chid, chunk):
                 waits.append(("pipe", worker))
@@ -183,6 +196,70 @@ class Hub:
     def pipe_drained(self, worker: int) -> None:
         self.resume_senders(self.backpressure.release(("pipe", worker)))
 
+    # -- what fwd-ctl and /metrics see (asked by the parent) ---------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """This worker's counters and gauges, as fwd-ctl status and the metrics show them."""
+        totals = dict(self.stats)
+        live: collections.Counter[str] = collections.Counter()
+        buffered = 0
+        for s in self.sessions:
+            totals["bytes_in"] = totals.get("bytes_in", 0) + s.bytes_in
+            totals["bytes_out"] = totals.get("bytes_out", 0) + s.bytes_out
+            if s.state is St.LIVE:
+                live["broadcast" if s.chid is None else "chan"] += 1
+            if s.transport is not None:
+                buffered += s.transport.get_write_buffer_size()
+        return {"worker": self.wid, "pid": os.getpid(),
+                "uptime": round(self.loop.time() - self.started, 3),
+                "open_connections": len(self.sessions), "live": dict(live),
+                "held_bytes": self.router.held, "buffered_bytes": buffered,
+                "totals": totals, "failures": dict(self.failures)}
+
+    def session_rows(self) -> list[dict[str, Any]]:
+        now = self.loop.time()
+        return [{"chid": s.chid, "peer": s.peer, "worker": self.wid, "state": s.state.value,
+                 "recvers": list(s.recvers) if s.recvers else None,
+                 "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+                 "buffered": s.transport.get_write_buffer_size() if s.transport else 0,
+                 "idle": round(now - s.last_active, 3), "age": round(now - s.started, 3)}
+                for s in self.sessions]
+
+    def kick(self, chid: str) -> int:
+        """Close the session holding ``chid`` here; how many were closed (0 or 1)."""
+        session = self.router.owner(chid)
+        if session is None or session.state is St.CLOSED:
+            return 0
+        self.stats["kicked"] += 1
+        session.close("kicked by fwd-ctl")
+        return 1
+
+    async def serve_control(self, request: control.Request) -> dict[str, Any]:
+        """The parent's requests, over this worker's control socket."""
+        if request.cmd == "status":
+            return control.ok(**self.snapshot())
+        if request.cmd == "sessions":
+            return control.ok(sessions=self.session_rows())
+        if request.cmd == "kick":
+            return control.ok(kicked=self.kick(request.args["chid"]))
+        assert request.cmd == "flush"
+        self.flush_metrics()
+        return control.ok()
+
+    def flush_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.flush(self.snapshot())
+
+    def _metrics_tick(self) -> None:
+        self.flush_metrics()
+        self.loop.call_later(FLUSH_EVERY, self._metrics_tick)
+
+    def start_metrics(self) -> None:
+        from .metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics()
+        self._metrics_tick()
+
     # -- connections -------------------------------------------------------------------
 
     def admit(self, session: Session, limit: bool = True) -> bool:
@@ -197,12 +274,20 @@ class Hub:
                             self.stats["rejected"])
             return False
         self.sessions.add(session)
-        self.stats["connections"] += 1
+        if limit:  # a moved session was counted where it connected
+            self.stats["connections"] += 1
         return True
+
+    def note_failure(self, desc: str) -> None:
+        self.stats["handshake_failures"] += 1
+        self.failures[failure_reason(desc)] += 1
 
     def release(self, session: Session) -> None:
         self.connection_gone(session)
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.stats["bytes_in"] += session.bytes_in
+            self.stats["bytes_out"] += session.bytes_out
         if self.stopping and not self.sessions:
             self.closed.set()
 
@@ -293,11 +378,18 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -
     transport.close()
     b.close()
 
+    ctl = control.ControlServer(control.worker_path(rundir, wid), hub.serve_control,
+                                control.WORKER_COMMANDS)
+    await ctl.start()
+    if config.metrics is not None:
+        hub.start_metrics()
     fdpass.receive_into(loop, channel, on_socket, on_parent_gone, on_loss)
     channel.send(b"ready")
     await stop.wait()
     loop.remove_reader(channel)
     await hub.shutdown()
+    hub.flush_metrics()
+    await ctl.close()
     if hub.mesh is not None:
         hub.mesh.close()
     channel.close()
@@ -312,8 +404,10 @@ def main(argv: list[str] | None = None) -> None:
     meta, _ = fdpass.unpack(channel.recv(65536))
     rundir = meta.pop("rundir")
     meta["listen"] = [tuple(a) for a in meta["listen"]]
+    if meta.get("metrics") is not None:
+        meta["metrics"] = tuple(meta["metrics"])
     config = Config(**meta)
-    setup_logging(config.log_level, f"w{wid}")
+    setup_logging(config.log_level, f"w{wid}", config.log_format)
     set_title(f"fwd-server: worker {wid}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which drains us
     uvloop.run(serve(config, wid, channel, rundir))

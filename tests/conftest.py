@@ -7,6 +7,7 @@ or an ERROR fails the test that used it.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -125,7 +127,8 @@ class Process:
         self._reader.join(5)
         if check:
             assert self.proc.returncode == 0, f"server exit code {self.proc.returncode}"
-            bad = [ln for ln in self.lines if "Traceback" in ln or " ERROR " in ln]
+            bad = [ln for ln in self.lines
+                   if "Traceback" in ln or " ERROR " in ln or '"level": "ERROR"' in ln]
             assert not bad, "server logged errors:\n" + "\n".join(self.lines)
 
 
@@ -135,7 +138,8 @@ class Server(Process):
     def __init__(self, args: list[str], env: dict[str, str] | None = None,
                  preexec: Callable[[], None] | None = None) -> None:
         super().__init__([sys.executable, "-m", "fwd.cli", *args], env, preexec)
-        m = self.wait_log(r"listening on (\S+) .*workers=(\d+)")
+        m = self.wait_log(r"listening on (\S+) .*workers=(\d+) .*control=([^\s\"]+)")
+        self.control = m.group(3)
         # Ready workers: fd and memory baselines taken from here on are stable.
         self.wait_log(r"worker \d+ ready", count=int(m.group(2)))
         addr = m.group(1).split(",")[0]
@@ -155,6 +159,19 @@ class Server(Process):
 
     def workers(self) -> list[int]:
         return self.pids()[1:]
+
+    def ctl(self, *args: str, check: bool = True,
+            preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run fwd-ctl against this server's control socket."""
+        done = subprocess.run([sys.executable, "-m", "fwd.ctl", "--control", self.control,
+                               *args], capture_output=True, text=True, timeout=30,
+                              preexec_fn=preexec)
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def ctl_json(self, *args: str) -> Any:
+        return json.loads(self.ctl(*args, "--json").stdout)
 
     def worker_of(self, sock: socket.socket) -> int:
         """The worker process that holds the server side of ``sock``'s connection."""

@@ -183,9 +183,9 @@ def test_broadcast_remote_request_reaches_lan_service_byte_exact(
     m = br.wait_log(r"fwd-client starting server0=(\S+) server1=(\S+)")
     assert m.groups() == (addr(server), svc.addr)
     br.wait_log(r"server0 connected")
-    server.wait_log(r"live chid=None", start=mark)  # the bridge, past its sniff window
+    server.wait_log(r"session start chid=None", start=mark)  # the bridge, past its sniff window
     remote = server.connect()
-    server.wait_log(r"live chid=None", start=mark, count=2)
+    server.wait_log(r"session start chid=None", start=mark, count=2)
     round_trip(remote, 4 * MiB)
     assert svc.accepted == 1
 

@@ -2,7 +2,7 @@
 end-to-end encrypted stream format as a sans-I/O unit (test vector, tampering).
 
 Synchronisation is by the server's log lines (a raw broadcast client is live once
-the server logged ``live chid=None peer=...``) and by bytes on sockets. A few
+the server logged ``session start chid=None peer=...``) and by bytes on sockets. A few
 tests put a test-owned listening socket in the server's place, to control
 exactly which bytes share a segment with the hs4 line.
 """
@@ -54,7 +54,7 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def live_pattern(port: int, chid: str = "None") -> str:
-    return rf"live chid={re.escape(chid)} peer=127\.0\.0\.1:{port} "
+    return rf"session start chid={re.escape(chid)} peer=127\.0\.0\.1:{port} "
 
 
 def sha(data: bytes) -> str:

@@ -1,7 +1,7 @@
 """fwd-cat as a process against a real fwd-server: files through the relay byte-exact
 in chan and broadcast mode, exit codes, and one-line errors.
 
-Synchronisation: the server's ``live chid=...`` log lines say when a fwd-cat is
+Synchronisation: the server's ``session start chid=...`` log lines say when a fwd-cat is
 in its session; after that only bytes and process exits are waited for.
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def test_chan_file_transfer_byte_exact_both_exit_0(chan_server, fwd_cat, big_fil
         receiver = fwd_cat(chan_server, "--chid", "b", "--to", "a", stdin=subprocess.PIPE,
                            stdout=fout, env=env)
     # Start the sender once b is live, so its bytes go straight through, not via the hold.
-    chan_server.wait_log(r"live chid=b ", start=mark)
+    chan_server.wait_log(r"session start chid=b ", start=mark)
     with open(src, "rb") as fin:
         sender = fwd_cat(chan_server, "--chid", "a", "--to", "b", stdin=fin, env=env)
     assert finish(receiver) == (0, "")
@@ -103,7 +103,7 @@ def test_broadcast_file_transfer_byte_exact(bcast_server, fwd_cat, big_file):
     src, digest, size = big_file
     mark = bcast_server.mark()
     listener = fwd_cat(bcast_server, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    bcast_server.wait_log(r"live chid=None ", start=mark)
+    bcast_server.wait_log(r"session start chid=None ", start=mark)
     with open(src, "rb") as fin:
         sender = fwd_cat(bcast_server, stdin=fin)
     assert listener.stdout is not None and listener.stdin is not None
@@ -161,7 +161,7 @@ def test_e2e_key_mismatch_exits_4(chan_server, fwd_cat, tmp_path):
     mark = chan_server.mark()
     receiver = fwd_cat(chan_server, "--chid", "mb", "--to", "ma", "--e2e-key-file", str(keyfile),
                        stdin=subprocess.PIPE)
-    chan_server.wait_log(r"live chid=mb ", start=mark)
+    chan_server.wait_log(r"session start chid=mb ", start=mark)
     sender = fwd_cat(chan_server, "--chid", "ma", "--to", "mb", env={"FWD_E2E_KEY": "key two"},
                      stdin=subprocess.PIPE)
     assert sender.stdin is not None
@@ -182,7 +182,7 @@ def test_password_from_env_or_file(start_server, fwd_cat, tmp_path):
     mark = server.mark()
     receiver = fwd_cat(server, "--chid", "pb", "--to", "pa", "--password-file", str(pwfile),
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    server.wait_log(r"live chid=pb ", start=mark)
+    server.wait_log(r"session start chid=pb ", start=mark)
     sender = fwd_cat(server, "--chid", "pa", "--to", "pb", env={"FWD_PASSWORD": "s3cret"},
                      stdin=subprocess.PIPE)
     assert sender.stdin is not None and receiver.stdout is not None

@@ -33,7 +33,7 @@ def test_generated_chid_is_unique_and_url_safe(chan_server):
 def test_broadcast_without_handshake_reaches_every_other_client(bcast_server):
     mark = bcast_server.mark()
     receivers = [bcast_server.connect() for _ in range(3)]
-    bcast_server.wait_log(r"live chid=None", start=mark, count=3)
+    bcast_server.wait_log(r"session start chid=None", start=mark, count=3)
     sender = bcast_server.connect()
     sender.sendall(b"hello everyone")
     for r in receivers:

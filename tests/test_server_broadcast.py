@@ -2,7 +2,7 @@
 sniffing (hs1 handshake or data), listen-only clients, bulk byte-exactness.
 
 A raw client counts as registered once the server logged its
-``live chid=None peer=127.0.0.1:<port>`` line; that, and bytes on sockets, are
+``session start chid=None peer=127.0.0.1:<port>`` line; that, and bytes on sockets, are
 the only synchronisation used.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def port_of(sock: socket.socket) -> int:
 
 
 def live_pattern(sock: socket.socket, chid: str = "None") -> str:
-    return rf"live chid={re.escape(chid)} peer=127\.0\.0\.1:{port_of(sock)} "
+    return rf"session start chid={re.escape(chid)} peer=127\.0\.0\.1:{port_of(sock)} "
 
 
 def raw_client(server: Any) -> socket.socket:

@@ -74,7 +74,7 @@ def test_broadcast_reaches_clients_on_every_worker(sharded):
     server = sharded("--mode", "broadcast")
     mark = server.mark()
     receivers = [server.connect() for _ in range(6)]
-    server.wait_log(r"live chid=None", start=mark, count=6)
+    server.wait_log(r"session start chid=None", start=mark, count=6)
     assert len({server.worker_of(r) for r in receivers}) == 3
     sender = server.connect()
     payload = os.urandom(256 * 1024)

@@ -1,0 +1,190 @@
+"""Prometheus metrics: counters summed over every process of the server.
+
+prometheus_client's multiprocess mode keeps each process's values in small
+mmap'ed files in one directory; the parent's /metrics sums them. The hot path
+never touches a metric: workers keep plain integer counters in their Hub and
+copy them into the files every FLUSH_EVERY seconds and just before each scrape
+(the parent asks them to), so a scrape is current to within the request.
+
+Counters of a worker that died keep their last flushed values (a counter must
+not go backwards); its gauges are dropped when the parent sees it exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from .control import close_connections
+from .protocol import FAILURE_REASONS
+
+log = logging.getLogger("fwd.metrics")
+
+FLUSH_EVERY = 5.0
+"""Seconds between a worker's copies of its counters into the metrics files."""
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+MAX_HEAD = 8192
+"""Longest HTTP request head the endpoint reads."""
+HEAD_TIMEOUT = 10.0
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The classic text format: every Prometheus version reads it (our names need no escaping)."""
+
+REASONS = tuple(sorted({r for _, r in FAILURE_REASONS} | {"malformed"}))
+
+# Hub counter → (metric name, help). Counters are exported with a _total suffix.
+COUNTERS: Mapping[str, tuple[str, str]] = {
+    "connections": ("fwd_connections", "Client connections accepted."),
+    "rejected": ("fwd_connections_refused", "Connections closed at once (--max-conns, "
+                 "shutdown, lost in a hand-off)."),
+    "bytes_in": ("fwd_received_bytes", "Stream bytes read from clients (after the handshake)."),
+    "bytes_out": ("fwd_sent_bytes", "Stream bytes written to clients."),
+    "dropped_bytes": ("fwd_dropped_bytes", "Bytes dropped: hold limits, expired holds, "
+                      "broadcast with nobody else connected."),
+    "slow_disconnects": ("fwd_slow_consumer_disconnects", "Receivers disconnected for "
+                         "staying above --max-buffer longer than --slow-timeout."),
+    "cross_worker_bytes": ("fwd_cross_worker_bytes", "Bytes sent to another worker process."),
+    "kicked": ("fwd_kicked_sessions", "Sessions closed by fwd-ctl kick."),
+}
+GAUGES: Mapping[str, tuple[str, str]] = {
+    "open_connections": ("fwd_open_connections", "Client connections open now."),
+    "held_bytes": ("fwd_held_bytes", "Bytes held now for absent chan receivers."),
+    "buffered_bytes": ("fwd_buffered_bytes", "Bytes queued now towards receivers."),
+}
+MODES = ("chan", "broadcast")
+
+
+def prepare(rundir: str) -> str:
+    """Choose the metrics directory; must run before prometheus_client is
+    imported here and before workers start (they inherit the environment)."""
+    path = os.path.join(rundir, "metrics")
+    os.makedirs(path, exist_ok=True)
+    os.environ[ENV] = path
+    return path
+
+
+class WorkerMetrics:
+    """A worker's metrics, fed from its Hub's counters by ``flush``."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.counters = {k: Counter(n, h, registry=None) for k, (n, h) in COUNTERS.items()}
+        self.gauges = {k: Gauge(n, h, registry=None, multiprocess_mode="livesum")
+                       for k, (n, h) in GAUGES.items()}
+        self.sessions_total = Counter("fwd_sessions", "Sessions that went live, by mode.",
+                                      ["mode"], registry=None)
+        self.sessions_live = Gauge("fwd_sessions_live", "Live sessions now, by mode.",
+                                   ["mode"], registry=None, multiprocess_mode="livesum")
+        self.failures = Counter("fwd_handshake_failures", "Failed handshakes, by reason.",
+                                ["reason"], registry=None)
+        for mode in MODES:  # every series exists from the start, at 0
+            self.sessions_total.labels(mode)
+            self.sessions_live.labels(mode)
+        for reason in REASONS:
+            self.failures.labels(reason)
+        self._last: dict[str, int] = {}
+
+    def _advance(self, key: str, value: int) -> int:
+        delta = value - self._last.get(key, 0)
+        self._last[key] = value
+        return max(delta, 0)
+
+    def flush(self, snapshot: Mapping[str, Any]) -> None:
+        """Copy a Hub snapshot (``Hub.snapshot()``) into the metrics files."""
+        totals = snapshot["totals"]
+        for key, counter in self.counters.items():
+            if delta := self._advance(key, totals.get(key, 0)):
+                counter.inc(delta)
+        for mode in MODES:
+            if delta := self._advance(f"sessions_{mode}", totals.get(f"sessions_{mode}", 0)):
+                self.sessions_total.labels(mode).inc(delta)
+            self.sessions_live.labels(mode).set(snapshot["live"].get(mode, 0))
+        for reason, count in snapshot["failures"].items():
+            if delta := self._advance(f"fail_{reason}", count):
+                self.failures.labels(reason).inc(delta)
+        for key, gauge in self.gauges.items():
+            gauge.set(snapshot[key])
+
+
+class ParentMetrics:
+    """The parent's own metrics, and the sum over all processes for /metrics."""
+
+    def __init__(self, workers: int) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.refused = Counter(*COUNTERS["rejected"], registry=None)
+        self.restarts = Counter("fwd_worker_restarts", "Workers restarted after they died.",
+                                registry=None)
+        self.workers = Gauge("fwd_workers", "Worker processes configured.", registry=None,
+                             multiprocess_mode="livesum")
+        self.workers.set(workers)
+
+    def worker_gone(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+    def render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+class MetricsServer:
+    """A minimal HTTP/1.1 endpoint for GET /metrics in the parent's event loop
+    (no thread: ``render`` first asks the workers to flush)."""
+
+    def __init__(self, host: str, port: int, render: Callable[[], Awaitable[bytes]]) -> None:
+        self.host, self.port = host, port
+        self.render = render
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def start(self) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port,
+                                                  limit=MAX_HEAD)
+        addr = self._server.sockets[0].getsockname()
+        return addr[0], addr[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await close_connections(self._conns)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns[task] = writer
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    asyncio.TimeoutError):
+                return
+            method, _, rest = head.split(b"\r\n", 1)[0].partition(b" ")
+            target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+            if method not in (b"GET", b"HEAD"):
+                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
+            elif target != b"/metrics":
+                status, body, ctype = "404 Not Found", b"see /metrics\n", "text/plain"
+            else:
+                status, body, ctype = "200 OK", await self.render(), CONTENT_TYPE
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
+                         f"{len(body)}\r\nConnection: close\r\n\r\n".encode())
+            if method != b"HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        except Exception:
+            log.exception("serving /metrics failed")
+        finally:
+            del self._conns[task]
+            with contextlib.suppress(Exception):
+                writer.close()

@@ -1,0 +1,261 @@
+"""fwd-ctl against a real multi-worker server: status, sessions, kick, drain,
+and the control socket's defences (mode 0600, peer credentials, bad requests).
+
+Every test here runs two workers or more, whatever FWD_TEST_WORKERS says:
+the point is that the parent gathers what its workers know.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from conftest import WORKERS, Server
+from helpers import Sender, expect_fail, pair, read_line, recv_exact, wait_until
+
+N = max(WORKERS, 2)
+NOBODY = 65534
+
+
+def chan(start_server: Callable[..., Server], *args: str, **kw: Any) -> Server:
+    return start_server("--mode", "chan", "--workers", str(N), *args, **kw)
+
+
+def raw_request(server: Server, line: bytes) -> list[Any]:
+    """Send raw bytes on the control socket; the replies until the server closes."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(server.control)
+        s.sendall(line)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return [json.loads(x) for x in data.splitlines()]
+
+
+def test_status_sums_the_workers(start_server: Callable[..., Server]) -> None:
+    server = chan(start_server)
+    sa, sb = pair(server)
+    sa.sendall(b"x" * 300_000)
+    recv_exact(sb, 300_000)
+    sb.sendall(b"y" * 1000)
+    recv_exact(sa, 1000)
+    bad = server.connect()
+    bad.sendall(b"not json\n")
+    expect_fail(bad)
+
+    st = server.ctl_json("status")
+    assert st["ok"] and st["mode"] == "chan" and st["pid"] == server.pid
+    assert [w["worker"] for w in st["workers"]] == list(range(N))
+    assert sorted(w["pid"] for w in st["workers"]) == sorted(server.workers())
+    t = st["totals"]
+    assert t["bytes_in"] == t["bytes_out"] == 301_000
+    assert t["sessions"] == 2 and t["sessions_total"] == 2
+    assert t["handshake_failures"] == 1 and st["failures"] == {"malformed": 1}
+    assert sum(w["sessions"] for w in st["workers"]) == 2
+    assert st["listen"] == [f"127.0.0.1:{server.port}"]
+
+    text = server.ctl("status").stdout
+    assert "handshake failures         1 (malformed 1)" in text
+    header, *rows = text.split("\n\n")[1].splitlines()
+    assert header.split() == ["WORKER", "PID", "SESSIONS", "CONNS", "BYTES", "IN", "BYTES",
+                              "OUT", "UPTIME"]
+    assert len(rows) == N
+    # Aligned: every right-aligned PID ends in the same column as its header.
+    end = header.index("PID") + 3
+    assert all(r[:end].split()[-1].isdigit() and r[end] == " " for r in rows)
+
+
+def test_sessions_lists_every_connection(start_server: Callable[..., Server]) -> None:
+    server = chan(start_server, "--max-buffer", "64KiB", "--slow-timeout", "0")
+    sa, sb = pair(server)
+    sa.sendall(b"z" * 5000)
+    recv_exact(sb, 5000)
+    # A receiver that never reads: bytes queue in the server for it.
+    stalled, _ = server.handshake("stalled", ["feeder"])
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    feeder, _ = server.handshake("feeder", ["stalled"])
+    Sender(feeder, 64 << 20).start()  # blocks once the server stops reading it
+    half = server.connect()  # in its handshake
+    half.sendall(b'{"req": "hs1", "chid": "half"}\n')
+    read_line(half)
+
+    def rows() -> dict[str, Any]:
+        return {r["chid"]: r for r in server.ctl_json("sessions")["sessions"]}
+
+    wait_until(lambda: rows()["stalled"]["buffered"] > 0, 10, "bytes queued for 'stalled'")
+    got = rows()
+    assert set(got) == {"a", "b", "stalled", "feeder", "half"}
+    assert got["a"]["bytes_in"] == 5000 and got["b"]["bytes_out"] == 5000
+    assert got["a"]["recvers"] == ["b"] and got["a"]["state"] == "live"
+    assert got["half"]["state"] == "handshake"
+    assert got["a"]["peer"] == f"127.0.0.1:{sa.getsockname()[1]}"
+    pids = {w["worker"]: w["pid"] for w in server.ctl_json("status")["workers"]}
+    assert pids[got["a"]["worker"]] == server.worker_of(sa)
+    assert all(r["idle"] >= 0 for r in got.values())
+
+    text = server.ctl("sessions").stdout.splitlines()
+    assert text[0].split() == ["CHID", "PEER", "WORKER", "STATE", "RECVERS", "IN", "OUT",
+                               "QUEUED", "IDLE"]
+    line_a = next(ln for ln in text if ln.startswith("a "))
+    assert "4.9 KiB" in line_a and line_a.index("127.0.0.1") == text[0].index("PEER")
+
+
+def test_kick_closes_one_session(start_server: Callable[..., Server]) -> None:
+    server = chan(start_server)
+    sa, sb = pair(server)
+    sc, sd = pair(server, "c", "d")
+    mark = server.mark()
+    assert server.ctl("kick", "a").stdout == "kicked a\n"
+    assert sa.recv(10) == b""
+    server.wait_log(r"session end chid=a .*reason=kicked by fwd-ctl", start=mark)
+    sc.sendall(b"still here")  # other sessions are untouched
+    assert recv_exact(sd, 10) == b"still here"
+    again, _ = server.handshake("a", ["b"])  # the chid is free again
+    assert server.ctl_json("status")["totals"]["kicked"] == 1
+
+    missing = server.ctl("kick", "nobody", check=False)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr == "fwd-ctl: no session with chid 'nobody'\n"
+
+
+def test_drain_stops_the_server_after_flushing(start_server: Callable[..., Server]) -> None:
+    server = chan(start_server)
+    sa, sb = pair(server)
+    sa.sendall(b"last words")
+    assert recv_exact(sb, 10) == b"last words"
+    done = server.ctl("drain")
+    assert done.stdout == "drained\n"
+    assert sb.recv(10) == b""
+    assert server.proc.wait(15) == 0
+    assert not os.path.exists(server.control)
+    server.wait_log(r"stopping: draining")
+
+
+def status_as_nobody(path: str) -> bytes:
+    """Ask for the status as user nobody (a forked child: nobody may not be able
+    to run this interpreter); the reply, or ``errno N`` if connecting failed."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(path)
+            with contextlib.suppress(BrokenPipeError):  # it may answer and close first
+                s.sendall(b'{"cmd": "status"}\n')
+            out = s.recv(65536)
+        except OSError as exc:
+            out = b"errno %d" % exc.errno
+        os.write(w, out)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_control_socket_is_for_its_owner_only(start_server: Callable[..., Server]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    server = chan(start_server)
+    st = os.stat(server.control)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid()
+    assert status_as_nobody(server.control) == b"errno %d" % errno.EACCES
+    # Even with the file opened up, the server checks who is calling.
+    os.chmod(server.control, 0o666)
+    try:
+        reply = status_as_nobody(server.control)
+    finally:
+        os.chmod(server.control, 0o600)
+    assert json.loads(reply) == {"ok": False, "error": "permission denied: not the server's user"}
+    assert server.ctl_json("status")["ok"]
+
+
+def test_bad_requests_get_one_error_each(start_server: Callable[..., Server]) -> None:
+    server = chan(start_server)
+    replies = raw_request(server, b"nope\n[1]\n{\"cmd\": \"reboot\"}\n{\"cmd\": \"kick\"}\n"
+                                  b"{\"cmd\": \"status\"}\n")
+    assert [r["ok"] for r in replies] == [False, False, False, False, True]
+    assert replies[0]["error"] == "request is not JSON"
+    assert replies[1]["error"] == "request must be a JSON object"
+    assert replies[2]["error"].startswith("unknown command 'reboot'")
+    assert replies[3]["error"] == 'kick needs a non-empty "chid" string'
+    (too_long,) = raw_request(server, b'{"cmd": "' + b"s" * 70_000 + b'"}\n')
+    assert too_long == {"ok": False, "error": "request longer than 65536 bytes"}
+    assert server.ctl_json("status")["ok"]
+
+
+def test_a_stopped_worker_is_reported_not_waited_for(
+        start_server: Callable[..., Server]) -> None:
+    server = chan(start_server)
+    stuck = server.workers()[0]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        st = server.ctl_json("status")
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    row = next(w for w in st["workers"] if w["pid"] == stuck)
+    assert row["error"] == "no answer within 2s"
+    assert all("error" not in w for w in st["workers"] if w["pid"] != stuck)
+
+
+def test_default_path_follows_the_port(start_server: Callable[..., Server],
+                                       tmp_path: Any) -> None:
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    server = start_server("--mode", "chan", env=env)
+    assert server.control == str(tmp_path / f"fwd-{server.port}.ctl")
+    found = subprocess.run([sys.executable, "-m", "fwd.ctl", "--port", str(server.port),
+                            "status", "--json"], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, **env})
+    assert json.loads(found.stdout)["pid"] == server.pid
+
+
+def test_control_path_conflicts(start_server: Callable[..., Server], tmp_path: Any) -> None:
+    # A socket left by a server that was killed is replaced.
+    stale = str(tmp_path / "stale.ctl")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(stale)
+    s.close()
+    server = start_server("--control", stale)
+    assert server.ctl_json("status")["ok"]
+    # A live one belongs to another server: refuse to start, say why.
+    for path, why in ((stale, "another server is using it"),
+                      (str(tmp_path / "file"), "exists and is not a socket")):
+        open(tmp_path / "file", "w").close()
+        other = subprocess.run([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
+                                "--workers", "1", "--control", path],
+                               capture_output=True, text=True, timeout=30)
+        assert other.returncode == 1
+        assert other.stderr == f"Error: cannot start: control socket {path}: {why}\n"
+    assert server.ctl_json("status")["ok"]
+
+
+def test_ctl_without_a_server(tmp_path: Any) -> None:
+    path = str(tmp_path / "none.ctl")
+    done = subprocess.run([sys.executable, "-m", "fwd.ctl", "--control", path, "status"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr == (f"fwd-ctl: no control socket at {path}: is fwd-server running? "
+                           "(--port or --control selects the server)\n")
+
+
+def test_no_control_socket_when_disabled(start_server: Callable[..., Server]) -> None:
+    server = start_server("--control", "none")
+    assert server.control == "none"
+    assert not os.path.exists(f"/tmp/fwd-{server.port}.ctl")

@@ -1,0 +1,49 @@
+"""Session start and end log lines, in text and in JSON (--log-format json)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from conftest import Server
+from helpers import pair, recv_exact
+
+
+def exchange(server: Server) -> tuple[int, int]:
+    """A pair where a sends 7000 bytes and b answers 300; both then close."""
+    sa, sb = pair(server)
+    sa.sendall(b"a" * 7000)
+    recv_exact(sb, 7000)
+    sb.sendall(b"b" * 300)
+    recv_exact(sa, 300)
+    ports = sa.getsockname()[1], sb.getsockname()[1]
+    sa.close()
+    sb.close()
+    return ports
+
+
+def test_text_lines_carry_bytes_and_reason(start_server: Callable[..., Server]) -> None:
+    server = start_server("--mode", "chan", log_level="info")
+    pa, pb = exchange(server)
+    start = server.wait_log(rf"session start chid=a peer=127\.0\.0\.1:{pa} worker=(\d+) "
+                            r"mode=chan recvers=b$")
+    end = server.wait_log(rf"session end chid=a peer=127\.0\.0\.1:{pa} worker=(\d+) in=7000 "
+                          r"out=300 secs=[\d.]+ reason=(.+)$")
+    assert start.group(1) == end.group(1)
+    assert end.group(2) in ("half-closed both ways", "pair partner left", "client closed")
+    server.wait_log(rf"session end chid=b peer=127\.0\.0\.1:{pb} worker=\d+ in=300 out=7000 ")
+
+
+def test_json_lines(start_server: Callable[..., Server]) -> None:
+    server = start_server("--mode", "chan", "--log-format", "json", log_level="info")
+    pa, _ = exchange(server)
+    server.wait_log(r'"event": "session_end", "chid": "b"')
+    records = [json.loads(line) for line in server.lines]  # every line is one object
+    assert all({"ts", "level", "proc", "logger", "msg"} <= r.keys() for r in records)
+    (start,) = [r for r in records if r.get("event") == "session_start" and r["chid"] == "a"]
+    (end,) = [r for r in records if r.get("event") == "session_end" and r["chid"] == "a"]
+    assert start["peer"] == end["peer"] == f"127.0.0.1:{pa}"
+    assert start["recvers"] == ["b"] and start["mode"] == "chan"
+    assert start["worker"] == end["worker"] and end["proc"] == f"w{end['worker']}"
+    assert (end["bytes_in"], end["bytes_out"]) == (7000, 300)
+    assert end["secs"] >= 0 and end["reason"] and end["level"] == "INFO"
+    assert start["ts"].endswith("Z")

@@ -1,0 +1,114 @@
+"""--metrics: Prometheus text served by the parent, summed over the workers,
+read back with prometheus_client's own parser."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import WORKERS, Server
+from helpers import expect_fail, pair, recv_exact, wait_until
+
+N = max(WORKERS, 2)
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics_server(start_server: Callable[..., Server], *args: str) -> Server:
+    server = start_server("--workers", str(N), "--metrics", "127.0.0.1:0", *args)
+    m = server.wait_log(r"metrics on http://(\S+)/metrics")
+    server.metrics_url = f"http://{m.group(1)}/metrics"  # type: ignore[attr-defined]
+    return server
+
+
+def scrape(server: Server) -> Samples:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:  # type: ignore[attr-defined]
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def test_counters_move_with_traffic(start_server: Callable[..., Server]) -> None:
+    server = metrics_server(start_server, "--mode", "chan")
+    before = scrape(server)
+    for name in ("fwd_connections_total", "fwd_received_bytes_total", "fwd_sent_bytes_total",
+                 "fwd_held_bytes", "fwd_dropped_bytes_total", "fwd_cross_worker_bytes_total",
+                 "fwd_slow_consumer_disconnects_total", "fwd_open_connections"):
+        assert value(before, name) == 0, name
+    assert value(before, "fwd_workers") == N
+
+    sa, sb = pair(server)
+    sa.sendall(b"m" * 123_456)
+    recv_exact(sb, 123_456)
+    bad = server.connect()
+    bad.sendall(b'{"req": "hs3"}\n')
+    expect_fail(bad)
+    held, _ = server.handshake("h", ["absent"])
+    held.sendall(b"kept")
+    wait_until(lambda: value(scrape(server), "fwd_held_bytes") == 4, 10, "4 held bytes")
+    after = scrape(server)
+    assert value(after, "fwd_received_bytes_total") == 123_456 + 4
+    assert value(after, "fwd_sent_bytes_total") == 123_456
+    assert value(after, "fwd_connections_total") == 4
+    assert value(after, "fwd_sessions_total", mode="chan") == 3
+    assert value(after, "fwd_sessions_live", mode="chan") == 3
+    assert value(after, "fwd_handshake_failures_total", reason="out_of_order") == 1
+    assert value(after, "fwd_handshake_failures_total", reason="timeout") == 0
+
+    sa.close()
+    sb.close()
+    wait_until(lambda: value(scrape(server), "fwd_sessions_live", mode="chan") == 1, 10,
+               "the pair's sessions leave the gauge")
+
+
+def test_sums_over_workers_and_survives_a_worker_crash(
+        start_server: Callable[..., Server]) -> None:
+    server = metrics_server(start_server, "--mode", "broadcast")
+    clients = [server.connect() for _ in range(2 * N)]
+    server.wait_log(r"session start chid=None", count=2 * N)
+    assert len({server.worker_of(c) for c in clients}) == N  # spread over every worker
+    clients[0].sendall(b"b" * 10_000)
+    for c in clients[1:]:
+        recv_exact(c, 10_000)
+    got = scrape(server)
+    assert value(got, "fwd_sent_bytes_total") == 10_000 * (2 * N - 1)
+    assert value(got, "fwd_cross_worker_bytes_total") == 10_000 * (N - 1)
+    assert value(got, "fwd_sessions_live", mode="broadcast") == 2 * N
+
+    victim = server.worker_of(clients[1])
+    mark = server.mark()
+    os.kill(victim, signal.SIGKILL)
+    server.wait_log(r"worker \d+ ready", start=mark)
+    after = scrape(server)
+    # Counters do not go backwards; the dead worker's gauges are gone.
+    assert value(after, "fwd_sent_bytes_total") == value(got, "fwd_sent_bytes_total")
+    assert value(after, "fwd_worker_restarts_total") == 1
+    assert value(after, "fwd_sessions_live", mode="broadcast") < 2 * N
+
+
+def test_only_get_metrics(start_server: Callable[..., Server]) -> None:
+    server = metrics_server(start_server)
+    base = server.metrics_url.rsplit("/", 1)[0]  # type: ignore[attr-defined]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(base + "/other", timeout=10)
+    assert err.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(server.metrics_url, data=b"x"), timeout=10)
+    assert err.value.code == 405
+    # A client that never finishes its request costs nothing to the others.
+    host, port = re.match(r"http://([^:]+):(\d+)", base).groups()  # type: ignore[union-attr]
+    idle = socket.create_connection((host, int(port)))
+    idle.sendall(b"GET /metrics HTTP/1.1\r\n")
+    assert value(scrape(server), "fwd_workers") == N
+    idle.close()
