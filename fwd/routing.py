@@ -33,7 +33,8 @@ class Route(Generic[T]):
     true for "everyone else" routes (which also reach every other worker);
     ``remote`` names receivers live on other workers, as (worker, chid);
     ``missing`` lists named receivers that are not live anywhere, whose bytes
-    are to be held.
+    are to be held. ``local`` says the targets are all there is (no holds,
+    no other workers, not "everyone"): the writer then has nothing else to do.
     """
 
     generation: int
@@ -41,6 +42,10 @@ class Route(Generic[T]):
     missing: tuple[str, ...]
     to_all: bool
     remote: tuple[tuple[int, str], ...] = ()
+    local: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "local", not (self.to_all or self.missing or self.remote))
 
 
 @dataclass(slots=True)
