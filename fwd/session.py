@@ -50,6 +50,10 @@ HANDSHAKE_READ = 16 * 1024
 """Largest read before a session is live (bounds what travels if it moves)."""
 CLOSE_LINGER = 5.0
 """How long a closing connection may take to flush before it is aborted."""
+PAIR_MARK = 64 * 1024
+"""High-water mark for the receiver of a 1->1 route, instead of --max-buffer: its
+sender waits early and its bytes stay in the kernel's socket buffers, so what the
+relay does copy is still in the CPU cache when it is sent (socat-like)."""
 
 
 class St(enum.Enum):
@@ -68,7 +72,7 @@ class Session(asyncio.BufferedProtocol):
         "writing_paused", "bytes_in", "bytes_out", "started", "dropped", "end_reason",
         "read_closed", "write_closed", "partner", "nonce", "token", "claiming", "moved",
         "adopted", "counted_out",
-        "home_hint", "fd", "recvers",
+        "home_hint", "fd", "recvers", "tight",
     )
 
     def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None) -> None:
@@ -104,6 +108,7 @@ class Session(asyncio.BufferedProtocol):
         self.home_hint: int | None = None  # where sessions that name our chid live
         self.fd = -1  # the socket, for send() straight from the read buffer
         self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
+        self.tight = False  # PAIR_MARK applies (see _tighten)
         self.adopted = adopted
 
     # -- asyncio callbacks --------------------------------------------------------
@@ -156,6 +161,11 @@ class Session(asyncio.BufferedProtocol):
             full, chunk = send_view(hub.buffer, nbytes, route.targets, self, now)
             if full is not None or not route.local:
                 self._route_rest(route, chunk, nbytes, now, full)
+            elif chunk is not None and len(route.targets) == 1 and not route.targets[0].tight:
+                target = route.targets[0]
+                target._tighten()
+                if target.writing_paused:  # already above the new mark: wait now
+                    self._route_rest(route, chunk, nbytes, now, [target])
             return
         chunk = bytes(self.hub.view[:nbytes])
         if self.state is St.HANDSHAKE:
@@ -519,6 +529,15 @@ class Session(asyncio.BufferedProtocol):
             if pause and self.transport is not None:
                 log.debug("paused chid=%s: a receiver is above --max-buffer", self.chid)
                 self.transport.pause_reading()
+
+    def _tighten(self) -> None:
+        """Bytes queued for us as the one receiver of a 1->1 route: from now on
+        our sender waits above PAIR_MARK. Only bulk transfers get here, and for
+        them the kernel's buffers are slack enough; fan-out keeps --max-buffer,
+        so that one receiver's hiccup does not stop the others as soon."""
+        self.tight = True
+        if self.transport is not None:
+            self.transport.set_write_buffer_limits(high=min(PAIR_MARK, self.hub.config.max_buffer))
 
     def _queue_pending(self, chunk: bytes) -> None:
         """Broadcast bytes for a connection still in its sniff window."""

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from conftest import WORKERS
+from fwd.session import PAIR_MARK
 from helpers import (
     Sender,
     assert_closed,
@@ -94,10 +95,11 @@ class PatternStream:
 
 @pytest.mark.slow
 def test_stalled_receiver_throttles_sender_losslessly(start_server):
-    """A -> B with B not reading: the server buffers at most --max-buffer (+ one read) for B,
-    stops reading A, so A's sends stop making progress, and RSS stays flat; when B reads,
-    all 256 MiB arrive intact."""
+    """A -> B with B not reading: the server buffers at most --max-buffer (+ one read) for B
+    (for a 1->1 route like this one, PAIR_MARK already), stops reading A, so A's sends stop
+    making progress, and RSS stays flat; when B reads, all 256 MiB arrive intact."""
     max_buffer = 4 * MiB
+    mark = PAIR_MARK
     total = 256 * MiB
     server = start_server("--mode", "chan", "--max-buffer", "4MiB", "--slow-timeout", "0")
     sa, _ = server.handshake("a", ["b"])
@@ -137,16 +139,16 @@ def test_stalled_receiver_throttles_sender_losslessly(start_server):
             continue
         after = (stream.sent, conn_rows(server.port, port_a, port_b))
         held = server_held(stream.sent)
-        if before == after and held > max_buffer:
+        if before == after and held > mark:
             plateau = held
 
     rss_plateau = server.rss()
     rss_peak = max(rss_peak, rss_plateau)
     # A is throttled: far from everything was taken in.
     assert stream.sent < total // 2, f"sender not throttled: {stream.sent} bytes accepted"
-    # The server stopped reading A once B's buffer passed --max-buffer, within one read.
-    assert max_buffer < plateau <= max_buffer + READ_SIZE, (
-        f"server holds {plateau} bytes for the stalled receiver (--max-buffer {max_buffer})")
+    # The server stopped reading A once B's buffer passed its mark, within one read.
+    assert mark < plateau <= mark + READ_SIZE <= max_buffer + READ_SIZE, (
+        f"server holds {plateau} bytes for the stalled receiver (mark {mark})")
     # Resource bound: the server's memory did not follow the 256 MiB offered.
     assert rss_peak - rss_base < 64 * MiB, (
         f"server RSS grew {(rss_peak - rss_base) / MiB:.1f} MiB during the stall")
@@ -177,6 +179,29 @@ def test_stalled_receiver_throttles_sender_losslessly(start_server):
     assert received == total
     assert digest.hexdigest() == stream.hash.hexdigest(), "stream corrupted through backpressure"
     assert stream.sent == total
+
+
+@pytest.mark.parametrize(("recvers", "expect"), [(["b"], "pair"), (["b", "c"], "fan-out")])
+def test_which_mark_a_stalled_receiver_gets(start_server, recvers, expect):
+    """--max-buffer is the mark when a sender has several receivers; a 1->1 route
+    pauses its sender at PAIR_MARK already. Seen through fwd-ctl's queue sizes."""
+    max_buffer = 1 * MiB
+    server = start_server("--mode", "chan", "--max-buffer", "1MiB", "--slow-timeout", "0")
+    stalled = {}
+    for chid in recvers:
+        sock, _ = server.handshake(chid, ["a"])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled[chid] = sock
+    sa, _ = server.handshake("a", recvers)
+    mark = server.mark()
+    Sender(sa, 256 * MiB).start()  # blocks for good once the server stops reading it
+    server.wait_log(r"paused chid=a", start=mark)
+    queued = {r["chid"]: r["buffered"] for r in server.ctl_json("sessions")["sessions"]}
+    top = max(queued[c] for c in recvers)
+    if expect == "pair":
+        assert PAIR_MARK < top <= PAIR_MARK + READ_SIZE, queued
+    else:
+        assert max_buffer < top <= max_buffer + READ_SIZE, queued
 
 
 def test_slow_consumer_is_disconnected_and_sender_freed(start_server):

@@ -36,7 +36,8 @@ def test_text_lines_carry_bytes_and_reason(start_server: Callable[..., Server]) 
 def test_json_lines(start_server: Callable[..., Server]) -> None:
     server = start_server("--mode", "chan", "--log-format", "json", log_level="info")
     pa, _ = exchange(server)
-    server.wait_log(r'"event": "session_end", "chid": "b"')
+    for chid in "ab":
+        server.wait_log(rf'"event": "session_end", "chid": "{chid}"')
     records = [json.loads(line) for line in server.lines]  # every line is one object
     assert all({"ts", "level", "proc", "logger", "msg"} <= r.keys() for r in records)
     (start,) = [r for r in records if r.get("event") == "session_start" and r["chid"] == "a"]
