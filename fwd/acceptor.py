@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 
 from .config import format_hostport
+from .sockopts import set_keepalive
 
 log = logging.getLogger("fwd.acceptor")
 
@@ -43,6 +44,7 @@ def open_listeners(addresses: list[tuple[str, int]]) -> list[socket.socket]:
                 sock = socket.socket(family, type_, proto)
                 sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                set_keepalive(sock)  # accepted sockets inherit it (Linux): no call per client
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)

@@ -25,7 +25,7 @@ class Coordinator:
         self.registry = Registry(workers)
         self.workers = workers
         self.live: dict[str, int] = {}
-        self.wants: dict[str, tuple[int, list[str]]] = {}
+        self.wants: dict[str, tuple[int, tuple[str, ...]]] = {}
         self.ctx = zmq.Context()
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -62,9 +62,10 @@ class Coordinator:
             chid, owner = args[0].decode(), Owner(wid, int(args[1]))
             if self.registry.owner(chid) == owner:
                 self.live[chid] = wid
-                recvers = json.loads(args[2])
-                self.registry.want(wid, recvers)  # draws the chids it names to its worker
-                self.wants[chid] = (wid, recvers)
+                recvers = tuple(json.loads(args[2]))
+                if recvers:  # an "everyone" session draws nothing: keep nothing for it
+                    self.registry.want(wid, recvers)  # draws the chids it names to its worker
+                    self.wants[chid] = (wid, recvers)
                 self._others(wid, mesh.LOC, args[0], b"%d" % wid)
         elif kind == mesh.RELEASE:
             self.release(args[0].decode(), wid, int(args[1]))

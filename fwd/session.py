@@ -69,13 +69,14 @@ class Session(asyncio.BufferedProtocol):
     __slots__ = (
         "hub", "transport", "state", "peer", "chid", "hs", "sniffed", "pending_out",
         "pending_size", "timeout", "timer", "slow_timer", "linger", "last_active",
-        "writing_paused", "bytes_in", "bytes_out", "started", "dropped", "end_reason",
+        "writing_paused", "bytes_in", "bytes_out", "started", "dropped",
         "read_closed", "write_closed", "partner", "nonce", "token", "claiming", "moved",
         "adopted", "counted_out",
         "home_hint", "fd", "recvers", "tight",
     )
 
-    def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None) -> None:
+    def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None,
+                 fd: int = -1) -> None:
         self.hub = hub
         self.transport: asyncio.Transport | None = None
         self.state = St.SNIFF
@@ -95,18 +96,18 @@ class Session(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self.started = 0.0
         self.dropped = 0
-        self.end_reason = ""
         # Half-close state of a chan pair (see eof_received).
         self.read_closed = False
         self.write_closed = False
         self.partner: Session | None = None
         self.nonce: str | None = None  # hs2's token, encrypted handshake only
-        self.token = hub.new_token()  # names this session to the coordinator
+        # Names this session to the coordinator (several workers only).
+        self.token = 0 if hub.mesh is None else hub.new_token()
         self.claiming = False  # an hs1 waits for the coordinator's answer
         self.moved = False  # handed to another worker: its chid goes with it
         self.counted_out = False  # the parent was told this connection is gone
         self.home_hint: int | None = None  # where sessions that name our chid live
-        self.fd = -1  # the socket, for send() straight from the read buffer
+        self.fd = fd  # the socket, for send() straight from the read buffer
         self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
         self.tight = False  # PAIR_MARK applies (see _tighten)
         self.adopted = adopted
@@ -124,10 +125,14 @@ class Session(asyncio.BufferedProtocol):
             self.state = St.CLOSED
             transport.abort()
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_keepalive(sock)
-            self.fd = sock.fileno()
+        if self.fd < 0:
+            # Not from a worker's hand-off (whose listener already set keepalive).
+            # uvloop keeps the socket object this creates: about 70 bytes, the
+            # reason the worker passes the descriptor in instead.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                set_keepalive(sock)
+                self.fd = sock.fileno()
         transport.set_write_buffer_limits(high=hub.config.max_buffer)
         loop = hub.loop
         self.started = self.last_active = loop.time()
@@ -595,7 +600,6 @@ class Session(asyncio.BufferedProtocol):
         hub = self.hub
         was_live = self.state is St.LIVE
         self.state = St.CLOSED
-        self.end_reason = reason
         self._cancel_timer()
         if self.slow_timer is not None:
             self.slow_timer.cancel()

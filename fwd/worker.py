@@ -342,7 +342,8 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -
 
     async def adopt(sock: socket.socket, moved: tuple[dict[str, Any], bytes] | None) -> None:
         try:
-            await loop.connect_accepted_socket(lambda: Session(hub, moved), sock)
+            fd = sock.fileno()
+            await loop.connect_accepted_socket(lambda: Session(hub, moved, fd), sock)
         except OSError as exc:  # the client left during the hand-off
             log.debug("could not adopt a connection: %s", exc)
             sock.close()
