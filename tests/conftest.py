@@ -47,12 +47,20 @@ class Process:
         self._reader.start()
 
     def _read(self) -> None:
+        # Whole pipe-fulls at a time, not line by line: a busy server logs
+        # thousands of lines a second, and benchmarks share the CPUs with us.
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
+        fd = self.proc.stderr.fileno()
+        rest = b""
+        while data := os.read(fd, 1 << 16):
+            *lines, rest = (rest + data).split(b"\n")
+            if lines:
+                with self.cond:
+                    self.lines.extend(ln.decode("utf-8", "replace") for ln in lines)
+                    self.cond.notify_all()
         with self.cond:
+            if rest:
+                self.lines.append(rest.decode("utf-8", "replace"))
             self.cond.notify_all()
 
     @property
