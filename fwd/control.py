@@ -197,6 +197,8 @@ class ControlServer:
                     reply = await self.handler(parse_request(line, self.commands))
                 except ControlError as exc:
                     reply = error(str(exc))
+                if writer.is_closing():  # the asker gave up waiting (a stopped worker)
+                    return
                 writer.write(encode(reply))
                 await writer.drain()
         except (ConnectionError, OSError):

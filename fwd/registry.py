@@ -8,8 +8,10 @@ from a worker that was restarted, can never free a chid that changed hands.
 
 Placement serves co-location: a pair A<->B should live on one worker, so its
 bytes never cross processes. A new session goes where the chids it names
-live, or where sessions that name it live (they may hold bytes for it);
-otherwise it stays where the parent put it (the least-loaded worker).
+live, or where sessions that name it live (they may hold bytes for it), or,
+for a chid nobody has claimed yet, where other sessions that name it wait (the
+viewers of a camera that is not up yet, so that its fan-out stays in one
+worker); otherwise it stays where the parent put it (the least-loaded worker).
 """
 from __future__ import annotations
 
@@ -97,13 +99,18 @@ class Registry:
         return max(counts, key=lambda w: (counts[w], -w)) if counts else None
 
     def votes(self, chid: str | None, recvers: Iterable[str]) -> Counter[int]:
-        """Per worker: how many of the chids this session names live there, plus
-        how many sessions there name it."""
+        """Per worker: how many of the chids this session names live there (or,
+        for one not claimed yet, how many sessions there name it too), plus how
+        many sessions there name this session's chid."""
         votes: Counter[int] = Counter()
         for r in recvers:
             where = self.where(r)
             if where is not None:
                 votes[where] += 1
+            elif r in self._wanted_by:
+                # Absent, and sessions elsewhere wait for it too: join them, so
+                # that its fan-out stays inside one worker once it comes.
+                votes.update(self._wanted_by[r])
         if chid is not None and chid in self._wanted_by:
             votes.update(self._wanted_by[chid])
         return votes

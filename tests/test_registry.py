@@ -113,3 +113,15 @@ def test_at_most_one_owner_per_chid_matches_a_model(ops):
         assert len(reg) == len(model)
         for c, o in model.items():
             assert reg.owner(c) == o
+
+
+def test_home_is_with_sessions_that_wait_for_the_same_absent_chid():
+    """Viewers of a camera that is not up yet gather on one worker, so that the
+    camera's fan-out, once it comes, never crosses processes."""
+    reg = Registry(3)
+    reg.want(2, ["cam"])
+    reg.want(2, ["cam"])
+    reg.want(1, ["cam"])
+    assert reg.home("viewer", ["cam"], asking=0) == 2
+    reg.claim("cam", Owner(0, 1))  # once it is claimed, its place decides
+    assert reg.home("viewer", ["cam"], asking=1) == 0

@@ -60,13 +60,29 @@ def test_pairs_are_co_located(sharded):
 
 def test_fan_out_across_workers_byte_exact(sharded):
     server = sharded("--mode", "chan")
-    receivers = [server.handshake(f"r{i}", ["nobody"])[0] for i in range(6)]
+    # Each names a different absent chid: nothing draws them together.
+    receivers = [server.handshake(f"r{i}", [f"nobody{i}"])[0] for i in range(6)]
     assert len({server.worker_of(r) for r in receivers}) == 3  # spread over all workers
     src, _ = server.handshake("src", [])  # everyone else
     up = Sender(src, 4 * MiB)
     up.start()
     for r in receivers:
         assert recv_hash(r, 4 * MiB) == up.digest
+    up.finish()
+
+
+def test_viewers_of_one_absent_chid_gather_with_it(sharded):
+    """Sessions naming the same chid before it exists go to one worker, and the
+    chid joins them: its fan-out is served inside one process."""
+    server = sharded("--mode", "chan")
+    viewers = [server.handshake(f"v{i}", ["cam"])[0] for i in range(6)]
+    assert len({server.worker_of(v) for v in viewers}) == 1
+    cam, _ = server.handshake("cam", [])
+    assert server.worker_of(cam) == server.worker_of(viewers[0])
+    up = Sender(cam, 4 * MiB)
+    up.start()
+    for v in viewers:
+        assert recv_hash(v, 4 * MiB) == up.digest
     up.finish()
 
 
