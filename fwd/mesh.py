@@ -21,7 +21,7 @@ import functools
 import itertools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
@@ -36,6 +36,7 @@ CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, SNAP, DEAD = (
     b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"snap", b"dead")
 # worker -> worker
 TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
+SLEEP, WAKE, AWAKE = b"sleep", b"wake", b"awake"
 
 PIPE_HWM = 64
 """Messages queued per worker-to-worker pipe (each at most one 256 KiB read)."""
@@ -247,9 +248,23 @@ class Mesh:
         chunk is still sent: ZeroMQ queues past the mark only for us here)."""
         return self._send(worker, [TO, chid.encode(), chunk])
 
-    def send_all(self, chunk: bytes) -> list[int]:
-        """Bytes for every live session of every other worker; returns full pipes."""
-        return [w for w in self.peers if not self._send(w, [ALL, chunk])]
+    def send_all(self, chunk: bytes, to: Iterable[int] | None = None) -> list[int]:
+        """Bytes for every live session of the other workers (or of those in
+        ``to``); returns the full pipes."""
+        return [w for w in (self.peers if to is None else to)
+                if not self._send(w, [ALL, chunk])]
+
+    def sleep(self, asleep: bool) -> None:
+        """Tell the others this worker has no live session (they may skip it for
+        "everyone" bytes), or, waking, that it is about to have one (each answers
+        ``awake``)."""
+        frames = [SLEEP if asleep else WAKE, b"%d" % self.wid]
+        for w in self.peers:
+            self._send(w, frames)
+
+    def awake(self, worker: int) -> None:
+        """Answer ``wake``: from now on ``worker`` gets our "everyone" bytes."""
+        self._send(worker, [AWAKE, b"%d" % self.wid])
 
     def signal(self, full: bool, chid: str | None) -> None:
         """Tell every other worker that a local receiver crossed its high-water mark."""
@@ -296,6 +311,12 @@ class Mesh:
             h.deliver_all(frames[1])
         elif kind in (FULL, DRAIN):
             h.remote_full(int(frames[2]), frames[1].decode() or None, kind == FULL)
+        elif kind == SLEEP:
+            h.peer_asleep(int(frames[1]), True)
+        elif kind == WAKE:
+            h.peer_asleep(int(frames[1]), False)
+        elif kind == AWAKE:
+            h.peer_awake(int(frames[1]))
 
     def close(self) -> None:
         for reader in (self.coordinator, self.inbox, *self.pipes.values()):

@@ -192,6 +192,9 @@ class Router(Generic[T]):
         self._routes[sender] = route
         return route
 
+    def live_count(self) -> int:
+        return len(self._recvers)
+
     def everyone(self) -> tuple[T, ...]:
         """All live sessions, shared by every "everyone else" route."""
         if self._everyone_gen != self.generation:

@@ -386,8 +386,28 @@ class Session(asyncio.BufferedProtocol):
                 and not any(router.live(c) is not None for c in recvers)
                 and self._move(home, recvers, ok, trailing)):
             return
+        self._send_hs4(ok, recvers, trailing)
+
+    def _send_hs4(self, ok: bytes, recvers: tuple[str, ...], first: bytes) -> None:
+        """hs4 OK and live, once the other workers know this one has live
+        sessions (Hub.when_awake): a client that got OK then gets every
+        "everyone" byte sent after it."""
+        if self.hub.when_awake(functools.partial(self._woken, ok, recvers, first)):
+            self.claiming = True  # nothing more from the client meanwhile
+            assert self.transport is not None
+            self.transport.pause_reading()
+            return
+        assert self.transport is not None
         self.transport.write(ok)
-        self._go_live(recvers, trailing)
+        self._go_live(recvers, first)
+
+    def _woken(self, ok: bytes, recvers: tuple[str, ...], first: bytes) -> None:
+        if self.state is St.CLOSED or self.transport is None:
+            return
+        self.claiming = False
+        self.transport.write(ok)
+        self._go_live(recvers, first)
+        self.transport.resume_reading()
 
     def _move(self, home: int, recvers: tuple[str, ...], ok: bytes, trailing: bytes) -> bool:
         """Hand this just-handshaken session to worker ``home``, where its
@@ -423,8 +443,7 @@ class Session(asyncio.BufferedProtocol):
         self.chid = chid
         assert hub.mesh is not None and self.transport is not None
         hub.mesh.move(chid, meta["from"], meta["token"], self.token)
-        self.transport.write(meta["hs4"].encode("ascii"))
-        self._go_live(tuple(meta["recvers"]), first)
+        self._send_hs4(meta["hs4"].encode("ascii"), tuple(meta["recvers"]), first)
 
     def _fail(self, desc: str, rejected: str | None = None) -> None:
         """Answer with one hs4 FAIL line, then close.
@@ -607,6 +626,8 @@ class Session(asyncio.BufferedProtocol):
         hub.pending.discard(self)
         self.pending_out = None
         hub.router.leave(self)
+        if was_live:
+            hub.live_changed()
         hub.resume_senders(hub.backpressure.forget(self))
         if hub.mesh is not None:
             if was_live and self.writing_paused:

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import control, fdpass
@@ -36,6 +37,12 @@ READ_SIZE = 256 * 1024
 """One read's maximum: large enough for bulk streams, shared by all sessions."""
 HOLD_TICK = 1.0
 """How often held bytes are checked for expiry (``--hold-seconds`` precision)."""
+SLEEP_AFTER = 0.25
+"""Chan mode, several workers: seconds without a live session before a worker
+tells the others to leave it out of "everyone" bytes."""
+WAKE_WAIT = 0.5
+"""How long a session's hs4 may wait for the others to acknowledge that its
+worker is awake again (a stopped or dead worker does not answer)."""
 
 
 class Hub:
@@ -75,6 +82,16 @@ class Hub:
         self._hold_timer: asyncio.TimerHandle | None = None
         self._last_reject_log = -1e9
         self.metrics: WorkerMetrics | None = None
+        # Sleep protocol (chan mode, several workers): "everyone" bytes skip a
+        # worker that has said it has no live session; before its next hs4 it
+        # wakes the others and waits for their answers, so that a client that
+        # got OK gets what is sent after it (see when_awake).
+        self.sleeping: set[int] = set()  # peers that said they sleep
+        self.asleep = False  # we said so
+        self._waking: set[int] | None = None  # peers whose answer we await
+        self._woken_callbacks: list[Callable[[], None]] = []
+        self._sleep_timer: asyncio.TimerHandle | None = None
+        self._wake_timer: asyncio.TimerHandle | None = None
 
     def new_token(self) -> int:
         return next(self._tokens)
@@ -127,8 +144,10 @@ class Hub:
         assert mesh is not None
         waits: list[Any] = []
         if route.to_all:
-            self.stats["cross_worker_bytes"] += len(chunk) * len(mesh.peers)
-            waits.extend(("pipe", w) for w in mesh.send_all(chunk))
+            peers = mesh.peers if not self.sleeping else [
+                w for w in mesh.peers if w not in self.sleeping]
+            self.stats["cross_worker_bytes"] += len(chunk) * len(peers)
+            waits.extend(("pipe", w) for w in mesh.send_all(chunk, peers))
             waits.extend(("worker", w) for w, n in self.remote_full_count.items() if n > 0)
         self.stats["cross_worker_bytes"] += len(chunk) * len(route.remote)
         for worker, chid in route.remote:
@@ -147,6 +166,8 @@ class Hub:
         self.router.drop_remote(chid, worker)
 
     def worker_dead(self, worker: int) -> None:
+        self.sleeping.discard(worker)  # its successor starts awake
+        self.peer_awake(worker)
         self.router.drop_worker(worker)
         for chid in [c for c, w in self.remote_full_chids.items() if w == worker]:
             self.remote_full(worker, chid, False)
@@ -195,6 +216,61 @@ class Hub:
 
     def pipe_drained(self, worker: int) -> None:
         self.resume_senders(self.backpressure.release(("pipe", worker)))
+
+    # -- the sleep protocol ------------------------------------------------------------
+
+    def live_changed(self) -> None:
+        """A session left: with none live for SLEEP_AFTER, tell the others."""
+        if (self.mesh is not None and self.config.mode == "chan" and not self.asleep
+                and self._sleep_timer is None and self.router.live_count() == 0):
+            self._sleep_timer = self.loop.call_later(SLEEP_AFTER, self._maybe_sleep)
+
+    def _maybe_sleep(self) -> None:
+        self._sleep_timer = None
+        if (self.mesh is not None and not self.asleep and self._waking is None
+                and not self.stopping and self.router.live_count() == 0):
+            self.asleep = True
+            self.mesh.sleep(True)
+            log.debug("no live session: the other workers leave this one out")
+
+    def when_awake(self, then: Callable[[], None]) -> bool:
+        """Before a session's hs4: if we said we sleep, wake the others and call
+        ``then`` once each has answered (or WAKE_WAIT passed); True if ``then``
+        is deferred, False if the caller may go on at once."""
+        if not self.asleep:
+            return False
+        assert self.mesh is not None
+        self._woken_callbacks.append(then)
+        if self._waking is None:
+            log.debug("waking the other workers before an hs4")
+            self._waking = set(self.mesh.peers)
+            self.mesh.sleep(False)
+            self._wake_timer = self.loop.call_later(WAKE_WAIT, self._woken)
+        return True
+
+    def peer_asleep(self, worker: int, asleep: bool) -> None:
+        assert self.mesh is not None
+        if asleep:
+            self.sleeping.add(worker)
+        else:
+            self.sleeping.discard(worker)
+            self.mesh.awake(worker)
+
+    def peer_awake(self, worker: int) -> None:
+        if self._waking is not None:
+            self._waking.discard(worker)
+            if not self._waking:
+                self._woken()
+
+    def _woken(self) -> None:
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
+        self._waking = None
+        self.asleep = False
+        callbacks, self._woken_callbacks = self._woken_callbacks, []
+        for then in callbacks:
+            then()
 
     # -- what fwd-ctl and /metrics see (asked by the parent) ---------------------------
 
@@ -336,6 +412,7 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -
     if config.workers > 1:
         hub.mesh = Mesh(loop, wid, config.workers, rundir, hub)
         await hub.mesh.connected()
+        hub.live_changed()  # no session yet: the others may leave us out
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     last_loss_log = -1e9

@@ -86,6 +86,33 @@ def test_viewers_of_one_absent_chid_gather_with_it(sharded):
     up.finish()
 
 
+SLEEPS = r"w\d fwd.worker: no live session: the other workers leave this one out"
+
+
+def test_empty_workers_are_left_out_and_woken_before_hs4(sharded):
+    """Chan mode: "everyone" bytes skip a worker with no live session; a session
+    that goes live there wakes the others before its hs4, so it gets every byte
+    sent after its OK (sent here the moment OK arrives)."""
+    server = sharded("--mode", "chan")
+    server.wait_log(SLEEPS, count=3)  # nobody is live anywhere yet
+    src, _ = server.handshake("src", [])
+    src_worker = server.worker_of(src)
+    sent = 0
+    for i in range(8):
+        mark = server.mark()
+        r, _ = server.handshake(f"r{i}", [f"x{i}"])  # names nobody: not drawn to src
+        assert server.worker_of(r) != src_worker
+        server.wait_log(r"waking the other workers before an hs4", start=mark)
+        payload = os.urandom(1000 + i)
+        src.sendall(payload)
+        assert recv_exact(r, len(payload)) == payload
+        sent += len(payload)
+        r.close()
+        server.wait_log(SLEEPS, start=mark)  # its worker is empty again
+    # Only the worker of the one live receiver got bytes, never the sleeping one.
+    assert server.ctl_json("status")["totals"]["cross_worker_bytes"] == sent
+
+
 def test_broadcast_reaches_clients_on_every_worker(sharded):
     server = sharded("--mode", "broadcast")
     mark = server.mark()
