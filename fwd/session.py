@@ -103,7 +103,7 @@ class Session(asyncio.BufferedProtocol):
         self.nonce: str | None = None  # hs2's token, encrypted handshake only
         # Names this session to the coordinator (several workers only).
         self.token = 0 if hub.mesh is None else hub.new_token()
-        self.claiming = False  # an hs1 waits for the coordinator's answer
+        self.claiming = False  # waiting on the other processes (claim, place, wake)
         self.moved = False  # handed to another worker: its chid goes with it
         self.counted_out = False  # the parent was told this connection is gone
         self.home_hint: int | None = None  # where sessions that name our chid live
