@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -137,3 +140,19 @@ def test_byte_exact_through_the_worker(start_server, mode):
     up.start()
     assert recv_hash(sb, 4 * MiB) == up.digest
     up.finish()
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path):
+    """A worker that dies before it is ready would die again if restarted: the
+    server says so and exits 1 instead of restarting it in a loop."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nif 'fwd.worker' in sys.orig_argv:\n    os._exit(3)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
+                           "--workers", str(WORKERS), "--control", "none"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert re.search(r"ERROR acceptor fwd\.arbiter: worker \d+ \(pid \d+\) exited with "
+                     r"status 3 before it was ready: it cannot start, so the server stops",
+                     done.stderr), done.stderr
+    assert "Traceback" not in done.stderr
