@@ -7,7 +7,8 @@ Topology, all over ipc:// sockets in a private run directory:
 * worker DEALER (identity ``w<N>``) <-> coordinator ROUTER in the parent:
   requests, and the coordinator's answers and chid location events. One pipe
   per worker, so every worker sees location events in the order they happened.
-* worker PUSH -> PULL of every other worker: stream bytes. One pipe per ordered
+* worker PUSH -> PULL of every other worker: stream bytes, backpressure signals
+  and the sleep protocol (Hub.when_awake). One pipe per ordered
   pair of workers keeps each sender's bytes in order. Sends never block: a
   full pipe (high-water mark) pauses the senders that route through it.
 
