@@ -508,16 +508,13 @@ class Session(asyncio.BufferedProtocol):
             self._forward(first)
 
     def _forward(self, chunk: bytes) -> None:
-        """Route bytes the session already holds (the first bytes after hs3)."""
-        route, now = self._route(len(chunk))
+        """Route bytes the session already holds (the first bytes after hs3);
+        the same steps as the hot path in buffer_updated, from a bytes object."""
+        now = self.last_active = self.hub.loop.time()
+        self.bytes_in += len(chunk)
+        route = self.hub.router.route(self)
         full = fanout(chunk, route.targets, self, now)
         self._route_rest(route, chunk, len(chunk), now, full)
-
-    def _route(self, n: int) -> tuple[Route[Session], float]:
-        now = self.hub.loop.time()
-        self.last_active = now
-        self.bytes_in += n
-        return self.hub.router.route(self), now
 
     def _route_rest(self, route: Route[Session], chunk: bytes | None, n: int, now: float,
                     full: list[Any] | None) -> None:
