@@ -1,9 +1,9 @@
 """The parent's side of the ZeroMQ layer: one chid registry for all workers.
 
 Claims are serialised here, so a chid is unique server-wide however many
-workers see the same hs1 at once. Each worker also learns from here where every
-live chid is (one ordered pipe per worker: a snapshot at hello, then events),
-which is what lets it route bytes to a receiver on another worker.
+workers see the same hs1 at once. Each worker also learns from here where the
+live chids its sessions name are, and when they end (one ordered pipe per
+worker), which is what lets it route bytes to a receiver on another worker.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ class Coordinator:
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: int, rundir: str) -> None:
         self.registry = Registry(workers)
         self.workers = workers
-        self.live: dict[str, int] = {}
-        self.wants: dict[str, tuple[int, tuple[str, ...]]] = {}
         self.ctx = zmq.Context()
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -59,14 +57,10 @@ class Coordinator:
             if len(self._claims) == 1:
                 self.reader.loop.call_soon(self._flush_claims)
         elif kind == mesh.LIVE:
-            chid, owner = args[0].decode(), Owner(wid, int(args[1]))
-            if self.registry.owner(chid) == owner:
-                self.live[chid] = wid
-                recvers = tuple(json.loads(args[2]))
-                if recvers:  # an "everyone" session draws nothing: keep nothing for it
-                    self.registry.want(wid, recvers)  # draws the chids it names to its worker
-                    self.wants[chid] = (wid, recvers)
-                self._others(wid, mesh.LOC, args[0], b"%d" % wid)
+            recvers = tuple(json.loads(args[2]))
+            for to, chid, at in self.registry.go_live(args[0].decode(), Owner(wid, int(args[1])),
+                                                      recvers):
+                self._to(to, mesh.LOC, chid.encode(), b"%d" % at)
         elif kind == mesh.RELEASE:
             self.release(args[0].decode(), wid, int(args[1]))
         elif kind == mesh.MOVE:
@@ -76,18 +70,18 @@ class Coordinator:
                 # Taken over (or its worker died) while it moved: end it.
                 self._to(wid, mesh.EVICT, args[0], args[3], b"a takeover")
         elif kind == mesh.PLACE:
-            home = self.registry.home(args[1].decode() or None, json.loads(args[2]), wid)
-            self._to(wid, mesh.PLACED, args[0], b"%d" % (-1 if home is None else home))
-        elif kind == mesh.HELLO:
-            self._to(wid, mesh.SNAP, json.dumps(self.live).encode())
+            recvers = json.loads(args[2])
+            home = self.registry.home(args[1].decode() or None, recvers, wid)
+            # The asker learns where the named chids are before the session goes live.
+            where = self.registry.locate(wid, recvers)
+            self._to(wid, mesh.PLACED, args[0], b"%d" % (-1 if home is None else home),
+                     json.dumps(where).encode())
+        # HELLO only makes the ROUTER know the worker's identity: a new worker
+        # has no session, so there is nothing to tell it yet.
 
-    def _gone(self, chid: str) -> None:
-        wanted = self.wants.pop(chid, None)
-        if wanted is not None:
-            self.registry.want(wanted[0], wanted[1], -1)
-        wid = self.live.pop(chid, None)
-        if wid is not None:
-            self._others(wid, mesh.GONE, chid.encode(), b"%d" % wid)
+    def _gone(self, chid: str, old: Owner) -> None:
+        for w in self.registry.ended(chid, old):
+            self._to(w, mesh.GONE, chid.encode(), b"%d" % old.worker)
 
     def _flush_claims(self) -> None:
         self.reader.drain()  # take in every release that is already here
@@ -102,7 +96,7 @@ class Coordinator:
                 self._to(wid, mesh.INUSE, req, chid)
                 continue
             if evicted is not None:
-                self._gone(got)
+                self._gone(got, evicted)
                 self._to(evicted.worker, mesh.EVICT, got.encode(), b"%d" % evicted.token, peer)
             # Where sessions that name it live: a hint for its placement at hs3.
             home = self.registry.wanted_home(got)
@@ -110,15 +104,13 @@ class Coordinator:
 
     def release(self, chid: str, wid: int, token: int) -> None:
         """Free a chid on a worker's behalf (its session died in transit)."""
-        if self.registry.release(chid, Owner(wid, token)):
-            self._gone(chid)
+        old = Owner(wid, token)
+        if self.registry.release(chid, old):
+            self._gone(chid, old)
 
     def worker_lost(self, wid: int) -> None:
         """Free a dead worker's chids and tell the others."""
         self.registry.worker_lost(wid)
-        for chid in [c for c, w in self.live.items() if w == wid]:
-            del self.live[chid]
-            self.wants.pop(chid, None)
         self._others(wid, mesh.DEAD, b"%d" % wid)
 
     def close(self) -> None:

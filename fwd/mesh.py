@@ -33,8 +33,8 @@ log = logging.getLogger("fwd.mesh")
 HELLO, CLAIM, LIVE, RELEASE, MOVE, PLACE = (
     b"hello", b"claim", b"live", b"release", b"move", b"place")
 # coordinator -> worker
-CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, SNAP, DEAD = (
-    b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"snap", b"dead")
+CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD = (
+    b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead")
 # worker -> worker
 TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
 SLEEP, WAKE, AWAKE = b"sleep", b"wake", b"awake"
@@ -199,7 +199,8 @@ class Mesh:
     def place(self, chid: str | None, recvers: tuple[str, ...],
               done: Callable[[int | None], None]) -> None:
         """Ask where a session belongs (next to the chids it names and to the
-        sessions that name it); ``done(worker)``, or ``done(None)``: anywhere."""
+        sessions that name it); ``done(worker)``, or ``done(None)``: anywhere.
+        Where the named chids live is learnt first (Hub.remote_live)."""
         req = b"%d" % next(self._ids)
         self._requests[req] = done
         self._ask(PLACE, req, (chid or "").encode(), json.dumps(list(recvers)).encode())
@@ -226,6 +227,8 @@ class Mesh:
                 else:
                     done(None, None)
         elif kind == PLACED:
+            for chid, at in json.loads(frames[3]).items():
+                h.remote_live(chid, at)
             done = self._requests.pop(frames[1], None)
             if done is not None:
                 worker = int(frames[2])
@@ -236,9 +239,6 @@ class Mesh:
             h.remote_gone(frames[1].decode(), int(frames[2]))
         elif kind == EVICT:
             h.evict(frames[1].decode(), int(frames[2]), frames[3].decode())
-        elif kind == SNAP:
-            for chid, worker in json.loads(frames[1]).items():
-                h.remote_live(chid, worker)
         elif kind == DEAD:
             h.worker_dead(int(frames[1]))
 

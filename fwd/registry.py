@@ -29,57 +29,146 @@ class Owner:
     token: int
 
 
+Notice = tuple[int, str, int]
+"""(worker to tell, chid, worker it lives on)."""
+
+
 class Registry:
-    """The acceptor's view of every claimed chid and of each worker's load."""
+    """The acceptor's view of every claimed chid and of each worker's load.
+
+    Each chid's entry is one int (token, worker, and whether its session is
+    live, packed): an idle server holds one per session, so it is kept small.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._owner: dict[str, Owner] = {}
+        self._shift = workers.bit_length() + 1  # bit 0: live; then the worker; then the token
+        self._owner: dict[str, int] = {}
+        self._named: dict[str, tuple[str, ...]] = {}  # live chid -> the chids its session names
         self._wanted_by: dict[str, Counter[int]] = {}
+        self._told: dict[str, set[int]] = {}  # live chid -> workers that know where
+
+    def _pack(self, owner: Owner) -> int:
+        return owner.token << self._shift | owner.worker << 1
+
+    def _unpack(self, packed: int) -> Owner:
+        return Owner((packed & ((1 << self._shift) - 1)) >> 1, packed >> self._shift)
+
+    def _holds(self, chid: str, owner: Owner) -> bool:
+        packed = self._owner.get(chid)
+        return packed is not None and packed >> 1 == self._pack(owner) >> 1
 
     def claim(self, chid: str | None, owner: Owner, *,
               takeover: bool = False) -> tuple[str, Owner | None]:
         """Give ``chid`` (or a fresh one) to ``owner``; return the evicted owner
-        with ``takeover``, else raise ChidInUse if it is held."""
+        with ``takeover`` (then call ``ended``), else raise ChidInUse if it is held."""
         if chid is None:
             chid = new_chid()
             while chid in self._owner:  # pragma: no cover - 96 random bits
                 chid = new_chid()
-        old = self._owner.get(chid)
+        packed = self._owner.get(chid)
+        old = None if packed is None else self._unpack(packed)
         if old is not None and old != owner and not takeover:
             raise ChidInUse(chid)
-        self._owner[chid] = owner
+        self._owner[chid] = self._pack(owner)
         return chid, (old if old != owner else None)
 
     def release(self, chid: str, owner: Owner) -> bool:
-        """Free ``chid`` if ``owner`` still holds it; stale releases are ignored."""
-        if self._owner.get(chid) != owner:
+        """Free ``chid`` if ``owner`` still holds it (then call ``ended``);
+        stale releases are ignored."""
+        if not self._holds(chid, owner):
             return False
         del self._owner[chid]
         return True
 
     def where(self, chid: str) -> int | None:
-        owner = self._owner.get(chid)
-        return None if owner is None else owner.worker
+        packed = self._owner.get(chid)
+        return None if packed is None else self._unpack(packed).worker
 
     def owner(self, chid: str) -> Owner | None:
-        return self._owner.get(chid)
+        packed = self._owner.get(chid)
+        return None if packed is None else self._unpack(packed)
 
     def move(self, chid: str, old: Owner, new: Owner) -> bool:
-        """Record that a session migrated to another worker."""
-        if self._owner.get(chid) != old:
+        """Record that a session migrated to another worker (before it is live)."""
+        if not self._holds(chid, old):
             return False
-        self._owner[chid] = new
+        self._owner[chid] = self._pack(new)
         return True
 
     def worker_lost(self, worker: int) -> list[str]:
-        """A worker died: free its chids (its sockets died with it)."""
-        lost = [c for c, o in self._owner.items() if o.worker == worker]
+        """A worker died: free its chids (its sockets died with it). The others
+        forget its locations by themselves (they are told it died)."""
+        lost = [c for c, p in self._owner.items() if self._unpack(p).worker == worker]
         for chid in lost:
             del self._owner[chid]
-        for counts in self._wanted_by.values():
-            counts.pop(worker, None)
+            self._named.pop(chid, None)
+            self._told.pop(chid, None)
+        for chid in [c for c, counts in self._wanted_by.items()
+                     if counts.pop(worker, None) is not None and not counts]:
+            del self._wanted_by[chid]
+        for told in self._told.values():
+            told.discard(worker)
         return lost
+
+    # -- who knows where a chid lives ----------------------------------------------
+
+    def go_live(self, chid: str, owner: Owner, recvers: tuple[str, ...]) -> list[Notice]:
+        """``owner``'s session went live naming ``recvers``: where each worker
+        must now be told that a chid lives. Its own worker learns where the
+        chids it names are; workers whose sessions name ``chid`` learn where it
+        is. Stale (``owner`` lost the chid meanwhile): nothing."""
+        if not self._holds(chid, owner):
+            return []
+        self._owner[chid] |= 1
+        worker = owner.worker
+        notices: list[Notice] = []
+        for c in recvers:
+            at = self._live_elsewhere(c, worker)
+            if at is not None and self._tell(c, worker):
+                notices.append((worker, c, at))
+        if recvers:  # an "everyone" session draws nothing: keep nothing for it
+            self._named[chid] = recvers
+            self.want(worker, recvers)
+        counts = self._wanted_by.get(chid)
+        if counts:
+            for w in counts:
+                if w != worker and self._tell(chid, w):
+                    notices.append((w, chid, worker))
+        return notices
+
+    def locate(self, worker: int, chids: Iterable[str]) -> dict[str, int]:
+        """Where the live ones among ``chids`` are, if not on ``worker``; from
+        now on ``worker`` is told when they end (``ended``)."""
+        found: dict[str, int] = {}
+        for chid in chids:
+            at = self._live_elsewhere(chid, worker)
+            if at is not None:
+                self._tell(chid, worker)
+                found[chid] = at
+        return found
+
+    def _live_elsewhere(self, chid: str, worker: int) -> int | None:
+        packed = self._owner.get(chid)
+        if packed is None or not packed & 1:
+            return None
+        at = self._unpack(packed).worker
+        return at if at != worker else None
+
+    def _tell(self, chid: str, worker: int) -> bool:
+        told = self._told.setdefault(chid, set())
+        if worker in told:
+            return False
+        told.add(worker)
+        return True
+
+    def ended(self, chid: str, old: Owner) -> list[int]:
+        """``old``'s session no longer holds ``chid`` (released, or taken over):
+        withdraw what it named, and return the workers that must hear it is gone."""
+        recvers = self._named.pop(chid, None)
+        if recvers:
+            self.want(old.worker, recvers, -1)
+        return sorted(self._told.pop(chid, ()))
 
     # -- placement -------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Who receives a sender's bytes: the chid registry, routes, hold buffers and
 backpressure bookkeeping, all without I/O.
 
-Sessions are opaque hashable objects here; the I/O layer does the writing. The
+Sessions are hashable objects whose ``chid`` the router sets when they claim one
+(it is the only table from session to chid, which saves one entry per session
+in an idle server); the I/O layer does the writing. The
 routing table answers "which live sessions get this chunk, and which named
 receivers are absent" in O(1) per read while nothing changes, because routes are
 cached and only rebuilt after a join or leave (tracked by ``generation``).
@@ -12,11 +14,16 @@ import secrets
 from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from .errors import ChidInUse
 
-T = TypeVar("T", bound=Hashable)
+
+class Member(Hashable, Protocol):
+    chid: str | None
+
+
+T = TypeVar("T", bound=Member)
 
 
 def new_chid() -> str:
@@ -68,9 +75,7 @@ class Router(Generic[T]):
         self.hold_total = hold_total
         self.generation = 0
         self.held = 0
-        self._owner: dict[str, T] = {}
-        self._chid_of: dict[T, str] = {}
-        self._live: dict[str, T] = {}
+        self._owner: dict[str, T] = {}  # claimed chids; live ones have _recvers too
         self._muted: set[T] = set()
         self._recvers: dict[T, tuple[str, ...]] = {}
         self._everyone: tuple[T, ...] = ()
@@ -99,7 +104,7 @@ class Router(Generic[T]):
                 raise ChidInUse(chid)
             self.leave(evicted)
         self._owner[chid] = session
-        self._chid_of[session] = chid
+        session.chid = chid
         return chid, evicted
 
     def owner(self, chid: str) -> T | None:
@@ -107,20 +112,23 @@ class Router(Generic[T]):
 
     def live(self, chid: str) -> T | None:
         """The live session holding ``chid`` here, unless its write side is shut."""
-        session = self._live.get(chid)
-        return None if session is None or session in self._muted else session
+        session = self._owner.get(chid)
+        if session is None or session not in self._recvers or session in self._muted:
+            return None
+        return session
 
     def chid_of(self, session: T) -> str | None:
-        return self._chid_of.get(session)
+        """The chid ``session`` holds here (None if it has none, or lost it)."""
+        chid = session.chid
+        return chid if chid is not None and self._owner.get(chid) is session else None
 
     def join(self, session: T, recvers: Iterable[str] = ()) -> list[bytes]:
         """Make ``session`` live; return the bytes held for its chid, oldest first."""
         self._recvers[session] = tuple(recvers)
         self.generation += 1
-        chid = self._chid_of.get(session)
-        if chid is None:
+        chid = session.chid
+        if chid is None or self._owner.get(chid) is not session:
             return []
-        self._live[chid] = session
         hold = self._holds.pop(chid, None)
         if hold is None:
             return []
@@ -129,11 +137,9 @@ class Router(Generic[T]):
 
     def leave(self, session: T) -> None:
         """Forget ``session``; its chid is free again at once. Idempotent."""
-        chid = self._chid_of.pop(session, None)
+        chid = session.chid
         if chid is not None and self._owner.get(chid) is session:
             del self._owner[chid]
-            if self._live.get(chid) is session:
-                del self._live[chid]
         if self._recvers.pop(session, None) is not None:
             self.generation += 1
         self._routes.pop(session, None)
@@ -158,7 +164,7 @@ class Router(Generic[T]):
         partner = self._owner.get(recvers[0])
         if partner is None or partner is session:
             return None
-        if self._recvers.get(partner) != (self._chid_of.get(session),):
+        if self._recvers.get(partner) != (session.chid,):
             return None
         return partner
 
@@ -177,15 +183,15 @@ class Router(Generic[T]):
             return cached
         recvers = self._recvers[sender]
         if recvers:
-            live, muted = self._live, self._muted
-            targets = tuple(
-                s for c in recvers
-                if (s := live.get(c)) is not None and s is not sender and s not in muted
-            )
+            owner, joined, muted = self._owner, self._recvers, self._muted
+            here = [s if (s := owner.get(c)) is not None and s in joined else None
+                    for c in recvers]
+            targets = tuple(s for s in here
+                            if s is not None and s is not sender and s not in muted)
             remote_of = self._remote
-            remote = tuple((remote_of[c], c) for c in recvers
-                           if c not in live and c in remote_of)
-            missing = tuple(c for c in recvers if c not in live and c not in remote_of)
+            elsewhere = [c for c, s in zip(recvers, here, strict=True) if s is None]
+            remote = tuple((remote_of[c], c) for c in elsewhere if c in remote_of)
+            missing = tuple(c for c in elsewhere if c not in remote_of)
             route = Route(self.generation, targets, missing, False, remote)
         else:
             route = Route(self.generation, self.everyone(), (), True)

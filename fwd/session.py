@@ -63,6 +63,18 @@ class St(enum.Enum):
     CLOSED = "closed"
 
 
+def _flag(bit: int) -> Any:
+    """A boolean attribute stored as one bit of ``Session.flags``."""
+
+    def get(self: Session) -> bool:
+        return bool(self.flags & bit)
+
+    def put(self: Session, on: bool) -> None:
+        self.flags = self.flags | bit if on else self.flags & ~bit
+
+    return property(get, put)
+
+
 class Session(asyncio.BufferedProtocol):
     # The fan-out loop reads transport, last_active and writing_paused of every
     # receiver on every read: slots keep those lookups cheap.
@@ -70,9 +82,7 @@ class Session(asyncio.BufferedProtocol):
         "hub", "transport", "state", "peer", "chid", "hs", "sniffed", "pending_out",
         "pending_size", "timeout", "timer", "slow_timer", "linger", "last_active",
         "writing_paused", "bytes_in", "bytes_out", "started", "dropped",
-        "read_closed", "write_closed", "partner", "nonce", "token", "claiming", "moved",
-        "adopted", "counted_out",
-        "home_hint", "fd", "recvers", "tight",
+        "partner", "nonce", "token", "adopted", "home_hint", "fd", "recvers", "flags",
     )
 
     def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None,
@@ -96,21 +106,23 @@ class Session(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self.started = 0.0
         self.dropped = 0
-        # Half-close state of a chan pair (see eof_received).
-        self.read_closed = False
-        self.write_closed = False
+        self.flags = 0  # the flag properties below: one slot, not six (idle memory)
         self.partner: Session | None = None
         self.nonce: str | None = None  # hs2's token, encrypted handshake only
         # Names this session to the coordinator (several workers only).
         self.token = 0 if hub.mesh is None else hub.new_token()
-        self.claiming = False  # waiting on the other processes (claim, place, wake)
-        self.moved = False  # handed to another worker: its chid goes with it
-        self.counted_out = False  # the parent was told this connection is gone
         self.home_hint: int | None = None  # where sessions that name our chid live
         self.fd = fd  # the socket, for send() straight from the read buffer
         self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
-        self.tight = False  # PAIR_MARK applies (see _tighten)
         self.adopted = adopted
+
+    # Half-close state of a chan pair (see eof_received).
+    read_closed = _flag(1)
+    write_closed = _flag(2)
+    claiming = _flag(4)  # waiting on the other processes (claim, place, wake)
+    moved = _flag(8)  # handed to another worker: its chid goes with it
+    counted_out = _flag(16)  # the parent was told this connection is gone
+    tight = _flag(32)  # PAIR_MARK applies (see _tighten)
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -443,7 +455,23 @@ class Session(asyncio.BufferedProtocol):
         self.chid = chid
         assert hub.mesh is not None and self.transport is not None
         hub.mesh.move(chid, meta["from"], meta["token"], self.token)
-        self._send_hs4(meta["hs4"].encode("ascii"), tuple(meta["recvers"]), first)
+        ok, recvers = meta["hs4"].encode("ascii"), tuple(meta["recvers"])
+        if not hub.place_locally(recvers, None)[0]:
+            # This worker does not know where all its receivers are yet.
+            self.claiming = True
+            self.transport.pause_reading()
+            hub.mesh.place(chid, recvers, functools.partial(self._located, ok, recvers, first))
+            return
+        self._send_hs4(ok, recvers, first)
+
+    def _located(self, ok: bytes, recvers: tuple[str, ...], first: bytes,
+                 _home: int | None) -> None:
+        self.claiming = False
+        if self.state is St.CLOSED or self.transport is None:
+            return
+        self._send_hs4(ok, recvers, first)
+        if self.state is St.LIVE and self.transport is not None:
+            self.transport.resume_reading()
 
     def _fail(self, desc: str, rejected: str | None = None) -> None:
         """Answer with one hs4 FAIL line, then close.

@@ -112,17 +112,22 @@ class Hub:
     def place_locally(self, recvers: tuple[str, ...],
                       hint: int | None) -> tuple[bool, int | None]:
         """Where a session naming ``recvers`` belongs, from what this worker knows:
-        (False, None) if a receiver is unknown here (the coordinator must say),
-        else (True, the worker, or None to stay)."""
+        (False, None) if a receiver is unknown here (the coordinator must say,
+        and tells where the receivers are: a session never goes live before its
+        worker knows where they are), else (True, the worker, or None to stay)."""
         assert self.mesh is not None
         votes: collections.Counter[int] = collections.Counter()
+        here = False
         for chid in recvers:
             if self.router.live(chid) is not None:
-                return True, None  # a receiver is here already: stay
+                here = True
+                continue
             where = self.router.where(chid)
             if where is None:
                 return False, None
             votes[where] += 1
+        if here:
+            return True, None  # a receiver is here already: stay
         if hint is not None:
             votes[hint] += 1
         return True, (votes.most_common(1)[0][0] if votes else None)

@@ -125,3 +125,76 @@ def test_home_is_with_sessions_that_wait_for_the_same_absent_chid():
     assert reg.home("viewer", ["cam"], asking=0) == 2
     reg.claim("cam", Owner(0, 1))  # once it is claimed, its place decides
     assert reg.home("viewer", ["cam"], asking=1) == 0
+
+
+# -- who is told where a chid lives -------------------------------------------------
+
+
+def test_everyone_sessions_tell_nobody_anything():
+    """The common case of a handshake costs no location message to any worker."""
+    reg = Registry(3)
+    for i in range(5):
+        reg.claim(f"c{i}", Owner(i % 3, i))
+        assert reg.go_live(f"c{i}", Owner(i % 3, i), ()) == []
+    assert reg.release("c0", Owner(0, 0)) and reg.ended("c0", Owner(0, 0)) == []
+
+
+def test_a_worker_that_names_a_chid_learns_where_it_lives_and_when_it_ends():
+    reg = Registry(3)
+    reg.claim("cam", Owner(0, 1))
+    assert reg.go_live("cam", Owner(0, 1), ()) == []
+    reg.claim("viewer", Owner(1, 1))
+    assert reg.go_live("viewer", Owner(1, 1), ("cam",)) == [(1, "cam", 0)]
+    reg.claim("viewer2", Owner(1, 2))
+    assert reg.go_live("viewer2", Owner(1, 2), ("cam",)) == []  # worker 1 knows already
+    assert reg.release("cam", Owner(0, 1)) and reg.ended("cam", Owner(0, 1)) == [1]
+    # Back on worker 2: the worker whose sessions wait for it hears at once.
+    reg.claim("cam", Owner(2, 1))
+    assert reg.go_live("cam", Owner(2, 1), ()) == [(1, "cam", 2)]
+
+
+def test_locate_tells_the_asker_and_remembers_it():
+    reg = Registry(2)
+    reg.claim("a", Owner(1, 1))
+    assert reg.locate(0, ["a", "absent"]) == {}  # claimed, not live yet
+    reg.go_live("a", Owner(1, 1), ())
+    assert reg.locate(0, ["a", "absent"]) == {"a": 1}
+    assert reg.locate(1, ["a"]) == {}  # its own worker needs no message
+    assert reg.release("a", Owner(1, 1)) and reg.ended("a", Owner(1, 1)) == [0]
+
+
+def test_a_takeover_tells_the_told_workers_the_old_location_ended():
+    reg = Registry(2)
+    reg.claim("a", Owner(1, 1))
+    reg.go_live("a", Owner(1, 1), ())
+    reg.locate(0, ["a"])
+    chid, evicted = reg.claim("a", Owner(1, 2), takeover=True)
+    assert evicted is not None and reg.ended(chid, evicted) == [0]
+    assert reg.go_live("a", Owner(1, 1), ()) == []  # the evicted session's late notice
+
+
+def test_an_ended_session_withdraws_its_wishes():
+    reg = Registry(2)
+    reg.claim("v", Owner(1, 1))
+    reg.go_live("v", Owner(1, 1), ("cam",))
+    assert reg.home("cam", [], asking=0) == 1
+    assert reg.release("v", Owner(1, 1))
+    reg.ended("v", Owner(1, 1))
+    assert reg.home("cam", [], asking=0) is None
+    reg.claim("cam", Owner(0, 1))
+    assert reg.go_live("cam", Owner(0, 1), ()) == []
+
+
+def test_a_lost_worker_is_told_nothing_more():
+    reg = Registry(3)
+    reg.claim("a", Owner(0, 1))
+    reg.go_live("a", Owner(0, 1), ())
+    reg.claim("v", Owner(1, 1))
+    reg.go_live("v", Owner(1, 1), ("a",))
+    reg.worker_lost(1)
+    assert reg.release("a", Owner(0, 1)) and reg.ended("a", Owner(0, 1)) == []
+    reg.claim("b", Owner(2, 1))
+    reg.go_live("b", Owner(2, 1), ())
+    reg.locate(0, ["b"])
+    reg.worker_lost(2)  # its chids' listeners are told by the DEAD message
+    assert reg.locate(0, ["b"]) == {}

@@ -17,6 +17,7 @@ class Sess:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.chid: str | None = None  # set by Router.claim
 
     def __repr__(self) -> str:
         return f"Sess({self.name})"
@@ -224,6 +225,18 @@ def test_named_route_never_targets_the_sender():
     route = r.route(s)
     assert route.targets == (b,)
     assert route.missing == ()
+
+
+def test_a_muted_receiver_gets_nothing_and_nothing_is_held_for_it():
+    """Its write side is shut: bytes for it are dropped, not held or sent elsewhere."""
+    r = make_router()
+    b = live(r, "b", "b")
+    r.set_remote("b", 1)  # a stale location from another worker must not win either
+    s = live(r, "s", "s", recvers=("b",))
+    r.mute(b)
+    route = r.route(s)
+    assert route.targets == () and route.missing == () and route.remote == ()
+    assert r.live("b") is None and r.owner("b") is b
 
 
 def test_everyone_route_includes_all_live_sessions_and_is_shared():
