@@ -5,6 +5,58 @@ from __future__ import annotations
 import os
 from typing import Any
 
+_buf = bytearray()
+_view = memoryview(_buf)
+_small = _view
+_router: Any = None
+_clock: Any = None
+
+
+def bind(buf: bytearray, small: int, router: Any, clock: Any) -> None:
+    """Give this process's sessions their read buffer (``small``: how much of it
+    a session that is not live yet may fill), routing table and clock."""
+    global _buf, _view, _small, _router, _clock
+    _buf, _view = buf, memoryview(buf)
+    _small = _view[:small]
+    _router, _clock = router, clock
+
+
+class Relay:
+    """What the hot path touches of a session, and its read callbacks."""
+
+    __slots__ = ("hub", "transport", "route", "fd", "last_active", "bytes_in", "bytes_out",
+                 "writing_paused", "live")
+
+    def __init__(self) -> None:
+        self.hub: Any = None
+        self.transport: Any = None
+        self.route: Any = None
+        self.fd = 0
+        self.last_active = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.writing_paused = False
+        self.live = False
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _view if self.live else _small
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self.live:
+            self._read_early(nbytes)  # type: ignore[attr-defined]
+            return
+        now = _clock()
+        self.last_active = now
+        self.bytes_in += nbytes
+        route = self.route
+        if route is None or route.generation != _router.generation:
+            route = self.route = _router.route(self)
+        full, chunk = send_view(_buf, nbytes, route.targets, self, now)
+        if full is not None or not route.local:
+            self._route_rest(route, chunk, nbytes, now, full)  # type: ignore[attr-defined]
+        elif chunk is not None:
+            self._queued(route, chunk, nbytes, now)  # type: ignore[attr-defined]
+
 
 def fanout(chunk: bytes, targets: tuple[Any, ...], sender: Any, now: float) -> list[Any] | None:
     """Write ``chunk`` to each target but ``sender``; return the targets that

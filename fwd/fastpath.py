@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 
 if os.environ.get("FWD_PURE_PYTHON") == "1":
-    from ._fastcopy_py import fanout, send_view
+    from ._fastcopy_py import Relay, bind, fanout, send_view
     IMPLEMENTATION = "python"
 else:
     try:
-        from ._fastcopy import fanout, send_view  # type: ignore[no-redef]
+        from ._fastcopy import Relay, bind, fanout, send_view  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
             "fwd._fastcopy is not built: install fwd with 'pip install .' (needs gcc and "
@@ -21,4 +21,4 @@ else:
         ) from exc
     IMPLEMENTATION = "cython"
 
-__all__ = ["IMPLEMENTATION", "fanout", "send_view"]
+__all__ = ["IMPLEMENTATION", "Relay", "bind", "fanout", "send_view"]

@@ -1,11 +1,11 @@
 """One client connection: where a byte enters the server.
 
 A Session is an asyncio BufferedProtocol: the event loop reads straight into
-the worker's one shared buffer, and ``buffer_updated`` decides what the bytes
-are: handshake lines (fed to protocol.Handshake), broadcast-mode sniffing, or
-stream data, which goes to the receivers routing.Router names through the
-compiled ``fanout`` loop. Timers, backpressure and closing live here too,
-because they act on the transport.
+the worker's one shared buffer. Its base class, the compiled ``Relay``, sends a
+live session's reads to the receivers routing.Router names; what comes before
+(handshake lines fed to protocol.Handshake, broadcast-mode sniffing) and what
+a read sometimes needs besides (held bytes, other workers, backpressure) is
+here. Timers and closing live here too, because they act on the transport.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import fdpass
 from .crypto import REJECTED, AeadLineCodec
 from .errors import ChidInUse, LineRejected, RemoteProtocolError
-from .fastpath import fanout, send_view
+from .fastpath import Relay, fanout
 from .protocol import (
     NEED_DATA,
     PLAIN,
@@ -75,20 +75,22 @@ def _flag(bit: int) -> Any:
     return property(get, put)
 
 
-class Session(asyncio.BufferedProtocol):
-    # The fan-out loop reads transport, last_active and writing_paused of every
-    # receiver on every read: slots keep those lookups cheap.
+class Session(Relay, asyncio.BufferedProtocol):
+    # Relay holds hub, transport, route, fd, last_active, bytes_in, bytes_out,
+    # writing_paused and live: what the hot path reads and writes.
     __slots__ = (
-        "hub", "transport", "state", "peer", "chid", "hs", "sniffed", "pending_out",
-        "pending_size", "timeout", "timer", "slow_timer", "linger", "last_active",
-        "writing_paused", "bytes_in", "bytes_out", "started", "dropped",
-        "partner", "nonce", "token", "adopted", "home_hint", "fd", "recvers", "flags",
+        "state", "peer", "chid", "hs", "sniffed", "pending_out",
+        "pending_size", "timeout", "timer", "slow_timer", "linger",
+        "started", "dropped",
+        "partner", "nonce", "token", "adopted", "home_hint", "recvers", "flags",
     )
 
     def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None,
                  fd: int = -1) -> None:
         self.hub = hub
         self.transport: asyncio.Transport | None = None
+        self.route: Route[Session] | None = None
+        self.live = False  # mirrors state is St.LIVE, for the compiled read path
         self.state = St.SNIFF
         self.peer = "?"
         self.chid: str | None = None
@@ -161,34 +163,22 @@ class Session(asyncio.BufferedProtocol):
             hub.pending.add(self)
             self.timer = loop.call_later(SNIFF_CONNECT_WINDOW, self._sniff_expired)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Before a session is live, small reads: what follows hs3 in the same
-        # read must fit into a hand-off message if the session moves.
-        return self.hub.view if self.state is St.LIVE else self.hub.view[:HANDSHAKE_READ]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.state is St.LIVE:
-            # The hot path, inlined (one Python call less per read matters for
-            # small messages): send straight from the worker's read buffer.
-            hub = self.hub
-            now = hub.loop.time()
-            self.last_active = now
-            self.bytes_in += nbytes
-            route = hub.router.route(self)
-            full, chunk = send_view(hub.buffer, nbytes, route.targets, self, now)
-            if full is not None or not route.local:
-                self._route_rest(route, chunk, nbytes, now, full)
-            elif chunk is not None and len(route.targets) == 1 and not route.targets[0].tight:
-                target = route.targets[0]
-                target._tighten()
-                if target.writing_paused:  # already above the new mark: wait now
-                    self._route_rest(route, chunk, nbytes, now, [target])
-            return
+    def _read_early(self, nbytes: int) -> None:
+        """A read before the session is live (Relay.buffer_updated)."""
         chunk = bytes(self.hub.view[:nbytes])
         if self.state is St.HANDSHAKE:
             self._handshake_input(chunk)
         elif self.state is St.SNIFF:
             self._sniff_input(chunk)
+
+    def _queued(self, route: Route[Session], chunk: bytes, nbytes: int, now: float) -> None:
+        """Part of a read of a local-only route had to be queued: the only
+        receiver of a 1->1 route gets PAIR_MARK (see _tighten)."""
+        if len(route.targets) == 1 and not route.targets[0].tight:
+            target = route.targets[0]
+            target._tighten()
+            if target.writing_paused:  # already above the new mark: wait now
+                self._route_rest(route, chunk, nbytes, now, [target])
 
     def eof_received(self) -> bool:
         # In a chan pair the FIN is passed on and the other direction keeps
@@ -509,6 +499,7 @@ class Session(asyncio.BufferedProtocol):
         assert transport is not None
         self._cancel_timer()
         self.state = St.LIVE
+        self.live = True
         self.hs = None
         self.recvers = recvers
         hub.pending.discard(self)
@@ -644,6 +635,8 @@ class Session(asyncio.BufferedProtocol):
         hub = self.hub
         was_live = self.state is St.LIVE
         self.state = St.CLOSED
+        self.live = False
+        self.route = None  # it names other sessions: let them go
         self._cancel_timer()
         if self.slow_timer is not None:
             self.slow_timer.cancel()

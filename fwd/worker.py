@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 from . import control, fdpass
 from .config import Config
 from .crypto import derive_key
-from .fastpath import fanout
+from .fastpath import bind, fanout
 from .mesh import Mesh
 from .metrics import FLUSH_EVERY
 from .protocol import failure_reason
 from .routing import Backpressure, Route, Router
 from .runtime import set_title, setup_logging
-from .session import Session, St
+from .session import HANDSHAKE_READ, Session, St
 
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
@@ -70,6 +70,7 @@ class Hub:
         self.remote_full_count: collections.Counter[int] = collections.Counter()
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
+        bind(self.buffer, HANDSHAKE_READ, self.router, loop.time)
         # A dict, not a set: at 10,000 entries a set's table is about four
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}
