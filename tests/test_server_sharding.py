@@ -71,6 +71,31 @@ def test_fan_out_across_workers_byte_exact(sharded):
     up.finish()
 
 
+def test_a_named_receiver_that_lives_on_another_worker_gets_every_byte(sharded):
+    """A worker learns where a chid lives only once one of its sessions names
+    it: the sender's worker must hear where its receiver went live, on another
+    worker, after the sender, and again when the receiver comes back."""
+    server = sharded("--mode", "chan")
+    src, _ = server.handshake("src", ["b"])  # b is not up yet
+    # A pair elsewhere (the parent puts new connections on the least-loaded
+    # worker), and b drawn to it: two of its receivers there, one sender here.
+    pair(server, "anc1", "anc2")
+    for _ in range(2):  # live once, then back after it left
+        mark = server.mark()
+        b, _ = server.handshake("b", ["anc1", "anc2"])
+        assert server.worker_of(b) != server.worker_of(src)
+        # Until src's worker hears where b went live, its bytes for b are held
+        # there (up to --hold-bytes): one byte through proves it has heard.
+        src.sendall(b"!")
+        assert recv_exact(b, 1) == b"!"
+        up = Sender(src, 4 * MiB)
+        up.start()
+        assert recv_hash(b, 4 * MiB) == up.digest
+        up.finish()
+        b.close()
+        server.wait_log(r"session end chid=b ", start=mark)
+
+
 def test_viewers_of_one_absent_chid_gather_with_it(sharded):
     """Sessions naming the same chid before it exists go to one worker, and the
     chid joins them: its fan-out is served inside one process."""
