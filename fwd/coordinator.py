@@ -15,7 +15,7 @@ import zmq
 
 from . import mesh
 from .errors import ChidInUse
-from .registry import Owner, Registry
+from .registry import Owner, Registry, Watch
 
 log = logging.getLogger("fwd.coordinator")
 
@@ -58,9 +58,11 @@ class Coordinator:
                 self.reader.loop.call_soon(self._flush_claims)
         elif kind == mesh.LIVE:
             recvers = tuple(json.loads(args[2]))
-            for to, chid, at in self.registry.go_live(args[0].decode(), Owner(wid, int(args[1])),
-                                                      recvers):
+            notices, watches = self.registry.go_live(args[0].decode(), Owner(wid, int(args[1])),
+                                                     recvers)
+            for to, chid, at in notices:
                 self._to(to, mesh.LOC, chid.encode(), b"%d" % at)
+            self._watch(watches)
         elif kind == mesh.RELEASE:
             self.release(args[0].decode(), wid, int(args[1]))
         elif kind == mesh.MOVE:
@@ -73,11 +75,16 @@ class Coordinator:
             recvers = json.loads(args[2])
             home = self.registry.home(args[1].decode() or None, recvers, wid)
             # The asker learns where the named chids are before the session goes live.
-            where = self.registry.locate(wid, recvers)
+            where, watches = self.registry.locate(wid, recvers)
             self._to(wid, mesh.PLACED, args[0], b"%d" % (-1 if home is None else home),
                      json.dumps(where).encode())
+            self._watch(watches)
         # HELLO only makes the ROUTER know the worker's identity: a new worker
         # has no session, so there is nothing to tell it yet.
+
+    def _watch(self, watches: list[Watch]) -> None:
+        for worker, chid, token in watches:
+            self._to(worker, mesh.WATCH, chid.encode(), b"%d" % token)
 
     def _gone(self, chid: str, old: Owner) -> None:
         for w in self.registry.ended(chid, old):

@@ -33,8 +33,8 @@ log = logging.getLogger("fwd.mesh")
 HELLO, CLAIM, LIVE, RELEASE, MOVE, PLACE = (
     b"hello", b"claim", b"live", b"release", b"move", b"place")
 # coordinator -> worker
-CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD = (
-    b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead")
+CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
+    b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead", b"watch")
 # worker -> worker
 TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
 SLEEP, WAKE, AWAKE = b"sleep", b"wake", b"awake"
@@ -206,6 +206,7 @@ class Mesh:
         self._ask(PLACE, req, (chid or "").encode(), json.dumps(list(recvers)).encode())
 
     def live(self, chid: str, token: int, recvers: tuple[str, ...]) -> None:
+        """Announce a live session (only when it names chids, or is named)."""
         self._ask(LIVE, chid.encode(), b"%d" % token, json.dumps(list(recvers)).encode())
 
     def move(self, chid: str, old_worker: int, old_token: int, token: int) -> None:
@@ -237,6 +238,8 @@ class Mesh:
             h.remote_live(frames[1].decode(), int(frames[2]))
         elif kind == GONE:
             h.remote_gone(frames[1].decode(), int(frames[2]))
+        elif kind == WATCH:
+            h.watch(frames[1].decode(), int(frames[2]))
         elif kind == EVICT:
             h.evict(frames[1].decode(), int(frames[2]), frames[3].decode())
         elif kind == DEAD:

@@ -12,6 +12,17 @@ live, or where sessions that name it live (they may hold bytes for it), or,
 for a chid nobody has claimed yet, where other sessions that name it wait (the
 viewers of a camera that is not up yet, so that its fan-out stays in one
 worker); otherwise it stays where the parent put it (the least-loaded worker).
+
+Locations are told by interest: a worker learns where a live chid is only
+when one of its sessions names it (or asks where to go), and then hears when
+it ends. A worker serving "everyone" sessions learns nothing of the other
+workers' chids, which keeps the per-session cost of a handshake and the memory
+of every worker independent of how many sessions the others have.
+
+Likewise a session announces that it is live only when that matters: when it
+names chids, or when sessions name its chid (known at its claim, or later: the
+registry then asks its worker, "watch"). A handshake of an "everyone" session
+nobody names costs the coordinator a claim and a release, nothing more.
 """
 from __future__ import annotations
 
@@ -31,32 +42,36 @@ class Owner:
 
 Notice = tuple[int, str, int]
 """(worker to tell, chid, worker it lives on)."""
+Watch = tuple[int, str, int]
+"""(worker, chid, token): that session must announce when it is live."""
 
 
 class Registry:
     """The acceptor's view of every claimed chid and of each worker's load.
 
-    Each chid's entry is one int (token, worker, and whether its session is
-    live, packed): an idle server holds one per session, so it is kept small.
+    Each chid's entry is one int (token, worker, whether its session is live
+    and whether its worker was asked to say so, packed): an idle server holds
+    one per session, so it is kept small.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._shift = workers.bit_length() + 1  # bit 0: live; then the worker; then the token
+        # bit 0: live (announced); bit 1: watched; then the worker; then the token
+        self._shift = workers.bit_length() + 2
         self._owner: dict[str, int] = {}
         self._named: dict[str, tuple[str, ...]] = {}  # live chid -> the chids its session names
         self._wanted_by: dict[str, Counter[int]] = {}
         self._told: dict[str, set[int]] = {}  # live chid -> workers that know where
 
     def _pack(self, owner: Owner) -> int:
-        return owner.token << self._shift | owner.worker << 1
+        return owner.token << self._shift | owner.worker << 2
 
     def _unpack(self, packed: int) -> Owner:
-        return Owner((packed & ((1 << self._shift) - 1)) >> 1, packed >> self._shift)
+        return Owner((packed & ((1 << self._shift) - 1)) >> 2, packed >> self._shift)
 
     def _holds(self, chid: str, owner: Owner) -> bool:
         packed = self._owner.get(chid)
-        return packed is not None and packed >> 1 == self._pack(owner) >> 1
+        return packed is not None and packed >> 2 == self._pack(owner) >> 2
 
     def claim(self, chid: str | None, owner: Owner, *,
               takeover: bool = False) -> tuple[str, Owner | None]:
@@ -113,20 +128,26 @@ class Registry:
 
     # -- who knows where a chid lives ----------------------------------------------
 
-    def go_live(self, chid: str, owner: Owner, recvers: tuple[str, ...]) -> list[Notice]:
-        """``owner``'s session went live naming ``recvers``: where each worker
-        must now be told that a chid lives. Its own worker learns where the
-        chids it names are; workers whose sessions name ``chid`` learn where it
-        is. Stale (``owner`` lost the chid meanwhile): nothing."""
+    def go_live(self, chid: str, owner: Owner,
+                recvers: tuple[str, ...]) -> tuple[list[Notice], list[Watch]]:
+        """``owner``'s session announced it is live, naming ``recvers``: where
+        each worker must now be told that a chid lives, and which sessions it
+        names must be asked to announce. Its own worker learns where the chids
+        it names are; workers whose sessions name ``chid`` learn where it is.
+        Stale (``owner`` lost the chid meanwhile): nothing."""
         if not self._holds(chid, owner):
-            return []
+            return [], []
         self._owner[chid] |= 1
         worker = owner.worker
         notices: list[Notice] = []
+        watches: list[Watch] = []
         for c in recvers:
             at = self._live_elsewhere(c, worker)
-            if at is not None and self._tell(c, worker):
-                notices.append((worker, c, at))
+            if at is not None:
+                if self._tell(c, worker):
+                    notices.append((worker, c, at))
+            elif (watch := self._watch(c)) is not None:
+                watches.append(watch)
         if recvers:  # an "everyone" session draws nothing: keep nothing for it
             self._named[chid] = recvers
             self.want(worker, recvers)
@@ -135,18 +156,31 @@ class Registry:
             for w in counts:
                 if w != worker and self._tell(chid, w):
                     notices.append((w, chid, worker))
-        return notices
+        return notices, watches
 
-    def locate(self, worker: int, chids: Iterable[str]) -> dict[str, int]:
-        """Where the live ones among ``chids`` are, if not on ``worker``; from
-        now on ``worker`` is told when they end (``ended``)."""
+    def locate(self, worker: int, chids: Iterable[str]) -> tuple[dict[str, int], list[Watch]]:
+        """Where the live ones among ``chids`` are, if not on ``worker`` (from
+        now on ``worker`` is told when they end, see ``ended``), and which of
+        the others must be asked to announce."""
         found: dict[str, int] = {}
+        watches: list[Watch] = []
         for chid in chids:
             at = self._live_elsewhere(chid, worker)
             if at is not None:
                 self._tell(chid, worker)
                 found[chid] = at
-        return found
+            elif (watch := self._watch(chid)) is not None:
+                watches.append(watch)
+        return found, watches
+
+    def _watch(self, chid: str) -> Watch | None:
+        """A claimed chid whose session has not announced: ask it, once."""
+        packed = self._owner.get(chid)
+        if packed is None or packed & 3:  # absent, announced, or asked already
+            return None
+        self._owner[chid] = packed | 2
+        owner = self._unpack(packed)
+        return owner.worker, chid, owner.token
 
     def _live_elsewhere(self, chid: str, worker: int) -> int | None:
         packed = self._owner.get(chid)

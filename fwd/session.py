@@ -125,6 +125,8 @@ class Session(Relay, asyncio.BufferedProtocol):
     moved = _flag(8)  # handed to another worker: its chid goes with it
     counted_out = _flag(16)  # the parent was told this connection is gone
     tight = _flag(32)  # PAIR_MARK applies (see _tighten)
+    named = _flag(64)  # sessions elsewhere name our chid: announce when live
+    announced = _flag(128)  # the coordinator knows we are live
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -445,6 +447,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.chid = chid
         assert hub.mesh is not None and self.transport is not None
         hub.mesh.move(chid, meta["from"], meta["token"], self.token)
+        self.named = True  # it moved here to be near sessions: they must hear of it
         ok, recvers = meta["hs4"].encode("ascii"), tuple(meta["recvers"])
         if not hub.place_locally(recvers, None)[0]:
             # This worker does not know where all its receivers are yet.
@@ -506,8 +509,9 @@ class Session(Relay, asyncio.BufferedProtocol):
         for chunk in hub.router.join(self, recvers):
             self.bytes_out += len(chunk)
             transport.write(chunk)
-        if hub.mesh is not None and self.chid is not None:
-            hub.mesh.live(self.chid, self.token, recvers)
+        if (hub.mesh is not None and self.chid is not None
+                and (recvers or self.named or self.home_hint is not None)):
+            self._announce()
         if self.pending_out:
             for chunk in self.pending_out:
                 self.bytes_out += len(chunk)
@@ -525,6 +529,22 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.timer = hub.loop.call_later(self.timeout, self._idle_check)
         if first:
             self._forward(first)
+
+    def wanted(self) -> None:
+        """The coordinator asks: sessions elsewhere name our chid (Hub.watch)."""
+        if self.state is St.LIVE:
+            if not self.announced:
+                self._announce()
+        elif self.state is not St.CLOSED:
+            self.named = True
+
+    def _announce(self) -> None:
+        """Tell the coordinator we are live: it registers what we name, and tells
+        the workers whose sessions name us where we are. Sessions that name
+        nothing and that nobody names skip this (one message less per handshake)."""
+        assert self.hub.mesh is not None and self.chid is not None
+        self.announced = True
+        self.hub.mesh.live(self.chid, self.token, self.recvers)
 
     def _forward(self, chunk: bytes) -> None:
         """Route bytes the session already holds (the first bytes after hs3);

@@ -182,6 +182,12 @@ class Hub:
         self.remote_full_count.pop(worker, None)
         self.resume_senders(self.backpressure.release(("worker", worker)))
 
+    def watch(self, chid: str, token: int) -> None:
+        """Sessions elsewhere name this one's chid: it must say when it is live."""
+        session = self.router.owner(chid)
+        if session is not None and session.token == token:
+            session.wanted()
+
     def evict(self, chid: str, token: int, by: str) -> None:
         session = self.router.owner(chid)
         if session is not None and session.token == token:

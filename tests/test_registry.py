@@ -135,31 +135,33 @@ def test_everyone_sessions_tell_nobody_anything():
     reg = Registry(3)
     for i in range(5):
         reg.claim(f"c{i}", Owner(i % 3, i))
-        assert reg.go_live(f"c{i}", Owner(i % 3, i), ()) == []
+        assert reg.go_live(f"c{i}", Owner(i % 3, i), ()) == ([], [])
     assert reg.release("c0", Owner(0, 0)) and reg.ended("c0", Owner(0, 0)) == []
 
 
 def test_a_worker_that_names_a_chid_learns_where_it_lives_and_when_it_ends():
     reg = Registry(3)
     reg.claim("cam", Owner(0, 1))
-    assert reg.go_live("cam", Owner(0, 1), ()) == []
+    assert reg.go_live("cam", Owner(0, 1), ()) == ([], [])
     reg.claim("viewer", Owner(1, 1))
-    assert reg.go_live("viewer", Owner(1, 1), ("cam",)) == [(1, "cam", 0)]
+    assert reg.go_live("viewer", Owner(1, 1), ("cam",)) == ([(1, "cam", 0)], [])
     reg.claim("viewer2", Owner(1, 2))
-    assert reg.go_live("viewer2", Owner(1, 2), ("cam",)) == []  # worker 1 knows already
+    assert reg.go_live("viewer2", Owner(1, 2), ("cam",)) == ([], [])  # worker 1 knows already
     assert reg.release("cam", Owner(0, 1)) and reg.ended("cam", Owner(0, 1)) == [1]
     # Back on worker 2: the worker whose sessions wait for it hears at once.
     reg.claim("cam", Owner(2, 1))
-    assert reg.go_live("cam", Owner(2, 1), ()) == [(1, "cam", 2)]
+    assert reg.go_live("cam", Owner(2, 1), ()) == ([(1, "cam", 2)], [])
 
 
 def test_locate_tells_the_asker_and_remembers_it():
     reg = Registry(2)
     reg.claim("a", Owner(1, 1))
-    assert reg.locate(0, ["a", "absent"]) == {}  # claimed, not live yet
+    # Claimed, not announced yet: its worker is asked to announce, once.
+    assert reg.locate(0, ["a", "absent"]) == ({}, [(1, "a", 1)])
+    assert reg.locate(2, ["a"]) == ({}, [])
     reg.go_live("a", Owner(1, 1), ())
-    assert reg.locate(0, ["a", "absent"]) == {"a": 1}
-    assert reg.locate(1, ["a"]) == {}  # its own worker needs no message
+    assert reg.locate(0, ["a", "absent"]) == ({"a": 1}, [])
+    assert reg.locate(1, ["a"]) == ({}, [])  # its own worker needs no message
     assert reg.release("a", Owner(1, 1)) and reg.ended("a", Owner(1, 1)) == [0]
 
 
@@ -170,7 +172,7 @@ def test_a_takeover_tells_the_told_workers_the_old_location_ended():
     reg.locate(0, ["a"])
     chid, evicted = reg.claim("a", Owner(1, 2), takeover=True)
     assert evicted is not None and reg.ended(chid, evicted) == [0]
-    assert reg.go_live("a", Owner(1, 1), ()) == []  # the evicted session's late notice
+    assert reg.go_live("a", Owner(1, 1), ()) == ([], [])  # the evicted session's late notice
 
 
 def test_an_ended_session_withdraws_its_wishes():
@@ -182,7 +184,7 @@ def test_an_ended_session_withdraws_its_wishes():
     reg.ended("v", Owner(1, 1))
     assert reg.home("cam", [], asking=0) is None
     reg.claim("cam", Owner(0, 1))
-    assert reg.go_live("cam", Owner(0, 1), ()) == []
+    assert reg.go_live("cam", Owner(0, 1), ()) == ([], [])
 
 
 def test_a_lost_worker_is_told_nothing_more():
@@ -197,4 +199,28 @@ def test_a_lost_worker_is_told_nothing_more():
     reg.go_live("b", Owner(2, 1), ())
     reg.locate(0, ["b"])
     reg.worker_lost(2)  # its chids' listeners are told by the DEAD message
-    assert reg.locate(0, ["b"]) == {}
+    assert reg.locate(0, ["b"]) == ({}, [])
+
+
+def test_a_session_named_while_it_has_not_announced_is_asked_to():
+    """Sessions that name nothing and that nobody names never announce; once a
+    session names one, its worker is asked (once), and when it announces the
+    namer's worker learns where it is."""
+    reg = Registry(2)
+    reg.claim("quiet", Owner(0, 7))
+    reg.claim("namer", Owner(1, 1))
+    notices, watches = reg.go_live("namer", Owner(1, 1), ("quiet",))
+    assert notices == [] and watches == [(0, "quiet", 7)]
+    reg.claim("namer2", Owner(1, 2))
+    assert reg.go_live("namer2", Owner(1, 2), ("quiet",)) == ([], [])  # asked already
+    assert reg.go_live("quiet", Owner(0, 7), ()) == ([(1, "quiet", 0)], [])
+
+
+def test_a_takeover_or_move_forgets_that_the_old_session_was_asked():
+    reg = Registry(2)
+    reg.claim("q", Owner(0, 1))
+    assert reg.locate(1, ["q"]) == ({}, [(0, "q", 1)])
+    assert reg.move("q", Owner(0, 1), Owner(1, 5))
+    assert reg.locate(0, ["q"]) == ({}, [(1, "q", 5)])  # the new owner is asked
+    reg.claim("q", Owner(1, 6), takeover=True)
+    assert reg.locate(0, ["q"]) == ({}, [(1, "q", 6)])

@@ -96,6 +96,25 @@ def test_a_named_receiver_that_lives_on_another_worker_gets_every_byte(sharded):
         server.wait_log(r"session end chid=b ", start=mark)
 
 
+def test_a_quiet_session_named_later_from_another_worker_gets_every_byte(sharded):
+    """A session that names nothing and that nobody names does not announce
+    itself; once a sender elsewhere names it, its worker is asked to."""
+    server = sharded("--mode", "chan")
+    b, _ = server.handshake("b", [])  # "everyone", and nobody names b yet
+    anc1, anc2 = pair(server, "anc1", "anc2")  # on another worker (the least-loaded one)
+    # Two of src's receivers live where the pair is: src goes there, b is remote.
+    src, _ = server.handshake("src", ["b", "anc1", "anc2"])
+    assert server.worker_of(src) == server.worker_of(anc1) != server.worker_of(b)
+    src.sendall(b"!")  # held until src's worker hears where b is: one byte proves it
+    for r in (b, anc1, anc2):
+        assert recv_exact(r, 1) == b"!"
+    up = Sender(src, 4 * MiB)
+    up.start()
+    for r in (b, anc1, anc2):
+        assert recv_hash(r, 4 * MiB) == up.digest
+    up.finish()
+
+
 def test_viewers_of_one_absent_chid_gather_with_it(sharded):
     """Sessions naming the same chid before it exists go to one worker, and the
     chid joins them: its fan-out is served inside one process."""
