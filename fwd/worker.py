@@ -374,7 +374,8 @@ class Hub:
 
     def release(self, session: Session) -> None:
         self.connection_gone(session)
-        if self.sessions.pop(session, False) is None:
+        if session in self.sessions:
+            del self.sessions[session]
             self.stats["bytes_in"] += session.bytes_in
             self.stats["bytes_out"] += session.bytes_out
         if self.stopping and not self.sessions:
