@@ -129,7 +129,10 @@ def build_cases(args: argparse.Namespace, sizes: sc.Sizes, fwd: sc.Fwd,
     if want("handshakes"):
         cases.append(Case("handshakes", "new chan sessions (connect+hs1..hs4+close)",
                           {"fwd": lambda: sc.run_handshakes(fwd, sizes.hs_procs,
-                                                            sizes.hs_seconds)}, {}))
+                                                            sizes.hs_seconds),
+                           "fwd-drawn": lambda: sc.run_handshakes(fwd, sizes.hs_procs,
+                                                                  sizes.hs_seconds, True)},
+                          {}))
     if want("workers"):
         n = args.workers_fanout
         each = sizes.fanout_each(n)
@@ -304,6 +307,10 @@ def targets(med: dict[str, Any], skipped: dict[str, dict[str, str]]) -> list[Row
     hs = get("handshakes", "fwd", "rate")
     rows.append(Row("handshakes (new sessions)", _fmt(hs, "/s"), "", "", ">= 5,000/s",
                     "n/a" if hs is None else ("yes" if hs >= 5000 else "NO")))
+    drawn = get("handshakes", "fwd-drawn", "rate")
+    if drawn is not None:
+        rows.append(Row("handshakes, chid drawn by the server", _fmt(drawn, "/s"), "", "",
+                        "(info)", ""))
     w1, w2 = get("workers", "fwd-w1", "rate"), get("workers", "fwd-w2", "rate")
     if w2 is None:
         rows.append(Row("fan-out --workers 2 vs 1", _fmt(w1, "MiB/s"), "", "n/a", "(info)",

@@ -365,9 +365,10 @@ def idle_main(ctl: Connection, addr: Addr, n: int, prefix: str, batch: int) -> N
     _child(body, ctl)
 
 
-def handshake_main(ctl: Connection, addr: Addr, prefix: str) -> None:
+def handshake_main(ctl: Connection, addr: Addr, prefix: str, drawn: bool = False) -> None:
     """New sessions back to back until the deadline the parent sends with "go":
-    connect, hs1, wait hs2, hs3, wait hs4 OK, close. Counts completed sessions."""
+    connect, hs1, wait hs2, hs3, wait hs4 OK, close. Counts completed sessions.
+    ``drawn``: hs1 names no chid (the server draws one)."""
 
     def body() -> None:
         ctl.send(("ready",))
@@ -379,7 +380,7 @@ def handshake_main(ctl: Connection, addr: Addr, prefix: str) -> None:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 s.connect(addr)
-                handshake(s, f"{prefix}{done + failed}", None)
+                handshake(s, None if drawn else f"{prefix}{done + failed}", None)
                 done += 1
             except (OSError, RuntimeError, EOFError) as exc:
                 if isinstance(exc, OSError) and exc.errno not in (

@@ -488,11 +488,13 @@ def run_idle(n: int, workers: int = 1, batch: int = 200) -> dict[str, Any]:
     }
 
 
-def run_handshakes(fwd: Fwd, procs: int, seconds: float) -> dict[str, Any]:
+def run_handshakes(fwd: Fwd, procs: int, seconds: float, drawn: bool = False) -> dict[str, Any]:
     """New chan sessions per second: ``procs`` client processes each doing
-    connect, hs1, hs2, hs3, hs4, close back to back for ``seconds``."""
+    connect, hs1, hs2, hs3, hs4, close back to back for ``seconds``; with
+    ``drawn`` their hs1 names no chid, so the server draws one."""
     tag = next(_TAGS)
-    children = [Child(gen.handshake_main, fwd.addr, f"h{tag}-{p}-") for p in range(procs)]
+    children = [Child(gen.handshake_main, fwd.addr, f"h{tag}-{p}-", drawn)
+                for p in range(procs)]
     try:
         for c in children:
             c.expect("ready")

@@ -56,6 +56,11 @@ class Coordinator:
             self._claims.append((ident, args))
             if len(self._claims) == 1:
                 self.reader.loop.call_soon(self._flush_claims)
+        elif kind == mesh.MINT:
+            try:
+                self.registry.claim(args[0].decode(), Owner(wid, int(args[1])))
+            except ChidInUse:  # 96 random bits met another's: end the newcomer
+                self._to(wid, mesh.EVICT, args[0], args[1], b"a chid collision")
         elif kind == mesh.LIVE:
             recvers = tuple(json.loads(args[2]))
             notices, watches = self.registry.go_live(args[0].decode(), Owner(wid, int(args[1])),
@@ -69,7 +74,7 @@ class Coordinator:
             chid = args[0].decode()
             old = Owner(int(args[1]), int(args[2]))
             if not self.registry.move(chid, old, Owner(wid, int(args[3]))):
-                # Taken over (or its worker died) while it moved: end it.
+                # Taken over while it moved: end it.
                 self._to(wid, mesh.EVICT, args[0], args[3], b"a takeover")
         elif kind == mesh.PLACE:
             recvers = json.loads(args[2])

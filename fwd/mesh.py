@@ -30,8 +30,8 @@ import zmq
 log = logging.getLogger("fwd.mesh")
 
 # worker -> coordinator
-HELLO, CLAIM, LIVE, RELEASE, MOVE, PLACE = (
-    b"hello", b"claim", b"live", b"release", b"move", b"place")
+HELLO, CLAIM, MINT, LIVE, RELEASE, MOVE, PLACE = (
+    b"hello", b"claim", b"mint", b"live", b"release", b"move", b"place")
 # coordinator -> worker
 CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
     b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead", b"watch")
@@ -195,6 +195,10 @@ class Mesh:
         self._requests[req] = done
         self._ask(CLAIM, req, (chid or "").encode(), b"%d" % token, b"1" if takeover else b"0",
                   peer.encode())
+
+    def mint(self, chid: str, token: int) -> None:
+        """Record a chid this worker drew itself for a session (no answer)."""
+        self._ask(MINT, chid.encode(), b"%d" % token)
 
     def place(self, chid: str | None, recvers: tuple[str, ...],
               done: Callable[[int | None], None]) -> None:

@@ -51,6 +51,20 @@ def test_chid_race_exactly_one_winner(sharded):
     assert answers.count("hs4") == 199  # the others got "chid in use"
 
 
+def test_a_chid_the_server_drew_is_held_server_wide(sharded):
+    """A worker draws a chid without asking the coordinator first (96 random
+    bits), but records it there before its hs2: no other worker gives it out."""
+    server = sharded("--mode", "chan")
+    drawn = {server.handshake(None, [])[1] for _ in range(6)}  # over every worker
+    assert len(drawn) == 6
+    for chid in drawn:
+        for _ in range(3):  # the parent spreads these over the workers too
+            s = server.connect()
+            send_json(s, {"req": "hs1", "chid": chid})
+            assert read_json(s) == {"rsp": "hs4", "result": "FAIL",
+                                    "desc": f"chid in use: {chid}"}
+
+
 def test_pairs_are_co_located(sharded):
     server = sharded("--mode", "chan")
     for i in range(6):
