@@ -24,19 +24,19 @@ def bind(buf: bytearray, small: int, router: Any, clock: Any) -> None:
 class Relay:
     """What the hot path touches of a session, and its read callbacks."""
 
+    # Session.__init__ sets every one of these (the compiled class starts them
+    # at zero, None and False).
     __slots__ = ("hub", "transport", "route", "fd", "last_active", "bytes_in", "bytes_out",
                  "writing_paused", "live")
-
-    def __init__(self) -> None:
-        self.hub: Any = None
-        self.transport: Any = None
-        self.route: Any = None
-        self.fd = 0
-        self.last_active = 0.0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.writing_paused = False
-        self.live = False
+    hub: Any
+    transport: Any
+    route: Any
+    fd: int
+    last_active: float
+    bytes_in: int
+    bytes_out: int
+    writing_paused: bool
+    live: bool
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _view if self.live else _small
