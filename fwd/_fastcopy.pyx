@@ -53,6 +53,8 @@ cdef class Relay:
     cdef public bint live
 
     def get_buffer(self, Py_ssize_t sizehint):
+        # Before a session is live, small reads: what follows hs3 in the same
+        # read must fit into a hand-off message if the session moves.
         return _view if self.live else _small
 
     def buffer_updated(self, Py_ssize_t nbytes):
