@@ -1,12 +1,12 @@
 """Who receives a sender's bytes: the chid registry, routes, hold buffers and
 backpressure bookkeeping, all without I/O.
 
-Sessions are hashable objects whose ``chid`` the router sets when they claim one
-(it is the only table from session to chid, which saves one entry per session
-in an idle server); the I/O layer does the writing. The
-routing table answers "which live sessions get this chunk, and which named
-receivers are absent" in O(1) per read while nothing changes, because routes are
-cached and only rebuilt after a join or leave (tracked by ``generation``).
+Sessions are hashable objects whose ``chid`` the router sets when they claim
+one (the session is the only table from session to chid: one entry less per
+idle session); the I/O layer does the writing. The routing table answers
+"which live sessions get this chunk, and which named receivers are absent" in
+O(1) per read while nothing changes, because routes are cached and only rebuilt
+after a join or leave (tracked by ``generation``).
 """
 from __future__ import annotations
 
