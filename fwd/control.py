@@ -21,7 +21,7 @@ import socket
 import stat
 import struct
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger("fwd.control")
@@ -175,9 +175,10 @@ class ControlServer:
         await close_connections(self._conns)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns[task] = writer
+        with tracked(self._conns, writer):
+            await self._exchange(reader, writer)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
             if sock is None or not _peer_allowed(sock):
@@ -207,10 +208,22 @@ class ControlServer:
             log.exception("control request failed")
             with contextlib.suppress(Exception):
                 writer.write(encode(error("internal error (see the server log)")))
-        finally:
-            del self._conns[task]
-            with contextlib.suppress(Exception):
-                writer.close()
+
+
+@contextlib.contextmanager
+def tracked(conns: dict[asyncio.Task[Any], asyncio.StreamWriter],
+            writer: asyncio.StreamWriter) -> Iterator[None]:
+    """Around a stream server's handler: register its connection (so that
+    ``close_connections`` can end it at shutdown), and close it when done."""
+    task = asyncio.current_task()
+    assert task is not None
+    conns[task] = writer
+    try:
+        yield
+    finally:
+        del conns[task]
+        with contextlib.suppress(Exception):
+            writer.close()
 
 
 async def close_connections(conns: Mapping[asyncio.Task[Any], asyncio.StreamWriter],

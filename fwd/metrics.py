@@ -12,13 +12,12 @@ not go backwards); its gauges are dropped when the parent sees it exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from .control import close_connections
+from .control import close_connections, tracked
 from .protocol import FAILURE_REASONS
 
 log = logging.getLogger("fwd.metrics")
@@ -158,9 +157,10 @@ class MetricsServer:
         await close_connections(self._conns)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns[task] = writer
+        with tracked(self._conns, writer):
+            await self._respond(reader, writer)
+
+    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
@@ -184,7 +184,3 @@ class MetricsServer:
             pass
         except Exception:
             log.exception("serving /metrics failed")
-        finally:
-            del self._conns[task]
-            with contextlib.suppress(Exception):
-                writer.close()
