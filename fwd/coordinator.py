@@ -8,6 +8,7 @@ worker), which is what lets it route bytes to a receiver on another worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 
@@ -33,14 +34,19 @@ class Coordinator:
         sock.setsockopt(zmq.SNDHWM, mesh.CONTROL_HWM)
         sock.bind(mesh.registry_address(rundir))
         self.reader = mesh.Reader(loop, sock, self._handle)
-        self._claims: list[tuple[bytes, list[bytes]]] = []
+        self._claims: list[tuple[int, list[bytes]]] = []
+        self._outboxes = [mesh.Outbox(loop, functools.partial(self._send, b"w%d" % wid))
+                          for wid in range(workers)]
 
-    def _to(self, wid: int, *frames: bytes) -> None:
+    def _send(self, ident: bytes, frames: list[bytes]) -> None:
         try:
-            self.reader.sock.send_multipart([b"w%d" % wid, *frames], zmq.NOBLOCK)
-        except zmq.ZMQError:  # that worker is gone; it gets a snapshot when back
+            self.reader.sock.send_multipart([ident, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError:  # that worker is gone
             pass
         self.reader.kick()
+
+    def _to(self, wid: int, *frames: bytes) -> None:
+        self._outboxes[wid].put(*frames)
 
     def _others(self, wid: int, *frames: bytes) -> None:
         for w in range(self.workers):
@@ -48,12 +54,15 @@ class Coordinator:
                 self._to(w, *frames)
 
     def _handle(self, frames: list[bytes]) -> None:
-        ident, kind, *args = frames
-        wid = int(ident[1:])
+        wid = int(frames[0][1:])
+        for kind, args in mesh.unbatch(frames, 1):
+            self._one(wid, kind, args)
+
+    def _one(self, wid: int, kind: bytes, args: list[bytes]) -> None:
         if kind == mesh.CLAIM:
             # Claims wait for the end of this batch: a release sent before a
             # competing claim, but read after it, must win (see _flush_claims).
-            self._claims.append((ident, args))
+            self._claims.append((wid, args))
             if len(self._claims) == 1:
                 self.reader.loop.call_soon(self._flush_claims)
         elif kind == mesh.MINT:
@@ -98,8 +107,7 @@ class Coordinator:
     def _flush_claims(self) -> None:
         self.reader.drain()  # take in every release that is already here
         claims, self._claims = self._claims, []
-        for ident, (req, chid, token, takeover, peer) in claims:
-            wid = int(ident[1:])
+        for wid, (req, chid, token, takeover, peer) in claims:
             owner = Owner(wid, int(token))
             try:
                 got, evicted = self.registry.claim(chid.decode() or None, owner,
@@ -123,6 +131,7 @@ class Coordinator:
     def worker_lost(self, wid: int) -> None:
         """Free a dead worker's chids and tell the others."""
         self.registry.worker_lost(wid)
+        self._outboxes[wid].drop()  # answers to the dead must not reach its successor
         self._others(wid, mesh.DEAD, b"%d" % wid)
 
     def close(self) -> None:

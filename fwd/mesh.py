@@ -12,7 +12,11 @@ Topology, all over ipc:// sockets in a private run directory:
   pair of workers keeps each sender's bytes in order. Sends never block: a
   full pipe (high-water mark) pauses the senders that route through it.
 
-Frames are bytes; the first names the message kind.
+Frames are bytes; the first names the message kind. Coordinator messages
+travel in batches: every message one side has for the other in one event-loop
+iteration goes out as one ZeroMQ message, kind after kind, each kind with a
+fixed number of frames (ARITY). Under load that turns many sends, each waking
+ZeroMQ's I/O threads on both sides, into one.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import functools
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import zmq
@@ -38,6 +42,10 @@ CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
 # worker -> worker
 TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
 SLEEP, WAKE, AWAKE = b"sleep", b"wake", b"awake"
+
+ARITY = {HELLO: 0, CLAIM: 5, MINT: 2, LIVE: 3, RELEASE: 2, MOVE: 4, PLACE: 3,
+         CLAIMED: 3, INUSE: 2, PLACED: 3, EVICT: 3, LOC: 2, GONE: 2, DEAD: 1, WATCH: 2}
+"""Frames after the kind, per coordinator message kind."""
 
 PIPE_HWM = 64
 """Messages queued per worker-to-worker pipe (each at most one 256 KiB read)."""
@@ -102,6 +110,42 @@ class Reader:
         self.sock.close(linger=0)
 
 
+def unbatch(frames: list[bytes], start: int = 0) -> Iterator[tuple[bytes, list[bytes]]]:
+    """The (kind, frames) of each message in a batch, in order."""
+    end = len(frames)
+    while start < end:
+        kind = frames[start]
+        nxt = start + 1 + ARITY[kind]
+        yield kind, frames[start + 1:nxt]
+        start = nxt
+
+
+class Outbox:
+    """Coordinator messages for one peer, sent as one batch when the event loop
+    has run what is ready now: order is kept and no message waits for I/O."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 send: Callable[[list[bytes]], None]) -> None:
+        self._loop = loop
+        self._send = send
+        self._frames: list[bytes] = []
+
+    def put(self, *frames: bytes) -> None:
+        assert len(frames) == 1 + ARITY[frames[0]], frames
+        if not self._frames:
+            self._loop.call_soon(self.flush)
+        self._frames.extend(frames)
+
+    def flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if frames:
+            self._send(frames)
+
+    def drop(self) -> None:
+        """Forget what waits (its addressee is gone)."""
+        self._frames = []
+
+
 class Mesh:
     """One worker's end of the ZeroMQ layer. The Hub decides; this moves messages."""
 
@@ -127,6 +171,7 @@ class Mesh:
         self._backlog: collections.deque[list[bytes]] = collections.deque()
         self.coordinator = Reader(loop, dealer, self._from_coordinator,
                                   on_writable=self._coordinator_writable)
+        self._outbox = Outbox(loop, self._send_batch)
         pull = self.ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, PIPE_HWM)
         pull.setsockopt(zmq.LINGER, 0)
@@ -168,14 +213,17 @@ class Mesh:
     # -- coordinator ---------------------------------------------------------------
 
     def _ask(self, *frames: bytes) -> None:
+        self._outbox.put(*frames)
+
+    def _send_batch(self, frames: list[bytes]) -> None:
         if not self._backlog:
             try:
-                self.coordinator.sock.send_multipart(list(frames), zmq.NOBLOCK)
+                self.coordinator.sock.send_multipart(frames, zmq.NOBLOCK)
                 self.coordinator.kick()
                 return
             except zmq.Again:  # the coordinator is behind: keep the order, never block
                 pass
-        self._backlog.append(list(frames))
+        self._backlog.append(frames)
         self.coordinator.kick()
 
     def _coordinator_writable(self) -> None:
@@ -221,33 +269,36 @@ class Mesh:
         self._ask(RELEASE, chid.encode(), b"%d" % token)
 
     def _from_coordinator(self, frames: list[bytes]) -> None:
-        kind = frames[0]
+        for kind, args in unbatch(frames):
+            self._coordinator_says(kind, args)
+
+    def _coordinator_says(self, kind: bytes, args: list[bytes]) -> None:
         h = self.handler
         if kind in (CLAIMED, INUSE):
-            done = self._requests.pop(frames[1], None)
+            done = self._requests.pop(args[0], None)
             if done is not None:
                 if kind == CLAIMED:
-                    home = int(frames[3])
-                    done(frames[2].decode(), home if home >= 0 else None)
+                    home = int(args[2])
+                    done(args[1].decode(), home if home >= 0 else None)
                 else:
                     done(None, None)
         elif kind == PLACED:
-            for chid, at in json.loads(frames[3]).items():
+            for chid, at in json.loads(args[2]).items():
                 h.remote_live(chid, at)
-            done = self._requests.pop(frames[1], None)
+            done = self._requests.pop(args[0], None)
             if done is not None:
-                worker = int(frames[2])
+                worker = int(args[1])
                 done(worker if worker >= 0 else None)
         elif kind == LOC:
-            h.remote_live(frames[1].decode(), int(frames[2]))
+            h.remote_live(args[0].decode(), int(args[1]))
         elif kind == GONE:
-            h.remote_gone(frames[1].decode(), int(frames[2]))
+            h.remote_gone(args[0].decode(), int(args[1]))
         elif kind == WATCH:
-            h.watch(frames[1].decode(), int(frames[2]))
+            h.watch(args[0].decode(), int(args[1]))
         elif kind == EVICT:
-            h.evict(frames[1].decode(), int(frames[2]), frames[3].decode())
+            h.evict(args[0].decode(), int(args[1]), args[2].decode())
         elif kind == DEAD:
-            h.worker_dead(int(frames[1]))
+            h.worker_dead(int(args[0]))
 
     # -- other workers -------------------------------------------------------------
 
