@@ -174,8 +174,8 @@ class Arbiter:
             message, fds = b"", []
         if fds:
             self._forward_moved(worker, socket.socket(fileno=fds[0]), message)
-        elif message == b"x":  # one of its connections ended
-            worker.conns = max(worker.conns - 1, 0)
+        elif message[:1] == b"x":  # one "x" per connection of it that ended
+            worker.conns = max(worker.conns - len(message), 0)
         elif message == b"ready":
             worker.ready = True
             log.info("worker %d ready pid=%d", worker.wid, worker.pid)

@@ -65,6 +65,7 @@ class Hub:
         self.mesh: Mesh | None = None
         self.wid = 0
         self.channel: socket.socket | None = None
+        self._gone = 0  # connections ended, not yet told to the parent
         self._tokens = itertools.count(1)
         self.remote_full_chids: dict[str, int] = {}
         self.remote_full_count: collections.Counter[int] = collections.Counter()
@@ -107,10 +108,17 @@ class Hub:
                 return
             session.counted_out = True
         if self.channel is not None:
-            try:
-                self.channel.send(b"x")
-            except OSError:  # parent gone or channel full: the count is advisory
-                pass
+            if not self._gone:
+                self.loop.call_soon(self._send_gone)
+            self._gone += 1
+
+    def _send_gone(self) -> None:
+        """One note for every connection that ended in this loop iteration."""
+        n, self._gone = self._gone, 0
+        try:
+            self.channel.send(b"x" * n)  # type: ignore[union-attr]
+        except OSError:  # parent gone or channel full: the count is advisory
+            pass
 
     def place_locally(self, recvers: tuple[str, ...],
                       hint: int | None) -> tuple[bool, int | None]:
