@@ -43,8 +43,12 @@ def _with_server(run: Callable[[sc.Fwd], dict[str, Any]]) -> Callable[[int], dic
     return go
 
 
-CASES["handshakes"] = ("rate", _with_server(lambda f: sc.run_handshakes(f, 4, 3.0)))
-CASES["handshakes-drawn"] = ("rate", _with_server(lambda f: sc.run_handshakes(f, 4, 3.0, True)))
+_HS = sc.Sizes()
+CASES["handshakes"] = ("rate", _with_server(
+    lambda f: sc.run_handshakes(f, _HS.hs_procs, 3.0, inflight=_HS.hs_inflight)))
+CASES["handshakes-drawn"] = ("rate", _with_server(
+    lambda f: sc.run_handshakes(f, _HS.hs_procs, 3.0, True, _HS.hs_inflight)))
+CASES["handshakes-serial"] = ("rate", _with_server(lambda f: sc.run_handshakes(f, 4, 3.0)))
 CASES["stream"] = ("cpu_per_gib", _with_server(
     lambda f: sc.run_stream("fwd", 1, 65536, 1 << 30, fwd=f)))
 CASES["small"] = ("rate", _with_server(lambda f: sc.run_stream("fwd", 1, 512, 192 << 20, fwd=f)))

@@ -129,9 +129,13 @@ def build_cases(args: argparse.Namespace, sizes: sc.Sizes, fwd: sc.Fwd,
     if want("handshakes"):
         cases.append(Case("handshakes", "new chan sessions (connect+hs1..hs4+close)",
                           {"fwd": lambda: sc.run_handshakes(fwd, sizes.hs_procs,
-                                                            sizes.hs_seconds),
+                                                            sizes.hs_seconds,
+                                                            inflight=sizes.hs_inflight),
                            "fwd-drawn": lambda: sc.run_handshakes(fwd, sizes.hs_procs,
-                                                                  sizes.hs_seconds, True)},
+                                                                  sizes.hs_seconds, True,
+                                                                  sizes.hs_inflight),
+                           # latency-bound: four clients, one session at a time each
+                           "fwd-serial": lambda: sc.run_handshakes(fwd, 4, sizes.hs_seconds)},
                           {}))
     if want("workers"):
         n = args.workers_fanout
@@ -307,10 +311,11 @@ def targets(med: dict[str, Any], skipped: dict[str, dict[str, str]]) -> list[Row
     hs = get("handshakes", "fwd", "rate")
     rows.append(Row("handshakes (new sessions)", _fmt(hs, "/s"), "", "", ">= 5,000/s",
                     "n/a" if hs is None else ("yes" if hs >= 5000 else "NO")))
-    drawn = get("handshakes", "fwd-drawn", "rate")
-    if drawn is not None:
-        rows.append(Row("handshakes, chid drawn by the server", _fmt(drawn, "/s"), "", "",
-                        "(info)", ""))
+    for variant, title in (("fwd-drawn", "handshakes, chid drawn by the server"),
+                           ("fwd-serial", "handshakes, 4 clients one at a time")):
+        rate = get("handshakes", variant, "rate")
+        if rate is not None:
+            rows.append(Row(title, _fmt(rate, "/s"), "", "", "(info)", ""))
     w1, w2 = get("workers", "fwd-w1", "rate"), get("workers", "fwd-w2", "rate")
     if w2 is None:
         rows.append(Row("fan-out --workers 2 vs 1", _fmt(w1, "MiB/s"), "", "n/a", "(info)",
@@ -392,6 +397,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle", type=int, default=d.idle_sessions, help="idle sessions")
     p.add_argument("--idle-reps", type=int, default=1)
     p.add_argument("--hs-procs", type=int, default=d.hs_procs)
+    p.add_argument("--hs-inflight", type=int, default=d.hs_inflight,
+                   help="sessions each handshake process keeps going at once")
     p.add_argument("--hs-seconds", type=float, default=d.hs_seconds)
     return p.parse_args(argv)
 
@@ -402,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sc.Sizes(stream_bytes=args.stream_mib << 20, small_bytes=args.small_mib << 20,
                      msgs=args.msgs, fanout_bytes=args.fanout_mib << 20, pings=args.pings,
                      idle_sessions=args.idle, hs_procs=args.hs_procs,
+                     hs_inflight=args.hs_inflight,
                      hs_seconds=args.hs_seconds).scaled(args.scale)
 
     def log(msg: str) -> None:

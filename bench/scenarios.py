@@ -73,14 +73,18 @@ class Sizes:
     pings: int = 5000
     ping_warmup: int = 500
     idle_sessions: int = 10_000
-    hs_procs: int = 4
+    hs_procs: int = 2
+    hs_inflight: int = 32
+    """Sessions each handshake process keeps going at once: the rate is the
+    server's capacity only once more sessions wait than it can serve."""
     hs_seconds: float = 2.0
 
     @classmethod
     def small(cls) -> Sizes:
         return cls(stream_bytes=64 << 20, small_bytes=8 << 20, msgs=50_000,
                    fanout_bytes=64 << 20, fanout_min_each=256 << 10, pings=1000,
-                   ping_warmup=100, idle_sessions=2000, hs_procs=2, hs_seconds=1.0)
+                   ping_warmup=100, idle_sessions=2000, hs_procs=2, hs_inflight=8,
+                   hs_seconds=1.0)
 
     def scaled(self, k: float) -> Sizes:
         d = asdict(self)
@@ -488,12 +492,13 @@ def run_idle(n: int, workers: int = 1, batch: int = 200) -> dict[str, Any]:
     }
 
 
-def run_handshakes(fwd: Fwd, procs: int, seconds: float, drawn: bool = False) -> dict[str, Any]:
-    """New chan sessions per second: ``procs`` client processes each doing
-    connect, hs1, hs2, hs3, hs4, close back to back for ``seconds``; with
-    ``drawn`` their hs1 names no chid, so the server draws one."""
+def run_handshakes(fwd: Fwd, procs: int, seconds: float, drawn: bool = False,
+                   inflight: int = 1) -> dict[str, Any]:
+    """New chan sessions per second: ``procs`` client processes each keeping
+    ``inflight`` sessions going (connect, hs1, hs2, hs3, hs4, close) for
+    ``seconds``; with ``drawn`` their hs1 names no chid, so the server draws one."""
     tag = next(_TAGS)
-    children = [Child(gen.handshake_main, fwd.addr, f"h{tag}-{p}-", drawn)
+    children = [Child(gen.handshake_main, fwd.addr, f"h{tag}-{p}-", drawn, inflight)
                 for p in range(procs)]
     try:
         for c in children:
@@ -513,7 +518,7 @@ def run_handshakes(fwd: Fwd, procs: int, seconds: float, drawn: bool = False) ->
     t1 = max(r[4] for r in reports)
     secs = max(t1 - t0, 1e-9)
     return {
-        "procs": procs, "sessions": done, "failed": failed, "secs": secs,
+        "procs": procs, "inflight": inflight, "sessions": done, "failed": failed, "secs": secs,
         "rate": done / secs, "relay_cpu_share": relay_cpu / secs,
         "client_cpu_share": sum(r[5] for r in reports) / secs, "workers": fwd.workers,
     }

@@ -51,7 +51,8 @@ def test_handshake_rate(benchmark: Any, fwd: sc.Fwd, sizes: sc.Sizes) -> None:
     results: list[dict[str, Any]] = []
 
     def target() -> None:
-        results.append(sc.run_handshakes(fwd, sizes.hs_procs, sizes.hs_seconds))
+        results.append(sc.run_handshakes(fwd, sizes.hs_procs, sizes.hs_seconds,
+                                           inflight=sizes.hs_inflight))
 
     benchmark.pedantic(target, rounds=2)
     benchmark.extra_info.update(sc.summarize(results))
