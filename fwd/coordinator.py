@@ -34,7 +34,7 @@ class Coordinator:
         sock.setsockopt(zmq.SNDHWM, mesh.CONTROL_HWM)
         sock.bind(mesh.registry_address(rundir))
         self.reader = mesh.Reader(loop, sock, self._handle)
-        self._claims: list[tuple[int, list[bytes]]] = []
+        self._questions: list[tuple[int, bytes, list[bytes]]] = []
         self._outboxes = [mesh.Outbox(loop, functools.partial(self._send, b"w%d" % wid))
                           for wid in range(workers)]
 
@@ -59,12 +59,14 @@ class Coordinator:
             self._one(wid, kind, args)
 
     def _one(self, wid: int, kind: bytes, args: list[bytes]) -> None:
-        if kind == mesh.CLAIM:
-            # Claims wait for the end of this batch: a release sent before a
-            # competing claim, but read after it, must win (see _flush_claims).
-            self._claims.append((wid, args))
-            if len(self._claims) == 1:
-                self.reader.loop.call_soon(self._flush_claims)
+        if kind in (mesh.CLAIM, mesh.PLACE):
+            # Questions wait until what is already here is read: a release
+            # sent before a competing claim, or a session's live notice sent
+            # before its client opened the next session, but read after it
+            # (ZeroMQ reads the workers' pipes in turn), must count.
+            self._questions.append((wid, kind, args))
+            if len(self._questions) == 1:
+                self.reader.loop.call_soon(self._answer)
         elif kind == mesh.MINT:
             try:
                 self.registry.claim(args[0].decode(), Owner(wid, int(args[1])))
@@ -85,14 +87,6 @@ class Coordinator:
             if not self.registry.move(chid, old, Owner(wid, int(args[3]))):
                 # Taken over while it moved: end it.
                 self._to(wid, mesh.EVICT, args[0], args[3], b"a takeover")
-        elif kind == mesh.PLACE:
-            recvers = json.loads(args[2])
-            home = self.registry.home(args[1].decode() or None, recvers, wid)
-            # The asker learns where the named chids are before the session goes live.
-            where, watches = self.registry.locate(wid, recvers)
-            self._to(wid, mesh.PLACED, args[0], b"%d" % (-1 if home is None else home),
-                     json.dumps(where).encode())
-            self._watch(watches)
         # HELLO only makes the ROUTER know the worker's identity: a new worker
         # has no session, so there is nothing to tell it yet.
 
@@ -104,23 +98,39 @@ class Coordinator:
         for w in self.registry.ended(chid, old):
             self._to(w, mesh.GONE, chid.encode(), b"%d" % old.worker)
 
-    def _flush_claims(self) -> None:
-        self.reader.drain()  # take in every release that is already here
-        claims, self._claims = self._claims, []
-        for wid, (req, chid, token, takeover, peer) in claims:
-            owner = Owner(wid, int(token))
-            try:
-                got, evicted = self.registry.claim(chid.decode() or None, owner,
-                                                   takeover=takeover == b"1")
-            except ChidInUse:
-                self._to(wid, mesh.INUSE, req, chid)
-                continue
-            if evicted is not None:
-                self._gone(got, evicted)
-                self._to(evicted.worker, mesh.EVICT, got.encode(), b"%d" % evicted.token, peer)
-            # Where sessions that name it live: a hint for its placement at hs3.
-            home = self.registry.wanted_home(got)
-            self._to(wid, mesh.CLAIMED, req, got.encode(), b"%d" % (-1 if home is None else home))
+    def _answer(self) -> None:
+        self.reader.drain()  # take in every release and live notice already here
+        questions, self._questions = self._questions, []
+        for wid, kind, args in questions:
+            if kind == mesh.CLAIM:
+                self._claim(wid, *args)
+            else:
+                self._place(wid, *args)
+
+    def _claim(self, wid: int, req: bytes, chid: bytes, token: bytes, takeover: bytes,
+               peer: bytes) -> None:
+        owner = Owner(wid, int(token))
+        try:
+            got, evicted = self.registry.claim(chid.decode() or None, owner,
+                                               takeover=takeover == b"1")
+        except ChidInUse:
+            self._to(wid, mesh.INUSE, req, chid)
+            return
+        if evicted is not None:
+            self._gone(got, evicted)
+            self._to(evicted.worker, mesh.EVICT, got.encode(), b"%d" % evicted.token, peer)
+        # Where sessions that name it live: a hint for its placement at hs3.
+        home = self.registry.wanted_home(got)
+        self._to(wid, mesh.CLAIMED, req, got.encode(), b"%d" % (-1 if home is None else home))
+
+    def _place(self, wid: int, req: bytes, chid: bytes, recvers_json: bytes) -> None:
+        recvers = json.loads(recvers_json)
+        home = self.registry.home(chid.decode() or None, recvers, wid)
+        # The asker learns where the named chids are before the session goes live.
+        where, watches = self.registry.locate(wid, recvers)
+        self._to(wid, mesh.PLACED, req, b"%d" % (-1 if home is None else home),
+                 json.dumps(where).encode())
+        self._watch(watches)
 
     def release(self, chid: str, wid: int, token: int) -> None:
         """Free a chid on a worker's behalf (its session died in transit)."""

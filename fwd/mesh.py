@@ -258,8 +258,11 @@ class Mesh:
         self._ask(PLACE, req, (chid or "").encode(), json.dumps(list(recvers)).encode())
 
     def live(self, chid: str, token: int, recvers: tuple[str, ...]) -> None:
-        """Announce a live session (only when it names chids, or is named)."""
+        """Announce a live session (only when it names chids, or is named).
+        Sent at once, with what waits before it: its client has its hs4 and may
+        start the next session now, whose placement needs to know this one."""
         self._ask(LIVE, chid.encode(), b"%d" % token, json.dumps(list(recvers)).encode())
+        self._outbox.flush()
 
     def move(self, chid: str, old_worker: int, old_token: int, token: int) -> None:
         """A session moved here: its chid now belongs to ``token`` on this worker."""
