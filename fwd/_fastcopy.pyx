@@ -19,6 +19,22 @@ cdef extern from "<sys/socket.h>" nogil:
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 
+cdef extern from "<fcntl.h>" nogil:  # Python.h defines _GNU_SOURCE
+    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t n,
+                   unsigned int flags)
+    int fcntl(int fd, int cmd, ...)
+    unsigned int SPLICE_F_MOVE
+    unsigned int SPLICE_F_NONBLOCK
+    int F_SETPIPE_SZ
+    int F_GETPIPE_SZ
+    int O_NONBLOCK
+    int O_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int pipe2(int fds[2], int flags)
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t n)
+
 
 # What the sessions of this process share (one worker, one event loop): set by bind().
 cdef bytearray _buf = None
@@ -26,17 +42,42 @@ cdef object _view = None
 cdef object _small = None
 cdef object _router = None
 cdef object _clock = None
+cdef Py_ssize_t _splice_min = 0
+cdef int _pipes_left = 0
+
+cdef Py_ssize_t _round = 0
+
+cdef enum:
+    # A pipe the kernel will not make this big is not worth a splice round.
+    _PIPE_MIN = 64 << 10
+    # Bytes spliced per readiness event at most, so one stream cannot hold the loop.
+    _ROUND_MAX = 4 << 20
+
+PIPE_MIN, ROUND_MAX = _PIPE_MIN, _ROUND_MAX
 
 
-def bind(bytearray buf, Py_ssize_t small, object router, object clock):
+def bind(bytearray buf, Py_ssize_t small, object router, object clock,
+         Py_ssize_t splice_min=0, int pipes=0):
     """Give this process's sessions their read buffer (``small``: how much of it
-    a session that is not live yet may fill), routing table and clock."""
-    global _buf, _view, _small, _router, _clock
+    a session that is not live yet may fill), routing table and clock. A
+    session whose read brings ``splice_min`` bytes or more (0: never) for one
+    local receiver gets a pipe, while fewer than ``pipes`` are open here, and
+    from then on its bytes go to that receiver by splice(2), a read's worth
+    (``len(buf)``) per round: what a receiver does not take is queued, as
+    much as one read would have queued."""
+    global _buf, _view, _small, _router, _clock, _splice_min, _pipes_left, _round
     _buf = buf
+    _round = len(buf)
     _view = memoryview(buf)
     _small = _view[:small]
     _router = router
     _clock = clock
+    _splice_min = splice_min
+    _pipes_left = pipes
+
+
+def pipes_left():
+    return _pipes_left
 
 
 cdef class Relay:
@@ -51,11 +92,23 @@ cdef class Relay:
     cdef public long long bytes_out
     cdef public bint writing_paused
     cdef public bint live
+    cdef public bint bulk  # a read of splice_min or more went to one receiver
+    cdef public int pipe_r
+    cdef public int pipe_w
+
+    def __cinit__(self):
+        self.pipe_r = self.pipe_w = -1
 
     def get_buffer(self, Py_ssize_t sizehint):
         # Before a session is live, small reads: what follows hs3 in the same
         # read must fit into a hand-off message if the session moves.
-        return _view if self.live else _small
+        if not self.live:
+            return _small
+        if self.bulk and self._splice():
+            # The receiver queued part of a round: until the pause that follows
+            # (see _splice) the read libuv makes now may add only a little.
+            return _small
+        return _view
 
     def buffer_updated(self, Py_ssize_t nbytes):
         if not self.live:
@@ -72,6 +125,105 @@ cdef class Relay:
             self._route_rest(route, chunk, nbytes, now, full)
         elif chunk is not None:
             self._queued(route, chunk, nbytes, now)
+        if _splice_min and nbytes >= _splice_min and not self.bulk:
+            self.bulk = _single(route, self) is not None
+
+    cdef bint _splice(self) except -1:
+        """Move what the socket holds to the one receiver through a pipe, with
+        no copy to user space, before uvloop's read (which then finds little
+        or nothing). Only while that receiver's transport has nothing queued;
+        what the receiver does not take is read back out of the pipe and
+        queued like any partial write, so the pipe is empty between events."""
+        route = self.route
+        if route is None or route.generation != _router.generation:
+            route = self.route = _router.route(self)
+        cdef Relay t = _single(route, self)
+        if t is None or t.writing_paused or t.transport.get_write_buffer_size():
+            return False
+        if self.pipe_w < 0 and not self._open_pipe():
+            self.bulk = False
+            return False
+        cdef ssize_t n, m, left = 0
+        cdef Py_ssize_t moved = 0
+        cdef unsigned int flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+        while moved < _ROUND_MAX:
+            n = splice(self.fd, NULL, self.pipe_w, NULL, _round, flags)
+            if n <= 0:  # empty, EOF or an error: uvloop's read finds out which
+                break
+            moved += n
+            left = n
+            while left > 0:
+                m = splice(self.pipe_r, NULL, t.fd, NULL, left, flags)
+                if m <= 0:
+                    break
+                left -= m
+            if left:
+                break
+        if not moved:
+            return False
+        cdef double now = _clock()
+        self.last_active = t.last_active = now
+        self.bytes_in += moved
+        t.bytes_out += moved
+        if left:
+            rest = self._drain_pipe(left)
+            t.transport.write(rest)
+            # Its backpressure may pause this sender, which libuv must not see
+            # from inside its buffer callback (it would call a cleared read
+            # callback): apply it right after.
+            self.hub.loop.call_soon(self._spliced_rest, t, rest, now)
+            return True
+        return False
+
+    cdef bint _open_pipe(self):
+        global _pipes_left
+        cdef int fds[2]
+        if _pipes_left <= 0 or pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+            return False
+        fcntl(fds[1], F_SETPIPE_SZ, <int>_round)  # refused beyond the user's quota
+        if fcntl(fds[1], F_GETPIPE_SZ) < min(_round, _PIPE_MIN):
+            close(fds[0])
+            close(fds[1])
+            return False
+        self.pipe_r, self.pipe_w = fds[0], fds[1]
+        _pipes_left -= 1
+        return True
+
+    cdef bytes _drain_pipe(self, Py_ssize_t n):
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+        cdef char *p = out
+        cdef Py_ssize_t got = 0
+        cdef ssize_t r
+        while got < n:
+            r = read(self.pipe_r, p + got, n - got)
+            if r <= 0:  # cannot happen: the pipe holds n bytes
+                raise OSError("pipe drained short")
+            got += r
+        return out
+
+    def close_pipe(self):
+        """The session is over: give its pipe back."""
+        global _pipes_left
+        self.bulk = False
+        if self.pipe_r >= 0:
+            close(self.pipe_r)
+            close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
+            _pipes_left += 1
+
+
+cdef Relay _single(object route, object sender):
+    """The one local receiver of a route that reaches nothing else, or None."""
+    if not route.local:
+        return None
+    cdef Relay found = None
+    for obj in route.targets:
+        if obj is sender:
+            continue
+        if found is not None:
+            return None
+        found = <Relay?>obj
+    return found
 
 
 def fanout(bytes chunk, tuple targets, object sender, double now):

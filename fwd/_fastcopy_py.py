@@ -2,23 +2,57 @@
 without a C compiler (select it with ``FWD_PURE_PYTHON=1``)."""
 from __future__ import annotations
 
+import fcntl
 import os
 from typing import Any
+
+PIPE_MIN = 64 << 10
+ROUND_MAX = 4 << 20
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 _buf = bytearray()
 _view = memoryview(_buf)
 _small = _view
 _router: Any = None
 _clock: Any = None
+_splice_min = 0
+_pipes_left = 0
+_round = 0
 
 
-def bind(buf: bytearray, small: int, router: Any, clock: Any) -> None:
+def bind(buf: bytearray, small: int, router: Any, clock: Any, splice_min: int = 0,
+         pipes: int = 0) -> None:
     """Give this process's sessions their read buffer (``small``: how much of it
-    a session that is not live yet may fill), routing table and clock."""
-    global _buf, _view, _small, _router, _clock
+    a session that is not live yet may fill), routing table and clock. A
+    session whose read brings ``splice_min`` bytes or more (0: never) for one
+    local receiver gets a pipe, while fewer than ``pipes`` are open here, and
+    from then on its bytes go to that receiver by splice(2), a read's worth
+    (``len(buf)``) per round: what a receiver does not take is queued, as
+    much as one read would have queued."""
+    global _buf, _view, _small, _router, _clock, _splice_min, _pipes_left, _round
     _buf, _view = buf, memoryview(buf)
+    _round = len(buf)
     _small = _view[:small]
     _router, _clock = router, clock
+    _splice_min, _pipes_left = splice_min, pipes
+
+
+def pipes_left() -> int:
+    return _pipes_left
+
+
+def _single(route: Any, sender: Any) -> Any:
+    """The one local receiver of a route that reaches nothing else, or None."""
+    if not route.local:
+        return None
+    found = None
+    for t in route.targets:
+        if t is sender:
+            continue
+        if found is not None:
+            return None
+        found = t
+    return found
 
 
 class Relay:
@@ -27,7 +61,7 @@ class Relay:
     # Session.__init__ sets every one of these (the compiled class starts them
     # at zero, None and False).
     __slots__ = ("hub", "transport", "route", "fd", "last_active", "bytes_in", "bytes_out",
-                 "writing_paused", "live")
+                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w")
     hub: Any
     transport: Any
     route: Any
@@ -39,7 +73,11 @@ class Relay:
     live: bool
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _view if self.live else _small
+        if not self.live:
+            return _small
+        if self.bulk and self._splice():
+            return _small  # see _fastcopy.pyx
+        return _view
 
     def buffer_updated(self, nbytes: int) -> None:
         if not self.live:
@@ -56,6 +94,84 @@ class Relay:
             self._route_rest(route, chunk, nbytes, now, full)  # type: ignore[attr-defined]
         elif chunk is not None:
             self._queued(route, chunk, nbytes, now)  # type: ignore[attr-defined]
+        if _splice_min and nbytes >= _splice_min and not self.bulk:
+            self.bulk = _single(route, self) is not None
+
+    def _splice(self) -> bool:
+        route = self.route
+        if route is None or route.generation != _router.generation:
+            route = self.route = _router.route(self)
+        t = _single(route, self)
+        if t is None or t.writing_paused or t.transport.get_write_buffer_size():
+            return False
+        if self.pipe_w < 0 and not self._open_pipe():
+            self.bulk = False
+            return False
+        moved = left = 0
+        while moved < ROUND_MAX:
+            try:
+                n = os.splice(self.fd, self.pipe_w, _round, flags=_FLAGS)
+            except OSError:  # empty or an error: uvloop's read finds out which
+                break
+            if not n:  # EOF: uvloop's read sees it too
+                break
+            moved += n
+            left = n
+            while left:
+                try:
+                    m = os.splice(self.pipe_r, t.fd, left, flags=_FLAGS)
+                except OSError:
+                    break
+                if not m:
+                    break
+                left -= m
+            if left:
+                break
+        if not moved:
+            return False
+        now = _clock()
+        self.last_active = t.last_active = now
+        self.bytes_in += moved
+        t.bytes_out += moved
+        if left:
+            rest = b""
+            while len(rest) < left:  # the pipe holds exactly ``left`` bytes
+                rest += os.read(self.pipe_r, left - len(rest))
+            t.transport.write(rest)
+            # Not from inside uvloop's buffer callback: see _fastcopy.pyx.
+            self.hub.loop.call_soon(self._spliced_rest, t, rest, now)  # type: ignore[attr-defined]
+            return True
+        return False
+
+    def _open_pipe(self) -> bool:
+        global _pipes_left
+        if _pipes_left <= 0:
+            return False
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _round)
+        except OSError:  # refused beyond the user's quota
+            pass
+        if fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) < min(_round, PIPE_MIN):
+            os.close(r)
+            os.close(w)
+            return False
+        self.pipe_r, self.pipe_w = r, w
+        _pipes_left -= 1
+        return True
+
+    def close_pipe(self) -> None:
+        """The session is over: give its pipe back."""
+        global _pipes_left
+        self.bulk = False
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
+            _pipes_left += 1
 
 
 def fanout(chunk: bytes, targets: tuple[Any, ...], sender: Any, now: float) -> list[Any] | None:

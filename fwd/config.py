@@ -58,6 +58,8 @@ class Config:
     hold_seconds: float = 30.0
     hold_total: int = 256 * 1024**2
     max_conns: int = 10000
+    splice_min: int = 64 * 1024
+    """A read this big for one local receiver moves that stream to splice(2); 0: never."""
     takeover: bool = False
     drain_timeout: float = 5.0
     log_level: str = "info"

@@ -115,6 +115,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.token = 0 if hub.mesh is None else hub.new_token()
         self.home_hint: int | None = None  # where sessions that name our chid live
         self.fd = fd  # the socket, for send() straight from the read buffer
+        self.bulk = False
+        self.pipe_r = self.pipe_w = -1  # a splice pipe, once a bulk stream needs one
         self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
         self.adopted = adopted
 
@@ -182,6 +184,18 @@ class Session(Relay, asyncio.BufferedProtocol):
             if target.writing_paused:  # already above the new mark: wait now
                 self._route_rest(route, chunk, nbytes, now, [target])
 
+    def _spliced_rest(self, target: Session, rest: bytes, now: float) -> None:
+        """What a receiver did not take of a splice round is in its queue: the
+        same rules as for a queued read, once uvloop is out of its callback."""
+        route = self.route
+        if self.transport is None or target.transport is None or route is None \
+                or target not in route.targets:
+            return
+        if target.writing_paused:
+            self._route_rest(route, rest, len(rest), now, [target])
+        else:
+            self._queued(route, rest, len(rest), now)
+
     def eof_received(self) -> bool:
         # In a chan pair the FIN is passed on and the other direction keeps
         # flowing, as through socat. Anywhere else a client's EOF ends its
@@ -217,6 +231,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.close("half-closed both ways")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.close_pipe()
         self._leave("connection lost" if exc is None else f"connection lost: {exc}")
         if self.linger is not None:
             self.linger.cancel()

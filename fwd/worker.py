@@ -11,6 +11,7 @@ import collections
 import itertools
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -25,7 +26,7 @@ from .mesh import Mesh
 from .metrics import FLUSH_EVERY
 from .protocol import failure_reason
 from .routing import Backpressure, Route, Router
-from .runtime import set_title, setup_logging
+from .runtime import FD_RESERVE, set_title, setup_logging
 from .session import HANDSHAKE_READ, Session, St
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ log = logging.getLogger("fwd.worker")
 
 READ_SIZE = 256 * 1024
 """One read's maximum: large enough for bulk streams, shared by all sessions."""
+PIPES = 1024
+"""Splice pipes per worker at most (streams beyond it are copied as before)."""
 HOLD_TICK = 1.0
 """How often held bytes are checked for expiry (``--hold-seconds`` precision)."""
 SLEEP_AFTER = 0.25
@@ -71,7 +74,8 @@ class Hub:
         self.remote_full_count: collections.Counter[int] = collections.Counter()
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
-        bind(self.buffer, HANDSHAKE_READ, self.router, loop.time)
+        bind(self.buffer, HANDSHAKE_READ, self.router, loop.time, config.splice_min,
+             pipe_budget(config.max_conns))
         # A dict, not a set: at 10,000 entries a set's table is about four
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}
@@ -423,6 +427,15 @@ class Hub:
                 for s in list(self.sessions):
                     if s.transport is not None:
                         s.transport.abort()
+
+
+def pipe_budget(max_conns: int) -> int:
+    """Splice pipes this worker may hold: two descriptors each, out of what the
+    descriptor limit leaves beside --max-conns connections, and at most PIPES."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return PIPES
+    return max(0, min(PIPES, (soft - max_conns - FD_RESERVE) // 2))
 
 
 async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -> None:

@@ -1,0 +1,84 @@
+"""Bulk pairs through splice(2): the stream is byte-exact, a pipe is opened
+only for a bulk stream and given back when its session ends, and a slow
+receiver still gets every byte (the part of a round it cannot take is queued)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+import pytest
+
+from helpers import Sender, pair, recv_hash, wait_until
+
+pytestmark = pytest.mark.both_impls
+MiB = 1 << 20
+
+
+def pipes(pid: int) -> int:
+    """Pipe descriptors the process holds now."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except FileNotFoundError:  # closed while we looked
+            pass
+    return count
+
+
+def test_bulk_pair_is_spliced_both_ways_and_gives_its_pipes_back(chan_server):
+    sa, sb = pair(chan_server)
+    worker = chan_server.worker_of(sa)
+    before = pipes(worker)
+    up, down = Sender(sa, 16 * MiB), Sender(sb, 16 * MiB)
+    up.start()
+    down.start()
+    assert recv_hash(sb, 16 * MiB) == up.digest
+    assert recv_hash(sa, 16 * MiB) == down.digest
+    up.finish()
+    down.finish()
+    assert pipes(worker) == before + 4  # one pipe (two descriptors) per direction
+    sa.close()
+    sb.close()
+    wait_until(lambda: pipes(worker) == before, 10, "the pipes to be closed")
+
+
+def test_small_writes_and_splice_min_zero_open_no_pipe(start_server):
+    server = start_server("--mode", "chan", "--splice-min", "0")
+    sa, sb = pair(server)
+    worker = server.worker_of(sa)
+    before = pipes(worker)
+    up = Sender(sa, 8 * MiB)
+    up.start()
+    assert recv_hash(sb, 8 * MiB) == up.digest
+    up.finish()
+    assert pipes(worker) == before
+
+    small = start_server("--mode", "chan")
+    sa, sb = pair(small)
+    worker = small.worker_of(sa)
+    before = pipes(worker)
+    for i in range(200):  # interactive traffic: each read is one small message
+        sa.sendall(b"%d\n" % i)
+        assert sb.recv(64) == b"%d\n" % i
+    assert pipes(worker) == before
+
+
+def test_a_slow_receiver_gets_every_spliced_byte(start_server):
+    """The receiver reads in small pieces through a small buffer (no
+    autotuning), so splice rounds are often taken only in part and the rest
+    goes through its queue (strace of the worker: 8 of 105 rounds)."""
+    server = start_server("--mode", "chan", "--max-buffer", "256KiB", "--slow-timeout", "0")
+    sa, sb = pair(server)
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    up = Sender(sa, 24 * MiB, block=1 << 18)
+    up.start()
+    h = hashlib.sha256()
+    left = 24 * MiB
+    while left:
+        chunk = sb.recv(min(left, 4096))
+        assert chunk, f"closed with {left} bytes missing"
+        h.update(chunk)
+        left -= len(chunk)
+    up.finish()
+    assert h.hexdigest() == up.digest
