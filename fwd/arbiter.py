@@ -310,6 +310,7 @@ class Arbiter:
             totals["open_connections"] += r["open_connections"]
             totals["held_bytes"] += r["held_bytes"]
             totals["buffered_bytes"] += r["buffered_bytes"]
+            totals["spliced_sessions"] += r["spliced_sessions"]
             failures.update(r["failures"])
             workers.append({"worker": r["worker"], "pid": r["pid"], "sessions": live,
                             "connections": r["open_connections"],

@@ -71,6 +71,7 @@ def format_status(st: dict[str, Any]) -> str:
         ("cross-worker", human_size(t.get("cross_worker_bytes", 0))),
         ("held", human_size(t.get("held_bytes", 0))),
         ("queued", human_size(t.get("buffered_bytes", 0))),
+        ("spliced sessions", t.get("spliced_sessions", 0)),
         ("dropped", human_size(t.get("dropped_bytes", 0))),
         ("slow-consumer disconnects", t.get("slow_disconnects", 0)),
         ("handshake failures", f"{t.get('handshake_failures', 0)}"

@@ -304,7 +304,7 @@ class Hub:
         """This worker's counters and gauges, as fwd-ctl status and the metrics show them."""
         totals = dict(self.stats)
         live: collections.Counter[str] = collections.Counter()
-        buffered = 0
+        buffered = spliced = 0
         for s in self.sessions:
             totals["bytes_in"] = totals.get("bytes_in", 0) + s.bytes_in
             totals["bytes_out"] = totals.get("bytes_out", 0) + s.bytes_out
@@ -312,10 +312,12 @@ class Hub:
                 live["broadcast" if s.chid is None else "chan"] += 1
             if s.transport is not None:
                 buffered += s.transport.get_write_buffer_size()
+            spliced += s.pipe_r >= 0
         return {"worker": self.wid, "pid": os.getpid(),
                 "uptime": round(self.loop.time() - self.started, 3),
                 "open_connections": len(self.sessions), "live": dict(live),
                 "held_bytes": self.router.held, "buffered_bytes": buffered,
+                "spliced_sessions": spliced,
                 "totals": totals, "failures": dict(self.failures)}
 
     def session_rows(self) -> list[dict[str, Any]]:

@@ -44,7 +44,8 @@ def test_counters_move_with_traffic(start_server: Callable[..., Server]) -> None
     before = scrape(server)
     for name in ("fwd_connections_total", "fwd_received_bytes_total", "fwd_sent_bytes_total",
                  "fwd_held_bytes", "fwd_dropped_bytes_total", "fwd_cross_worker_bytes_total",
-                 "fwd_slow_consumer_disconnects_total", "fwd_open_connections"):
+                 "fwd_slow_consumer_disconnects_total", "fwd_open_connections",
+                 "fwd_spliced_sessions"):
         assert value(before, name) == 0, name
     assert value(before, "fwd_workers") == N
 

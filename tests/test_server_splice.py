@@ -38,9 +38,11 @@ def test_bulk_pair_is_spliced_both_ways_and_gives_its_pipes_back(chan_server):
     up.finish()
     down.finish()
     assert pipes(worker) == before + 4  # one pipe (two descriptors) per direction
+    assert chan_server.ctl_json("status")["totals"]["spliced_sessions"] == 2
     sa.close()
     sb.close()
     wait_until(lambda: pipes(worker) == before, 10, "the pipes to be closed")
+    assert chan_server.ctl_json("status")["totals"]["spliced_sessions"] == 0
 
 
 def test_small_writes_and_splice_min_zero_open_no_pipe(start_server):
