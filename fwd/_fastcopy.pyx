@@ -7,7 +7,9 @@ allocates no float or int objects) and the two callbacks uvloop makes per read,
 ``get_buffer`` and ``buffer_updated``, so that a live session's read runs no
 Python frame at all while its route stays the same. Everything else (the
 handshake, held bytes, other workers, backpressure) is the session's own
-Python code, which this calls when a read needs it.
+Python code, which this calls when a read needs it. A bulk stream to a single
+local receiver skips the read altogether: ``get_buffer`` splices it through a
+pipe first (docs/ARCHITECTURE.md, "Bulk pairs go through a pipe").
 
 The pure-Python twin in _fastcopy_py.py has the same contract and tests.
 """
@@ -74,10 +76,6 @@ def bind(bytearray buf, Py_ssize_t small, object router, object clock,
     _clock = clock
     _splice_min = splice_min
     _pipes_left = pipes
-
-
-def pipes_left():
-    return _pipes_left
 
 
 cdef class Relay:

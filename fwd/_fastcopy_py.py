@@ -37,10 +37,6 @@ def bind(buf: bytearray, small: int, router: Any, clock: Any, splice_min: int = 
     _splice_min, _pipes_left = splice_min, pipes
 
 
-def pipes_left() -> int:
-    return _pipes_left
-
-
 def _single(route: Any, sender: Any) -> Any:
     """The one local receiver of a route that reaches nothing else, or None."""
     if not route.local:

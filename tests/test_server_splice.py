@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import socket
 
 import pytest
@@ -84,3 +85,25 @@ def test_a_slow_receiver_gets_every_spliced_byte(start_server):
         left -= len(chunk)
     up.finish()
     assert h.hexdigest() == up.digest
+
+
+def test_pipes_stay_within_what_the_descriptor_limit_leaves(start_server):
+    """--max-conns 100 under a limit of 166 descriptors leaves room for one
+    pipe beside the connections and the reserve (64): of a pair streaming
+    both ways, one direction is spliced and the other copied, both exact."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (166, 166))
+
+    server = start_server("--mode", "chan", "--max-conns", "100", preexec=limit)
+    sa, sb = pair(server)
+    worker = server.worker_of(sa)
+    before = pipes(worker)
+    up, down = Sender(sa, 8 * MiB), Sender(sb, 8 * MiB)
+    up.start()
+    down.start()
+    assert recv_hash(sb, 8 * MiB) == up.digest
+    assert recv_hash(sa, 8 * MiB) == down.digest
+    up.finish()
+    down.finish()
+    assert pipes(worker) == before + 2
+    assert server.ctl_json("status")["totals"]["spliced_sessions"] == 1
