@@ -67,6 +67,9 @@ class Relay:
     bytes_out: int
     writing_paused: bool
     live: bool
+    bulk: bool
+    pipe_r: int
+    pipe_w: int
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if not self.live:
