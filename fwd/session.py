@@ -579,10 +579,13 @@ class Session(Relay, asyncio.BufferedProtocol):
         """Everything but the local receivers: other workers, sessions still in
         their sniff window, held bytes; then pause this sender if it must wait."""
         hub = self.hub
-        if chunk is None and (route.missing or route.remote or (
-                route.to_all and (hub.pending or hub.mesh is not None))):
+        # "Everyone" bytes skip the other workers while they all sleep (chan
+        # mode): then there is nothing to copy for them either.
+        remote = hub.mesh is not None and bool(route.remote or (
+            route.to_all and hub.reaches_peers()))
+        if chunk is None and (route.missing or remote or (route.to_all and hub.pending)):
             chunk = bytes(hub.view[:n])  # these keep the bytes: one copy for all of them
-        if hub.mesh is not None and (route.to_all or route.remote):
+        if remote:
             assert chunk is not None
             waits = hub.forward_remote(route, chunk)
             if waits:

@@ -158,14 +158,24 @@ class Hub:
 
     # -- other workers (called by the Mesh) ------------------------------------------
 
+    def awake_peers(self) -> list[int] | tuple[int, ...]:
+        """The other workers that "everyone" bytes go to (the others sleep)."""
+        assert self.mesh is not None
+        peers = self.mesh.peers
+        return peers if not self.sleeping else [w for w in peers if w not in self.sleeping]
+
+    def reaches_peers(self) -> bool:
+        """Whether "everyone" bytes concern another worker now: one is awake, or
+        one has a full receiver this sender must wait for."""
+        return bool(self.awake_peers()) or any(n > 0 for n in self.remote_full_count.values())
+
     def forward_remote(self, route: Route[Session], chunk: bytes) -> list[Any]:
         """Send ``chunk`` to the other workers ``route`` reaches; return what to wait on."""
         mesh = self.mesh
         assert mesh is not None
         waits: list[Any] = []
         if route.to_all:
-            peers = mesh.peers if not self.sleeping else [
-                w for w in mesh.peers if w not in self.sleeping]
+            peers = self.awake_peers()
             self.stats["cross_worker_bytes"] += len(chunk) * len(peers)
             waits.extend(("pipe", w) for w in mesh.send_all(chunk, peers))
             waits.extend(("worker", w) for w, n in self.remote_full_count.items() if n > 0)
