@@ -84,10 +84,13 @@ class Reader:
         self.on_writable = on_writable
         self.fd: int = int(sock.getsockopt(zmq.FD))
         self._scheduled = False
+        self.closed = False
         loop.add_reader(self.fd, self.drain)
 
     def drain(self) -> None:
         self._scheduled = False
+        if self.closed:  # a look scheduled before close
+            return
         sock = self.sock
         events = int(sock.getsockopt(zmq.EVENTS))
         if self.on_writable is not None and events & zmq.POLLOUT:
@@ -101,11 +104,12 @@ class Reader:
 
     def kick(self) -> None:
         """Look again soon: a send can consume the edge that announced input."""
-        if not self._scheduled:
+        if not self._scheduled and not self.closed:
             self._scheduled = True
             self.loop.call_soon(self.drain)
 
     def close(self) -> None:
+        self.closed = True
         self.loop.remove_reader(self.fd)
         self.sock.close(linger=0)
 
@@ -216,6 +220,8 @@ class Mesh:
         self._outbox.put(*frames)
 
     def _send_batch(self, frames: list[bytes]) -> None:
+        if self.coordinator.closed:  # stopping: the coordinator stops too
+            return
         if not self._backlog:
             try:
                 self.coordinator.sock.send_multipart(frames, zmq.NOBLOCK)
@@ -381,6 +387,7 @@ class Mesh:
             h.peer_awake(int(frames[1]))
 
     def close(self) -> None:
+        self._outbox.flush()  # the last releases, if the coordinator still listens
         for reader in (self.coordinator, self.inbox, *self.pipes.values()):
             reader.close()
         self.ctx.term()
