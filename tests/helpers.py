@@ -119,6 +119,17 @@ class Sender(threading.Thread):
             raise self.error
 
 
+def stream_both_ways(sa: socket.socket, sb: socket.socket, size: int) -> None:
+    """``size`` random bytes each way at once; each side gets exactly the other's."""
+    up, down = Sender(sa, size), Sender(sb, size)
+    up.start()
+    down.start()
+    assert recv_hash(sb, size) == up.digest
+    assert recv_hash(sa, size) == down.digest
+    up.finish()
+    down.finish()
+
+
 def pair(server: Any, a: str = "a", b: str = "b") -> tuple[socket.socket, socket.socket]:
     """Two chan sessions that list each other as their only receiver."""
     sa, _ = server.handshake(a, [b])

@@ -6,21 +6,14 @@ import struct
 
 import pytest
 
-from helpers import Sender, assert_pair_works, pair, recv_exact, recv_hash
+from helpers import assert_pair_works, pair, recv_exact, stream_both_ways
 
 pytestmark = pytest.mark.both_impls
 MiB = 1 << 20
 
 
 def test_chan_pair_byte_exact_both_ways(chan_server):
-    sa, sb = pair(chan_server)
-    up, down = Sender(sa, 8 * MiB), Sender(sb, 8 * MiB)
-    up.start()
-    down.start()
-    assert recv_hash(sb, 8 * MiB) == up.digest
-    assert recv_hash(sa, 8 * MiB) == down.digest
-    up.finish()
-    down.finish()
+    stream_both_ways(*pair(chan_server), 8 * MiB)
 
 
 def test_generated_chid_is_unique_and_url_safe(chan_server):

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from helpers import Sender, pair, recv_hash, wait_until
+from helpers import Sender, pair, recv_hash, stream_both_ways, wait_until
 
 pytestmark = pytest.mark.both_impls
 MiB = 1 << 20
@@ -31,13 +31,7 @@ def test_bulk_pair_is_spliced_both_ways_and_gives_its_pipes_back(chan_server):
     sa, sb = pair(chan_server)
     worker = chan_server.worker_of(sa)
     before = pipes(worker)
-    up, down = Sender(sa, 16 * MiB), Sender(sb, 16 * MiB)
-    up.start()
-    down.start()
-    assert recv_hash(sb, 16 * MiB) == up.digest
-    assert recv_hash(sa, 16 * MiB) == down.digest
-    up.finish()
-    down.finish()
+    stream_both_ways(sa, sb, 16 * MiB)
     assert pipes(worker) == before + 4  # one pipe (two descriptors) per direction
     assert chan_server.ctl_json("status")["totals"]["spliced_sessions"] == 2
     sa.close()
@@ -98,12 +92,6 @@ def test_pipes_stay_within_what_the_descriptor_limit_leaves(start_server):
     sa, sb = pair(server)
     worker = server.worker_of(sa)
     before = pipes(worker)
-    up, down = Sender(sa, 8 * MiB), Sender(sb, 8 * MiB)
-    up.start()
-    down.start()
-    assert recv_hash(sb, 8 * MiB) == up.digest
-    assert recv_hash(sa, 8 * MiB) == down.digest
-    up.finish()
-    down.finish()
+    stream_both_ways(sa, sb, 8 * MiB)
     assert pipes(worker) == before + 2
     assert server.ctl_json("status")["totals"]["spliced_sessions"] == 1
