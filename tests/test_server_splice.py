@@ -95,3 +95,23 @@ def test_pipes_stay_within_what_the_descriptor_limit_leaves(start_server):
     stream_both_ways(sa, sb, 8 * MiB)
     assert pipes(worker) == before + 2
     assert server.ctl_json("status")["totals"]["spliced_sessions"] == 1
+
+
+def test_a_fin_after_spliced_bytes_arrives_behind_them(chan_server):
+    """Half-close through a spliced pair: each side gets every byte, then the
+    other's FIN, and the reverse direction, spliced too, still flows."""
+    sa, sb = pair(chan_server)
+    up = Sender(sa, 16 * MiB)
+    up.start()
+    assert recv_hash(sb, 16 * MiB) == up.digest
+    up.finish()
+    sa.shutdown(socket.SHUT_WR)
+    assert sb.recv(1) == b""
+    down = Sender(sb, 16 * MiB)
+    down.start()
+    assert recv_hash(sa, 16 * MiB) == down.digest
+    down.finish()
+    assert chan_server.ctl_json("status")["totals"]["spliced_sessions"] == 2
+    sb.shutdown(socket.SHUT_WR)
+    assert sa.recv(1) == b""
+    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways")
