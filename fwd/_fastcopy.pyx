@@ -46,16 +46,13 @@ cdef object _router = None
 cdef object _clock = None
 cdef Py_ssize_t _splice_min = 0
 cdef int _pipes_left = 0
-
-cdef Py_ssize_t _round = 0
+cdef Py_ssize_t _round = 0  # bytes per splice round: one read's worth
 
 cdef enum:
     # A pipe the kernel will not make this big is not worth a splice round.
     _PIPE_MIN = 64 << 10
     # Bytes spliced per readiness event at most, so one stream cannot hold the loop.
     _ROUND_MAX = 4 << 20
-
-PIPE_MIN, ROUND_MAX = _PIPE_MIN, _ROUND_MAX
 
 
 def bind(bytearray buf, Py_ssize_t small, object router, object clock,

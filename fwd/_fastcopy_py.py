@@ -6,8 +6,8 @@ import fcntl
 import os
 from typing import Any
 
-PIPE_MIN = 64 << 10
-ROUND_MAX = 4 << 20
+PIPE_MIN = 64 << 10  # a smaller pipe is not worth a splice round
+ROUND_MAX = 4 << 20  # bytes spliced per readiness event at most
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 _buf = bytearray()
