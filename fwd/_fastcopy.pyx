@@ -14,6 +14,7 @@ pipe first (docs/ARCHITECTURE.md, "Bulk pairs go through a pipe").
 The pure-Python twin in _fastcopy_py.py has the same contract and tests.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -43,7 +44,7 @@ cdef bytearray _buf = None
 cdef object _view = None
 cdef object _small = None
 cdef object _router = None
-cdef object _clock = None
+cdef list _full = None  # _send_view's second result: receivers above their mark
 cdef Py_ssize_t _splice_min = 0
 cdef int _pipes_left = 0
 cdef Py_ssize_t _round = 0  # bytes per splice round: one read's worth
@@ -55,22 +56,29 @@ cdef enum:
     _ROUND_MAX = 4 << 20
 
 
-def bind(bytearray buf, Py_ssize_t small, object router, object clock,
-         Py_ssize_t splice_min=0, int pipes=0):
+cdef inline double _now() noexcept nogil:
+    """loop.time() without a Python call or a float object: uvloop's and
+    asyncio's loop.time() both read CLOCK_MONOTONIC, so the two compare."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0,
+         int pipes=0):
     """Give this process's sessions their read buffer (``small``: how much of it
-    a session that is not live yet may fill), routing table and clock. A
+    a session that is not live yet may fill) and routing table. A
     session whose read brings ``splice_min`` bytes or more (0: never) for one
     local receiver gets a pipe, while fewer than ``pipes`` are open here, and
     from then on its bytes go to that receiver by splice(2), a read's worth
     (``len(buf)``) per round: what a receiver does not take is queued, as
     much as one read would have queued."""
-    global _buf, _view, _small, _router, _clock, _splice_min, _pipes_left, _round
+    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round
     _buf = buf
     _round = len(buf)
     _view = memoryview(buf)
     _small = _view[:small]
     _router = router
-    _clock = clock
     _splice_min = splice_min
     _pipes_left = pipes
 
@@ -80,7 +88,11 @@ cdef class Relay:
 
     cdef public object hub
     cdef public object transport
-    cdef public object route  # cached; valid while its generation is the router's
+    cdef object _route  # cached; valid while its generation is the router's
+    # What the loop reads of _route, as C fields (set with it by _fresh_route).
+    cdef Py_ssize_t _generation
+    cdef tuple _targets
+    cdef bint _local
     cdef public int fd
     cdef public double last_active
     cdef public long long bytes_in
@@ -93,6 +105,18 @@ cdef class Relay:
 
     def __cinit__(self):
         self.pipe_r = self.pipe_w = -1
+
+    @property
+    def route(self):
+        return self._route
+
+    @route.setter
+    def route(self, value):
+        # None when the session ends: it names other sessions, let them go.
+        self._route = value
+        self._targets = value.targets if value is not None else None
+        self._local = value is not None and value.local
+        self._generation = value.generation if value is not None else -1
 
     def get_buffer(self, Py_ssize_t sizehint):
         # Before a session is live, small reads: what follows hs3 in the same
@@ -109,19 +133,23 @@ cdef class Relay:
         if not self.live:
             self._read_early(nbytes)
             return
-        cdef double now = _clock()
+        global _full
+        cdef double now = _now()
         self.last_active = now
         self.bytes_in += nbytes
-        route = self.route
-        if route is None or route.generation != _router.generation:
-            route = self.route = _router.route(self)
-        full, chunk = _send_view(_buf, nbytes, route.targets, self, now)
-        if full is not None or not route.local:
-            self._route_rest(route, chunk, nbytes, now, full)
+        self._fresh_route()
+        chunk = _send_view(_buf, nbytes, self._targets, self, now)
+        if _full is not None or not self._local:
+            full, _full = _full, None
+            self._route_rest(self._route, chunk, nbytes, now, full)
         elif chunk is not None:
-            self._queued(route, chunk, nbytes, now)
+            self._queued(self._route, chunk, nbytes, now)
         if _splice_min and nbytes >= _splice_min and not self.bulk:
-            self.bulk = _single(route, self) is not None
+            self.bulk = _single(self._route, self) is not None
+
+    cdef inline void _fresh_route(self) except *:
+        if self._route is None or self._generation != _router.generation:
+            self.route = _router.route(self)
 
     cdef bint _splice(self) except -1:
         """Move what the socket holds to the one receiver through a pipe, with
@@ -129,10 +157,8 @@ cdef class Relay:
         or nothing). Only while that receiver's transport has nothing queued;
         what the receiver does not take is read back out of the pipe and
         queued like any partial write, so the pipe is empty between events."""
-        route = self.route
-        if route is None or route.generation != _router.generation:
-            route = self.route = _router.route(self)
-        cdef Relay t = _single(route, self)
+        self._fresh_route()
+        cdef Relay t = _single(self._route, self)
         if t is None or t.writing_paused or t.transport.get_write_buffer_size():
             return False
         if self.pipe_w < 0 and not self._open_pipe():
@@ -156,7 +182,7 @@ cdef class Relay:
                 break
         if not moved:
             return False
-        cdef double now = _clock()
+        cdef double now = _now()
         self.last_active = t.last_active = now
         self.bytes_in += moved
         t.bytes_out += moved
@@ -247,10 +273,16 @@ def send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender, double 
     copied, once, into a bytes chunk that every such receiver shares (their
     transports queue it). Returns (targets now above their high-water mark or
     None, that chunk or None)."""
-    return _send_view(buf, n, targets, sender, now)
+    global _full
+    chunk = _send_view(buf, n, targets, sender, now)
+    full, _full = _full, None
+    return full, chunk
 
 
-cdef tuple _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender, double now):
+cdef object _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender, double now):
+    """send_view, with no result tuple: the chunk is returned, the full
+    receivers are left in _full (None when there are none)."""
+    global _full
     cdef const char *ptr = buf
     cdef list full = None
     cdef object chunk = None
@@ -278,4 +310,5 @@ cdef tuple _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender,
             if full is None:
                 full = []
             full.append(t)
-    return full, chunk
+    _full = full
+    return chunk

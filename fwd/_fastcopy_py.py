@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from typing import Any
 
 PIPE_MIN = 64 << 10  # a smaller pipe is not worth a splice round
@@ -14,26 +15,25 @@ _buf = bytearray()
 _view = memoryview(_buf)
 _small = _view
 _router: Any = None
-_clock: Any = None
+_now = time.monotonic  # the clock under loop.time(), uvloop's and asyncio's
 _splice_min = 0
 _pipes_left = 0
 _round = 0
 
 
-def bind(buf: bytearray, small: int, router: Any, clock: Any, splice_min: int = 0,
-         pipes: int = 0) -> None:
+def bind(buf: bytearray, small: int, router: Any, splice_min: int = 0, pipes: int = 0) -> None:
     """Give this process's sessions their read buffer (``small``: how much of it
-    a session that is not live yet may fill), routing table and clock. A
+    a session that is not live yet may fill) and routing table. A
     session whose read brings ``splice_min`` bytes or more (0: never) for one
     local receiver gets a pipe, while fewer than ``pipes`` are open here, and
     from then on its bytes go to that receiver by splice(2), a read's worth
     (``len(buf)``) per round: what a receiver does not take is queued, as
     much as one read would have queued."""
-    global _buf, _view, _small, _router, _clock, _splice_min, _pipes_left, _round
+    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round
     _buf, _view = buf, memoryview(buf)
     _round = len(buf)
     _small = _view[:small]
-    _router, _clock = router, clock
+    _router = router
     _splice_min, _pipes_left = splice_min, pipes
 
 
@@ -82,7 +82,7 @@ class Relay:
         if not self.live:
             self._read_early(nbytes)  # type: ignore[attr-defined]
             return
-        now = _clock()
+        now = _now()
         self.last_active = now
         self.bytes_in += nbytes
         route = self.route
@@ -128,7 +128,7 @@ class Relay:
                 break
         if not moved:
             return False
-        now = _clock()
+        now = _now()
         self.last_active = t.last_active = now
         self.bytes_in += moved
         t.bytes_out += moved

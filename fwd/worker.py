@@ -74,7 +74,7 @@ class Hub:
         self.remote_full_count: collections.Counter[int] = collections.Counter()
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
-        bind(self.buffer, HANDSHAKE_READ, self.router, loop.time, config.splice_min,
+        bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min,
              pipe_budget(config.max_conns))
         # A dict, not a set: at 10,000 entries a set's table is about four
         # times larger (measured: about 75 bytes per idle session).
