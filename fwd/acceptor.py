@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 
 from .config import format_hostport
-from .sockopts import set_keepalive
+from .sockopts import set_congestion, set_keepalive
 
 log = logging.getLogger("fwd.acceptor")
 
@@ -28,9 +28,11 @@ EMFILE_PAUSE = 0.1
 """How long a listener rests when no descriptor at all can be freed to shed."""
 
 
-def open_listeners(addresses: list[tuple[str, int]]) -> list[socket.socket]:
+def open_listeners(addresses: list[tuple[str, int]],
+                   congestion: str | None = None) -> list[socket.socket]:
     """Bind every address (each name may resolve to several); IPv6 sockets are
-    IPv6-only, so ``0.0.0.0`` and ``[::]`` can be listed together."""
+    IPv6-only, so ``0.0.0.0`` and ``[::]`` can be listed together. Accepted
+    sockets inherit the listener's ``congestion`` control (see set_congestion)."""
     sockets: list[socket.socket] = []
     try:
         for host, port in addresses:
@@ -45,6 +47,8 @@ def open_listeners(addresses: list[tuple[str, int]]) -> list[socket.socket]:
                 sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 set_keepalive(sock)  # accepted sockets inherit it (Linux): no call per client
+                if congestion is not None:
+                    set_congestion(sock, congestion)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)

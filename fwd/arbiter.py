@@ -105,7 +105,7 @@ class Arbiter:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
     async def _run(self) -> int:
-        listeners = open_listeners(self.config.listen)
+        listeners = open_listeners(self.config.listen, self.config.tcp_congestion)
         self.listening = describe(listeners).split(",")
         log.debug("run directory %s", self.rundir)
         path = self.config.control

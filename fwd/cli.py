@@ -96,6 +96,9 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
 @click.option("--splice-min", type=_Size(), default=str(_D.splice_min),
               help="A read this big for a single local receiver sends that stream "
                    "through a pipe with splice(2), without copying it (0 = never).")
+@click.option("--tcp-congestion", default=None, metavar="NAME",
+              help="TCP congestion control of client connections (cubic, reno, bbr...) "
+              "[default: the system's].")
 @click.option("--takeover/--no-takeover", default=_D.takeover,
               help="A new session claiming a held chid replaces the old one.")
 @click.option("--drain-timeout", type=_SECONDS, default=_D.drain_timeout,

@@ -60,6 +60,8 @@ class Config:
     max_conns: int = 10000
     splice_min: int = 64 * 1024
     """A read this big for one local receiver moves that stream to splice(2); 0: never."""
+    tcp_congestion: str | None = None
+    """TCP congestion control of client connections; None: the system's default."""
     takeover: bool = False
     drain_timeout: float = 5.0
     log_level: str = "info"

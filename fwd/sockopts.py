@@ -1,6 +1,7 @@
 """Socket options every fwd connection gets, server side and fwd-client alike."""
 from __future__ import annotations
 
+import errno
 import socket
 
 KEEPALIVE = (30, 10, 3)
@@ -17,3 +18,22 @@ def set_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
     except (OSError, AttributeError):  # pragma: no cover - non-Linux
         pass
+
+
+def set_congestion(sock: socket.socket, name: str) -> None:
+    """Use TCP congestion control ``name`` on ``sock`` (and on the sockets a
+    listener accepts). Why a relay may want this: BBR, a common default, paces
+    every send with a timer, which costs a relay that sends to many receivers
+    on a LAN or loopback about twice the CPU per byte at times (bench/README.md,
+    "Congestion control"); cubic and reno do not pace."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            why = "the kernel has no such module (net.ipv4.tcp_available_congestion_control)"
+        elif exc.errno == errno.EPERM:
+            why = ("not allowed without CAP_NET_ADMIN "
+                   "(net.ipv4.tcp_allowed_congestion_control)")
+        else:
+            why = exc.strerror or str(exc)
+        raise OSError(f"--tcp-congestion {name}: {why}") from None
