@@ -62,7 +62,18 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "tcp_congestion": tcp_congestion()}
+
+
+def tcp_congestion() -> str:
+    """The system's TCP congestion control, which every relay and baseline here
+    uses: with BBR each send is paced by a timer, which changes the fan-out
+    and CPU figures a lot (bench/README.md, "Congestion control")."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
 
 
 def build_cases(args: argparse.Namespace, sizes: sc.Sizes, fwd: sc.Fwd,
@@ -462,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                                        + shlex.join(sys.argv[1:]))
     m = machine()
     print(f"{cmd}\n{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
-          f"nproc {m['nproc']}, {m['cpu_model']}, fwd --workers {args.workers}, "
+          f"nproc {m['nproc']}, {m['cpu_model']}, TCP {m['tcp_congestion']}, "
+          f"fwd --workers {args.workers}, "
           f"{args.reps} reps, {elapsed:.0f} s\n")
     print(table)
     print()
