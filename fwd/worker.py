@@ -74,8 +74,11 @@ class Hub:
         self.remote_full_count: collections.Counter[int] = collections.Counter()
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
-        bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min,
-             pipe_budget(config.max_conns))
+        pipes = pipe_budget(config.max_conns)
+        if config.splice_min and not pipes:
+            log.warning("no splice pipes: the file descriptor limit leaves none beside "
+                        "--max-conns %d, so bulk pairs are copied", config.max_conns)
+        bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min, pipes)
         # A dict, not a set: at 10,000 entries a set's table is about four
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}

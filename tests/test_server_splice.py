@@ -97,6 +97,21 @@ def test_pipes_stay_within_what_the_descriptor_limit_leaves(start_server):
     assert server.ctl_json("status")["totals"]["spliced_sessions"] == 1
 
 
+def test_a_limit_that_leaves_no_pipe_is_logged_and_pairs_are_copied(start_server):
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (165, 165))
+
+    server = start_server("--mode", "chan", "--max-conns", "100", preexec=limit)
+    server.wait_log(r"no splice pipes: the file descriptor limit leaves none beside "
+                    r"--max-conns 100, so bulk pairs are copied")
+    sa, sb = pair(server)
+    worker = server.worker_of(sa)
+    before = pipes(worker)
+    stream_both_ways(sa, sb, 8 * MiB)
+    assert pipes(worker) == before
+    assert server.ctl_json("status")["totals"]["spliced_sessions"] == 0
+
+
 def test_a_fin_after_spliced_bytes_arrives_behind_them(chan_server):
     """Half-close through a spliced pair: each side gets every byte, then the
     other's FIN, and the reverse direction, spliced too, still flows."""
