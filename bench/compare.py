@@ -437,13 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     w2_reason = None if args.workers == 2 else sc.workers_skip_reason(2)
     if w2_reason:
         log(f"workers 2 case skipped: {w2_reason}")
-    fwd = sc.Fwd(workers=args.workers, extra=("--max-conns", "20000"))
+    fwd = sc.Fwd(workers=args.workers)
     fwd2 = None
     ncat = sc.Ncat() if "ncat" not in missing else None
     try:
         if w2_reason is None and (sel is None or "workers" in sel):
-            fwd2 = fwd if args.workers == 2 else sc.Fwd(workers=2,
-                                                       extra=("--max-conns", "20000"))
+            fwd2 = fwd if args.workers == 2 else sc.Fwd(workers=2)
         cases = build_cases(args, sizes, fwd, ncat, missing, fwd2, w2_reason)
         samples = run_cases(cases, args.reps, log)
     finally:

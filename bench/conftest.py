@@ -36,7 +36,7 @@ def workers(request: pytest.FixtureRequest) -> int:
 
 def _fwd(workers: int) -> Iterator[sc.Fwd]:
     try:
-        fwd = sc.Fwd(workers=workers, extra=("--max-conns", "20000"))
+        fwd = sc.Fwd(workers=workers)
     except sc.WorkersUnsupported as exc:
         pytest.skip(str(exc))
     yield fwd
