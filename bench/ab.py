@@ -54,6 +54,8 @@ CASES["stream"] = ("cpu_per_gib", _with_server(
 CASES["small"] = ("rate", _with_server(lambda f: sc.run_stream("fwd", 1, 512, 192 << 20, fwd=f)))
 CASES["fanout"] = ("cpu_per_gib", _with_server(
     lambda f: sc.run_stream("fwd", 10, 65536, 205 << 20, fwd=f)))
+CASES["msgs"] = ("msgs_per_s", _with_server(
+    lambda f: sc.run_stream("fwd", 1, 64, 64 * _HS.msgs, fwd=f)))
 CASES["pingpong"] = ("p50_us", _with_server(
     lambda f: sc.run_pingpong("fwd", 64, 20000, 2000, fwd=f, cpu=0)))
 CASES["idle"] = ("bytes_per_session", lambda workers: sc.run_idle(10_000, workers))

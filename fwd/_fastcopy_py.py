@@ -124,10 +124,12 @@ class Relay:
                 if not m:
                     break
                 left -= m
-            if left:
+            if left or n < _splice_min:  # the receiver is full, or this is no bulk now
                 break
         if not moved:
             return False
+        if moved < _splice_min:  # a trickle: plain reads again, until a big one
+            self.bulk = False
         now = _now()
         self.last_active = t.last_active = now
         self.bytes_in += moved

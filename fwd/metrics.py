@@ -51,7 +51,7 @@ GAUGES: Mapping[str, tuple[str, str]] = {
     "open_connections": ("fwd_open_connections", "Client connections open now."),
     "held_bytes": ("fwd_held_bytes", "Bytes held now for absent chan receivers."),
     "buffered_bytes": ("fwd_buffered_bytes", "Bytes queued now towards receivers."),
-    "spliced_sessions": ("fwd_spliced_sessions", "Sessions whose bytes move by splice(2) now."),
+    "spliced_sessions": ("fwd_spliced_sessions", "Sessions holding a splice(2) pipe now."),
 }
 MODES = ("chan", "broadcast")
 
