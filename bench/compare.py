@@ -385,6 +385,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write samples, medians and verdicts here")
     p.add_argument("--workers", type=int, default=1, help="fwd-server --workers for all fwd "
                    "cases (default 1)")
+    p.add_argument("--fwd-args", default="", metavar="ARGS",
+                   help="more fwd-server options for the fwd cases, e.g. '--tcp-congestion "
+                   "cubic' (the baselines do not get them: the ratios then compare "
+                   "differently configured relays)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every transfer size, message and ping count (0.1 = quick)")
     p.add_argument("--only", default="", help="comma list of: stream,msgs,fanout,pingpong,"
@@ -437,12 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     w2_reason = None if args.workers == 2 else sc.workers_skip_reason(2)
     if w2_reason:
         log(f"workers 2 case skipped: {w2_reason}")
-    fwd = sc.Fwd(workers=args.workers)
+    extra = tuple(shlex.split(args.fwd_args))
+    fwd = sc.Fwd(workers=args.workers, extra=extra)
     fwd2 = None
     ncat = sc.Ncat() if "ncat" not in missing else None
     try:
         if w2_reason is None and (sel is None or "workers" in sel):
-            fwd2 = fwd if args.workers == 2 else sc.Fwd(workers=2)
+            fwd2 = fwd if args.workers == 2 else sc.Fwd(workers=2, extra=extra)
         cases = build_cases(args, sizes, fwd, ncat, missing, fwd2, w2_reason)
         samples = run_cases(cases, args.reps, log)
     finally:
@@ -473,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     m = machine()
     print(f"{cmd}\n{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
           f"nproc {m['nproc']}, {m['cpu_model']}, TCP {m['tcp_congestion']}, "
-          f"fwd --workers {args.workers}, "
+          f"fwd --workers {args.workers}{' ' + args.fwd_args if args.fwd_args else ''}, "
           f"{args.reps} reps, {elapsed:.0f} s\n")
     print(table)
     print()
