@@ -45,6 +45,8 @@ COUNTERS: Mapping[str, tuple[str, str]] = {
     "slow_disconnects": ("fwd_slow_consumer_disconnects", "Receivers disconnected for "
                          "staying above --max-buffer longer than --slow-timeout."),
     "cross_worker_bytes": ("fwd_cross_worker_bytes", "Bytes sent to another worker process."),
+    "full_notices": ("fwd_full_notices", "Notices to the other workers that a receiver "
+                     "went above --max-buffer."),
     "kicked": ("fwd_kicked_sessions", "Sessions closed by fwd-ctl kick."),
 }
 GAUGES: Mapping[str, tuple[str, str]] = {

@@ -129,6 +129,7 @@ class Session(Relay, asyncio.BufferedProtocol):
     tight = _flag(32)  # PAIR_MARK applies (see _tighten)
     named = _flag(64)  # sessions elsewhere name our chid: announce when live
     announced = _flag(128)  # the coordinator knows we are live
+    told_full = _flag(256)  # the other workers know we are above our mark
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -245,15 +246,31 @@ class Session(Relay, asyncio.BufferedProtocol):
             slow = self.hub.config.slow_timeout
             if slow > 0:
                 self.slow_timer = self.hub.loop.call_later(slow, self._slow_consumer)
-            if self.hub.mesh is not None:  # senders on other workers must wait too
-                self.hub.mesh.signal(True, self.chid)
+            self.tell_full()
+
+    def tell_full(self) -> None:
+        """Senders on other workers wait while we are above --max-buffer. A
+        tight receiver (see _tighten) pauses its local sender at PAIR_MARK
+        already, and only bytes from other workers can take it past
+        --max-buffer: it tells them then (Hub.deliver), not at each crossing
+        of PAIR_MARK, which in a bulk pair is over a thousand notices a second
+        to every other worker."""
+        if self.told_full or self.hub.mesh is None or self.state is not St.LIVE:
+            return
+        if self.tight and self.transport is not None \
+                and self.transport.get_write_buffer_size() <= self.hub.config.max_buffer:
+            return
+        self.told_full = True
+        self.hub.stats["full_notices"] += 1
+        self.hub.mesh.signal(True, self.chid)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         if self.slow_timer is not None:
             self.slow_timer.cancel()
             self.slow_timer = None
-        if self.state is St.LIVE and self.hub.mesh is not None:
+        if self.told_full:
+            self.told_full = False
             self.hub.mesh.signal(False, self.chid)
         self.hub.resume_senders(self.hub.backpressure.release(self))
 
@@ -690,7 +707,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             hub.live_changed()
         hub.resume_senders(hub.backpressure.forget(self))
         if hub.mesh is not None:
-            if was_live and self.writing_paused:
+            if self.told_full:
+                self.told_full = False
                 hub.mesh.signal(False, self.chid)
             if self.chid is not None and not self.moved:
                 hub.mesh.release(self.chid, self.token)

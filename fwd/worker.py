@@ -234,10 +234,13 @@ class Hub:
         target.last_active = now
         target.bytes_out += len(chunk)
         target.transport.write(chunk)
+        if target.writing_paused:
+            target.tell_full()
 
     def deliver_all(self, chunk: bytes) -> None:
         """Bytes from another worker's "everyone" route."""
-        fanout(chunk, self.router.everyone(), None, self.loop.time())
+        for target in fanout(chunk, self.router.everyone(), None, self.loop.time()) or ():
+            target.tell_full()
         for p in self.pending:
             p._queue_pending(chunk)
 

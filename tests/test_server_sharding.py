@@ -3,6 +3,7 @@ bytes and backpressure across workers, co-location, clean stops. Every server
 here runs three workers, whatever FWD_TEST_WORKERS says."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -253,3 +254,70 @@ def test_a_stopped_worker_stalls_no_other(sharded):
         up.finish()
     finally:
         os.kill(victim, signal.SIGCONT)
+
+
+def test_a_bulk_pair_tells_the_other_workers_nothing(sharded):
+    """Its receiver pauses the sender at PAIR_MARK over and over; none of that
+    concerns the other workers, whose senders do not reach it."""
+    server = sharded("--mode", "chan", "--slow-timeout", "0")
+    sa, sb = pair(server)
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    up = Sender(sa, 16 * MiB)
+    up.start()
+    h, left = hashlib.sha256(), 16 * MiB
+    while left:  # small reads: the relay's queue for sb fills again and again
+        chunk = sb.recv(min(left, 4096))
+        assert chunk
+        h.update(chunk)
+        left -= len(chunk)
+    up.finish()
+    assert h.hexdigest() == up.digest
+    assert server.ctl_json("status")["totals"].get("full_notices", 0) == 0
+
+
+def discard(sock: socket.socket) -> None:
+    """Read and drop until the socket ends (or is closed under us)."""
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+
+
+def test_a_pair_receiver_pushed_past_max_buffer_from_another_worker_throttles_it(sharded):
+    """A receiver in a bulk pair keeps quiet about PAIR_MARK, but bytes from
+    another worker that take it past --max-buffer must still stop that sender."""
+    server = sharded("--mode", "chan", "--max-buffer", "1MiB", "--slow-timeout", "0")
+    r, _ = server.handshake("r", ["nobody"])
+    r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    pal, _ = server.handshake("pal", ["r"])  # drawn to r's worker: a local 1->1 route
+    assert server.worker_of(pal) == server.worker_of(r)
+    pal.settimeout(None)
+    # pal gets the "everyone" bytes below too; they must not stall it.
+    threading.Thread(target=discard, args=(pal,), daemon=True).start()
+    mark = server.mark()
+    paired = Sender(pal, 16 * MiB)  # r reads nothing: bytes queue for it, it turns tight
+    paired.start()
+    server.wait_log(r"paused chid=pal", start=mark)
+    assert server.ctl_json("status")["totals"]["full_notices"] == 0  # PAIR_MARK: nothing told
+    src, _ = server.handshake("src", [])
+    assert server.worker_of(src) != server.worker_of(r)
+    base = server.rss()
+    size = 128 * MiB
+    up = Sender(src, size)
+    up.start()
+    sent_before = -1
+    while True:
+        sent_now = sum(t.tx_queue for t in tcp_sockets())
+        time.sleep(0.5)  # a window to see that nothing moves; not a synchronisation
+        if not up.is_alive():
+            pytest.fail("the whole stream got past a receiver above --max-buffer")
+        if sent_now == sent_before:
+            break
+        sent_before = sent_now
+    grown = server.rss() - base
+    assert grown < 96 * MiB, f"servers buffered {grown / MiB:.0f} MiB for a stalled receiver"
+    assert server.ctl_json("status")["totals"]["full_notices"] >= 1
+    assert len(recv_exact(r, 16 * MiB + size)) == 16 * MiB + size  # then every byte arrives
+    up.finish()
+    paired.finish()
