@@ -185,6 +185,22 @@ def test_broadcast_reaches_clients_on_every_worker(sharded):
         assert recv_exact(r, len(payload)) == payload
 
 
+def assert_stalls(server, up: Sender, base_rss: int) -> None:
+    """``up`` must stop moving before its stream is through, and the servers
+    must not have buffered it meanwhile."""
+    sent_before = -1
+    while True:
+        sent_now = sum(t.tx_queue for t in tcp_sockets())  # any movement at all
+        time.sleep(0.5)  # a window to see that nothing moves; not a synchronisation
+        if not up.is_alive():
+            pytest.fail("the whole stream got through a receiver that reads nothing")
+        if sent_now == sent_before:
+            break
+        sent_before = sent_now
+    grown = server.rss() - base_rss
+    assert grown < 96 * MiB, f"servers buffered {grown / MiB:.0f} MiB for a stalled receiver"
+
+
 def test_stalled_receiver_on_another_worker_throttles_the_sender(sharded):
     server = sharded("--mode", "chan", "--max-buffer", "1MiB", "--slow-timeout", "0")
     stalled, _ = server.handshake("stalled", ["nobody"])
@@ -196,18 +212,7 @@ def test_stalled_receiver_on_another_worker_throttles_the_sender(sharded):
     src.settimeout(None)
     up = Sender(src, size)
     up.start()
-    # The sender must stall long before 128 MiB: watch its progress stop.
-    sent_before = -1
-    while True:
-        sent_now = sum(t.tx_queue for t in tcp_sockets())  # any movement at all
-        time.sleep(0.5)  # a window to see that nothing moves; not a synchronisation
-        if not up.is_alive():
-            pytest.fail("the whole stream got through a stalled receiver")
-        if sent_now == sent_before:
-            break
-        sent_before = sent_now
-    grown = server.rss() - base
-    assert grown < 96 * MiB, f"servers buffered {grown / MiB:.0f} MiB for a stalled receiver"
+    assert_stalls(server, up, base)  # long before 128 MiB
     assert recv_hash(stalled, size) == up.digest  # and then every byte arrives
     up.finish()
 
@@ -306,17 +311,7 @@ def test_a_pair_receiver_pushed_past_max_buffer_from_another_worker_throttles_it
     size = 128 * MiB
     up = Sender(src, size)
     up.start()
-    sent_before = -1
-    while True:
-        sent_now = sum(t.tx_queue for t in tcp_sockets())
-        time.sleep(0.5)  # a window to see that nothing moves; not a synchronisation
-        if not up.is_alive():
-            pytest.fail("the whole stream got past a receiver above --max-buffer")
-        if sent_now == sent_before:
-            break
-        sent_before = sent_now
-    grown = server.rss() - base
-    assert grown < 96 * MiB, f"servers buffered {grown / MiB:.0f} MiB for a stalled receiver"
+    assert_stalls(server, up, base)
     assert server.ctl_json("status")["totals"]["full_notices"] >= 1
     assert len(recv_exact(r, 16 * MiB + size)) == 16 * MiB + size  # then every byte arrives
     up.finish()
