@@ -626,7 +626,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             for target in full:
                 pause |= hub.backpressure.block(self, target)
             if pause and self.transport is not None:
-                log.debug("paused chid=%s: a receiver is above --max-buffer", self.chid)
+                log.debug("paused chid=%s: a receiver is above its high-water mark", self.chid)
                 self.transport.pause_reading()
 
     def _tighten(self) -> None:
