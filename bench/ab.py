@@ -43,11 +43,11 @@ def _with_server(run: Callable[[sc.Fwd], dict[str, Any]]) -> Callable[[int], dic
     return go
 
 
-_HS = sc.Sizes()
+_SIZES = sc.Sizes()
 CASES["handshakes"] = ("rate", _with_server(
-    lambda f: sc.run_handshakes(f, _HS.hs_procs, 3.0, inflight=_HS.hs_inflight)))
+    lambda f: sc.run_handshakes(f, _SIZES.hs_procs, 3.0, inflight=_SIZES.hs_inflight)))
 CASES["handshakes-drawn"] = ("rate", _with_server(
-    lambda f: sc.run_handshakes(f, _HS.hs_procs, 3.0, True, _HS.hs_inflight)))
+    lambda f: sc.run_handshakes(f, _SIZES.hs_procs, 3.0, True, _SIZES.hs_inflight)))
 CASES["handshakes-serial"] = ("rate", _with_server(lambda f: sc.run_handshakes(f, 4, 3.0)))
 CASES["stream"] = ("cpu_per_gib", _with_server(
     lambda f: sc.run_stream("fwd", 1, 65536, 1 << 30, fwd=f)))
@@ -55,7 +55,7 @@ CASES["small"] = ("rate", _with_server(lambda f: sc.run_stream("fwd", 1, 512, 19
 CASES["fanout"] = ("cpu_per_gib", _with_server(
     lambda f: sc.run_stream("fwd", 10, 65536, 205 << 20, fwd=f)))
 CASES["msgs"] = ("msgs_per_s", _with_server(
-    lambda f: sc.run_stream("fwd", 1, 64, 64 * _HS.msgs, fwd=f)))
+    lambda f: sc.run_stream("fwd", 1, 64, 64 * _SIZES.msgs, fwd=f)))
 CASES["pingpong"] = ("p50_us", _with_server(
     lambda f: sc.run_pingpong("fwd", 64, 20000, 2000, fwd=f, cpu=0)))
 CASES["idle"] = ("bytes_per_session", lambda workers: sc.run_idle(10_000, workers))
