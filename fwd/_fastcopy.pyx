@@ -7,9 +7,10 @@ allocates no float or int objects) and the two callbacks uvloop makes per read,
 ``get_buffer`` and ``buffer_updated``, so that a live session's read runs no
 Python frame at all while its route stays the same. Everything else (the
 handshake, held bytes, other workers, backpressure) is the session's own
-Python code, which this calls when a read needs it. A bulk stream to a single
-local receiver skips the read altogether: ``get_buffer`` splices it through a
-pipe first (docs/ARCHITECTURE.md, "Bulk pairs go through a pipe").
+Python code, which this calls when a read needs it. A bulk stream to local
+receivers skips the read altogether: ``get_buffer`` splices it through a pipe
+first, and tee(2) gives each further receiver the same pages
+(docs/ARCHITECTURE.md, "Bulk streams go through a pipe").
 
 The pure-Python twin in _fastcopy_py.py has the same contract and tests.
 """
@@ -25,6 +26,7 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<fcntl.h>" nogil:  # Python.h defines _GNU_SOURCE
     ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t n,
                    unsigned int flags)
+    ssize_t tee(int fd_in, int fd_out, size_t n, unsigned int flags)
     int fcntl(int fd, int cmd, ...)
     unsigned int SPLICE_F_MOVE
     unsigned int SPLICE_F_NONBLOCK
@@ -48,6 +50,9 @@ cdef list _full = None  # _send_view's second result: receivers above their mark
 cdef Py_ssize_t _splice_min = 0
 cdef int _pipes_left = 0
 cdef Py_ssize_t _round = 0  # bytes per splice round: one read's worth
+cdef bint _tee = False  # fan-out rounds too (see bind)
+cdef int _scratch_r = -1  # the pipe tee(2) fills for one receiver at a time
+cdef int _scratch_w = -1
 
 cdef enum:
     # A pipe the kernel will not make this big is not worth a splice round.
@@ -65,15 +70,15 @@ cdef inline double _now() noexcept nogil:
 
 
 def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0,
-         int pipes=0):
+         int pipes=0, bint tee=False):
     """Give this process's sessions their read buffer (``small``: how much of it
     a session that is not live yet may fill) and routing table. A
     session whose read brings ``splice_min`` bytes or more (0: never) for one
-    local receiver gets a pipe, while fewer than ``pipes`` are open here, and
-    from then on its bytes go to that receiver by splice(2), a read's worth
-    (``len(buf)``) per round: what a receiver does not take is queued, as
-    much as one read would have queued."""
-    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round
+    local receiver, or with ``tee`` for several, gets a pipe, while fewer than
+    ``pipes`` are open here, and from then on its bytes go to those receivers
+    by splice(2), a read's worth (``len(buf)``) per round: what a receiver
+    does not take is queued, as much as one read would have queued."""
+    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee
     _buf = buf
     _round = len(buf)
     _view = memoryview(buf)
@@ -81,6 +86,7 @@ def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0
     _router = router
     _splice_min = splice_min
     _pipes_left = pipes
+    _tee = tee
 
 
 cdef class Relay:
@@ -145,88 +151,72 @@ cdef class Relay:
         elif chunk is not None:
             self._queued(self._route, chunk, nbytes, now)
         if _splice_min and nbytes >= _splice_min and not self.bulk:
-            self.bulk = _single(self._route, self) is not None
+            self.bulk = _receivers(self._route, self, False) is not None
 
     cdef inline void _fresh_route(self) except *:
         if self._route is None or self._generation != _router.generation:
             self.route = _router.route(self)
 
     cdef bint _splice(self) except -1:
-        """Move what the socket holds to the one receiver through a pipe, with
-        no copy to user space, before uvloop's read (which then finds little
-        or nothing). Only while that receiver's transport has nothing queued;
-        what the receiver does not take is read back out of the pipe and
-        queued like any partial write, so the pipe is empty between events.
-        Rounds go on only while each brings splice_min bytes or more: small
-        rounds cost more than the copy (a 64 B message stream made 20-40
-        splice calls per event), so a session whose rounds shrink goes back
-        to plain reads until one brings splice_min again."""
+        """Move what the socket holds to the local receivers through a pipe,
+        with no copy to user space, before uvloop's read (which then finds
+        little or nothing). Only while no receiver has anything queued; what
+        one does not take is read back out of the pipe and queued like any
+        partial write, so the pipes are empty between events. Rounds go on
+        only while each brings splice_min bytes or more: small rounds cost
+        more than the copy (a 64 B message stream made 20-40 splice calls per
+        event), so a session whose rounds shrink goes back to plain reads
+        until one brings splice_min again."""
         self._fresh_route()
-        cdef Relay t = _single(self._route, self)
-        if t is None or t.writing_paused or t.transport.get_write_buffer_size():
+        cdef list rx = _receivers(self._route, self, True)
+        if rx is None:
             return False
         if self.pipe_w < 0 and not self._open_pipe():
             self.bulk = False
             return False
-        cdef ssize_t n, m, left = 0
+        cdef Py_ssize_t k = len(rx)
+        if k > 1 and _scratch_w < 0 and not _open_scratch():
+            self.bulk = False
+            return False
+        cdef ssize_t n
         cdef Py_ssize_t moved = 0
-        cdef unsigned int flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK
-        while moved < _ROUND_MAX:
-            n = splice(self.fd, NULL, self.pipe_w, NULL, _round, flags)
+        cdef list queued = None
+        while moved * k < _ROUND_MAX:
+            n = splice(self.fd, NULL, self.pipe_w, NULL, _round, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n <= 0:  # empty, EOF or an error: uvloop's read finds out which
                 break
             moved += n
-            left = n
-            while left > 0:
-                m = splice(self.pipe_r, NULL, t.fd, NULL, left, flags)
-                if m <= 0:
-                    break
-                left -= m
-            if left or n < _splice_min:  # the receiver is full, or this is no bulk now
+            queued = _spread(self.pipe_r, n, rx)
+            if queued is not None or n < _splice_min:  # a receiver is full, or no bulk now
                 break
         if not moved:
             return False
         if moved < _splice_min:  # a trickle: plain reads again, until a big one
             self.bulk = False
         cdef double now = _now()
-        self.last_active = t.last_active = now
+        cdef Relay t
+        self.last_active = now
         self.bytes_in += moved
-        t.bytes_out += moved
-        if left:
-            rest = self._drain_pipe(left)
+        for obj in rx:
+            t = <Relay>obj
+            t.last_active = now
+            t.bytes_out += moved
+        if queued is None:
+            return False
+        for t, rest in queued:
             t.transport.write(rest)
             # Its backpressure may pause this sender, which libuv must not see
             # from inside its buffer callback (it would call a cleared read
             # callback): apply it right after.
             self.hub.loop.call_soon(self._spliced_rest, t, rest, now)
-            return True
-        return False
-
-    cdef bint _open_pipe(self):
-        global _pipes_left
-        cdef int fds[2]
-        if _pipes_left <= 0 or pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
-            return False
-        fcntl(fds[1], F_SETPIPE_SZ, <int>_round)  # refused beyond the user's quota
-        if fcntl(fds[1], F_GETPIPE_SZ) < min(_round, _PIPE_MIN):
-            close(fds[0])
-            close(fds[1])
-            return False
-        self.pipe_r, self.pipe_w = fds[0], fds[1]
-        _pipes_left -= 1
         return True
 
-    cdef bytes _drain_pipe(self, Py_ssize_t n):
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
-        cdef char *p = out
-        cdef Py_ssize_t got = 0
-        cdef ssize_t r
-        while got < n:
-            r = read(self.pipe_r, p + got, n - got)
-            if r <= 0:  # cannot happen: the pipe holds n bytes
-                raise OSError("pipe drained short")
-            got += r
-        return out
+    cdef bint _open_pipe(self):
+        cdef int fds[2]
+        if not _new_pipe(fds):
+            return False
+        self.pipe_r, self.pipe_w = fds[0], fds[1]
+        return True
 
     def close_pipe(self):
         """The session is over: give its pipe back."""
@@ -239,18 +229,138 @@ cdef class Relay:
             _pipes_left += 1
 
 
-cdef Relay _single(object route, object sender):
-    """The one local receiver of a route that reaches nothing else, or None."""
-    if not route.local:
+cdef bint _new_pipe(int fds[2]):
+    """A pipe of one round's size, out of this process's budget."""
+    global _pipes_left
+    if _pipes_left <= 0 or pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        return False
+    fcntl(fds[1], F_SETPIPE_SZ, <int>_round)  # refused beyond the user's quota
+    if fcntl(fds[1], F_GETPIPE_SZ) < min(_round, _PIPE_MIN):
+        close(fds[0])
+        close(fds[1])
+        return False
+    _pipes_left -= 1
+    return True
+
+
+cdef bint _open_scratch():
+    """The worker's one scratch pipe, for tee(2): kept for the process's life."""
+    global _scratch_r, _scratch_w
+    cdef int fds[2]
+    if not _new_pipe(fds):
+        return False
+    _scratch_r, _scratch_w = fds[0], fds[1]
+    return True
+
+
+cdef list _receivers(object route, Relay sender, bint ready):
+    """The local receivers of a route that reaches nothing else now, if a
+    splice round may serve them (one, or several with tee); with ``ready``,
+    only if one of them at least has nothing queued (the others get their
+    part queued behind what they have). None otherwise."""
+    if not route.local and not sender.hub.all_local(route):
         return None
-    cdef Relay found = None
+    cdef list rx = []
+    cdef bint idle = False
+    cdef Relay t
     for obj in route.targets:
         if obj is sender:
             continue
-        if found is not None:
-            return None
-        found = <Relay?>obj
-    return found
+        t = <Relay?>obj
+        if ready and not idle:
+            idle = not t.transport.get_write_buffer_size()
+        rx.append(t)
+    if not rx or (len(rx) > 1 and not _tee) or (ready and not idle):
+        return None
+    return rx
+
+
+cdef list _spread(int src, ssize_t n, list rx):
+    """Send the ``n`` bytes in pipe ``src`` to every receiver of ``rx`` and
+    leave the pipe empty: each but the last gets a tee(2) of them through the
+    scratch pipe (the same pages, no copy), the last gets ``src`` itself. A
+    receiver with bytes queued gets these queued behind them. Returns what
+    must be queued, as (receiver, bytes) pairs, or None. The receivers that
+    take none of the round share one bytes object: one copy at most."""
+    cdef list queued = None
+    cdef object shared = None
+    cdef object rest
+    cdef Py_ssize_t i, k = len(rx)
+    cdef ssize_t c, m, left
+    cdef int fd
+    cdef bint busy
+    cdef Relay t
+    for i in range(k):
+        t = <Relay>rx[i]
+        busy = t.transport.get_write_buffer_size() > 0
+        fd = src
+        left = n
+        if i < k - 1 and not (busy and shared is not None):
+            c = tee(src, _scratch_w, n, SPLICE_F_NONBLOCK)
+            if c != n:  # not expected (same size, empty): copy the round for the rest
+                if c > 0:
+                    _discard(_scratch_r, c)
+                if shared is None:
+                    shared = _drain(src, n)
+                else:
+                    _discard(src, n)
+                if queued is None:
+                    queued = []
+                for obj in rx[i:]:
+                    queued.append((obj, shared))
+                return queued
+            fd = _scratch_r
+        if busy:
+            if shared is None:
+                shared = _drain(fd, n)
+            elif i == k - 1:
+                _discard(src, n)  # src must end empty
+        else:
+            while left > 0:
+                m = splice(fd, NULL, t.fd, NULL, left, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if m <= 0:
+                    break
+                left -= m
+            if not left:
+                continue
+            if left < n:
+                rest = _drain(fd, left)
+            elif shared is None:
+                rest = shared = _drain(fd, n)
+            else:
+                _discard(fd, n)
+                rest = shared
+        if queued is None:
+            queued = []
+        queued.append((t, rest if not busy else shared))
+    return queued
+
+
+cdef bytes _drain(int fd, Py_ssize_t n):
+    """The ``n`` bytes a pipe holds, as bytes."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    _read_exactly(fd, out, n)
+    return out
+
+
+cdef void _discard(int fd, Py_ssize_t n) except *:
+    """Empty a pipe of its ``n`` bytes (into the read buffer, unused here)."""
+    cdef char *p = _buf
+    cdef Py_ssize_t step
+    while n > 0:
+        step = min(n, _round)
+        _read_exactly(fd, p, step)
+        n -= step
+
+
+cdef void _read_exactly(int fd, char *p, Py_ssize_t n) except *:
+    cdef Py_ssize_t got = 0
+    cdef ssize_t r
+    while got < n:
+        r = read(fd, p + got, n - got)
+        if r <= 0:  # cannot happen: the pipe holds n bytes
+            raise OSError("pipe drained short")
+        got += r
 
 
 def fanout(bytes chunk, tuple targets, object sender, double now):

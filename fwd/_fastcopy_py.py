@@ -2,6 +2,7 @@
 without a C compiler (select it with ``FWD_PURE_PYTHON=1``)."""
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import time
@@ -19,36 +20,42 @@ _now = time.monotonic  # the clock under loop.time(), uvloop's and asyncio's
 _splice_min = 0
 _pipes_left = 0
 _round = 0
+_tee = False
+_scratch: tuple[int, int] | None = None  # (read end, write end), see _fastcopy.pyx
+_libc = ctypes.CDLL(None, use_errno=True)  # os has splice() but no tee()
+_libc.tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+_libc.tee.restype = ctypes.c_ssize_t
 
 
-def bind(buf: bytearray, small: int, router: Any, splice_min: int = 0, pipes: int = 0) -> None:
+def bind(buf: bytearray, small: int, router: Any, splice_min: int = 0, pipes: int = 0,
+         tee: bool = False) -> None:
     """Give this process's sessions their read buffer (``small``: how much of it
     a session that is not live yet may fill) and routing table. A
     session whose read brings ``splice_min`` bytes or more (0: never) for one
-    local receiver gets a pipe, while fewer than ``pipes`` are open here, and
-    from then on its bytes go to that receiver by splice(2), a read's worth
-    (``len(buf)``) per round: what a receiver does not take is queued, as
-    much as one read would have queued."""
-    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round
+    local receiver, or with ``tee`` for several, gets a pipe, while fewer than
+    ``pipes`` are open here, and from then on its bytes go to those receivers
+    by splice(2), a read's worth (``len(buf)``) per round: what a receiver
+    does not take is queued, as much as one read would have queued."""
+    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee
     _buf, _view = buf, memoryview(buf)
     _round = len(buf)
     _small = _view[:small]
     _router = router
-    _splice_min, _pipes_left = splice_min, pipes
+    _splice_min, _pipes_left, _tee = splice_min, pipes, tee
 
 
-def _single(route: Any, sender: Any) -> Any:
-    """The one local receiver of a route that reaches nothing else, or None."""
-    if not route.local:
+def _receivers(route: Any, sender: Any, ready: bool) -> list[Any] | None:
+    """The local receivers of a route that reaches nothing else now, if a
+    splice round may serve them (one, or several with tee); with ``ready``,
+    only if one of them at least has nothing queued. None otherwise."""
+    if not route.local and not sender.hub.all_local(route):
         return None
-    found = None
-    for t in route.targets:
-        if t is sender:
-            continue
-        if found is not None:
-            return None
-        found = t
-    return found
+    rx = [t for t in route.targets if t is not sender]
+    if not rx or (len(rx) > 1 and not _tee):
+        return None
+    if ready and all(t.transport.get_write_buffer_size() for t in rx):
+        return None
+    return rx
 
 
 class Relay:
@@ -94,20 +101,24 @@ class Relay:
         elif chunk is not None:
             self._queued(route, chunk, nbytes, now)  # type: ignore[attr-defined]
         if _splice_min and nbytes >= _splice_min and not self.bulk:
-            self.bulk = _single(route, self) is not None
+            self.bulk = _receivers(route, self, False) is not None
 
     def _splice(self) -> bool:
         route = self.route
         if route is None or route.generation != _router.generation:
             route = self.route = _router.route(self)
-        t = _single(route, self)
-        if t is None or t.writing_paused or t.transport.get_write_buffer_size():
+        rx = _receivers(route, self, True)
+        if rx is None:
             return False
         if self.pipe_w < 0 and not self._open_pipe():
             self.bulk = False
             return False
-        moved = left = 0
-        while moved < ROUND_MAX:
+        if len(rx) > 1 and _scratch is None and not _open_scratch():
+            self.bulk = False
+            return False
+        moved = 0
+        queued = None
+        while moved * len(rx) < ROUND_MAX:
             try:
                 n = os.splice(self.fd, self.pipe_w, _round, flags=_FLAGS)
             except OSError:  # empty or an error: uvloop's read finds out which
@@ -115,53 +126,32 @@ class Relay:
             if not n:  # EOF: uvloop's read sees it too
                 break
             moved += n
-            left = n
-            while left:
-                try:
-                    m = os.splice(self.pipe_r, t.fd, left, flags=_FLAGS)
-                except OSError:
-                    break
-                if not m:
-                    break
-                left -= m
-            if left or n < _splice_min:  # the receiver is full, or this is no bulk now
+            queued = _spread(self.pipe_r, n, rx)
+            if queued is not None or n < _splice_min:  # a receiver is full, or no bulk now
                 break
         if not moved:
             return False
         if moved < _splice_min:  # a trickle: plain reads again, until a big one
             self.bulk = False
         now = _now()
-        self.last_active = t.last_active = now
+        self.last_active = now
         self.bytes_in += moved
-        t.bytes_out += moved
-        if left:
-            rest = b""
-            while len(rest) < left:  # the pipe holds exactly ``left`` bytes
-                rest += os.read(self.pipe_r, left - len(rest))
+        for t in rx:
+            t.last_active = now
+            t.bytes_out += moved
+        if queued is None:
+            return False
+        for t, rest in queued:
             t.transport.write(rest)
             # Not from inside uvloop's buffer callback: see _fastcopy.pyx.
             self.hub.loop.call_soon(self._spliced_rest, t, rest, now)  # type: ignore[attr-defined]
-            return True
-        return False
+        return True
 
     def _open_pipe(self) -> bool:
-        global _pipes_left
-        if _pipes_left <= 0:
+        fds = _new_pipe()
+        if fds is None:
             return False
-        try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _round)
-        except OSError:  # refused beyond the user's quota
-            pass
-        if fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) < min(_round, PIPE_MIN):
-            os.close(r)
-            os.close(w)
-            return False
-        self.pipe_r, self.pipe_w = r, w
-        _pipes_left -= 1
+        self.pipe_r, self.pipe_w = fds
         return True
 
     def close_pipe(self) -> None:
@@ -173,6 +163,99 @@ class Relay:
             os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
             _pipes_left += 1
+
+
+def _new_pipe() -> tuple[int, int] | None:
+    """A pipe of one round's size, out of this process's budget."""
+    global _pipes_left
+    if _pipes_left <= 0:
+        return None
+    try:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _round)
+    except OSError:  # refused beyond the user's quota
+        pass
+    if fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) < min(_round, PIPE_MIN):
+        os.close(r)
+        os.close(w)
+        return None
+    _pipes_left -= 1
+    return r, w
+
+
+def _open_scratch() -> bool:
+    """The worker's one scratch pipe, for tee(2): kept for the process's life."""
+    global _scratch
+    _scratch = _new_pipe()
+    return _scratch is not None
+
+
+def _spread(src: int, n: int, rx: list[Any]) -> list[tuple[Any, bytes]] | None:
+    """Send the ``n`` bytes in pipe ``src`` to every receiver of ``rx`` and
+    leave the pipe empty (see _fastcopy.pyx): tee(2) for all but the last,
+    bytes queued behind what a receiver has queued, one shared copy for the
+    receivers that take none of the round."""
+    assert _scratch is not None or len(rx) == 1
+    queued: list[tuple[Any, bytes]] = []
+    shared = None
+    k = len(rx)
+    for i, t in enumerate(rx):
+        busy = t.transport.get_write_buffer_size() > 0
+        fd = src
+        if i < k - 1 and not (busy and shared is not None):
+            assert _scratch is not None
+            c = _libc.tee(src, _scratch[1], n, os.SPLICE_F_NONBLOCK)
+            if c != n:  # not expected (same size, empty): copy the round for the rest
+                if c > 0:
+                    _read_exactly(_scratch[0], c)
+                if shared is None:
+                    shared = _read_exactly(src, n)
+                else:
+                    _read_exactly(src, n)
+                queued.extend((r, shared) for r in rx[i:])
+                return queued
+            fd = _scratch[0]
+        if busy:
+            if shared is None:
+                shared = _read_exactly(fd, n)
+            elif i == k - 1:
+                _read_exactly(src, n)  # src must end empty
+            queued.append((t, shared))
+            continue
+        left = n
+        while left:
+            try:
+                m = os.splice(fd, t.fd, left, flags=_FLAGS)
+            except OSError:
+                break
+            if not m:
+                break
+            left -= m
+        if not left:
+            continue
+        if left < n:
+            rest = _read_exactly(fd, left)
+        elif shared is None:
+            rest = shared = _read_exactly(fd, n)
+        else:
+            _read_exactly(fd, n)
+            rest = shared
+        queued.append((t, rest))
+    return queued or None
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    """The ``n`` bytes a pipe holds."""
+    out = b""
+    while len(out) < n:
+        part = os.read(fd, n - len(out))
+        if not part:  # cannot happen: the pipe holds n bytes
+            raise OSError("pipe drained short")
+        out += part
+    return out
 
 
 def fanout(chunk: bytes, targets: tuple[Any, ...], sender: Any, now: float) -> list[Any] | None:

@@ -28,6 +28,7 @@ from .protocol import failure_reason
 from .routing import Backpressure, Route, Router
 from .runtime import FD_RESERVE, set_title, setup_logging
 from .session import HANDSHAKE_READ, Session, St
+from .sockopts import congestion_of_new_sockets, paces
 
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
@@ -78,7 +79,9 @@ class Hub:
         if config.splice_min and not pipes:
             log.warning("no splice pipes: the file descriptor limit leaves none beside "
                         "--max-conns %d, so bulk pairs are copied", config.max_conns)
-        bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min, pipes)
+        # Fan-out rounds by tee(2) unless the sockets' congestion control paces.
+        tee = not paces(congestion_of_new_sockets(config.tcp_congestion))
+        bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min, pipes, tee)
         # A dict, not a set: at 10,000 entries a set's table is about four
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}
@@ -171,6 +174,16 @@ class Hub:
         """Whether "everyone" bytes concern another worker now: one is awake, or
         one has a full receiver this sender must wait for."""
         return bool(self.awake_peers()) or any(n > 0 for n in self.remote_full_count.values())
+
+    def all_local(self, route: Route[Session]) -> bool:
+        """Whether the local targets of ``route`` are all its bytes reach now:
+        an "everyone" route may also reach other workers and sessions still
+        in their sniff window."""
+        if route.local:
+            return True
+        if not route.to_all or route.missing or route.remote or self.pending:
+            return False
+        return self.mesh is None or not self.reaches_peers()
 
     def forward_remote(self, route: Route[Session], chunk: bytes) -> list[Any]:
         """Send ``chunk`` to the other workers ``route`` reaches; return what to wait on."""

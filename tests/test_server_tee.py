@@ -1,0 +1,121 @@
+"""Fan-out of a bulk stream through tee(2): each local receiver gets the same
+pages, byte-exact, a receiver that falls behind gets the rest queued, and the
+copy path stays where the congestion control paces (docs/ARCHITECTURE.md,
+"Bulk streams go through a pipe")."""
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers import Sender, wait_until
+from test_server_broadcast import raw_client
+from test_server_splice import MiB, pipes
+
+pytestmark = pytest.mark.both_impls
+
+
+class Receiver(threading.Thread):
+    """Reads ``size`` bytes (in pieces of ``piece``), keeping their sha256."""
+
+    def __init__(self, sock: socket.socket, size: int, piece: int = 1 << 20) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.size, self.piece = sock, size, piece
+        self.hash = hashlib.sha256()
+        self.got = 0
+
+    def run(self) -> None:
+        while self.got < self.size:
+            chunk = self.sock.recv(min(self.piece, self.size - self.got))
+            if not chunk:
+                return
+            self.hash.update(chunk)
+            self.got += len(chunk)
+
+    def digest(self, timeout: float = 60.0) -> str:
+        self.join(timeout)
+        assert not self.is_alive(), f"receiver stuck at {self.got} of {self.size} bytes"
+        return self.hash.hexdigest()
+
+
+def fan_out(server, recvers: list[str] | None, size: int, slow: int | None = None) -> int:
+    """Three receivers, then a sender naming ``recvers`` (None: everyone else);
+    every receiver must get exactly the sender's bytes. ``slow``: the first
+    receiver reads through a small buffer, this many bytes at a time. Returns
+    the worker's pipe descriptors added while the stream ran."""
+    socks = []
+    for name in ("r1", "r2", "r3"):
+        sock, _ = server.handshake(name, ["nobody"])
+        socks.append(sock)
+    if slow:
+        socks[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sender, _ = server.handshake("src", recvers)
+    worker = server.worker_of(sender)
+    before = pipes(worker)
+    readers = [Receiver(s, size, piece=slow if slow and i == 0 else 1 << 20)
+               for i, s in enumerate(socks)]
+    for r in readers:
+        r.start()
+    up = Sender(sender, size, block=1 << 18)
+    up.start()
+    for r in readers:
+        assert r.digest() == up.digest
+    up.finish()
+    during = pipes(worker) - before
+    sender.close()
+    for s in socks:
+        s.close()
+    return during
+
+
+@pytest.mark.parametrize("recvers", [None, ["r1", "r2", "r3"]], ids=["everyone", "named"])
+def test_fan_out_is_teed_to_every_receiver(start_server, recvers):
+    """reno does not pace: the sender gets a pipe and the worker its scratch
+    pipe for tee(2) (two descriptors each), which it keeps."""
+    server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno")
+    assert fan_out(server, recvers, 24 * MiB) == 4
+    worker = server.workers()[0]
+    wait_until(lambda: server.ctl_json("status")["totals"]["spliced_sessions"] == 0, 10,
+               "the sender's pipe to be closed")
+    assert server.ctl_json("status")["totals"]["spliced_sessions"] == 0
+    assert pipes(worker) >= 2  # the scratch pipe stays
+
+
+def test_a_receiver_that_falls_behind_gets_the_rest_queued(start_server):
+    """The slow receiver takes rounds in part or not at all: its rest is read
+    back out of the pipe and queued, while the others keep being teed."""
+    server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno",
+                          "--max-buffer", "256KiB", "--slow-timeout", "0")
+    assert fan_out(server, None, 16 * MiB, slow=4096) == 4
+
+
+def test_broadcast_fan_out_is_teed(start_server):
+    server = start_server("--mode", "broadcast", "--workers", "1", "--tcp-congestion", "reno")
+    socks = [raw_client(server) for _ in range(3)]
+    src = raw_client(server)
+    worker = server.worker_of(src)
+    # Every client is out of its sniff window (bytes reach it) before the stream.
+    src.sendall(b"x")
+    for s in socks:
+        assert s.recv(1) == b"x"
+    before = pipes(worker)
+    readers = [Receiver(s, 16 * MiB) for s in socks]
+    for r in readers:
+        r.start()
+    up = Sender(src, 16 * MiB, block=1 << 18)
+    up.start()
+    for r in readers:
+        assert r.digest() == up.digest
+    up.finish()
+    assert pipes(worker) - before == 4
+
+
+def test_fan_out_is_copied_where_the_congestion_control_paces(start_server):
+    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    if "bbr" not in available:
+        pytest.skip("this kernel has no BBR")
+    server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "bbr")
+    assert fan_out(server, None, 16 * MiB) == 0
