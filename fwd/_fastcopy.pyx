@@ -51,6 +51,8 @@ cdef Py_ssize_t _splice_min = 0
 cdef int _pipes_left = 0
 cdef Py_ssize_t _round = 0  # bytes per splice round: one read's worth
 cdef bint _tee = False  # fan-out rounds too (see bind)
+cdef bint _keeps = False  # _receivers' second result: the route reaches more than them
+cdef object _kept = None  # _spread's second result: the round as bytes, if asked for
 cdef int _scratch_r = -1  # the pipe tee(2) fills for one receiver at a time
 cdef int _scratch_w = -1
 
@@ -108,6 +110,9 @@ cdef class Relay:
     cdef public bint bulk  # a read of splice_min or more went to one receiver
     cdef public int pipe_r
     cdef public int pipe_w
+    # A spliced round the rest of its route (other workers, held bytes) has
+    # not had yet: (route, bytes, now), see flush_rest.
+    cdef public object unsent
 
     def __cinit__(self):
         self.pipe_r = self.pipe_w = -1
@@ -139,6 +144,8 @@ cdef class Relay:
         if not self.live:
             self._read_early(nbytes)
             return
+        if self.unsent is not None:
+            self.flush_rest()
         global _full
         cdef double now = _now()
         self.last_active = now
@@ -167,15 +174,19 @@ cdef class Relay:
         more than the copy (a 64 B message stream made 20-40 splice calls per
         event), so a session whose rounds shrink goes back to plain reads
         until one brings splice_min again."""
+        global _kept
+        if self.unsent is not None:  # not expected: buffer_updated delivers it
+            return False
         self._fresh_route()
         cdef list rx = _receivers(self._route, self, True)
         if rx is None:
             return False
+        cdef bint keep = _keeps
         if self.pipe_w < 0 and not self._open_pipe():
             self.bulk = False
             return False
         cdef Py_ssize_t k = len(rx)
-        if k > 1 and _scratch_w < 0 and not _open_scratch():
+        if (k > 1 or keep) and _scratch_w < 0 and not _open_scratch():
             self.bulk = False
             return False
         cdef ssize_t n
@@ -186,8 +197,10 @@ cdef class Relay:
             if n <= 0:  # empty, EOF or an error: uvloop's read finds out which
                 break
             moved += n
-            queued = _spread(self.pipe_r, n, rx)
-            if queued is not None or n < _splice_min:  # a receiver is full, or no bulk now
+            queued = _spread(self.pipe_r, n, rx, keep)
+            # A receiver is full, this is no bulk now, or the rest of the route
+            # must have this round before another.
+            if queued is not None or n < _splice_min or keep:
                 break
         if not moved:
             return False
@@ -201,8 +214,13 @@ cdef class Relay:
             t = <Relay>obj
             t.last_active = now
             t.bytes_out += moved
+        if keep:
+            self.unsent, _kept = (self._route, _kept, now), None
+            # Before this session's next byte (buffer_updated, eof_received,
+            # connection_lost flush it too), and where pausing is safe.
+            self.hub.loop.call_soon(self.flush_rest)
         if queued is None:
-            return False
+            return keep
         for t, rest in queued:
             t.transport.write(rest)
             # Its backpressure may pause this sender, which libuv must not see
@@ -210,6 +228,15 @@ cdef class Relay:
             # callback): apply it right after.
             self.hub.loop.call_soon(self._spliced_rest, t, rest, now)
         return True
+
+    def flush_rest(self):
+        """Give the last spliced round to the rest of its route: other
+        workers, held bytes, clients in their sniff window."""
+        unsent = self.unsent
+        if unsent is not None:
+            self.unsent = None
+            route, chunk, now = unsent
+            self._route_rest(route, chunk, len(chunk), now, None)
 
     cdef bint _open_pipe(self):
         cdef int fds[2]
@@ -254,12 +281,13 @@ cdef bint _open_scratch():
 
 
 cdef list _receivers(object route, Relay sender, bint ready):
-    """The local receivers of a route that reaches nothing else now, if a
-    splice round may serve them (one, or several with tee); with ``ready``,
-    only if one of them at least has nothing queued (the others get their
-    part queued behind what they have). None otherwise."""
-    if not route.local and not sender.hub.all_local(route):
-        return None
+    """The local receivers of a route, if a splice round may serve them (one
+    that is all the route reaches, or with tee several, or some besides other
+    workers or held bytes, which get a copy); with ``ready``, only if one of
+    them at least has nothing queued (the others get their part queued behind
+    what they have). None otherwise. Sets _keeps: the route needs a copy."""
+    global _keeps
+    _keeps = not route.local and not sender.hub.all_local(route)
     cdef list rx = []
     cdef bint idle = False
     cdef Relay t
@@ -270,18 +298,20 @@ cdef list _receivers(object route, Relay sender, bint ready):
         if ready and not idle:
             idle = not t.transport.get_write_buffer_size()
         rx.append(t)
-    if not rx or (len(rx) > 1 and not _tee) or (ready and not idle):
+    if not rx or ((len(rx) > 1 or _keeps) and not _tee) or (ready and not idle):
         return None
     return rx
 
 
-cdef list _spread(int src, ssize_t n, list rx):
+cdef list _spread(int src, ssize_t n, list rx, bint keep):
     """Send the ``n`` bytes in pipe ``src`` to every receiver of ``rx`` and
     leave the pipe empty: each but the last gets a tee(2) of them through the
     scratch pipe (the same pages, no copy), the last gets ``src`` itself. A
     receiver with bytes queued gets these queued behind them. Returns what
     must be queued, as (receiver, bytes) pairs, or None. The receivers that
-    take none of the round share one bytes object: one copy at most."""
+    take none of the round share one bytes object, and so does the rest of
+    the route with ``keep`` (left in _kept): one copy at most."""
+    global _kept
     cdef list queued = None
     cdef object shared = None
     cdef object rest
@@ -290,6 +320,10 @@ cdef list _spread(int src, ssize_t n, list rx):
     cdef int fd
     cdef bint busy
     cdef Relay t
+    if keep:
+        shared = _tee_copy(src, n)
+        if shared is None:
+            return _copied(src, n, rx, 0, None, None)
     for i in range(k):
         t = <Relay>rx[i]
         busy = t.transport.get_write_buffer_size() > 0
@@ -297,18 +331,10 @@ cdef list _spread(int src, ssize_t n, list rx):
         left = n
         if i < k - 1 and not (busy and shared is not None):
             c = tee(src, _scratch_w, n, SPLICE_F_NONBLOCK)
-            if c != n:  # not expected (same size, empty): copy the round for the rest
+            if c != n:
                 if c > 0:
                     _discard(_scratch_r, c)
-                if shared is None:
-                    shared = _drain(src, n)
-                else:
-                    _discard(src, n)
-                if queued is None:
-                    queued = []
-                for obj in rx[i:]:
-                    queued.append((obj, shared))
-                return queued
+                return _copied(src, n, rx, i, shared, queued)
             fd = _scratch_r
         if busy:
             if shared is None:
@@ -333,6 +359,34 @@ cdef list _spread(int src, ssize_t n, list rx):
         if queued is None:
             queued = []
         queued.append((t, rest if not busy else shared))
+    _kept = shared
+    return queued
+
+
+cdef object _tee_copy(int src, ssize_t n):
+    """The ``n`` bytes in pipe ``src`` as bytes, leaving them there; None if
+    tee(2) falls short."""
+    cdef ssize_t c = tee(src, _scratch_w, n, SPLICE_F_NONBLOCK)
+    if c == n:
+        return _drain(_scratch_r, n)
+    if c > 0:
+        _discard(_scratch_r, c)
+    return None
+
+
+cdef list _copied(int src, ssize_t n, list rx, Py_ssize_t i, object shared, list queued):
+    """tee(2) fell short (not expected: the scratch pipe is as big as ``src``
+    and empty): the receivers from ``i`` on get the round queued, copied once."""
+    global _kept
+    if shared is None:
+        shared = _drain(src, n)
+    else:
+        _discard(src, n)
+    _kept = shared
+    if queued is None:
+        queued = []
+    for obj in rx[i:]:
+        queued.append((obj, shared))
     return queued
 
 

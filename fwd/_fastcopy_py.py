@@ -44,18 +44,16 @@ def bind(buf: bytearray, small: int, router: Any, splice_min: int = 0, pipes: in
     _splice_min, _pipes_left, _tee = splice_min, pipes, tee
 
 
-def _receivers(route: Any, sender: Any, ready: bool) -> list[Any] | None:
-    """The local receivers of a route that reaches nothing else now, if a
-    splice round may serve them (one, or several with tee); with ``ready``,
-    only if one of them at least has nothing queued. None otherwise."""
-    if not route.local and not sender.hub.all_local(route):
-        return None
+def _receivers(route: Any, sender: Any, ready: bool) -> tuple[list[Any], bool] | None:
+    """The local receivers of a route, if a splice round may serve them (see
+    _fastcopy.pyx), and whether the rest of the route needs a copy."""
+    keep = not route.local and not sender.hub.all_local(route)
     rx = [t for t in route.targets if t is not sender]
-    if not rx or (len(rx) > 1 and not _tee):
+    if not rx or ((len(rx) > 1 or keep) and not _tee):
         return None
     if ready and all(t.transport.get_write_buffer_size() for t in rx):
         return None
-    return rx
+    return rx, keep
 
 
 class Relay:
@@ -64,7 +62,7 @@ class Relay:
     # Session.__init__ sets every one of these (the compiled class starts them
     # at zero, None and False).
     __slots__ = ("hub", "transport", "route", "fd", "last_active", "bytes_in", "bytes_out",
-                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w")
+                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w", "unsent")
     hub: Any
     transport: Any
     route: Any
@@ -77,6 +75,7 @@ class Relay:
     bulk: bool
     pipe_r: int
     pipe_w: int
+    unsent: tuple[Any, bytes, float] | None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if not self.live:
@@ -89,6 +88,8 @@ class Relay:
         if not self.live:
             self._read_early(nbytes)  # type: ignore[attr-defined]
             return
+        if self.unsent is not None:
+            self.flush_rest()
         now = _now()
         self.last_active = now
         self.bytes_in += nbytes
@@ -104,16 +105,19 @@ class Relay:
             self.bulk = _receivers(route, self, False) is not None
 
     def _splice(self) -> bool:
+        if self.unsent is not None:  # not expected: buffer_updated delivers it
+            return False
         route = self.route
         if route is None or route.generation != _router.generation:
             route = self.route = _router.route(self)
-        rx = _receivers(route, self, True)
-        if rx is None:
+        found = _receivers(route, self, True)
+        if found is None:
             return False
+        rx, keep = found
         if self.pipe_w < 0 and not self._open_pipe():
             self.bulk = False
             return False
-        if len(rx) > 1 and _scratch is None and not _open_scratch():
+        if (len(rx) > 1 or keep) and _scratch is None and not _open_scratch():
             self.bulk = False
             return False
         moved = 0
@@ -126,8 +130,8 @@ class Relay:
             if not n:  # EOF: uvloop's read sees it too
                 break
             moved += n
-            queued = _spread(self.pipe_r, n, rx)
-            if queued is not None or n < _splice_min:  # a receiver is full, or no bulk now
+            queued, kept = _spread(self.pipe_r, n, rx, keep)
+            if queued is not None or n < _splice_min or keep:  # see _fastcopy.pyx
                 break
         if not moved:
             return False
@@ -139,13 +143,26 @@ class Relay:
         for t in rx:
             t.last_active = now
             t.bytes_out += moved
+        if keep:
+            assert kept is not None
+            self.unsent = (route, kept, now)
+            self.hub.loop.call_soon(self.flush_rest)  # see _fastcopy.pyx
         if queued is None:
-            return False
+            return keep
         for t, rest in queued:
             t.transport.write(rest)
             # Not from inside uvloop's buffer callback: see _fastcopy.pyx.
             self.hub.loop.call_soon(self._spliced_rest, t, rest, now)  # type: ignore[attr-defined]
         return True
+
+    def flush_rest(self) -> None:
+        """Give the last spliced round to the rest of its route: other
+        workers, held bytes, clients in their sniff window."""
+        unsent = self.unsent
+        if unsent is not None:
+            self.unsent = None
+            route, chunk, now = unsent
+            self._route_rest(route, chunk, len(chunk), now, None)  # type: ignore[attr-defined]
 
     def _open_pipe(self) -> bool:
         fds = _new_pipe()
@@ -193,30 +210,45 @@ def _open_scratch() -> bool:
     return _scratch is not None
 
 
-def _spread(src: int, n: int, rx: list[Any]) -> list[tuple[Any, bytes]] | None:
+def _spread(src: int, n: int, rx: list[Any], keep: bool
+            ) -> tuple[list[tuple[Any, bytes]] | None, bytes | None]:
     """Send the ``n`` bytes in pipe ``src`` to every receiver of ``rx`` and
     leave the pipe empty (see _fastcopy.pyx): tee(2) for all but the last,
     bytes queued behind what a receiver has queued, one shared copy for the
-    receivers that take none of the round."""
-    assert _scratch is not None or len(rx) == 1
+    receivers that take none of the round and, with ``keep``, for the rest of
+    the route. Returns (what to queue or None, that copy or None)."""
     queued: list[tuple[Any, bytes]] = []
     shared = None
     k = len(rx)
+
+    def copied(i: int) -> tuple[list[tuple[Any, bytes]], bytes]:
+        # tee fell short (not expected): the rest get the round copied once
+        nonlocal shared
+        if shared is None:
+            shared = _read_exactly(src, n)
+        else:
+            _read_exactly(src, n)
+        queued.extend((r, shared) for r in rx[i:])
+        return queued, shared
+
+    if keep:
+        assert _scratch is not None
+        c = _libc.tee(src, _scratch[1], n, os.SPLICE_F_NONBLOCK)
+        if c != n:
+            if c > 0:
+                _read_exactly(_scratch[0], c)
+            return copied(0)
+        shared = _read_exactly(_scratch[0], n)
     for i, t in enumerate(rx):
         busy = t.transport.get_write_buffer_size() > 0
         fd = src
         if i < k - 1 and not (busy and shared is not None):
             assert _scratch is not None
             c = _libc.tee(src, _scratch[1], n, os.SPLICE_F_NONBLOCK)
-            if c != n:  # not expected (same size, empty): copy the round for the rest
+            if c != n:
                 if c > 0:
                     _read_exactly(_scratch[0], c)
-                if shared is None:
-                    shared = _read_exactly(src, n)
-                else:
-                    _read_exactly(src, n)
-                queued.extend((r, shared) for r in rx[i:])
-                return queued
+                return copied(i)
             fd = _scratch[0]
         if busy:
             if shared is None:
@@ -244,7 +276,7 @@ def _spread(src: int, n: int, rx: list[Any]) -> list[tuple[Any, bytes]] | None:
             _read_exactly(fd, n)
             rest = shared
         queued.append((t, rest))
-    return queued or None
+    return queued or None, shared
 
 
 def _read_exactly(fd: int, n: int) -> bytes:

@@ -94,9 +94,9 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
 @click.option("--max-conns", type=click.IntRange(min=1), default=_D.max_conns,
               help="Connections beyond this are closed at once.")
 @click.option("--splice-min", type=_Size(), default=str(_D.splice_min),
-              help="A read this big for local receivers only sends that stream "
-                   "through a pipe with splice(2), and tee(2) for several, without "
-                   "copying it (0 = never).")
+              help="A read this big sends that stream to its local receivers through "
+                   "a pipe with splice(2), without copying it; to several by tee(2), "
+                   "unless the congestion control is BBR (0 = never).")
 @click.option("--tcp-congestion", default=None, metavar="NAME",
               help="TCP congestion control of client connections (cubic, reno, bbr...) "
               "[default: the system's].")

@@ -117,6 +117,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.fd = fd  # the socket, for send() straight from the read buffer
         self.bulk = False
         self.pipe_r = self.pipe_w = -1  # a splice pipe, once a bulk stream needs one
+        self.unsent = None  # see Relay.flush_rest
         self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
         self.adopted = adopted
 
@@ -177,23 +178,24 @@ class Session(Relay, asyncio.BufferedProtocol):
             self._sniff_input(chunk)
 
     def _queued(self, route: Route[Session], chunk: bytes, nbytes: int, now: float) -> None:
-        """Part of a read of a local-only route had to be queued: the only
-        receiver of a 1->1 route gets PAIR_MARK (see _tighten)."""
+        """Part of a read had to be queued: the only receiver of a 1->1 route
+        gets PAIR_MARK (see _tighten)."""
         if len(route.targets) == 1 and not route.targets[0].tight:
             target = route.targets[0]
             target._tighten()
             if target.writing_paused:  # already above the new mark: wait now
-                self._route_rest(route, chunk, nbytes, now, [target])
+                self._wait_for([target])
 
     def _spliced_rest(self, target: Session, rest: bytes, now: float) -> None:
         """What a receiver did not take of a splice round is in its queue: the
-        same rules as for a queued read, once uvloop is out of its callback."""
+        same rules as for a queued read, once uvloop is out of its callback.
+        The rest of the route had the round already (flush_rest)."""
         route = self.route
         if self.transport is None or target.transport is None or route is None \
                 or target not in route.targets:
             return
         if target.writing_paused:
-            self._route_rest(route, rest, len(rest), now, [target])
+            self._wait_for([target])
         else:
             self._queued(route, rest, len(rest), now)
 
@@ -202,6 +204,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         # flowing, as through socat. Anywhere else a client's EOF ends its
         # session (as with ncat --broker): its chid is freed now, and the
         # transport closes once queued bytes are flushed.
+        self.flush_rest()
         if self.state is St.HANDSHAKE:
             self._fail("connection closed during handshake")
             return True
@@ -232,6 +235,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.close("half-closed both ways")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.flush_rest()  # what was read before the end still goes out
         self.close_pipe()
         self._leave("connection lost" if exc is None else f"connection lost: {exc}")
         if self.linger is not None:
@@ -622,12 +626,16 @@ class Session(Relay, asyncio.BufferedProtocol):
                     self._note_dropped(chid, dropped)
             hub.watch_holds()
         if full:
-            pause = False
-            for target in full:
-                pause |= hub.backpressure.block(self, target)
-            if pause and self.transport is not None:
-                log.debug("paused chid=%s: a receiver is above its high-water mark", self.chid)
-                self.transport.pause_reading()
+            self._wait_for(full)
+
+    def _wait_for(self, full: list[Any]) -> None:
+        """Pause this sender until every one of ``full`` has drained."""
+        pause = False
+        for target in full:
+            pause |= self.hub.backpressure.block(self, target)
+        if pause and self.transport is not None:
+            log.debug("paused chid=%s: a receiver is above its high-water mark", self.chid)
+            self.transport.pause_reading()
 
     def _tighten(self) -> None:
         """Bytes queued for us as the one receiver of a 1->1 route: from now on

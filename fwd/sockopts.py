@@ -57,6 +57,6 @@ def paces(congestion: str) -> bool:
     (BBR does; cubic and reno do not). Fan-out by tee(2) makes the relay
     faster than BBR lets bytes out, and on a VM every throttled send then
     costs a timer: fan-out 1->10 measured 4,297 MiB/s copied against 2,840
-    with tee under BBR, and 6,576 against 8,011 under cubic
-    (bench/README.md, "Fan-out through tee")."""
+    with tee under BBR, and 6,727 against 9,736 under cubic
+    (docs/ARCHITECTURE.md, "Fan-out through tee")."""
     return congestion.startswith("bbr")

@@ -119,3 +119,46 @@ def test_fan_out_is_copied_where_the_congestion_control_paces(start_server):
         pytest.skip("this kernel has no BBR")
     server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "bbr")
     assert fan_out(server, None, 16 * MiB) == 0
+
+
+def test_fan_out_over_workers_tees_to_the_local_receivers(start_server):
+    """The sender's worker tees each round to its own receivers and gives one
+    copy of it to the other workers."""
+    server = start_server("--mode", "chan", "--workers", "3", "--tcp-congestion", "reno")
+    socks = [server.handshake(f"r{i}", [f"nobody{i}"])[0] for i in range(6)]
+    src, _ = server.handshake("src", [])  # everyone else
+    worker = server.worker_of(src)
+    assert len({server.worker_of(s) for s in socks}) == 3
+    assert any(server.worker_of(s) == worker for s in socks)
+    before = pipes(worker)
+    readers = [Receiver(s, 24 * MiB) for s in socks]
+    for r in readers:
+        r.start()
+    up = Sender(src, 24 * MiB, block=1 << 18)
+    up.start()
+    for r in readers:
+        assert r.digest() == up.digest
+    up.finish()
+    assert pipes(worker) - before == 4
+
+
+def test_held_bytes_get_every_spliced_round(start_server):
+    """A sender names a live receiver and one not up yet: rounds are spliced to
+    the first and held, copied once, for the other, which gets them all."""
+    server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno",
+                          "--hold-bytes", "32MiB")
+    r1, _ = server.handshake("r1", ["nobody"])
+    src, _ = server.handshake("src", ["r1", "late"])
+    worker = server.worker_of(src)
+    before = pipes(worker)
+    reader = Receiver(r1, 16 * MiB)
+    reader.start()
+    up = Sender(src, 16 * MiB, block=1 << 18)
+    up.start()
+    assert reader.digest() == up.digest
+    up.finish()
+    assert pipes(worker) - before == 4
+    late, _ = server.handshake("late", ["nobody"])
+    late_reader = Receiver(late, 16 * MiB)
+    late_reader.start()
+    assert late_reader.digest() == up.digest
