@@ -107,7 +107,7 @@ cdef class Relay:
     cdef public long long bytes_out
     cdef public bint writing_paused
     cdef public bint live
-    cdef public bint bulk  # a read of splice_min or more went to one receiver
+    cdef public bint bulk  # a read of splice_min or more went to local receivers
     cdef public int pipe_r
     cdef public int pipe_w
     # A spliced round the rest of its route (other workers, held bytes) has
@@ -135,8 +135,10 @@ cdef class Relay:
         if not self.live:
             return _small
         if self.bulk and self._splice():
-            # The receiver queued part of a round: until the pause that follows
-            # (see _splice) the read libuv makes now may add only a little.
+            # The read libuv makes now goes the copy path: after a round let it
+            # take little. Rounds stop at 4 MiB with more in the socket (a full
+            # read here was 7% of a 1->1 stream, copied), and a receiver that
+            # queued part of a round may pause this sender right after.
             return _small
         return _view
 
@@ -167,9 +169,10 @@ cdef class Relay:
     cdef bint _splice(self) except -1:
         """Move what the socket holds to the local receivers through a pipe,
         with no copy to user space, before uvloop's read (which then finds
-        little or nothing). Only while no receiver has anything queued; what
-        one does not take is read back out of the pipe and queued like any
-        partial write, so the pipes are empty between events. Rounds go on
+        little or nothing). Only while one receiver at least has nothing
+        queued; what one does not take is read back out of the pipe and
+        queued like any partial write, so the pipes are empty between events,
+        and the rest of the route gets a copy (flush_rest). Rounds go on
         only while each brings splice_min bytes or more: small rounds cost
         more than the copy (a 64 B message stream made 20-40 splice calls per
         event), so a session whose rounds shrink goes back to plain reads
@@ -220,7 +223,7 @@ cdef class Relay:
             # connection_lost flush it too), and where pausing is safe.
             self.hub.loop.call_soon(self.flush_rest)
         if queued is None:
-            return keep
+            return True
         for t, rest in queued:
             t.transport.write(rest)
             # Its backpressure may pause this sender, which libuv must not see

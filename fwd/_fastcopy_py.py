@@ -148,7 +148,7 @@ class Relay:
             self.unsent = (route, kept, now)
             self.hub.loop.call_soon(self.flush_rest)  # see _fastcopy.pyx
         if queued is None:
-            return keep
+            return True
         for t, rest in queued:
             t.transport.write(rest)
             # Not from inside uvloop's buffer callback: see _fastcopy.pyx.
