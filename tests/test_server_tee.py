@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -162,3 +163,25 @@ def test_held_bytes_get_every_spliced_round(start_server):
     late_reader = Receiver(late, 16 * MiB)
     late_reader.start()
     assert late_reader.digest() == up.digest
+
+
+def test_a_receiver_that_vanishes_mid_stream_costs_the_others_nothing(start_server):
+    """One receiver resets its connection while rounds are being teed: the
+    other two still get every byte."""
+    server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno")
+    socks = [server.handshake(name, ["nobody"])[0] for name in ("r1", "r2", "r3")]
+    src, _ = server.handshake("src", None)
+    readers = [Receiver(s, 24 * MiB) for s in socks[1:]]
+    for r in readers:
+        r.start()
+    gone = Receiver(socks[0], 4 * MiB)
+    gone.start()
+    up = Sender(src, 24 * MiB, block=1 << 18)
+    up.start()
+    gone.digest()  # it read 4 MiB of the stream: now it vanishes
+    socks[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    socks[0].close()
+    for r in readers:
+        assert r.digest() == up.digest
+    up.finish()
+    server.wait_log(r"session end chid=r1 ")
