@@ -42,34 +42,39 @@ class Receiver(threading.Thread):
         return self.hash.hexdigest()
 
 
-def fan_out(server, recvers: list[str] | None, size: int, slow: int | None = None) -> int:
-    """Three receivers, then a sender naming ``recvers`` (None: everyone else);
-    every receiver must get exactly the sender's bytes. ``slow``: the first
-    receiver reads through a small buffer, this many bytes at a time. Returns
-    the worker's pipe descriptors added while the stream ran."""
-    socks = []
-    for name in ("r1", "r2", "r3"):
-        sock, _ = server.handshake(name, ["nobody"])
-        socks.append(sock)
-    if slow:
-        socks[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sender, _ = server.handshake("src", recvers)
-    worker = server.worker_of(sender)
+def exact_stream(server, src: socket.socket, socks: list[socket.socket], size: int,
+                 slow: int | None = None) -> tuple[int, str]:
+    """``size`` random bytes from ``src``, which every one of ``socks`` must
+    get exactly (the first reading ``slow`` bytes at a time, if given).
+    Returns the pipe descriptors src's worker added meanwhile, and the
+    bytes' sha256."""
+    worker = server.worker_of(src)
     before = pipes(worker)
     readers = [Receiver(s, size, piece=slow if slow and i == 0 else 1 << 20)
                for i, s in enumerate(socks)]
     for r in readers:
         r.start()
-    up = Sender(sender, size, block=1 << 18)
+    up = Sender(src, size, block=1 << 18)
     up.start()
     for r in readers:
         assert r.digest() == up.digest
     up.finish()
-    during = pipes(worker) - before
+    return pipes(worker) - before, up.digest
+
+
+def fan_out(server, recvers: list[str] | None, size: int, slow: int | None = None) -> int:
+    """Three receivers, then a sender naming ``recvers`` (None: everyone else);
+    ``slow``: the first receiver reads through a small buffer (exact_stream).
+    Returns the worker's pipe descriptors added while the stream ran."""
+    socks = [server.handshake(name, ["nobody"])[0] for name in ("r1", "r2", "r3")]
+    if slow:
+        socks[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sender, _ = server.handshake("src", recvers)
+    added, _ = exact_stream(server, sender, socks, size, slow)
     sender.close()
     for s in socks:
         s.close()
-    return during
+    return added
 
 
 @pytest.mark.parametrize("recvers", [None, ["r1", "r2", "r3"]], ids=["everyone", "named"])
@@ -97,21 +102,11 @@ def test_broadcast_fan_out_is_teed(start_server):
     server = start_server("--mode", "broadcast", "--workers", "1", "--tcp-congestion", "reno")
     socks = [raw_client(server) for _ in range(3)]
     src = raw_client(server)
-    worker = server.worker_of(src)
     # Every client is out of its sniff window (bytes reach it) before the stream.
     src.sendall(b"x")
     for s in socks:
         assert s.recv(1) == b"x"
-    before = pipes(worker)
-    readers = [Receiver(s, 16 * MiB) for s in socks]
-    for r in readers:
-        r.start()
-    up = Sender(src, 16 * MiB, block=1 << 18)
-    up.start()
-    for r in readers:
-        assert r.digest() == up.digest
-    up.finish()
-    assert pipes(worker) - before == 4
+    assert exact_stream(server, src, socks, 16 * MiB)[0] == 4
 
 
 def test_fan_out_is_copied_where_the_congestion_control_paces(start_server):
@@ -131,16 +126,7 @@ def test_fan_out_over_workers_tees_to_the_local_receivers(start_server):
     worker = server.worker_of(src)
     assert len({server.worker_of(s) for s in socks}) == 3
     assert any(server.worker_of(s) == worker for s in socks)
-    before = pipes(worker)
-    readers = [Receiver(s, 24 * MiB) for s in socks]
-    for r in readers:
-        r.start()
-    up = Sender(src, 24 * MiB, block=1 << 18)
-    up.start()
-    for r in readers:
-        assert r.digest() == up.digest
-    up.finish()
-    assert pipes(worker) - before == 4
+    assert exact_stream(server, src, socks, 24 * MiB)[0] == 4
 
 
 def test_held_bytes_get_every_spliced_round(start_server):
@@ -150,19 +136,12 @@ def test_held_bytes_get_every_spliced_round(start_server):
                           "--hold-bytes", "32MiB")
     r1, _ = server.handshake("r1", ["nobody"])
     src, _ = server.handshake("src", ["r1", "late"])
-    worker = server.worker_of(src)
-    before = pipes(worker)
-    reader = Receiver(r1, 16 * MiB)
-    reader.start()
-    up = Sender(src, 16 * MiB, block=1 << 18)
-    up.start()
-    assert reader.digest() == up.digest
-    up.finish()
-    assert pipes(worker) - before == 4
+    added, digest = exact_stream(server, src, [r1], 16 * MiB)
+    assert added == 4
     late, _ = server.handshake("late", ["nobody"])
     late_reader = Receiver(late, 16 * MiB)
     late_reader.start()
-    assert late_reader.digest() == up.digest
+    assert late_reader.digest() == digest
 
 
 def test_a_receiver_that_vanishes_mid_stream_costs_the_others_nothing(start_server):
