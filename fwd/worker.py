@@ -80,7 +80,10 @@ class Hub:
             log.warning("no splice pipes: the file descriptor limit leaves none beside "
                         "--max-conns %d, so bulk pairs are copied", config.max_conns)
         # Fan-out rounds by tee(2) unless the sockets' congestion control paces.
-        tee = not paces(congestion_of_new_sockets(config.tcp_congestion))
+        congestion = congestion_of_new_sockets(config.tcp_congestion)
+        tee = not paces(congestion)
+        log.debug("bulk fan-out: %s (congestion control %s)",
+                  "tee(2)" if tee else "copied, since it paces", congestion or "unknown")
         bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min, pipes, tee)
         # A dict, not a set: at 10,000 entries a set's table is about four
         # times larger (measured: about 75 bytes per idle session).

@@ -82,6 +82,7 @@ def test_fan_out_is_teed_to_every_receiver(start_server, recvers):
     """reno does not pace: the sender gets a pipe and the worker its scratch
     pipe for tee(2) (two descriptors each), which it keeps."""
     server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno")
+    server.wait_log(r"bulk fan-out: tee\(2\) \(congestion control reno\)")
     assert fan_out(server, recvers, 24 * MiB) == 4
     worker = server.workers()[0]
     wait_until(lambda: server.ctl_json("status")["totals"]["spliced_sessions"] == 0, 10,
@@ -114,6 +115,7 @@ def test_fan_out_is_copied_where_the_congestion_control_paces(start_server):
     if "bbr" not in available:
         pytest.skip("this kernel has no BBR")
     server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "bbr")
+    server.wait_log(r"bulk fan-out: copied, since it paces \(congestion control bbr\)")
     assert fan_out(server, None, 16 * MiB) == 0
 
 
