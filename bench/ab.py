@@ -29,8 +29,8 @@ from bench import scenarios as sc
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# case -> (what to report, how to run it against a server with ``workers``)
-CASES: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {}
+# case -> (what to report, the first deciding; how to run it against a server with ``workers``)
+CASES: dict[str, tuple[tuple[str, ...], Callable[[int], dict[str, Any]]]] = {}
 
 
 def _with_server(run: Callable[[sc.Fwd], dict[str, Any]]) -> Callable[[int], dict[str, Any]]:
@@ -44,21 +44,22 @@ def _with_server(run: Callable[[sc.Fwd], dict[str, Any]]) -> Callable[[int], dic
 
 
 _SIZES = sc.Sizes()
-CASES["handshakes"] = ("rate", _with_server(
+CASES["handshakes"] = (("rate",), _with_server(
     lambda f: sc.run_handshakes(f, _SIZES.hs_procs, 3.0, inflight=_SIZES.hs_inflight)))
-CASES["handshakes-drawn"] = ("rate", _with_server(
+CASES["handshakes-drawn"] = (("rate",), _with_server(
     lambda f: sc.run_handshakes(f, _SIZES.hs_procs, 3.0, True, _SIZES.hs_inflight)))
-CASES["handshakes-serial"] = ("rate", _with_server(lambda f: sc.run_handshakes(f, 4, 3.0)))
-CASES["stream"] = ("cpu_per_gib", _with_server(
+CASES["handshakes-serial"] = (("rate",), _with_server(lambda f: sc.run_handshakes(f, 4, 3.0)))
+CASES["stream"] = (("cpu_per_gib", "mib_s"), _with_server(
     lambda f: sc.run_stream("fwd", 1, 65536, 1 << 30, fwd=f)))
-CASES["small"] = ("rate", _with_server(lambda f: sc.run_stream("fwd", 1, 512, 192 << 20, fwd=f)))
-CASES["fanout"] = ("cpu_per_gib", _with_server(
+CASES["small"] = (("mib_s",), _with_server(
+    lambda f: sc.run_stream("fwd", 1, 512, 192 << 20, fwd=f)))
+CASES["fanout"] = (("cpu_per_gib", "mib_s"), _with_server(
     lambda f: sc.run_stream("fwd", 10, 65536, 205 << 20, fwd=f)))
-CASES["msgs"] = ("msgs_per_s", _with_server(
+CASES["msgs"] = (("msgs_per_s",), _with_server(
     lambda f: sc.run_stream("fwd", 1, 64, 64 * _SIZES.msgs, fwd=f)))
-CASES["pingpong"] = ("p50_us", _with_server(
+CASES["pingpong"] = (("p50_us",), _with_server(
     lambda f: sc.run_pingpong("fwd", 64, 20000, 2000, fwd=f, cpu=0)))
-CASES["idle"] = ("bytes_per_session", lambda workers: sc.run_idle(10_000, workers))
+CASES["idle"] = (("bytes_per_session",), lambda workers: sc.run_idle(10_000, workers))
 
 
 def build(rev: str, into: Path) -> None:
@@ -81,23 +82,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--reps", type=int, default=6, help="runs of each build (default 6)")
     args = p.parse_args(argv)
-    key, run = CASES[args.case]
+    keys, run = CASES[args.case]
     with tempfile.TemporaryDirectory(prefix="fwd-ab-") as tmp:
         build(args.rev, Path(tmp))
         paths = {"old": f"{tmp}/site{os.pathsep}{ROOT}", "new": str(ROOT)}
         os.environ["PYTHONPATH"] = str(ROOT)  # the generators' processes import bench.*
         os.chdir(tmp)
-        got: dict[str, list[float]] = {"old": [], "new": []}
+        got: dict[str, dict[str, list[float]]] = {b: {k: [] for k in keys} for b in ("old", "new")}
         for rep in range(args.reps):
             for build_name in ("old", "new") if rep % 2 == 0 else ("new", "old"):
                 os.environ["PYTHONPATH"] = paths[build_name]
-                value = float(run(args.workers)[key])
-                got[build_name].append(value)
-                print(f"rep {rep + 1}/{args.reps} {build_name}: {key} {value:,.3f}", flush=True)
-        old, new = (statistics.median(got[b]) for b in ("old", "new"))
+                result = run(args.workers)
+                for k in keys:
+                    got[build_name][k].append(float(result[k]))
+                shown = ", ".join(f"{k} {result[k]:,.3f}" for k in keys)
+                print(f"rep {rep + 1}/{args.reps} {build_name}: {shown}", flush=True)
         print(f"\n{args.case}, --workers {args.workers}, {args.reps} runs each, alternating:")
-        print(f"  {args.rev}: {key} {old:,.3f} (median)")
-        print(f"  this tree: {key} {new:,.3f} (median), {new / old:.3f}x")
+        for k in keys:
+            old, new = (statistics.median(got[b][k]) for b in ("old", "new"))
+            print(f"  {args.rev}: {k} {old:,.3f} (median)")
+            print(f"  this tree: {k} {new:,.3f} (median), {new / old:.3f}x")
     return 0
 
 

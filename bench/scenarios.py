@@ -355,6 +355,7 @@ class StreamRun:
             "short_receivers": len(bad),
             "secs": secs,
             "rate": delivered / secs,
+            "mib_s": delivered / secs / (1 << 20),
             "msgs_per_s": delivered / self.block / secs,
             "relay_cpu": relay_cpu,
             "cpu_per_gib": None if relay_cpu is None else relay_cpu / (delivered / GIB),
