@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Sender, wait_until
+from helpers import Sender, recv_exact, wait_until
 from test_server_broadcast import raw_client
 from test_server_splice import MiB, pipes
 
@@ -166,3 +166,21 @@ def test_a_receiver_that_vanishes_mid_stream_costs_the_others_nothing(start_serv
         assert r.digest() == up.digest
     up.finish()
     server.wait_log(r"session end chid=r1 ")
+
+
+def test_a_stalled_receiver_is_cut_off_and_the_others_get_every_byte(start_server):
+    """One of three receivers never reads: what it does not take of the teed
+    rounds queues up to --max-buffer, it is disconnected after
+    --slow-timeout, and the sender flows again to the other two."""
+    server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno",
+                          "--max-buffer", "256KiB", "--slow-timeout", "1")
+    stalled, _ = server.handshake("stalled", ["nobody"])
+    healthy = [server.handshake(name, ["nobody"])[0] for name in ("r2", "r3")]
+    src, _ = server.handshake("src", None)
+    mark = server.mark()
+    assert exact_stream(server, src, healthy, 48 * MiB)[0] == 4
+    server.wait_log(r"slow consumer disconnected chid=stalled ", start=mark)
+    src.sendall(b"after")
+    for s in healthy:
+        assert recv_exact(s, 5) == b"after"
+    stalled.close()
