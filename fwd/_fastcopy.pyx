@@ -319,7 +319,7 @@ cdef list _spread(int src, ssize_t n, list rx, bint keep):
     cdef object shared = None
     cdef object rest
     cdef Py_ssize_t i, k = len(rx)
-    cdef ssize_t c, m, left
+    cdef ssize_t m, left
     cdef int fd
     cdef bint busy
     cdef Relay t
@@ -333,10 +333,7 @@ cdef list _spread(int src, ssize_t n, list rx, bint keep):
         fd = src
         left = n
         if i < k - 1 and not (busy and shared is not None):
-            c = tee(src, _scratch_w, n, SPLICE_F_NONBLOCK)
-            if c != n:
-                if c > 0:
-                    _discard(_scratch_r, c)
+            if not _tee_scratch(src, n):
                 return _copied(src, n, rx, i, shared, queued)
             fd = _scratch_r
         if busy:
@@ -344,6 +341,7 @@ cdef list _spread(int src, ssize_t n, list rx, bint keep):
                 shared = _drain(fd, n)
             elif i == k - 1:
                 _discard(src, n)  # src must end empty
+            rest = shared
         else:
             while left > 0:
                 m = splice(fd, NULL, t.fd, NULL, left, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
@@ -361,20 +359,26 @@ cdef list _spread(int src, ssize_t n, list rx, bint keep):
                 rest = shared
         if queued is None:
             queued = []
-        queued.append((t, rest if not busy else shared))
+        queued.append((t, rest))
     _kept = shared
     return queued
+
+
+cdef bint _tee_scratch(int src, ssize_t n) except -1:
+    """Duplicate the ``n`` bytes in pipe ``src`` into the empty scratch pipe;
+    False (and the scratch pipe empty again) if tee(2) falls short."""
+    cdef ssize_t c = tee(src, _scratch_w, n, SPLICE_F_NONBLOCK)
+    if c == n:
+        return True
+    if c > 0:
+        _discard(_scratch_r, c)
+    return False
 
 
 cdef object _tee_copy(int src, ssize_t n):
     """The ``n`` bytes in pipe ``src`` as bytes, leaving them there; None if
     tee(2) falls short."""
-    cdef ssize_t c = tee(src, _scratch_w, n, SPLICE_F_NONBLOCK)
-    if c == n:
-        return _drain(_scratch_r, n)
-    if c > 0:
-        _discard(_scratch_r, c)
-    return None
+    return _drain(_scratch_r, n) if _tee_scratch(src, n) else None
 
 
 cdef list _copied(int src, ssize_t n, list rx, Py_ssize_t i, object shared, list queued):

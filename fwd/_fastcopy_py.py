@@ -232,24 +232,18 @@ def _spread(src: int, n: int, rx: list[Any], keep: bool
         return queued, shared
 
     if keep:
-        assert _scratch is not None
-        c = _libc.tee(src, _scratch[1], n, os.SPLICE_F_NONBLOCK)
-        if c != n:
-            if c > 0:
-                _read_exactly(_scratch[0], c)
+        teed = _tee_scratch(src, n)
+        if teed is None:
             return copied(0)
-        shared = _read_exactly(_scratch[0], n)
+        shared = _read_exactly(teed, n)
     for i, t in enumerate(rx):
         busy = t.transport.get_write_buffer_size() > 0
         fd = src
         if i < k - 1 and not (busy and shared is not None):
-            assert _scratch is not None
-            c = _libc.tee(src, _scratch[1], n, os.SPLICE_F_NONBLOCK)
-            if c != n:
-                if c > 0:
-                    _read_exactly(_scratch[0], c)
+            teed = _tee_scratch(src, n)
+            if teed is None:
                 return copied(i)
-            fd = _scratch[0]
+            fd = teed
         if busy:
             if shared is None:
                 shared = _read_exactly(fd, n)
@@ -277,6 +271,19 @@ def _spread(src: int, n: int, rx: list[Any], keep: bool
             rest = shared
         queued.append((t, rest))
     return queued or None, shared
+
+
+def _tee_scratch(src: int, n: int) -> int | None:
+    """Duplicate the ``n`` bytes in pipe ``src`` into the empty scratch pipe
+    and return its read end; None (and the scratch pipe empty again) if
+    tee(2) falls short."""
+    assert _scratch is not None
+    c = _libc.tee(src, _scratch[1], n, os.SPLICE_F_NONBLOCK)
+    if c == n:
+        return _scratch[0]
+    if c > 0:
+        _read_exactly(_scratch[0], c)
+    return None
 
 
 def _read_exactly(fd: int, n: int) -> bytes:
