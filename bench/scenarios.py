@@ -343,7 +343,7 @@ class StreamRun:
         cpu = self.cpu
         c0 = cpu() if cpu else 0.0
         self.tx.send("go")
-        _, t0, t_sent, tx_cpu = self.tx.expect("sent", gen.DEADLINE)
+        _, t0, t_sent, tx_cpu, tx_loop = self.tx.expect("sent", gen.DEADLINE)
         _, t_done, counts, rx_cpu, timed_out = self.rx.expect("done", gen.DEADLINE + 5)
         relay_cpu = (cpu() - c0) if cpu else None
         delivered = sum(counts)
@@ -361,6 +361,7 @@ class StreamRun:
             "cpu_per_gib": None if relay_cpu is None else relay_cpu / (delivered / GIB),
             "relay_cpu_share": None if relay_cpu is None else relay_cpu / secs,
             "sender_cpu_share": tx_cpu / max(t_sent - t0, 1e-9),
+            "sender_loop": tx_loop,
             "receiver_cpu_share": rx_cpu / secs,
             "workers": self.fwd.workers if self.kind == "fwd" and self.fwd else None,
         }
