@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bench import gen
 from bench import scenarios as sc
 
 MIB = float(1 << 20)
@@ -490,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     for case, why_map in skipped.items():
         for variant, why in why_map.items():
             print(f"- skipped {case}/{variant}: {why}")
+    for note in sorted({f"- {case}: the sender wrote from Python ({s['sender_loop']}), which "
+                        "may limit it" for case, by_variant in samples.items()
+                        for ss in by_variant.values() for s in ss
+                        if s.get("block", 1 << 20) < gen.SMALL_WRITE
+                        and s.get("sender_loop", "c") != "c"}):
+        print(note)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": cmd, "date": datetime.datetime.now().astimezone().isoformat(),

@@ -91,14 +91,17 @@ def c_send_loop() -> tuple[SendLoop | None, str]:
     with open(_SENDLOOP_SRC, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     so = os.path.join(tempfile.gettempdir(), f"fwd-bench-sendloop-{digest}-{os.getuid()}.so")
-    if not os.path.exists(so):
-        tmp = f"{so}.{os.getpid()}"
-        done = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, _SENDLOOP_SRC],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            return None, f"{cc} failed: {done.stderr.strip()[:200]}"
-        os.replace(tmp, so)  # atomic: a concurrent build never loads half a file
-    fn = ctypes.CDLL(so).send_loop
+    try:
+        if not os.path.exists(so):
+            tmp = f"{so}.{os.getpid()}"
+            done = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, _SENDLOOP_SRC],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                return None, f"{cc} failed: {done.stderr.strip()[:200]}"
+            os.replace(tmp, so)  # atomic: a concurrent build never loads half a file
+        fn = ctypes.CDLL(so).send_loop
+    except OSError as exc:
+        return None, f"{cc}: {exc}"
     fn.restype = ctypes.c_long
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t]
     return fn, "c"
