@@ -249,7 +249,7 @@ def sender_main(ctl: Connection, ends: Ends, block: int, total: int) -> None:
                 for send in sends:
                     send(view)
         t1 = time.monotonic()
-        ctl.send(("sent", t0, t1, cpu_self() - c0, "c" if loop is not None else how))
+        ctl.send(("sent", t0, t1, cpu_self() - c0, how))
         _wait(ctl, "close")
         for s in socks:
             s.close()
