@@ -6,7 +6,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 FWD_TEST_WORKERS ?= 1
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,12 @@ run: setup
 # FWD_TEST_WORKERS=3 runs every server the tests start with three workers.
 test: setup
 	FWD_TEST_WORKERS=$(FWD_TEST_WORKERS) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff and mypy, pinned in the `lint` extra; CI runs this first.
+lint: setup
+	$(BIN)/python -m pip install -q -e '.[lint]'
+	$(BIN)/ruff check fwd bench tests
+	$(BIN)/python -m mypy fwd bench
 
 bench: setup
 	$(BIN)/python -m pytest bench --benchmark-only $(PYTEST_ARGS)

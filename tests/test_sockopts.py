@@ -18,7 +18,7 @@ def congestion(sock: socket.socket) -> str:
 def test_accepted_sockets_get_the_listeners_congestion_control() -> None:
     # reno is built into every kernel and allowed to every user.
     (listener,) = open_listeners([("127.0.0.1", 0)], "reno")
-    with listener, socket.create_connection(listener.getsockname()) as client:
+    with listener, socket.create_connection(listener.getsockname()):
         listener.setblocking(True)
         accepted, _ = listener.accept()
         with accepted:
