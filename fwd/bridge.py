@@ -79,7 +79,7 @@ from .config import format_hostport
 from .crypto import AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
 from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role
-from .sockopts import set_keepalive
+from .sockopts import reset, set_keepalive
 
 log = logging.getLogger("fwd.bridge")
 
@@ -324,17 +324,17 @@ class Link(asyncio.BufferedProtocol):
             t.pause_reading()
 
     def close(self, abort: bool = False, linger: float = CLOSE_LINGER) -> None:
-        """Close after queued bytes are flushed, or abort if that takes too long."""
+        """Close after queued bytes are flushed, or reset if that takes too long."""
         t = self.transport
         if t is None:
             return
         if abort:
-            t.abort()
+            reset(t)
             return
         if t.is_closing():
             return
         t.close()
-        self.linger = self.bridge.loop.call_later(linger, t.abort)
+        self.linger = self.bridge.loop.call_later(linger, reset, t)
 
     def stats(self) -> str:
         return f"{self.name} in={self.bytes_in} out={self.bytes_out}"

@@ -34,7 +34,7 @@ from .protocol import (
     sniff,
     to_message,
 )
-from .sockopts import set_keepalive
+from .sockopts import reset, set_keepalive
 
 if TYPE_CHECKING:
     from .routing import Route
@@ -685,16 +685,17 @@ class Session(Relay, asyncio.BufferedProtocol):
     # -- ending -----------------------------------------------------------------------
 
     def close(self, reason: str, abort: bool = False) -> None:
-        """End the session: leave the routes now, then flush (or drop) and close."""
+        """End the session: leave the routes now, then flush and close, or with
+        ``abort`` drop what is queued and reset the connection."""
         transport = self.transport
         self._leave(reason)
         if transport is None:
             return
         if abort:
-            transport.abort()
+            reset(transport)
         elif not transport.is_closing():
             transport.close()
-            self.linger = self.hub.loop.call_later(CLOSE_LINGER, transport.abort)
+            self.linger = self.hub.loop.call_later(CLOSE_LINGER, reset, transport)
 
     def _leave(self, reason: str) -> None:
         if self.state is St.CLOSED:

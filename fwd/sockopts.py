@@ -1,8 +1,11 @@
-"""Socket options every fwd connection gets, server side and fwd-client alike."""
+"""Socket options every fwd connection gets, server side and fwd-client alike,
+and the one way they end abruptly."""
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
+import struct
 
 KEEPALIVE = (30, 10, 3)
 """TCP keepalive: idle seconds, probe interval, probes. A vanished peer (or a NAT
@@ -18,6 +21,25 @@ def set_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
     except (OSError, AttributeError):  # pragma: no cover - non-Linux
         pass
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.WriteTransport) -> None:
+    """Abort with a TCP reset. A plain close, even transport.abort(), lets the
+    kernel send what it holds and then a FIN, so a receiver whose queued bytes
+    were dropped (slow consumer, expired linger) would take the cut stream for
+    a finished one; a reset says it was cut, as RFC 793's ABORT does."""
+    sock = transport.get_extra_info("socket")
+    # uvloop's transport socket reads fileno -1 once the handle is closed, so
+    # this cannot reach a reused descriptor.
+    if sock is not None and sock.fileno() >= 0:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:  # already closed by the peer: nothing to tell it
+            pass
+    transport.abort()
 
 
 def set_congestion(sock: socket.socket, name: str) -> None:

@@ -28,7 +28,7 @@ from .protocol import failure_reason
 from .routing import Backpressure, Route, Router
 from .runtime import FD_RESERVE, set_title, setup_logging
 from .session import HANDSHAKE_READ, Session, St
-from .sockopts import congestion_of_new_sockets, paces
+from .sockopts import congestion_of_new_sockets, paces, reset
 
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
@@ -460,7 +460,7 @@ class Hub:
                             len(self.sessions), self.config.drain_timeout)
                 for s in list(self.sessions):
                     if s.transport is not None:
-                        s.transport.abort()
+                        reset(s.transport)
 
 
 def pipe_budget(max_conns: int) -> int:

@@ -122,6 +122,27 @@ def test_sigterm_drains_queued_bytes_then_leaves_no_process(start_server):
         assert not os.path.exists(f"/proc/{pid}"), "a worker outlived the server"
 
 
+def test_a_receiver_still_stalled_after_the_drain_timeout_is_reset(start_server):
+    """What the drain timeout cuts off must not look like the stream's end to
+    the receiver: it gets the bytes its kernel holds, then a reset, not an EOF."""
+    server = start_server("--mode", "chan", "--drain-timeout", "0.5")
+    sa, sb = pair(server)
+    mark = server.mark()
+    up = Sender(sa, 64 * MiB)
+    up.start()
+    server.wait_log(r"paused chid=a", start=mark)  # b reads nothing
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_log(r"did not drain within", start=mark)
+    assert server.proc.wait(30) == 0
+    got = bytearray()
+    with pytest.raises(ConnectionResetError):
+        while chunk := sb.recv(1 << 20):
+            got += chunk
+    assert 0 < len(got) < len(up.data)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(up.data[:len(got)]).digest()
+    up.join(30)  # its sendall ends with the server's reset
+
+
 def test_sigint_stops_cleanly_too(start_server):
     server = start_server("--mode", "broadcast")
     workers = server.workers()
