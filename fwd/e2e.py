@@ -230,7 +230,9 @@ class Decoder:
                 (word,) = _WORD.unpack_from(buf, pos)
                 final = bool(word & FINAL_BIT)
                 size = word & ~FINAL_BIT
-                if not TAG_SIZE <= size <= MAX_RECORD + TAG_SIZE or (final and size != TAG_SIZE):
+                # A data record carries 1 byte at least; the final one none.
+                ok = size == TAG_SIZE if final else TAG_SIZE < size <= MAX_RECORD + TAG_SIZE
+                if not ok:
                     raise self._raise(f"bad record length {size}")
                 end = pos + 4 + size
                 if len(buf) < end:

@@ -195,6 +195,8 @@ def test_bad_lengths_and_reflection_are_refused_early(key):
         Decoder(key).feed(head + huge)  # refused before a byte of the body arrives
     with pytest.raises(E2EError, match="bad record length"):
         Decoder(key).feed(head + (FINAL_BIT | (TAG_SIZE + 1)).to_bytes(4, "big"))
+    with pytest.raises(E2EError, match="bad record length"):  # empty, but not final
+        Decoder(key).feed(head + TAG_SIZE.to_bytes(4, "big"))
     with pytest.raises(E2EError, match="reflected"):
         Decoder(key, forbid_salt=enc.salt).feed(head)
     with pytest.raises(E2EError, match="bad header"):
