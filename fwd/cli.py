@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -9,6 +10,22 @@ import click
 
 from .config import LOG_FORMATS, MODES, Config, parse_hostport, parse_size
 from .runtime import set_title, setup_logging
+
+
+def _refuse_empty_env(what: str) -> None:
+    """click reads a variable set to "" as unset: for a secret (a template that
+    left FWD_PASSWORD empty) that would turn encryption off without a word."""
+    ctx = click.get_current_context()
+    names = {what.replace("-", "_"), what.replace("-", "_") + "_file"}
+    for param in ctx.command.params:
+        if param.name not in names:
+            continue
+        env = param.envvar
+        if env is None and ctx.auto_envvar_prefix:
+            env = f"{ctx.auto_envvar_prefix}_{param.name.upper()}"
+        for name in [env] if isinstance(env, str) else env or ():
+            if os.environ.get(name) == "":
+                raise click.UsageError(f"{name} is set but empty: unset it or give the {what}")
 
 
 class _Size(click.ParamType):
@@ -55,6 +72,8 @@ def _take_password(options: dict[str, Any]) -> str | None:
 
 def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
     """A secret from its option/env value or the first line of a file; never echoed."""
+    if value is None and path is None:
+        _refuse_empty_env(what)
     if value is not None and path is not None:
         raise click.UsageError(f"give --{what} or --{what}-file, not both")
     if path is not None:

@@ -389,6 +389,10 @@ def test_password_usage_errors_do_not_show_the_password(tmp_path: Path):
     assert none.returncode == 2 and "must not be empty" in none.stderr
     env_both = _cli("--password-file", str(path), env={"FWD_PASSWORD": "env-secret"})
     assert env_both.returncode == 2
+    # click takes an empty variable for an unset one: that must not mean "no password".
+    for name in ("FWD_PASSWORD", "FWD_PASSWORD_FILE"):
+        unset = _cli(env={name: ""})
+        assert unset.returncode == 2 and f"{name} is set but empty" in unset.stderr
     for r in (both, none, env_both):
         for s in ("cmdline-secret", "file-secret", "env-secret"):
             assert s not in r.stderr + r.stdout
