@@ -318,6 +318,9 @@ class Arbiter:
                             "bytes_out": r["totals"].get("bytes_out", 0),
                             "uptime": r["uptime"]})
         totals["rejected"] += self.refused
+        # Ends reach the parent a moment after the workers see them.
+        totals["counted_connections"] = sum(w.conns for w in self.workers.values()
+                                            if not w.exited)
         totals["sessions_total"] = (totals.pop("sessions_chan", 0)
                                     + totals.pop("sessions_broadcast", 0))
         return {"pid": os.getpid(), "uptime": round(self.loop.time() - self.started, 3),

@@ -126,12 +126,26 @@ class Hub:
             self._gone += 1
 
     def _send_gone(self) -> None:
-        """One note for every connection that ended in this loop iteration."""
-        n, self._gone = self._gone, 0
+        """One note for every connection that ended since the last note. A full
+        channel (the parent is behind: its send buffer holds about 270 notes)
+        keeps the count for when it drains, since a lost note would hold a
+        --max-conns slot for good."""
+        channel = self.channel
+        if channel is None or not self._gone:
+            return
         try:
-            self.channel.send(b"x" * n)  # type: ignore[union-attr]
-        except OSError:  # parent gone or channel full: the count is advisory
+            channel.send(b"x" * self._gone)
+        except BlockingIOError:
+            self.loop.add_writer(channel, self._gone_writable)
+            return
+        except OSError:  # the parent is gone
             pass
+        self._gone = 0
+
+    def _gone_writable(self) -> None:
+        assert self.channel is not None
+        self.loop.remove_writer(self.channel)
+        self._send_gone()
 
     def place_locally(self, recvers: tuple[str, ...],
                       hint: int | None) -> tuple[bool, int | None]:
@@ -539,6 +553,7 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -
     await ctl.close()
     if hub.mesh is not None:
         hub.mesh.close()
+    loop.remove_writer(channel)  # a note still waiting (_send_gone): the parent is stopping
     channel.close()
 
 

@@ -13,6 +13,7 @@ import re
 import resource
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -337,6 +338,31 @@ def test_max_conns_refuses_extra_connection_at_once(start_server):
     # Full again: refused again.
     again = server.connect()
     assert_closed(again)
+
+
+def test_ends_the_parent_was_too_slow_to_hear_still_free_their_slots(start_server):
+    """Each worker tells the parent of every connection that ends, and the
+    channel between them holds about 270 such notes (its send buffer): a note
+    that does not fit must wait for the parent, not vanish, or its
+    --max-conns slot is gone for good."""
+    n = 320 * WORKERS
+    server = start_server("--mode", "chan", "--max-conns", str(n))
+    socks = [server.handshake(f"a{i}", ["x"])[0] for i in range(n)]
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        for i, s in enumerate(socks):
+            mark = server.mark()
+            s.close()
+            # One end at a time: a note each, many more than the channel holds.
+            server.wait_log(rf"session end chid=a{i} ", start=mark)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 0,
+               30, "the parent counting no connection")
+    again = [server.handshake(f"b{i}", ["x"])[0] for i in range(n)]  # every slot is free
+    assert_closed(server.connect())  # and the limit still holds
+    for s in again:
+        s.close()
 
 
 def _limit_nofile() -> None:
