@@ -352,6 +352,12 @@ class Handshake:
         return self.codec.encode(to_message(event))
 
     @property
+    def refusable(self) -> bool:
+        """Whether an hs4 FAIL may still be sent: the server refuses at any
+        step until its OK is out."""
+        return (self.role, self.state, "hs4 FAIL") in _SEND
+
+    @property
     def trailing_data(self) -> bytes:
         """Take the bytes buffered behind the final handshake line."""
         if self.state is not S.DONE:

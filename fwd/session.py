@@ -421,6 +421,9 @@ class Session(Relay, asyncio.BufferedProtocol):
     def _finish_handshake(self, recvers: tuple[str, ...], home: int | None) -> None:
         hs = self.hs
         assert hs is not None and self.transport is not None
+        # The client is done in time; what remains (waking the other workers,
+        # a move) is the server's own bounded wait, and OK is decided.
+        self._cancel_timer()
         ok = hs.send(Hs4(True))
         trailing = hs.trailing_data
         router = self.hub.router
@@ -506,13 +509,14 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.state is St.LIVE and self.transport is not None:
             self.transport.resume_reading()
 
-    def _fail(self, desc: str, rejected: str | None = None) -> None:
+    def _fail(self, desc: str, rejected: str | None = None, count: bool = True) -> None:
         """Answer with one hs4 FAIL line, then close.
 
         With a password, a peer that has not sent one authentic line, or whose
         line did not decode (``rejected`` holds why, for the log), gets the
         plain ``handshake rejected`` line; a key holder gets its real reason,
-        encrypted (docs/PROTOCOL.md §7.5).
+        encrypted (docs/PROTOCOL.md §7.5). ``count``: a failure of the
+        client's, for the metrics (not a shutdown or a kick).
         """
         if self.state is St.CLOSED or self.transport is None:
             return
@@ -526,7 +530,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         else:
             fail = Hs4(False, desc)
             line = hs.send(fail) if hs else PLAIN.encode(to_message(fail))
-        self.hub.note_failure(desc)
+        if count:
+            self.hub.note_failure(desc)
         if rejected and rejected != desc:
             log.info("handshake failed peer=%s: %s (%s)", self.peer, desc, rejected)
         else:
@@ -683,6 +688,15 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.close("slow consumer", abort=True)
 
     # -- ending -----------------------------------------------------------------------
+
+    def end(self, reason: str) -> None:
+        """End on the server's side (shutdown, fwd-ctl kick). A client still in
+        its handshake is owed an hs4: it gets FAIL with the reason."""
+        hs = self.hs
+        if self.state is St.HANDSHAKE and hs is not None and hs.refusable:
+            self._fail(reason, count=False)
+        else:
+            self.close(reason)
 
     def close(self, reason: str, abort: bool = False) -> None:
         """End the session: leave the routes now, then flush and close, or with

@@ -381,7 +381,7 @@ class Hub:
         if session is None or session.state is St.CLOSED:
             return 0
         self.stats["kicked"] += 1
-        session.close("kicked by fwd-ctl")
+        session.end("kicked by fwd-ctl")
         return 1
 
     async def serve_control(self, request: control.Request) -> dict[str, Any]:
@@ -465,7 +465,7 @@ class Hub:
         queued = sum(s.transport.get_write_buffer_size() for s in self.sessions if s.transport)
         log.info("draining %d sessions with %d queued bytes", len(self.sessions), queued)
         for s in list(self.sessions):
-            s.close("server shutdown")
+            s.end("server shutdown")
         if self.sessions:
             try:
                 await asyncio.wait_for(self.closed.wait(), self.config.drain_timeout)

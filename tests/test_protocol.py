@@ -576,6 +576,7 @@ def test_server_data_arriving_after_done_is_trailing_data():
 )
 def test_server_may_send_fail_in_any_state_before_done(state):
     hs = server_at(state)
+    assert hs.refusable
     assert hs.send(Hs4(False, "chid in use: ch0")) == (
         b'{"rsp":"hs4","result":"FAIL","desc":"chid in use: ch0"}\n'
     )
@@ -593,6 +594,7 @@ def test_server_fail_after_a_remote_error():
 
 def test_server_cannot_fail_after_done():
     hs = server_at(State.DONE)
+    assert not hs.refusable
     with pytest.raises(LocalProtocolError):
         hs.send(Hs4(False, "too late"))
     assert hs.state is State.DONE

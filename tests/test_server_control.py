@@ -21,7 +21,16 @@ from typing import Any
 import pytest
 
 from conftest import WORKERS, Server
-from helpers import Sender, expect_fail, pair, read_line, recv_exact, wait_until
+from helpers import (
+    Sender,
+    expect_fail,
+    pair,
+    read_json,
+    read_line,
+    recv_exact,
+    send_json,
+    wait_until,
+)
 
 N = max(WORKERS, 2)
 NOBODY = 65534
@@ -128,6 +137,19 @@ def test_kick_closes_one_session(start_server: Callable[..., Server]) -> None:
     missing = server.ctl("kick", "nobody", check=False)
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr == "fwd-ctl: no session with chid 'nobody'\n"
+
+
+def test_kick_during_the_handshake_answers_with_a_fail(
+        start_server: Callable[..., Server]) -> None:
+    """A client between hs2 and hs3 is owed an hs4: a kick gives it FAIL."""
+    server = chan(start_server)
+    sock = server.connect()
+    send_json(sock, {"req": "hs1", "chid": "early"})
+    assert read_json(sock)["rsp"] == "hs2"
+    assert server.ctl("kick", "early").stdout == "kicked early\n"
+    assert expect_fail(sock) == "kicked by fwd-ctl"
+    status = server.ctl_json("status")["totals"]
+    assert status["kicked"] == 1 and status["handshake_failures"] == 0  # not the client's
 
 
 def test_drain_stops_the_server_after_flushing(start_server: Callable[..., Server]) -> None:

@@ -18,9 +18,12 @@ from helpers import (
     TCP_LISTEN,
     Sender,
     assert_pair_works,
+    expect_fail,
     pair,
+    read_json,
     recv_exact,
     recv_hash,
+    send_json,
     socket_inodes,
     tcp_sockets,
 )
@@ -141,6 +144,16 @@ def test_a_receiver_still_stalled_after_the_drain_timeout_is_reset(start_server)
     assert 0 < len(got) < len(up.data)
     assert hashlib.sha256(got).digest() == hashlib.sha256(up.data[:len(got)]).digest()
     up.join(30)  # its sendall ends with the server's reset
+
+
+def test_shutdown_answers_a_handshake_in_progress_with_a_fail(start_server):
+    server = start_server("--mode", "chan")
+    sock = server.connect()
+    send_json(sock, {"req": "hs1", "chid": "early"})
+    assert read_json(sock)["rsp"] == "hs2"
+    server.proc.send_signal(signal.SIGTERM)
+    assert expect_fail(sock) == "server shutdown"
+    assert server.proc.wait(30) == 0
 
 
 def test_sigint_stops_cleanly_too(start_server):

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from fwd.worker import WAKE_WAIT
 from helpers import (
     Sender,
     pair,
@@ -170,6 +171,33 @@ def test_empty_workers_are_left_out_and_woken_before_hs4(sharded):
         server.wait_log(SLEEPS, start=mark)  # its worker is empty again
     # Only the worker of the one live receiver got bytes, never the sleeping one.
     assert server.ctl_json("status")["totals"]["cross_worker_bytes"] == sent
+
+
+def test_a_handshake_done_in_time_does_not_time_out_while_its_hs4_waits(sharded):
+    """hs4 OK waits (up to WAKE_WAIT) for the other workers to wake. A handshake
+    timeout falling in that wait must not fire: the client finished in time.
+    (It used to raise in the worker, and the session went live anyway.)"""
+    limit = 2.0
+    server = sharded("--mode", "chan", "--handshake-timeout", str(limit))
+    server.wait_log(SLEEPS, count=3)
+    sock = server.connect()
+    start = time.monotonic()
+    send_json(sock, {"req": "hs1", "chid": "late"})
+    assert read_json(sock)["rsp"] == "hs2"
+    stopped = [w for w in server.workers() if w != server.worker_of(sock)]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)  # waking them takes the whole WAKE_WAIT
+    try:
+        # Not a synchronisation: hs3 must land in the last WAKE_WAIT before the
+        # timeout, which counts from the accept.
+        time.sleep(max(0.0, start + limit - WAKE_WAIT / 2 - time.monotonic()))
+        send_json(sock, {"req": "hs3"})
+        assert read_json(sock) == {"rsp": "hs4", "result": "OK"}
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    # The server log has no error (the fixture checks), and the session is live.
+    assert [s["state"] for s in server.ctl_json("sessions")["sessions"]] == ["live"]
 
 
 def test_broadcast_reaches_clients_on_every_worker(sharded):
