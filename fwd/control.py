@@ -65,7 +65,7 @@ def parse_request(line: bytes, commands: Mapping[str, tuple[str, ...]] = COMMAND
     """One request line → Request, or ControlError saying what is wrong with it."""
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # RecursionError: "[" nested thousands deep
         raise ControlError("request is not JSON") from None
     if not isinstance(obj, dict):
         raise ControlError("request must be a JSON object")

@@ -44,6 +44,11 @@ def test_objects_parse_or_fail_cleanly(obj: dict[str, object]) -> None:
         assert req.args == ({"chid": obj["chid"]} if req.cmd == "kick" else {})
 
 
+def test_deep_nesting_is_not_json_not_an_internal_error() -> None:
+    with pytest.raises(control.ControlError, match="request is not JSON"):
+        control.parse_request(b"[" * 100_000)
+
+
 def test_worker_commands_are_not_for_fwd_ctl() -> None:
     with pytest.raises(control.ControlError, match="unknown command 'flush'"):
         control.parse_request(b'{"cmd": "flush"}')
