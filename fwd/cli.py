@@ -109,7 +109,8 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
 @click.option("--hold-seconds", type=_SECONDS, default=_D.hold_seconds,
               help="How long held bytes wait for their receiver.")
 @click.option("--hold-total", type=_Size(), default=str(_D.hold_total),
-              help="Cap on held bytes over all absent receivers.")
+              help="Cap on the memory held bytes take, over all absent receivers "
+              "and workers.")
 @click.option("--max-conns", type=click.IntRange(min=1), default=_D.max_conns,
               help="Connections beyond this are closed at once.")
 @click.option("--splice-min", type=_Size(), default=str(_D.splice_min),

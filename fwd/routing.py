@@ -74,7 +74,8 @@ class Router(Generic[T]):
         self.hold_seconds = hold_seconds
         self.hold_total = hold_total
         self.generation = 0
-        self.held = 0
+        self.held = 0  # memory: a chunk held for several chids counts once
+        self._refs: dict[int, int] = {}  # id(held chunk) -> holds that have it
         self._owner: dict[str, T] = {}  # claimed chids; live ones have _recvers too
         self._muted: set[T] = set()
         self._recvers: dict[T, tuple[str, ...]] = {}
@@ -129,11 +130,7 @@ class Router(Generic[T]):
         chid = session.chid
         if chid is None or self._owner.get(chid) is not session:
             return []
-        hold = self._holds.pop(chid, None)
-        if hold is None:
-            return []
-        self.held -= hold.size
-        return [chunk for _, chunk in hold.chunks]
+        return self._take_hold(chid)
 
     def leave(self, session: T) -> None:
         """Forget ``session``; its chid is free again at once. Idempotent."""
@@ -216,11 +213,7 @@ class Router(Generic[T]):
         to be sent there before anything newer."""
         self._remote[chid] = worker
         self.generation += 1
-        hold = self._holds.pop(chid, None)
-        if hold is None:
-            return []
-        self.held -= hold.size
-        return [chunk for _, chunk in hold.chunks]
+        return self._take_hold(chid)
 
     def drop_remote(self, chid: str, worker: int | None = None) -> None:
         """``chid`` left its worker (or, with ``worker``, only if it lived there)."""
@@ -249,14 +242,41 @@ class Router(Generic[T]):
         hold = self._holds.get(chid)
         if hold is None:
             hold = self._holds[chid] = _Hold()
-        room = min(self.hold_bytes - hold.size, self.hold_total - self.held)
+        room = self.hold_bytes - hold.size
+        if not (len(chunk) <= room and id(chunk) in self._refs):
+            # Only a chunk some other chid holds already costs no memory.
+            room = min(room, self.hold_total - self.held)
         if room <= 0:
+            if not hold.chunks:
+                del self._holds[chid]
             return len(chunk)
         kept = chunk if len(chunk) <= room else chunk[:room]
         hold.chunks.append((now, kept))
         hold.size += len(kept)
-        self.held += len(kept)
+        refs = self._refs.get(id(kept), 0)
+        self._refs[id(kept)] = refs + 1
+        if not refs:
+            self.held += len(kept)
         return len(chunk) - len(kept)
+
+    def _release(self, chunk: bytes) -> None:
+        """One hold lets go of ``chunk``: its memory is free with the last."""
+        key = id(chunk)
+        refs = self._refs[key] - 1
+        if refs:
+            self._refs[key] = refs
+        else:
+            del self._refs[key]
+            self.held -= len(chunk)
+
+    def _take_hold(self, chid: str) -> list[bytes]:
+        hold = self._holds.pop(chid, None)
+        if hold is None:
+            return []
+        chunks = [chunk for _, chunk in hold.chunks]
+        for chunk in chunks:
+            self._release(chunk)
+        return chunks
 
     def expire(self, now: float) -> int:
         """Drop held chunks older than ``hold_seconds``; return bytes dropped."""
@@ -268,9 +288,9 @@ class Router(Generic[T]):
                 _, chunk = hold.chunks.popleft()
                 hold.size -= len(chunk)
                 dropped += len(chunk)
+                self._release(chunk)
             if not hold.chunks:
                 del self._holds[chid]
-        self.held -= dropped
         return dropped
 
     def has_holds(self) -> bool:

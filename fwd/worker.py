@@ -60,7 +60,7 @@ class Hub:
         self.router: Router[Session] = Router(
             hold_bytes=config.hold_bytes,
             hold_seconds=config.hold_seconds,
-            hold_total=config.hold_total,
+            hold_total=config.hold_total // config.workers,  # a server-wide cap
         )
         # Senders wait on local sessions, or on keys for other workers:
         # ("chid", c) a remote receiver, ("worker", w) any receiver there

@@ -292,6 +292,27 @@ def test_hold_limit_drops_tail_and_logs_once_per_sender(start_server):
     assert sum("dropping bytes for absent receiver" in ln for ln in server.lines[mark2:]) == 1
 
 
+def test_a_sender_naming_many_absent_chids_leaves_the_hold_total_to_others(start_server):
+    """--hold-total counts memory: a read held for 100 absent chids is held
+    once, so one client cannot use up the cap, and make everyone else's bytes
+    for absent receivers drop, with 64 KiB."""
+    server = start_server("--mode", "chan", "--workers", "1", "--hold-bytes", "64KiB",
+                          "--hold-total", "128KiB", "--hold-seconds", "60")
+    witness, _ = server.handshake("w", ["nobody"])
+    many, _ = server.handshake("many", [f"absent{i}" for i in range(100)] + ["w"])
+    data = os.urandom(64 * KiB)
+    many.sendall(data)
+    assert recv_exact(witness, len(data)) == data  # held for the 100 by now
+    other, _ = server.handshake("other", ["friend", "w"])
+    other.sendall(b"for friend")
+    assert recv_exact(witness, 10) == b"for friend"
+    friend, _ = server.handshake("friend", ["nobody"])
+    assert recv_exact(friend, 10) == b"for friend"
+    late, _ = server.handshake("absent7", ["nobody"])
+    assert recv_exact(late, len(data)) == data
+    assert server.ctl_json("status")["totals"]["held_bytes"] == len(data)  # 98 hold it
+
+
 def test_held_bytes_expire_after_hold_seconds(start_server):
     server = start_server("--mode", "chan", "--hold-bytes", "64KiB", "--hold-seconds", "1")
     witness, _ = server.handshake("w", ["nobody"])
