@@ -689,17 +689,19 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     # -- ending -----------------------------------------------------------------------
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, linger: float | None = CLOSE_LINGER) -> None:
         """End on the server's side (shutdown, fwd-ctl kick). A client still in
         its handshake is owed an hs4: it gets FAIL with the reason."""
         hs = self.hs
         if self.state is St.HANDSHAKE and hs is not None and hs.refusable:
             self._fail(reason, count=False)
         else:
-            self.close(reason)
+            self.close(reason, linger=linger)
 
-    def close(self, reason: str, abort: bool = False) -> None:
-        """End the session: leave the routes now, then flush and close, or with
+    def close(self, reason: str, abort: bool = False,
+              linger: float | None = CLOSE_LINGER) -> None:
+        """End the session: leave the routes now, then flush and close (reset
+        after ``linger`` seconds; None: the caller bounds it), or with
         ``abort`` drop what is queued and reset the connection."""
         transport = self.transport
         self._leave(reason)
@@ -709,7 +711,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             reset(transport)
         elif not transport.is_closing():
             transport.close()
-            self.linger = self.hub.loop.call_later(CLOSE_LINGER, reset, transport)
+            if linger is not None:
+                self.linger = self.hub.loop.call_later(linger, reset, transport)
 
     def _leave(self, reason: str) -> None:
         if self.state is St.CLOSED:

@@ -465,7 +465,10 @@ class Hub:
         queued = sum(s.transport.get_write_buffer_size() for s in self.sessions if s.transport)
         log.info("draining %d sessions with %d queued bytes", len(self.sessions), queued)
         for s in list(self.sessions):
-            s.end("server shutdown")
+            if s.linger is not None:  # --drain-timeout bounds every flush now
+                s.linger.cancel()
+                s.linger = None
+            s.end("server shutdown", linger=None)
         if self.sessions:
             try:
                 await asyncio.wait_for(self.closed.wait(), self.config.drain_timeout)

@@ -9,10 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import WORKERS
+from fwd.session import CLOSE_LINGER
 from helpers import (
     TCP_ESTABLISHED,
     TCP_LISTEN,
@@ -123,6 +125,31 @@ def test_sigterm_drains_queued_bytes_then_leaves_no_process(start_server):
     assert hashlib.sha256(got).digest() == hashlib.sha256(up.data[:len(got)]).digest()
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}"), "a worker outlived the server"
+
+
+@pytest.mark.slow
+def test_the_drain_timeout_outlasts_the_close_linger(start_server):
+    """--drain-timeout, not the 5 s linger of an ordinary close, bounds the
+    flush at shutdown: a receiver that reads only after CLOSE_LINGER still
+    gets every byte queued for it."""
+    server = start_server("--mode", "chan", "--drain-timeout", str(CLOSE_LINGER + 20))
+    sa, sb = pair(server)
+    mark = server.mark()
+    up = Sender(sa, 64 * MiB)
+    up.start()
+    server.wait_log(r"paused chid=a", start=mark)  # b reads nothing
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_log(r"draining \d+ sessions", start=mark)
+    up.join(30)  # the server stopped reading it: its sendall ends with the reset
+    time.sleep(CLOSE_LINGER + 1)  # the subject: outlast the linger
+    got = bytearray()
+    while chunk := sb.recv(1 << 20):
+        got += chunk
+    assert server.proc.wait(30) == 0
+    assert len(got) > 0
+    assert hashlib.sha256(got).digest() == hashlib.sha256(up.data[:len(got)]).digest()
+    m = re.search(r"session end chid=b .* out=(\d+)", "\n".join(server.lines[mark:]))
+    assert m and int(m.group(1)) == len(got), "b did not get all the server sent it"
 
 
 def test_a_receiver_still_stalled_after_the_drain_timeout_is_reset(start_server):
