@@ -124,7 +124,8 @@ class Arbiter:
             log.info("metrics on http://%s/metrics", format_hostport(host, port))
         if self.config.workers > 1:
             self.coordinator = Coordinator(self.loop, self.config.workers, self.rundir)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a closed terminal drains the server, as Ctrl-C does.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self.stop)
         for wid in range(self.config.workers):
             await self.spawn(wid)

@@ -57,7 +57,7 @@ Any other FAIL (a chid or recvers the server refuses) or a reply that is not
 the protocol at all will fail the same way every time: the bridge exits with
 status 3 and the server's reason.
 
-Exit status: 0 after SIGINT/SIGTERM, 1 when ``--max-retries`` ran out, 3 when
+Exit status: 0 after SIGINT/SIGTERM/SIGHUP, 1 when ``--max-retries`` ran out, 3 when
 the server rejected the handshake for good (2 is click's usage error).
 
 Known limit: outside a chan pair fwd-server does not tell a session that one of
@@ -613,7 +613,7 @@ async def bridge_main(opts: BridgeOptions) -> int:
              opts.describe_handshake(), opts.on_close, opts.connect,
              "forever" if opts.max_retries is None else opts.max_retries)
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     tasks: list[asyncio.Task[None]] = [loop.create_task(bridge.slot(i)) for i in (0, 1)]
     stopper: asyncio.Task[Any] = loop.create_task(stop.wait())

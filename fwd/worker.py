@@ -574,7 +574,9 @@ def main(argv: list[str] | None = None) -> None:
     config = Config(**meta)
     setup_logging(config.log_level, f"w{wid}", config.log_format)
     set_title(f"fwd-server: worker {wid}")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which drains us
+    # Ctrl-C and a closed terminal reach the parent too, which drains us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     uvloop.run(serve(config, wid, channel, rundir))
 
 

@@ -416,11 +416,12 @@ def test_on_close_one_keeps_the_relay_session_across_a_lan_restart(
     assert not any("chid=svc" in ln for ln in server.lines[ms:]), server.lines[ms:]
 
 
-def test_sigint_also_exits_0(start_server, start_client, start_service):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_sigint_and_sighup_also_exit_0(start_server, start_client, start_service, sig):
     server = start_server("--mode", "chan")
     svc = start_service(xor_echo)
     br = chan_bridge(start_client, server, svc)
-    br.proc.send_signal(signal.SIGINT)
+    br.proc.send_signal(sig)
     assert br.exit_code() == 0
     br.wait_log(r"stopped")
 

@@ -183,10 +183,11 @@ def test_shutdown_answers_a_handshake_in_progress_with_a_fail(start_server):
     assert server.proc.wait(30) == 0
 
 
-def test_sigint_stops_cleanly_too(start_server):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_sigint_and_sighup_stop_cleanly_too(start_server, sig):
     server = start_server("--mode", "broadcast")
     workers = server.workers()
-    server.proc.send_signal(signal.SIGINT)
+    server.proc.send_signal(sig)
     assert server.proc.wait(30) == 0
     server.wait_log(r"stopped")
     for pid in workers:
