@@ -36,8 +36,11 @@ def open_listeners(addresses: list[tuple[str, int]],
     sockets: list[socket.socket] = []
     try:
         for host, port in addresses:
-            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+            try:
+                infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
+            except socket.gaierror as exc:
+                raise OSError(f"--listen {format_hostport(host, port)}: {exc.strerror}") from None
             seen = set()
             for family, type_, proto, _, addr in infos:
                 if (family, addr) in seen:
@@ -51,7 +54,11 @@ def open_listeners(addresses: list[tuple[str, int]],
                     set_congestion(sock, congestion)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(addr)
+                try:
+                    sock.bind(addr)
+                except OSError as exc:  # say which listener: there may be several
+                    where = format_hostport(*addr[:2])
+                    raise OSError(f"--listen {where}: {exc.strerror}") from None
                 sock.listen(BACKLOG)
                 sock.setblocking(False)
     except BaseException:

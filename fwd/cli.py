@@ -51,6 +51,12 @@ class _HostPort(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def _nonempty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value == "":
+        raise click.BadParameter("must not be empty")
+    return value
+
+
 _SECONDS = click.FloatRange(min=0)
 _D = Config()
 
@@ -123,9 +129,10 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
 @click.option("--takeover/--no-takeover", default=_D.takeover,
               help="A new session claiming a held chid replaces the old one.")
 @click.option("--drain-timeout", type=_SECONDS, default=_D.drain_timeout,
-              help="On SIGTERM/SIGINT, how long queued bytes may take to reach receivers.")
+              help="On SIGTERM/SIGINT/SIGHUP, how long queued bytes may take to reach "
+              "receivers.")
 @_password_options
-@click.option("--control", default=None, metavar="PATH",
+@click.option("--control", default=None, metavar="PATH", callback=_nonempty,
               help="Unix socket for fwd-ctl (mode 0600); 'none' for no control socket  "
                    "[default: $XDG_RUNTIME_DIR or /tmp, fwd-PORT.ctl, PORT the first listen "
                    "port].")

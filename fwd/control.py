@@ -159,6 +159,8 @@ class ControlServer:
         try:
             self._server = await asyncio.start_unix_server(self._serve, self.path,
                                                            limit=MAX_REQUEST)
+        except OSError as exc:
+            raise OSError(f"control socket {self.path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)

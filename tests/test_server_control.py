@@ -268,6 +268,29 @@ def test_control_path_conflicts(start_server: Callable[..., Server], tmp_path: A
     assert server.ctl_json("status")["ok"]
 
 
+def test_startup_errors_name_the_address_or_path(tmp_path: Any) -> None:
+    """With several --listen, "Address already in use" alone does not say which."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cases = [
+        (["--listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{port}", "--control", "none"],
+         1, f"Error: cannot start: --listen 127.0.0.1:{port}: Address already in use"),
+        (["--listen", "127.0.0.1:0", "--control", str(tmp_path / "no" / "x.ctl")],
+         1, f"Error: cannot start: control socket {tmp_path / 'no' / 'x.ctl'}: "
+            "No such file or directory"),
+        (["--listen", "127.0.0.1:0", "--control", ""],
+         2, "Error: Invalid value for '--control': must not be empty"),
+    ]
+    with busy:
+        for args, code, message in cases:
+            done = subprocess.run([sys.executable, "-m", "fwd.cli", "--workers", "1", *args],
+                                  capture_output=True, text=True, timeout=30)
+            assert done.returncode == code
+            assert done.stderr.splitlines()[-1] == message
+
+
 def test_ctl_without_a_server(tmp_path: Any) -> None:
     path = str(tmp_path / "none.ctl")
     done = subprocess.run([sys.executable, "-m", "fwd.ctl", "--control", path, "status"],
