@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -57,7 +58,22 @@ def _nonempty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
-_SECONDS = click.FloatRange(min=0)
+class Seconds(click.FloatRange):
+    """A duration: finite (click's FloatRange takes "nan", which compares
+    false with everything and so would mean "never", and "inf")."""
+
+    name = "SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
+_SECONDS = Seconds(min=0)
+_POSITIVE_SECONDS = Seconds(min=0, min_open=True)
 _D = Config()
 
 
@@ -185,7 +201,7 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
                    "server0 (for services that speak first).")
 @click.option("--max-retries", type=click.IntRange(min=0), default=None,
               help="Give up after this many consecutive failures of one side [default: never].")
-@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+@click.option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
               help="Seconds allowed for a connect plus handshake.")
 @_password_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -240,7 +256,7 @@ CAT_EXIT_E2E = 4
                    "prefer FWD_E2E_KEY or --e2e-key-file.")
 @click.option("--e2e-key-file", type=click.Path(dir_okay=False), default=None,
               help="Read the end-to-end secret from this file's first line.")
-@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+@click.option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
               show_default=True, help="Seconds allowed for connect plus handshake.")
 def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
         timeout: int | None, handshake: bool | None, password: str | None,

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from . import control
+from .cli import Seconds
 
 EXIT_ERROR = 1
 
@@ -168,8 +169,10 @@ class _Ctl:
               help="The server's control socket [default: derived from --port].")
 @click.option("--port", type=click.IntRange(1, 65535), default=8601, show_default=True,
               help="Listen port of the server, to find its default control socket.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              show_default=True, help="Seconds to wait for a reply.")
+# Not FWD_TIMEOUT: that is fwd-client's session idle timeout.
+@click.option("--timeout", type=Seconds(min=0, min_open=True), default=10.0,
+              envvar="FWD_CTL_TIMEOUT", allow_from_autoenv=False, show_default=True,
+              help="Seconds to wait for a reply.")
 @click.pass_context
 def main(ctx: click.Context, path: str | None, port: int, timeout: float) -> None:
     """Look at and steer a running fwd-server."""

@@ -291,6 +291,29 @@ def test_startup_errors_name_the_address_or_path(tmp_path: Any) -> None:
             assert done.stderr.splitlines()[-1] == message
 
 
+@pytest.mark.parametrize("option", ["--handshake-timeout", "--idle-timeout", "--slow-timeout",
+                                    "--hold-seconds", "--drain-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_durations_must_be_finite(option: str, value: str) -> None:
+    """nan compares false with everything: as a timeout it would mean "never"."""
+    done = subprocess.run([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
+                           option, value], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert f"'{value}' is not a number of seconds" in done.stderr
+
+
+def test_ctl_reads_its_own_timeout_variable_not_fwd_clients(tmp_path: Any) -> None:
+    path = str(tmp_path / "none.ctl")
+
+    def ctl(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fwd.ctl", "--control", path, "status"],
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, **env})
+
+    assert ctl({"FWD_TIMEOUT": "0"}).returncode == 1  # fwd-client's: ignored (no server)
+    assert ctl({"FWD_CTL_TIMEOUT": "0"}).returncode == 2
+
+
 def test_ctl_without_a_server(tmp_path: Any) -> None:
     path = str(tmp_path / "none.ctl")
     done = subprocess.run([sys.executable, "-m", "fwd.ctl", "--control", path, "status"],
