@@ -46,8 +46,9 @@ connection that ends after carrying data, after ``HEALTHY_AFTER`` seconds, or
 because we ended it when its partner went away, was healthy: the side
 reconnects at once and its failure count resets. One that dies young and
 silent counts as a failure, so a server that accepts and drops at once is not
-hammered. ``--max-retries N`` gives up
-after N consecutive failures of one side (exit status 1).
+hammered. ``--max-retries N`` gives up when
+a side fails again after N retries in a row, so at its N+1st consecutive
+failure (exit status 1).
 
 Handshake failures. An hs4 FAIL saying ``chid in use`` is retried: the session
 holding the chid is often our own previous one, still being torn down by the
@@ -78,7 +79,7 @@ from typing import Any
 from .config import format_hostport
 from .crypto import AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
-from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role
+from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, refusal
 from .sockopts import reset, set_keepalive
 
 log = logging.getLogger("fwd.bridge")
@@ -212,6 +213,8 @@ class Link(asyncio.BufferedProtocol):
         """We ended it while it was fine (the other side of its pair went away)."""
         self.bytes_in = 0
         self.bytes_out = 0
+        self.refused: str | None = None
+        """Plain mode: server0 is in chan mode and sent its hs4 FAIL (the desc)."""
         self.started = loop.time()
         self.linger: asyncio.TimerHandle | None = None
 
@@ -235,6 +238,12 @@ class Link(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         chunk = bytes(self.bridge.view[:nbytes])
         if self.attached:
+            if (self.side == 0 and not self.bytes_in and not self.bridge.opts.handshake
+                    and (desc := refusal(chunk)) is not None):
+                self.refused = desc  # not for the service: the slot gives up
+                self.bridge.detach(self, f"refused: {desc}")
+                self.close()
+                return
             self.bridge.forward(self, chunk)
         elif self.hs is not None and not self.ready.done():
             self.hs.receive_data(chunk)
@@ -507,6 +516,10 @@ class Bridge:
             if link is None:
                 continue
             reason = await link.done
+            if link.refused is not None:
+                raise GiveUp(f"{SIDES[side]} {format_hostport(*self.addrs[side])} is in chan "
+                             f"mode and refused us without a handshake ({link.refused}): give "
+                             "--chid or --recvers", EXIT_REJECTED)
             age = self.loop.time() - link.started
             if link.by_us or link.bytes_in or age >= HEALTHY_AFTER:
                 self.failures[side] = 0

@@ -200,7 +200,8 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
               help="lazy: connect server1 when server0 first sends bytes; eager: right after "
                    "server0 (for services that speak first).")
 @click.option("--max-retries", type=click.IntRange(min=0), default=None,
-              help="Give up after this many consecutive failures of one side [default: never].")
+              help="Give up when a side fails again after this many retries in a row "
+                   "(0: at its first failure) [default: never].")
 @click.option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
               help="Seconds allowed for a connect plus handshake.")
 @_password_options
@@ -213,9 +214,12 @@ def client(**options: Any) -> None:
 
     options["password"] = _take_password(options)
     handshake = options.pop("handshake")
+    wants = bool(options["chid"] or options["recvers"] or options["timeout"] is not None
+                 or options["password"] is not None)
     if handshake is None:
-        handshake = bool(options["chid"] or options["recvers"] or options["timeout"] is not None
-                         or options["password"] is not None)
+        handshake = wants
+    elif not handshake and wants:
+        raise click.UsageError("--chid, --recvers, --timeout and --password need the handshake")
     logging.basicConfig(
         level=options.pop("log_level").upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -299,6 +303,8 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
             return die(f"cannot connect to {where}: {reason}", CAT_EXIT_ERROR)
         try:
             splice_stdio(conn, sys.stdin.fileno(), sys.stdout.fileno())
+        except HandshakeError as exc:
+            return die(f"{where}: {exc}", CAT_EXIT_REJECTED)
         except E2EError as exc:
             return die(f"end-to-end decryption: {exc}", CAT_EXIT_E2E)
         except OSError as exc:

@@ -51,6 +51,7 @@ from .protocol import (
     Hs4,
     LineCodec,
     Role,
+    refusal,
 )
 from .sockopts import set_keepalive
 
@@ -579,7 +580,8 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
     the FIN on to the partner) and reading goes on. It returns when the relay
     ends the stream toward us: then the other side is done, and anything
     still unread on ``in_fd`` is not sent. Raises the first error of either
-    direction (OSError, E2EError).
+    direction (OSError, E2EError), or HandshakeError when a connection made
+    without a handshake meets a chan-mode server that refuses it.
     """
     errors: list[BaseException] = []
 
@@ -599,11 +601,18 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
                 pass
 
     threading.Thread(target=upstream, name="fwd-stdin", daemon=True).start()
+    first = conn.chid is None  # no handshake: a refusal must not pass for data
     try:
         while True:
             data = conn.recv(READ_SIZE)
             if not data:
                 break
+            if first:
+                first = False
+                desc = refusal(data)
+                if desc is not None:
+                    raise HandshakeError(f"the server is in chan mode and wants a handshake "
+                                         f"({desc}): give --chid or --to")
             view = memoryview(data)
             while view:
                 view = view[os.write(out_fd, view):]

@@ -200,6 +200,24 @@ def decode_json_line(line: bytes) -> Any:
         raise _fail("not JSON") from None
 
 
+_REFUSAL = b'{"rsp":"hs4","result":"FAIL"'
+
+
+def refusal(first: bytes) -> str | None:
+    """What a chan-mode server said when it refused a client that sent no
+    handshake (its hs4 FAIL line, which fwd writes whole, keys in this order),
+    given the first bytes such a client read; None for anything else. A plain
+    client pointed at a chan server would otherwise pass that line on as data."""
+    if not first.startswith(_REFUSAL):
+        return None
+    try:
+        obj = decode_json_line(first.split(b"\n", 1)[0])
+    except RemoteProtocolError:
+        obj = None
+    desc = obj.get("desc") if isinstance(obj, dict) else None
+    return desc if isinstance(desc, str) and desc else "hs4 FAIL"
+
+
 class LineCodec(Protocol):
     """How one handshake message becomes one line; the encrypted codec plugs in here."""
 

@@ -12,6 +12,7 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -365,6 +366,28 @@ def test_chid_in_use_is_retried_until_free(start_server, start_client, start_ser
     br.wait_log(r"server0 connected \S+ chid=svc", timeout=WAIT)
     remote, _ = server.handshake("user", ["svc"])
     round_trip(remote, 64 * 1024)
+
+
+def test_plain_mode_against_a_chan_server_exits_3_and_passes_nothing_on(
+        start_server, start_client, start_service):
+    """Without --chid/--recvers the bridge sends no handshake; a chan server
+    answers with hs4 FAIL after its handshake timeout. That line is not for
+    the service (lazy connect would open one per timeout, forever)."""
+    server = start_server("--mode", "chan", "--handshake-timeout", "0.5")
+    svc = start_service(xor_echo)
+    br = start_client("--server0", addr(server), "--server1", svc.addr, "--connect", "lazy")
+    assert br.exit_code() == 3
+    br.wait_log(r"ERROR .*is in chan mode and refused us without a handshake "
+                r"\(handshake timeout\): give --chid or --recvers")
+    assert svc.conns == []
+
+
+def test_handshake_options_without_the_handshake_are_a_usage_error():
+    done = subprocess.run([*CLIENT_CMD, "--no-handshake", "--chid", "x"],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        "Error: --chid, --recvers, --timeout and --password need the handshake")
 
 
 def test_handshake_rejected_for_good_exits_3_with_the_reason(start_client):

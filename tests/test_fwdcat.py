@@ -146,6 +146,16 @@ def test_chid_in_use_exits_3_with_the_servers_desc(chan_server, fwd_cat):
                    "handshake rejected: chid in use: dup\n")
 
 
+def test_no_handshake_against_a_chan_server_exits_3_not_printing_its_fail(chan_server,
+                                                                          fwd_cat):
+    proc = fwd_cat(chan_server, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out, err = proc.communicate(b"hello\n", timeout=WAIT)
+    assert proc.returncode == 3 and out == b""
+    assert err.decode() == (f"fwd-cat: {chan_server.host}:{chan_server.port}: handshake "
+                            "rejected: the server is in chan mode and wants a handshake "
+                            "(not JSON): give --chid or --to\n")
+
+
 def test_usage_errors_exit_2(chan_server, fwd_cat):
     code, err = finish(fwd_cat(chan_server, "--chid", "x", "--no-handshake"))
     assert code == 2 and "need the handshake" in err

@@ -28,6 +28,7 @@ from fwd.protocol import (
     check_chid,
     decode_json_line,
     from_message,
+    refusal,
     sniff,
     to_message,
 )
@@ -1036,3 +1037,23 @@ def test_sniff_recognises_every_hs1_and_waits_for_its_newline(chid, style, tail)
     assert sniff(line + tail) is Sniff.HANDSHAKE
     for i in range(1, len(line)):
         assert sniff(line[:i]) is Sniff.UNDECIDED
+
+
+# -- a plain client meeting a chan server -----------------------------------------------
+
+
+def test_refusal_is_the_servers_own_fail_line():
+    line = PLAIN.encode(to_message(Hs4(False, "handshake timeout")))
+    assert refusal(line) == "handshake timeout"
+    assert refusal(line[:40]) == "hs4 FAIL"  # cut short: still the server's refusal
+    assert refusal(b'{"rsp":"hs4","result":"OK"}\n') is None
+    assert refusal(b'{"rsp": "hs4", "result": "FAIL"}\n') is None  # not how fwd writes it
+    assert refusal(b"hello") is None
+
+
+@FAST
+@given(st.binary(max_size=100))
+def test_refusal_of_any_bytes_is_none_or_a_reason(data: bytes):
+    got = refusal(b'{"rsp":"hs4","result":"FAIL"' + data)
+    assert isinstance(got, str) and got
+    assert refusal(data) is None or data.startswith(b'{"rsp":"hs4","result":"FAIL"')
