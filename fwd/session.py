@@ -554,6 +554,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         for chunk in hub.router.join(self, recvers):
             self.bytes_out += len(chunk)
             transport.write(chunk)
+        if hub.mesh is not None:
+            hub.went_live()
         if (hub.mesh is not None and self.chid is not None
                 and (recvers or self.named or self.home_hint is not None)):
             self._announce()
@@ -621,8 +623,8 @@ class Session(Relay, asyncio.BufferedProtocol):
                 assert chunk is not None
                 for p in hub.pending:
                     p._queue_pending(chunk)
-            elif len(route.targets) <= 1 and hub.mesh is None:
-                hub.stats["dropped_bytes"] += n
+            elif len(route.targets) <= 1 and not hub.peers_live():
+                hub.stats["dropped_bytes"] += n  # nobody else anywhere
         elif route.missing:
             assert chunk is not None
             for chid in route.missing:

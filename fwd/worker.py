@@ -182,10 +182,19 @@ class Hub:
     # -- other workers (called by the Mesh) ------------------------------------------
 
     def awake_peers(self) -> list[int] | tuple[int, ...]:
-        """The other workers that "everyone" bytes go to (the others sleep)."""
+        """The other workers that "everyone" bytes go to: in chan mode those
+        that do not sleep; in broadcast mode all, since a sleeping worker may
+        hold connections in their sniff window, which get every byte."""
         assert self.mesh is not None
         peers = self.mesh.peers
-        return peers if not self.sleeping else [w for w in peers if w not in self.sleeping]
+        if not self.sleeping or self.config.mode != "chan":
+            return peers
+        return [w for w in peers if w not in self.sleeping]
+
+    def peers_live(self) -> bool:
+        """Whether another worker may have a live session: one has not said it
+        sleeps. Without, "everyone" bytes with no receiver here are dropped."""
+        return self.mesh is not None and len(self.sleeping) < len(self.mesh.peers)
 
     def reaches_peers(self) -> bool:
         """Whether "everyone" bytes concern another worker now: one is awake, or
@@ -293,7 +302,7 @@ class Hub:
 
     def live_changed(self) -> None:
         """A session left: with none live for SLEEP_AFTER, tell the others."""
-        if (self.mesh is not None and self.config.mode == "chan" and not self.asleep
+        if (self.mesh is not None and not self.asleep
                 and self._sleep_timer is None and self.router.live_count() == 0):
             self._sleep_timer = self.loop.call_later(SLEEP_AFTER, self._maybe_sleep)
 
@@ -303,7 +312,21 @@ class Hub:
                 and not self.stopping and self.router.live_count() == 0):
             self.asleep = True
             self.mesh.sleep(True)
-            log.debug("no live session: the other workers leave this one out")
+            if self.config.mode == "chan":
+                log.debug("no live session: the other workers leave this one out")
+            else:
+                log.debug("no live session: the other workers count bytes only for here "
+                          "as dropped")
+
+    def went_live(self) -> None:
+        """A session went live without an hs4 (a plain broadcast client): if we
+        said we sleep, say we do not, without waiting (the others send us
+        every byte anyway in broadcast mode; this only keeps their count of
+        dropped bytes right)."""
+        if self.asleep and self._waking is None:
+            assert self.mesh is not None
+            self.asleep = False
+            self.mesh.sleep(False)
 
     def when_awake(self, then: Callable[[], None]) -> bool:
         """Before a session's hs4: if we said we sleep, wake the others and call

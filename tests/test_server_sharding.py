@@ -22,6 +22,7 @@ from helpers import (
     recv_hash,
     send_json,
     tcp_sockets,
+    wait_until,
 )
 
 MiB = 1 << 20
@@ -198,6 +199,39 @@ def test_a_handshake_done_in_time_does_not_time_out_while_its_hs4_waits(sharded)
             os.kill(pid, signal.SIGCONT)
     # The server log has no error (the fixture checks), and the session is live.
     assert [s["state"] for s in server.ctl_json("sessions")["sessions"]] == ["live"]
+
+
+BROADCAST_SLEEPS = r"w\d fwd.worker: no live session: the other workers count bytes"
+
+
+@pytest.mark.parametrize("mode", ["broadcast", "chan"])
+def test_bytes_for_everyone_that_reach_nobody_count_as_dropped(sharded, mode):
+    """With several workers too: the others tell when they have no live
+    session, and bytes for "everyone" that nobody anywhere receives are
+    counted as dropped, once; bytes for a receiver elsewhere are not."""
+    server = sharded("--mode", mode)
+    server.wait_log(BROADCAST_SLEEPS if mode == "broadcast" else SLEEPS, count=3)
+
+    def dropped() -> int:
+        return server.ctl_json("status")["totals"].get("dropped_bytes", 0)
+
+    # Its hs4 waits for the others to answer: their "sleep" came before that.
+    alone, _ = server.handshake("alone", [])
+    alone.sendall(b"x" * 5000)
+    wait_until(lambda: dropped() == 5000, 30, "5000 bytes counted as dropped")
+    others = [server.handshake(f"r{i}", [])[0] for i in range(3)]
+    other = next(s for s in others if server.worker_of(s) != server.worker_of(alone))
+
+    def reached_without_a_drop() -> bool:
+        before = dropped()
+        alone.sendall(b"y" * 100)
+        for s in others:
+            assert recv_exact(s, 100) == b"y" * 100
+        return dropped() == before
+
+    # Until its worker's news has reached alone's, its first bytes may count.
+    wait_until(reached_without_a_drop, 30, "bytes for a receiver elsewhere not dropped")
+    assert other is not None
 
 
 def test_broadcast_reaches_clients_on_every_worker(sharded):
