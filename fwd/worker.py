@@ -319,10 +319,9 @@ class Hub:
                           "as dropped")
 
     def went_live(self) -> None:
-        """A session went live without an hs4 (a plain broadcast client): if we
-        said we sleep, say we do not, without waiting (the others send us
-        every byte anyway in broadcast mode; this only keeps their count of
-        dropped bytes right)."""
+        """A session goes live in broadcast mode: if we said we sleep, say we
+        do not, without waiting (the others send us every byte anyway in
+        broadcast mode; this only keeps their count of dropped bytes right)."""
         if self.asleep and self._waking is None:
             assert self.mesh is not None
             self.asleep = False
@@ -333,6 +332,9 @@ class Hub:
         ``then`` once each has answered (or WAKE_WAIT passed); True if ``then``
         is deferred, False if the caller may go on at once."""
         if not self.asleep:
+            return False
+        if self.config.mode != "chan":  # nobody leaves us out: no need to wait
+            self.went_live()
             return False
         assert self.mesh is not None
         self._woken_callbacks.append(then)

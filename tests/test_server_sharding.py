@@ -215,7 +215,9 @@ def test_bytes_for_everyone_that_reach_nobody_count_as_dropped(sharded, mode):
     def dropped() -> int:
         return server.ctl_json("status")["totals"].get("dropped_bytes", 0)
 
-    # Its hs4 waits for the others to answer: their "sleep" came before that.
+    # Chan mode: its hs4 waits for the others' answer, which follows their
+    # "sleep". Broadcast: their "sleep" (logged above) is a ZeroMQ message
+    # ahead of the several round trips of this handshake.
     alone, _ = server.handshake("alone", [])
     alone.sendall(b"x" * 5000)
     wait_until(lambda: dropped() == 5000, 30, "5000 bytes counted as dropped")
