@@ -246,8 +246,8 @@ class Arbiter:
             now = self.loop.time()
             if now - self._last_refusal_log >= 1.0:
                 self._last_refusal_log = now
-                log.warning("refusing connection from %s:%d: %d connections (--max-conns), "
-                            "%d refused so far", peer[0], peer[1],
+                log.warning("refusing connection from %s: %d connections (--max-conns), "
+                            "%d refused so far", format_hostport(*peer),
                             sum(w.conns for w in running), self.refused)
             return
         start, n = next(self._rr), self.config.workers  # rotate among equals

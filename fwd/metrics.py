@@ -137,6 +137,15 @@ class ParentMetrics:
         return generate_latest(registry)
 
 
+async def _reply(writer: asyncio.StreamWriter, status: str, body: bytes,
+                 ctype: str = "text/plain", head_only: bool = False) -> None:
+    writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
+                 f"{len(body)}\r\nConnection: close\r\n\r\n".encode())
+    if not head_only:
+        writer.write(body)
+    await writer.drain()
+
+
 class MetricsServer:
     """A minimal HTTP/1.1 endpoint for GET /metrics in the parent's event loop
     (no thread: ``render`` first asks the workers to flush)."""
@@ -167,22 +176,24 @@ class MetricsServer:
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    asyncio.TimeoutError):
+            except asyncio.LimitOverrunError:
+                await _reply(writer, "431 Request Header Fields Too Large",
+                             b"request head too long\n")
                 return
-            method, _, rest = head.split(b"\r\n", 1)[0].partition(b" ")
-            target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+            except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+                return
+            request_line = head.split(b"\r\n", 1)[0].split(b" ")
+            if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
+                await _reply(writer, "400 Bad Request", b"not an HTTP/1 request\n")
+                return
+            method, target = request_line[0], request_line[1].split(b"?", 1)[0]
             if method not in (b"GET", b"HEAD"):
-                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
+                await _reply(writer, "405 Method Not Allowed", b"GET only\n")
             elif target != b"/metrics":
-                status, body, ctype = "404 Not Found", b"see /metrics\n", "text/plain"
+                await _reply(writer, "404 Not Found", b"see /metrics\n")
             else:
-                status, body, ctype = "200 OK", await self.render(), CONTENT_TYPE
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
-                         f"{len(body)}\r\nConnection: close\r\n\r\n".encode())
-            if method != b"HEAD":
-                writer.write(body)
-            await writer.drain()
+                await _reply(writer, "200 OK", await self.render(), CONTENT_TYPE,
+                             head_only=method == b"HEAD")
         except (ConnectionError, OSError):
             pass
         except Exception:

@@ -18,6 +18,7 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 from . import fdpass
+from .config import format_hostport
 from .crypto import REJECTED, AeadLineCodec
 from .errors import ChidInUse, LineRejected, RemoteProtocolError
 from .fastpath import Relay, fanout
@@ -138,7 +139,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.transport = transport
         hub = self.hub
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer = format_hostport(peer[0], peer[1]) if peer else "?"  # [::1]:port
         # A moved session was admitted already (and its chid travels with it:
         # refusing it here would strand that chid).
         if not hub.admit(self, limit=self.adopted is None):

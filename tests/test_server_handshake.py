@@ -485,7 +485,10 @@ def test_listen_on_ipv6_loopback(start_server):
     m = server.wait_log(r"listening on 127\.0\.0\.1:\d+,\[::1\]:(\d+) mode=chan")
     v6 = socket.create_connection(("::1", int(m.group(1))), timeout=10)
     server.sockets.append(v6)
+    mark = server.mark()
     assert handshake(v6, "six", ["four"]) == "six"
+    port = v6.getsockname()[1]
+    server.wait_log(rf"session start chid=six peer=\[::1\]:{port} ", start=mark)
     four, _ = server.handshake("four", ["six"])
     v6.sendall(b"over v6")
     assert recv_exact(four, 7) == b"over v6"

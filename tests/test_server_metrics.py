@@ -113,3 +113,12 @@ def test_only_get_metrics(start_server: Callable[..., Server]) -> None:
     idle.sendall(b"GET /metrics HTTP/1.1\r\n")
     assert value(scrape(server), "fwd_workers") == N
     idle.close()
+    # Not HTTP, or a head too long: a status line saying so, then the close.
+    for request, status in ((b"GARBAGE\r\n\r\n", b"400"),
+                            (b"GET /metrics HTTP/1.1\r\nX: " + b"x" * 70000, b"431")):
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(request)
+            reply = b""
+            while chunk := raw.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 " + status + b" "), reply
