@@ -579,7 +579,8 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
     EOF on ``in_fd`` half-closes the session (in a chan pair the server passes
     the FIN on to the partner) and reading goes on. It returns when the relay
     ends the stream toward us: then the other side is done, and anything
-    still unread on ``in_fd`` is not sent. Raises the first error of either
+    still unread on ``in_fd`` is not sent. It also returns when nobody reads
+    ``out_fd`` any more (``fwd-cat ... | head -c 10``), as cat would stop. Raises the first error of either
     direction (OSError, E2EError), or HandshakeError when a connection made
     without a handshake meets a chan-mode server that refuses it.
     """
@@ -614,8 +615,11 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
                     raise HandshakeError(f"the server is in chan mode and wants a handshake "
                                          f"({desc}): give --chid or --to")
             view = memoryview(data)
-            while view:
-                view = view[os.write(out_fd, view):]
+            try:
+                while view:
+                    view = view[os.write(out_fd, view):]
+            except BrokenPipeError:  # the reader of out_fd is gone: not an error of ours
+                return
     except OSError:
         if errors:  # the first failure explains the second
             raise errors[0] from None

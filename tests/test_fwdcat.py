@@ -116,6 +116,25 @@ def test_broadcast_file_transfer_byte_exact(bcast_server, fwd_cat, big_file):
     assert listener.stdout.read() == b""  # nothing but the file
 
 
+def test_a_closed_stdout_ends_fwd_cat_quietly(bcast_server, fwd_cat):
+    """``fwd-cat HOST:PORT | head -c 10``: when head has its bytes, fwd-cat
+    stops as cat would, without an error about the relay."""
+    mark = bcast_server.mark()
+    listener = fwd_cat(bcast_server, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    bcast_server.wait_log(r"session start chid=None ", start=mark)
+    sender = bcast_server.connect()
+    assert listener.stdout is not None
+    sender.sendall(b"x" * 10)
+    assert listener.stdout.read(10) == b"x" * 10
+    listener.stdout.close()
+    try:
+        while listener.poll() is None:  # until its write meets the closed pipe
+            sender.sendall(b"y" * 65536)
+    except OSError:
+        pass  # the server closed the session when fwd-cat left
+    assert finish(listener) == (0, "")
+
+
 class _PipeSock:
     """``recv`` over a pipe, for the socket helpers."""
 
