@@ -126,7 +126,7 @@ class Arbiter:
             self.coordinator = Coordinator(self.loop, self.config.workers, self.rundir)
         # SIGHUP too: a closed terminal drains the server, as Ctrl-C does.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self.loop.add_signal_handler(sig, self.stop)
+            self.loop.add_signal_handler(sig, self._signalled)
         for wid in range(self.config.workers):
             await self.spawn(wid)
         self.acceptor = Acceptor(self.loop, listeners, self.dispatch)
@@ -141,6 +141,19 @@ class Arbiter:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _signalled(self) -> None:
+        """The first signal drains; a second one (Ctrl-C again) cuts the drain
+        short: the workers reset what they still flush and exit."""
+        if self.stopping:
+            log.warning("second stop signal: not waiting for the drain")
+            for w in self.workers.values():
+                if not w.exited:
+                    try:
+                        w.transport.send_signal(signal.SIGTERM)
+                    except ProcessLookupError:  # pragma: no cover - exited meanwhile
+                        pass
+        self.stop()
 
     # -- workers ---------------------------------------------------------------
 

@@ -580,9 +580,10 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
     the FIN on to the partner) and reading goes on. It returns when the relay
     ends the stream toward us: then the other side is done, and anything
     still unread on ``in_fd`` is not sent. It also returns when nobody reads
-    ``out_fd`` any more (``fwd-cat ... | head -c 10``), as cat would stop. Raises the first error of either
-    direction (OSError, E2EError), or HandshakeError when a connection made
-    without a handshake meets a chan-mode server that refuses it.
+    ``out_fd`` any more (``fwd-cat ... | head -c 10``), as cat would stop.
+    Raises the first error of either direction (OSError, E2EError), or
+    HandshakeError when a connection made without a handshake meets a
+    chan-mode server that refuses it.
     """
     errors: list[BaseException] = []
 

@@ -95,6 +95,7 @@ class Hub:
         self.failures: collections.Counter[str] = collections.Counter()  # by reason
         self.started = loop.time()
         self.closed = asyncio.Event()
+        self.hurry = asyncio.Event()  # a second SIGTERM: cut the drain short
         self.stopping = False
         self._hold_timer: asyncio.TimerHandle | None = None
         self._last_reject_log = -1e9
@@ -495,11 +496,15 @@ class Hub:
                 s.linger = None
             s.end("server shutdown", linger=None)
         if self.sessions:
-            try:
-                await asyncio.wait_for(self.closed.wait(), self.config.drain_timeout)
-            except asyncio.TimeoutError:
-                log.warning("%d sessions did not drain within %gs: aborting them",
-                            len(self.sessions), self.config.drain_timeout)
+            waits = [asyncio.ensure_future(e.wait()) for e in (self.closed, self.hurry)]
+            await asyncio.wait(waits, timeout=self.config.drain_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if self.sessions:
+                log.warning("%d sessions did not drain within %gs%s: resetting them",
+                            len(self.sessions), self.config.drain_timeout,
+                            " (told twice to stop)" if self.hurry.is_set() else "")
                 for s in list(self.sessions):
                     if s.transport is not None:
                         reset(s.transport)
@@ -525,7 +530,13 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -
         await hub.mesh.connected()
         hub.live_changed()  # no session yet: the others may leave us out
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def on_sigterm() -> None:
+        if stop.is_set():  # a second one: the parent was told twice to stop
+            hub.hurry.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     last_loss_log = -1e9
 
     async def adopt(sock: socket.socket, moved: tuple[dict[str, Any], bytes] | None) -> None:

@@ -152,6 +152,24 @@ def test_the_drain_timeout_outlasts_the_close_linger(start_server):
     assert m and int(m.group(1)) == len(got), "b did not get all the server sent it"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_cuts_the_drain_short(start_server, sig):
+    """As with gunicorn or a shell: told twice, the server stops now."""
+    server = start_server("--mode", "chan", "--drain-timeout", "120")
+    sa, sb = pair(server)
+    mark = server.mark()
+    up = Sender(sa, 64 * MiB)
+    up.start()
+    server.wait_log(r"paused chid=a", start=mark)  # b reads nothing: the drain would wait
+    server.proc.send_signal(sig)
+    server.wait_log(r"draining \d+ sessions", start=mark)
+    server.proc.send_signal(sig)
+    assert server.proc.wait(30) == 0
+    server.wait_log(r"did not drain within 120s \(told twice to stop\): resetting them",
+                    start=mark)
+    up.join(30)
+
+
 def test_a_receiver_still_stalled_after_the_drain_timeout_is_reset(start_server):
     """What the drain timeout cuts off must not look like the stream's end to
     the receiver: it gets the bytes its kernel holds, then a reset, not an EOF."""
