@@ -254,11 +254,13 @@ CAT_EXIT_E2E = 4
               help="Handshake password (server --password); visible in the process list, "
                    "prefer FWD_PASSWORD or --password-file.")
 @click.option("--password-file", type=click.Path(dir_okay=False), default=None,
+              envvar="FWD_PASSWORD_FILE",
               help="Read the handshake password from this file's first line.")
 @click.option("--e2e-key", envvar="FWD_E2E_KEY", default=None,
               help="Shared secret: encrypt the stream end to end (every peer needs it); "
                    "prefer FWD_E2E_KEY or --e2e-key-file.")
 @click.option("--e2e-key-file", type=click.Path(dir_okay=False), default=None,
+              envvar="FWD_E2E_KEY_FILE",
               help="Read the end-to-end secret from this file's first line.")
 @click.option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
               show_default=True, help="Seconds allowed for connect plus handshake.")

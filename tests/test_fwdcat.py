@@ -41,7 +41,8 @@ def fwd_cat() -> Iterator[Any]:
               stdout: Any = subprocess.DEVNULL, env: dict[str, str] | None = None,
               address: str | None = None) -> subprocess.Popen[bytes]:
         full_env = {k: v for k, v in os.environ.items()
-                    if k not in ("FWD_PASSWORD", "FWD_E2E_KEY")}
+                    if k not in ("FWD_PASSWORD", "FWD_PASSWORD_FILE", "FWD_E2E_KEY",
+                                 "FWD_E2E_KEY_FILE")}
         full_env.update(env or {})
         addr = address or f"{server.host}:{server.port}"
         proc = subprocess.Popen([*CAT_CMD, addr, *args], stdin=stdin, stdout=stdout,
@@ -185,14 +186,15 @@ def test_usage_errors_exit_2(chan_server, fwd_cat):
 
 
 def test_e2e_key_mismatch_exits_4(chan_server, fwd_cat, tmp_path):
-    keyfile = tmp_path / "key"
+    keyfile, other = tmp_path / "key", tmp_path / "other"
     keyfile.write_text("key one\n")
+    other.write_text("key two\n")
     mark = chan_server.mark()
     receiver = fwd_cat(chan_server, "--chid", "mb", "--to", "ma", "--e2e-key-file", str(keyfile),
                        stdin=subprocess.PIPE)
     chan_server.wait_log(r"session start chid=mb ", start=mark)
-    sender = fwd_cat(chan_server, "--chid", "ma", "--to", "mb", env={"FWD_E2E_KEY": "key two"},
-                     stdin=subprocess.PIPE)
+    sender = fwd_cat(chan_server, "--chid", "ma", "--to", "mb",
+                     env={"FWD_E2E_KEY_FILE": str(other)}, stdin=subprocess.PIPE)
     assert sender.stdin is not None
     sender.stdin.write(b"not for you")
     sender.stdin.close()
