@@ -154,7 +154,7 @@ class Mesh:
     """One worker's end of the ZeroMQ layer. The Hub decides; this moves messages."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wid: int, workers: int, rundir: str,
-                 handler: Any) -> None:
+                 handler: Any, overflow_max: int = 4 << 20) -> None:
         self.loop = loop
         self.wid = wid
         self.peers = tuple(w for w in range(workers) if w != wid)
@@ -164,6 +164,10 @@ class Mesh:
         self._ids = itertools.count()
         self.full_pipes: set[int] = set()
         self._overflow: dict[int, list[list[bytes]]] = {}
+        self._overflow_bytes: dict[int, int] = {}
+        self.overflow_max = overflow_max
+        """Bytes for a peer past its pipe's high-water mark kept before its
+        further stream bytes are dropped: a stopped worker must not grow us."""
         self._monitors: list[zmq.Socket] = []
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.IDENTITY, b"w%d" % wid)
@@ -343,19 +347,32 @@ class Mesh:
     def _send(self, worker: int, frames: list[bytes]) -> bool:
         pipe = self.pipes[worker]
         queued = self._overflow.get(worker)
-        if queued:  # keep the order: nothing overtakes what already waits
-            queued.append(frames)
+        if not queued:
+            try:
+                pipe.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return worker not in self.full_pipes
+            except zmq.Again:
+                self.full_pipes.add(worker)
+                pipe.kick()
+        # Past the high-water mark, and nothing overtakes what already waits:
+        # keep the bytes (each sender waits for the pipe after one read), up
+        # to overflow_max. Beyond it the peer is stuck (stopped, overloaded):
+        # its stream bytes are dropped, as for a slow consumer, while the
+        # small control messages still queue.
+        size = sum(len(f) for f in frames)
+        if frames[0] in (TO, ALL) and self._overflow_bytes.get(worker, 0) >= self.overflow_max:
+            self.handler.overflow_dropped(worker, len(frames[-1]))
             return False
-        try:
-            pipe.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            return worker not in self.full_pipes
-        except zmq.Again:
-            # Past the high-water mark: keep the bytes (lossless) in our own
-            # bounded queue and make the senders wait for the pipe.
-            self._overflow.setdefault(worker, []).append(frames)
-            self.full_pipes.add(worker)
-            pipe.kick()
-            return False
+        self._overflow.setdefault(worker, []).append(frames)
+        self._overflow_bytes[worker] = self._overflow_bytes.get(worker, 0) + size
+        return False
+
+    def forget(self, worker: int) -> int:
+        """``worker`` died: what waited for it is not for its successor. Returns
+        the stream bytes dropped."""
+        queued = self._overflow.pop(worker, None) or []
+        self._overflow_bytes.pop(worker, None)
+        return sum(len(f[-1]) for f in queued if f[0] in (TO, ALL))
 
     def _pipe_writable(self, worker: int) -> None:
         queued = self._overflow.get(worker)
@@ -365,7 +382,8 @@ class Mesh:
                 pipe.sock.send_multipart(queued[0], zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            queued.pop(0)
+            sent = queued.pop(0)
+            self._overflow_bytes[worker] -= sum(len(f) for f in sent)
         if worker in self.full_pipes:
             self.full_pipes.discard(worker)
             self.handler.pipe_drained(worker)

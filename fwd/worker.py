@@ -105,6 +105,7 @@ class Hub:
         # wakes the others and waits for their answers, so that a client that
         # got OK gets what is sent after it (see when_awake).
         self.sleeping: set[int] = set()  # peers that said they sleep
+        self._stuck: set[int] = set()  # peers whose bytes the mesh drops (overflow_dropped)
         self.asleep = False  # we said so
         self._waking: set[int] | None = None  # peers whose answer we await
         self._woken_callbacks: list[Callable[[], None]] = []
@@ -239,6 +240,9 @@ class Hub:
         self.router.drop_remote(chid, worker)
 
     def worker_dead(self, worker: int) -> None:
+        assert self.mesh is not None
+        self.stats["dropped_bytes"] += self.mesh.forget(worker)
+        self._stuck.discard(worker)
         self.sleeping.discard(worker)  # its successor starts awake
         self.peer_awake(worker)
         self.router.drop_worker(worker)
@@ -297,7 +301,18 @@ class Hub:
             self.resume_senders(self.backpressure.release(("worker", worker)))
 
     def pipe_drained(self, worker: int) -> None:
+        if worker in self._stuck:
+            self._stuck.discard(worker)
+            log.warning("worker %d reads again", worker)
         self.resume_senders(self.backpressure.release(("pipe", worker)))
+
+    def overflow_dropped(self, worker: int, nbytes: int) -> None:
+        """The mesh dropped bytes for a worker that does not read its pipe."""
+        self.stats["dropped_bytes"] += nbytes
+        if worker not in self._stuck:
+            self._stuck.add(worker)
+            log.warning("worker %d does not read: dropping bytes for it beyond %d queued",
+                        worker, self.config.max_buffer)
 
     # -- the sleep protocol ------------------------------------------------------------
 
@@ -526,7 +541,7 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -
     hub = Hub(config, loop)
     hub.wid, hub.channel = wid, channel
     if config.workers > 1:
-        hub.mesh = Mesh(loop, wid, config.workers, rundir, hub)
+        hub.mesh = Mesh(loop, wid, config.workers, rundir, hub, config.max_buffer)
         await hub.mesh.connected()
         hub.live_changed()  # no session yet: the others may leave us out
     stop = asyncio.Event()

@@ -325,6 +325,42 @@ def test_a_stopped_worker_stalls_no_other(sharded):
         os.kill(victim, signal.SIGCONT)
 
 
+def test_bytes_for_a_stopped_worker_are_bounded_then_dropped(start_server):
+    """A worker that reads nothing (stopped) must not make the others grow:
+    past --max-buffer queued for it, its stream bytes are dropped and counted,
+    and once it reads again the others say so and go on."""
+    server = start_server("--mode", "broadcast", "--workers", "2", "--max-buffer", "256KiB")
+    mark = server.mark()
+    first = server.connect()
+    server.wait_log(r"session start chid=None", start=mark)
+    victim = next(w for w in server.workers() if w != server.worker_of(first))
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        # Senders come and go (each is paused after one read for the stopped
+        # worker, so new ones keep coming), until far more than --max-buffer
+        # past the pipe's own queue waits for the stopped worker.
+        for _ in range(2000):
+            with server.connect() as s:
+                s.settimeout(30)
+                try:
+                    s.sendall(os.urandom(64 * 1024))
+                except OSError:
+                    pass
+            if server.lines and any("does not read: dropping bytes" in ln
+                                    for ln in server.lines[mark:]):
+                break
+        server.wait_log(r"worker \d+ does not read: dropping bytes for it beyond 262144 queued",
+                        start=mark)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    server.wait_log(r"worker \d+ reads again", start=mark)
+    assert server.ctl_json("status")["totals"]["dropped_bytes"] > 0
+    # Both workers serve again.
+    sa, sb = pair(server, "x", "y")
+    sa.sendall(b"still fine")
+    assert recv_exact(sb, 10) == b"still fine"
+
+
 def test_a_bulk_pair_tells_the_other_workers_nothing(sharded):
     """Its receiver pauses the sender at PAIR_MARK over and over; none of that
     concerns the other workers, whose senders do not reach it."""
