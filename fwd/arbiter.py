@@ -32,6 +32,7 @@ from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
 from .config import Config, format_hostport
 from .coordinator import Coordinator
+from .registry import Owner
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer, ParentMetrics
@@ -80,6 +81,7 @@ class Arbiter:
         self._stop = asyncio.Event()
         self._all_exited = asyncio.Event()
         self._rr = itertools.cycle(range(config.workers))
+        self._incarnations = itertools.count(1)  # every start of a worker gets the next
         self.acceptor: Acceptor | None = None
         self.refused = 0
         self._last_refusal_log = -1e9
@@ -167,7 +169,11 @@ class Arbiter:
             )
         finally:
             child.close()
-        parent.send(fdpass.pack({**dataclasses.asdict(self.config), "rundir": self.rundir}))
+        incarnation = next(self._incarnations)
+        if self.coordinator is not None:
+            self.coordinator.worker_started(wid, incarnation)
+        parent.send(fdpass.pack({**dataclasses.asdict(self.config), "rundir": self.rundir,
+                                 "incarnation": incarnation}))
         worker = Worker(wid, transport.get_pid(), transport, parent,
                         fdpass.Handoff(self.loop, parent))
         self.workers[wid] = worker
@@ -210,6 +216,11 @@ class Arbiter:
                 self.coordinator.release(moved["chid"], source.wid, moved["token"])
             return
         target.conns += 1
+        moved = meta.get("adopt")
+        if moved is not None and self.coordinator is not None:
+            # Until its move arrives, the chid stays with its old owner: freed
+            # if the target dies before (Coordinator.worker_lost).
+            self.coordinator.moving(moved["chid"], Owner(source.wid, moved["token"]), target.wid)
         target.handoff.send(sock, meta, data)
 
     def worker_exited(self, wid: int) -> None:

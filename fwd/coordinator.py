@@ -16,9 +16,12 @@ import zmq
 
 from . import mesh
 from .errors import ChidInUse
-from .registry import Owner, Registry, Watch
+from .registry import Owner, Registry, Watch, incarnation
 
 log = logging.getLogger("fwd.coordinator")
+
+_TOKEN_ARG = {mesh.CLAIM: 2, mesh.MINT: 1, mesh.LIVE: 1, mesh.MOVE: 3}
+"""Where the sender's own session token is among a message's frames."""
 
 
 class Coordinator:
@@ -37,6 +40,12 @@ class Coordinator:
         self._questions: list[tuple[int, bytes, list[bytes]]] = []
         self._outboxes = [mesh.Outbox(loop, functools.partial(self._send, b"w%d" % wid))
                           for wid in range(workers)]
+        # The incarnation of each worker that runs now (None between a death and
+        # the next start): what an earlier one still had on its way is stale.
+        self._running: list[int | None] = [None] * workers
+        # Sessions on their way to a worker (Arbiter._forward_moved), by that
+        # worker: chid -> the owner that still holds it until its move arrives.
+        self._transit: list[dict[str, Owner]] = [{} for _ in range(workers)]
 
     def _send(self, ident: bytes, frames: list[bytes]) -> None:
         try:
@@ -58,7 +67,18 @@ class Coordinator:
         for kind, args in mesh.unbatch(frames, 1):
             self._one(wid, kind, args)
 
+    def _stale(self, wid: int, kind: bytes, args: list[bytes]) -> bool:
+        """Sent by a worker that died before this was acted on: its claims and
+        moves must not hold chids for its successor."""
+        token = _TOKEN_ARG.get(kind)
+        if token is None or incarnation(int(args[token])) == self._running[wid]:
+            return False
+        log.debug("dropping %s from a dead worker %d", kind.decode(), wid)
+        return True
+
     def _one(self, wid: int, kind: bytes, args: list[bytes]) -> None:
+        if self._stale(wid, kind, args):
+            return
         if kind in (mesh.CLAIM, mesh.PLACE):
             # Questions wait until what is already here is read: a release
             # sent before a competing claim, or a session's live notice sent
@@ -84,6 +104,7 @@ class Coordinator:
         elif kind == mesh.MOVE:
             chid = args[0].decode()
             old = Owner(int(args[1]), int(args[2]))
+            self._transit[wid].pop(chid, None)
             if not self.registry.move(chid, old, Owner(wid, int(args[3]))):
                 # Taken over while it moved: end it.
                 self._to(wid, mesh.EVICT, args[0], args[3], b"a takeover")
@@ -102,6 +123,8 @@ class Coordinator:
         self.reader.drain()  # take in every release and live notice already here
         questions, self._questions = self._questions, []
         for wid, kind, args in questions:
+            if self._stale(wid, kind, args):  # it died while its question waited
+                continue
             if kind == mesh.CLAIM:
                 self._claim(wid, *args)
             else:
@@ -138,8 +161,20 @@ class Coordinator:
         if self.registry.release(chid, old):
             self._gone(chid, old)
 
+    def worker_started(self, wid: int, incarnation: int) -> None:
+        self._running[wid] = incarnation
+
+    def moving(self, chid: str, old: Owner, to: int) -> None:
+        """A session holding ``chid`` as ``old`` is on its way to worker ``to``."""
+        self._transit[to][chid] = old
+
     def worker_lost(self, wid: int) -> None:
-        """Free a dead worker's chids and tell the others."""
+        """Free a dead worker's chids, and those of sessions that were on their
+        way to it (they died with it), and tell the others."""
+        self._running[wid] = None
+        for chid, old in self._transit[wid].items():
+            self.release(chid, old.worker, old.token)  # ignored if it moved meanwhile
+        self._transit[wid].clear()
         self.registry.worker_lost(wid)
         self._outboxes[wid].drop()  # answers to the dead must not reach its successor
         self._others(wid, mesh.DEAD, b"%d" % wid)

@@ -40,6 +40,17 @@ class Owner:
     token: int
 
 
+TOKEN_BITS = 32
+"""A session token is its worker process's incarnation (the parent numbers
+every start of a worker) above TOKEN_BITS, and a counter below: a restarted
+worker's tokens never repeat its predecessor's, so an owner (worker, token)
+names one session for the server's life."""
+
+
+def incarnation(token: int) -> int:
+    return token >> TOKEN_BITS
+
+
 Notice = tuple[int, str, int]
 """(worker to tell, chid, worker it lives on)."""
 Watch = tuple[int, str, int]

@@ -25,6 +25,7 @@ from .fastpath import bind, fanout
 from .mesh import Mesh
 from .metrics import FLUSH_EVERY
 from .protocol import failure_reason
+from .registry import TOKEN_BITS
 from .routing import Backpressure, Route, Router
 from .runtime import FD_RESERVE, set_title, setup_logging
 from .session import HANDSHAKE_READ, Session, St
@@ -111,6 +112,10 @@ class Hub:
         self._woken_callbacks: list[Callable[[], None]] = []
         self._sleep_timer: asyncio.TimerHandle | None = None
         self._wake_timer: asyncio.TimerHandle | None = None
+
+    def start_tokens(self, incarnation: int) -> None:
+        """Session tokens unique for the server's life (registry.TOKEN_BITS)."""
+        self._tokens = itertools.count((incarnation << TOKEN_BITS) + 1)
 
     def new_token(self) -> int:
         return next(self._tokens)
@@ -534,12 +539,14 @@ def pipe_budget(max_conns: int) -> int:
     return max(0, min(PIPES, (soft - max_conns - FD_RESERVE) // 2))
 
 
-async def serve(config: Config, wid: int, channel: socket.socket, rundir: str) -> None:
+async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
+                incarnation: int = 0) -> None:
     """Serve the client sockets the parent sends on ``channel`` until SIGTERM
     (or until the parent is gone), then drain."""
     loop = asyncio.get_running_loop()
     hub = Hub(config, loop)
     hub.wid, hub.channel = wid, channel
+    hub.start_tokens(incarnation)
     if config.workers > 1:
         hub.mesh = Mesh(loop, wid, config.workers, rundir, hub, config.max_buffer)
         await hub.mesh.connected()
@@ -619,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     channel = socket.socket(fileno=fd)
     meta, _ = fdpass.unpack(channel.recv(65536))
     rundir = meta.pop("rundir")
+    incarnation = meta.pop("incarnation")
     meta["listen"] = [tuple(a) for a in meta["listen"]]
     if meta.get("metrics") is not None:
         meta["metrics"] = tuple(meta["metrics"])
@@ -628,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C and a closed terminal reach the parent too, which drains us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    uvloop.run(serve(config, wid, channel, rundir))
+    uvloop.run(serve(config, wid, channel, rundir, incarnation))
 
 
 if __name__ == "__main__":

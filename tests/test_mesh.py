@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fwd import mesh
+from fwd.coordinator import Coordinator
+from fwd.registry import TOKEN_BITS, Owner
 
 messages = st.lists(st.sampled_from(sorted(mesh.ARITY)).flatmap(
     lambda kind: st.lists(st.binary(max_size=8), min_size=mesh.ARITY[kind],
@@ -46,4 +48,53 @@ def test_a_message_with_the_wrong_frame_count_is_refused_where_it_is_made() -> N
         with pytest.raises(AssertionError):
             mesh.Outbox(loop, lambda frames: None).put(mesh.CLAIM, b"7")
     finally:
+        loop.close()
+
+
+def _coordinator(tmp_path: object) -> tuple[asyncio.AbstractEventLoop, Coordinator]:
+    loop = asyncio.new_event_loop()
+    coord = Coordinator(loop, 2, str(tmp_path))
+    return loop, coord
+
+
+def test_what_a_dead_worker_sent_holds_no_chid_for_its_successor(tmp_path: object) -> None:
+    """The coordinator reads a worker's messages when it gets to them: a claim
+    or a move that a worker sent just before it died must not be applied for
+    it afterwards (its chids are freed at its death, and its successor's
+    session tokens differ: registry.TOKEN_BITS)."""
+    loop, coord = _coordinator(tmp_path)
+    try:
+        old, new = (1 << TOKEN_BITS) + 5, (2 << TOKEN_BITS) + 5
+        coord.worker_started(0, 1)
+        coord.worker_started(1, 1)
+        coord.worker_lost(0)
+        coord._handle([b"w0", mesh.MINT, b"minted", b"%d" % old])
+        coord._handle([b"w0", mesh.CLAIM, b"7", b"claimed", b"%d" % old, b"0", b"peer"])
+        loop.run_until_complete(asyncio.sleep(0))  # questions are answered after a drain
+        assert coord.registry.owner("minted") is None
+        assert coord.registry.owner("claimed") is None
+        coord.worker_started(0, 2)
+        coord._handle([b"w0", mesh.MINT, b"minted", b"%d" % new])
+        assert coord.registry.owner("minted") == Owner(0, new)
+    finally:
+        coord.close()
+        loop.close()
+
+
+def test_a_session_on_its_way_to_a_worker_that_dies_frees_its_chid(tmp_path: object) -> None:
+    loop, coord = _coordinator(tmp_path)
+    try:
+        a, b = (1 << TOKEN_BITS) + 1, (1 << TOKEN_BITS) + 2
+        coord.worker_started(0, 1)
+        coord.worker_started(1, 1)
+        coord._handle([b"w0", mesh.MINT, b"a", b"%d" % a])
+        coord._handle([b"w0", mesh.MINT, b"b", b"%d" % b])
+        coord.moving("a", Owner(0, a), 1)
+        coord.moving("b", Owner(0, b), 1)
+        coord._handle([b"w1", mesh.MOVE, b"b", b"0", b"%d" % b, b"%d" % ((1 << TOKEN_BITS) + 9)])
+        coord.worker_lost(1)  # "a" never arrived; "b" did, and died with worker 1
+        assert coord.registry.owner("a") is None
+        assert coord.registry.owner("b") is None
+    finally:
+        coord.close()
         loop.close()

@@ -361,6 +361,40 @@ def test_bytes_for_a_stopped_worker_are_bounded_then_dropped(start_server):
     assert recv_exact(sb, 10) == b"still fine"
 
 
+def _worker_ready(server, pid: int, start: int) -> None:
+    """Wait until the worker that replaces ``pid`` is up."""
+    server.wait_log(rf"worker \d+ ready pid=(?!{pid}\b)\d+", start=start)
+
+
+def _claimable(server, chid: str) -> bool:
+    """Whether an hs1 for ``chid`` gets its hs2 now (the session then leaves)."""
+    with server.connect() as s:
+        send_json(s, {"req": "hs1", "chid": chid})
+        return read_json(s).get("rsp") == "hs2"
+
+
+def test_a_session_moving_to_a_worker_that_dies_frees_its_chid(start_server):
+    """a names b, whose worker H is stopped: a's socket waits for H in the
+    parent. H dies: a's client sees its connection end, and "a" is free
+    again (it used to stay "in use" with nobody holding it)."""
+    server = start_server("--mode", "chan", "--workers", "2")
+    sb, _ = server.handshake("b", ["a"])
+    home = server.worker_of(sb)
+    os.kill(home, signal.SIGSTOP)
+    sa = server.connect()
+    mark = server.mark()
+    send_json(sa, {"req": "hs1", "chid": "a"})
+    assert read_json(sa)["rsp"] == "hs2"
+    send_json(sa, {"req": "hs3", "recvers": ["b"]})
+    server.wait_log(r"moving chid=a ", start=mark)
+    mark = server.mark()
+    os.kill(home, signal.SIGKILL)
+    _worker_ready(server, home, mark)
+    assert sa.recv(100) == b""
+    # It got "chid in use: a" for good before.
+    wait_until(lambda: _claimable(server, "a"), 10, '"a" free again')
+
+
 def test_a_bulk_pair_tells_the_other_workers_nothing(sharded):
     """Its receiver pauses the sender at PAIR_MARK over and over; none of that
     concerns the other workers, whose senders do not reach it."""
