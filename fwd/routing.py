@@ -55,6 +55,15 @@ class Route(Generic[T]):
         object.__setattr__(self, "local", not (self.to_all or self.missing or self.remote))
 
 
+HOLD_CHID_COST = 1024
+"""Memory of an absent chid's hold besides its bytes (its _Hold, deque and
+dict entry: 887 bytes measured), charged to hold_total: one hs3 may name
+hundreds of absent chids."""
+HOLD_ENTRY_COST = 64
+"""Memory of one held read besides its bytes (its tuple and deque slot: 56
+measured), charged to hold_total: a flood of one-byte reads costs this each."""
+
+
 @dataclass(slots=True)
 class _Hold:
     chunks: deque[tuple[float, bytes]] = field(default_factory=deque)
@@ -69,12 +78,16 @@ class Router(Generic[T]):
     and receive), then ``leave``.
     """
 
-    def __init__(self, *, hold_bytes: int, hold_seconds: float, hold_total: int) -> None:
+    def __init__(self, *, hold_bytes: int, hold_seconds: float, hold_total: int,
+                 chid_cost: int = HOLD_CHID_COST, entry_cost: int = HOLD_ENTRY_COST) -> None:
         self.hold_bytes = hold_bytes
         self.hold_seconds = hold_seconds
         self.hold_total = hold_total
+        self.chid_cost = chid_cost
+        self.entry_cost = entry_cost
         self.generation = 0
-        self.held = 0  # memory: a chunk held for several chids counts once
+        self.held = 0  # bytes in memory: a chunk held for several chids counts once
+        self.overhead = 0  # the holds' own memory; held + overhead <= hold_total
         self._refs: dict[int, int] = {}  # id(held chunk) -> holds that have it
         self._owner: dict[str, T] = {}  # claimed chids; live ones have _recvers too
         self._muted: set[T] = set()
@@ -240,16 +253,17 @@ class Router(Generic[T]):
         at its start.
         """
         hold = self._holds.get(chid)
+        cost = self.entry_cost + (self.chid_cost if hold is None else 0)
+        spare = self.hold_total - self.held - self.overhead - cost  # for the bytes
+        room = self.hold_bytes - (hold.size if hold is not None else 0)
+        if not (len(chunk) <= room and id(chunk) in self._refs):
+            # Only a chunk some other chid holds already costs no more bytes.
+            room = min(room, spare)
+        if room <= 0 or spare < 0:
+            return len(chunk)
         if hold is None:
             hold = self._holds[chid] = _Hold()
-        room = self.hold_bytes - hold.size
-        if not (len(chunk) <= room and id(chunk) in self._refs):
-            # Only a chunk some other chid holds already costs no memory.
-            room = min(room, self.hold_total - self.held)
-        if room <= 0:
-            if not hold.chunks:
-                del self._holds[chid]
-            return len(chunk)
+        self.overhead += cost
         kept = chunk if len(chunk) <= room else chunk[:room]
         hold.chunks.append((now, kept))
         hold.size += len(kept)
@@ -276,6 +290,7 @@ class Router(Generic[T]):
         chunks = [chunk for _, chunk in hold.chunks]
         for chunk in chunks:
             self._release(chunk)
+        self.overhead -= self.chid_cost + self.entry_cost * len(chunks)
         return chunks
 
     def expire(self, now: float) -> int:
@@ -289,8 +304,10 @@ class Router(Generic[T]):
                 hold.size -= len(chunk)
                 dropped += len(chunk)
                 self._release(chunk)
+                self.overhead -= self.entry_cost
             if not hold.chunks:
                 del self._holds[chid]
+                self.overhead -= self.chid_cost
         return dropped
 
     def has_holds(self) -> bool:

@@ -23,8 +23,11 @@ class Sess:
         return f"Sess({self.name})"
 
 
-def make_router(hold_bytes=100, hold_seconds=10.0, hold_total=1000) -> Router:
-    return Router(hold_bytes=hold_bytes, hold_seconds=hold_seconds, hold_total=hold_total)
+def make_router(hold_bytes=100, hold_seconds=10.0, hold_total=1000, chid_cost=0,
+                entry_cost=0) -> Router:
+    """Without the holds' own memory by default: the byte arithmetic stays plain."""
+    return Router(hold_bytes=hold_bytes, hold_seconds=hold_seconds, hold_total=hold_total,
+                  chid_cost=chid_cost, entry_cost=entry_cost)
 
 
 def live(router: Router, name: str, chid: str | None = None, recvers=()) -> Sess:
@@ -475,6 +478,28 @@ def test_a_chunk_held_for_several_chids_counts_once_against_the_total():
         r.claim(t, chid)
         assert r.join(t) == [chunk]
     assert r.held == 2
+
+
+def test_the_holds_own_memory_counts_against_the_total():
+    """A hold's bookkeeping costs memory too: hundreds of absent chids, or a
+    flood of small reads, must reach --hold-total long before their bytes
+    would."""
+    r = make_router(hold_bytes=100, hold_total=1000, chid_cost=100, entry_cost=10)
+    for i in range(8):  # 8 chids x (100 + 10 + 2) = 896
+        assert r.hold(f"c{i}", b"x%d" % i, 0.0) == 0
+    assert (r.held, r.overhead) == (16, 880)
+    assert r.hold("c8", b"x8", 0.0) == 2  # a ninth chid does not fit
+    for i in range(8):  # 8 more reads x (10 + 2): 992
+        assert r.hold("c0", b"y%d" % i, 0.0) == 0
+    assert r.hold("c0", b"z0", 0.0) == 2  # the 10 bytes of its entry do not fit
+    r.expire(100.0)  # every hold expires: all its memory is free again
+    assert (r.held, r.overhead) == (0, 0)
+    for i in range(8):
+        assert r.hold(f"c{i}", b"x%d" % i, 200.0) == 0
+    a = Sess("a")
+    r.claim(a, "c0")
+    assert r.join(a) == [b"x0"]
+    assert (r.held, r.overhead) == (14, 770)
 
 
 def test_zero_caps_drop_everything():

@@ -297,8 +297,10 @@ def test_a_sender_naming_many_absent_chids_leaves_the_hold_total_to_others(start
     once, so one client cannot use up the cap, and make everyone else's bytes
     for absent receivers drop, with 64 KiB."""
     server = start_server("--mode", "chan", "--workers", "1", "--hold-bytes", "64KiB",
-                          "--hold-total", "128KiB", "--hold-seconds", "60")
+                          "--hold-total", "512KiB", "--hold-seconds", "60")
     witness, _ = server.handshake("w", ["nobody"])
+    # 100 x 64 KiB would be 6.4 MiB; in memory it is 64 KiB and the holds' own
+    # bookkeeping (routing.HOLD_CHID_COST, HOLD_ENTRY_COST): about 200 KiB.
     many, _ = server.handshake("many", [f"absent{i}" for i in range(100)] + ["w"])
     data = os.urandom(64 * KiB)
     many.sendall(data)
