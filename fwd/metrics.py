@@ -28,6 +28,11 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_HEAD = 8192
 """Longest HTTP request head the endpoint reads."""
 HEAD_TIMEOUT = 10.0
+"""Seconds a client has to send its request head."""
+MAX_CLIENTS = 64
+"""Clients kept at once; a new one closes the oldest (a flood of idle ones must
+neither take the parent's descriptors, which the acceptor needs, nor lock a
+real scraper out)."""
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The classic text format: every Prometheus version reads it (our names need no escaping)."""
 
@@ -169,6 +174,9 @@ class MetricsServer:
         await close_connections(self._conns)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        open_ = [w for w in self._conns.values() if not w.is_closing()]
+        if len(open_) >= MAX_CLIENTS:
+            open_[0].close()  # the oldest: its handler sees EOF and ends
         with tracked(self._conns, writer):
             await self._respond(reader, writer)
 

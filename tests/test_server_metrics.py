@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import WORKERS, Server
+from fwd.metrics import MAX_CLIENTS
 from helpers import expect_fail, pair, recv_exact, wait_until
 
 N = max(WORKERS, 2)
@@ -113,6 +114,16 @@ def test_only_get_metrics(start_server: Callable[..., Server]) -> None:
     idle.sendall(b"GET /metrics HTTP/1.1\r\n")
     assert value(scrape(server), "fwd_workers") == N
     idle.close()
+    # A flood of idle clients: each new one ends the oldest, a scrape still works.
+    flood = [socket.create_connection((host, int(port))) for _ in range(MAX_CLIENTS + 8)]
+    for s in flood:
+        s.sendall(b"GET /metr")
+    assert value(scrape(server), "fwd_workers") == N
+    for s in flood[:8]:
+        s.settimeout(10)
+        assert s.recv(1) == b""  # closed, not served
+    for s in flood:
+        s.close()
     # Not HTTP, or a head too long: a status line saying so, then the close.
     for request, status in ((b"GARBAGE\r\n\r\n", b"400"),
                             (b"GET /metrics HTTP/1.1\r\nX: " + b"x" * 70000, b"431")):
