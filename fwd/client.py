@@ -19,7 +19,9 @@ Two entry points:
 Handshake or not: ``handshake=True`` (the default) runs hs1..hs4 and is what
 chan mode requires. ``handshake=False`` is a plain broadcast client: raw bytes
 from the first byte on, no chid (``chid`` is returned as ``None``), and
-``chid``/``recvers``/``timeout``/``password`` are then refused.
+``chid``/``recvers``/``timeout``/``password`` are then refused. Pointed at a
+chan-mode server, such a client reads the server's hs4 FAIL line as data
+(``splice_stdio`` recognises it and raises ``HandshakeError``).
 
 Errors: ``HandshakeError`` (a ``FwdError``) when the server refuses (its
 ``desc`` is kept) or the handshake breaks; ``OSError`` for network errors;
@@ -30,7 +32,9 @@ authentic or is truncated.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import select
 import socket
 import threading
 import time
@@ -90,7 +94,9 @@ def _recvers_tuple(recvers: Iterable[str] | str | None) -> tuple[str, ...]:
     return tuple(recvers)
 
 
+@functools.lru_cache(maxsize=8)
 def _password_key(password: str) -> bytes:
+    """scrypt once per password and process (PROTOCOL.md §7.2), not per connection."""
     try:
         from .crypto import derive_key
     except ImportError:  # pragma: no cover - depends on the installation
@@ -289,10 +295,14 @@ class E2EStreamReader:
         self._eof = False
 
     async def _fill(self) -> None:
+        self.decoder.check()
         if self.decoder.finished:
             self._eof = True
             return
-        data = await self.raw.read(READ_SIZE)
+        try:
+            data = await self.raw.read(READ_SIZE)
+        except ConnectionResetError:  # a reset before FINAL is a truncation too
+            data = b""
         if data:
             self._buf += self.decoder.feed(data)
             if self.decoder.finished:
@@ -457,13 +467,17 @@ class Connection:
             return self.sock.recv(bufsize)
         plain = self._plain
         while not plain:
+            dec.check()
             if dec.finished:
                 return b""
             if self._pending:  # bytes that came with the hs4 line, not decoded yet
                 raw = bytes(self._pending)
                 self._pending.clear()
             else:
-                raw = self.sock.recv(max(bufsize, READ_SIZE))
+                try:
+                    raw = self.sock.recv(max(bufsize, READ_SIZE))
+                except ConnectionResetError:  # a reset before FINAL is a truncation too
+                    raw = b""
                 if not raw:
                     dec.feed_eof()  # raises unless the stream ended with its FINAL record
                     return b""
@@ -508,6 +522,10 @@ class Connection:
         except OSError:
             pass
         finally:
+            try:  # wakes a thread blocked in recv() and ends the session at once
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.sock.close()
 
     def settimeout(self, value: float | None) -> None:
@@ -543,13 +561,16 @@ def connect(
             codec = _password_codec(_password_key(password))  # slow: before connecting
         driver = _ClientHandshake(chid, recv, timeout, codec)
     key = as_key(e2e_key) if e2e_key is not None else None
+    # One deadline for both steps (though create_connection gives each address
+    # of a name that resolves to several the whole timeout).
+    deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
     sock = socket.create_connection((host, port), timeout=connect_timeout)
     pending = b""
     try:
         set_keepalive(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if driver is not None:
-            _handshake_blocking(driver, sock, connect_timeout)
+            _handshake_blocking(driver, sock, deadline)
             pending = driver.trailing()
         sock.settimeout(None)
     except BaseException:
@@ -559,8 +580,7 @@ def connect(
 
 
 def _handshake_blocking(driver: _ClientHandshake, sock: socket.socket,
-                        limit: float | None) -> None:
-    deadline = None if limit is None else time.monotonic() + limit
+                        deadline: float | None) -> None:
     sock.sendall(driver.hello())
     while not driver.done:
         if deadline is not None:
@@ -578,18 +598,24 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
 
     EOF on ``in_fd`` half-closes the session (in a chan pair the server passes
     the FIN on to the partner) and reading goes on. It returns when the relay
-    ends the stream toward us: then the other side is done, and anything
-    still unread on ``in_fd`` is not sent. It also returns when nobody reads
-    ``out_fd`` any more (``fwd-cat ... | head -c 10``), as cat would stop.
-    Raises the first error of either direction (OSError, E2EError), or
-    HandshakeError when a connection made without a handshake meets a
-    chan-mode server that refuses it.
+    ends the stream toward us: then the other side is done, and what is still
+    unread on ``in_fd`` stays unread (the thread that reads it stops). It also
+    returns when nobody reads ``out_fd`` any more (``fwd-cat ... | head -c
+    10``), as cat would stop. Raises the first error of either direction
+    (OSError, E2EError), or HandshakeError when a connection made without a
+    handshake meets a chan-mode server that refuses it.
     """
     errors: list[BaseException] = []
+    wake_r, wake_w = os.pipe()  # tells the stdin thread that we are done
 
     def upstream() -> None:
+        poller = select.poll()
+        poller.register(in_fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
         try:
             while True:
+                if any(fd == wake_r for fd, _ in poller.poll()):
+                    return
                 data = os.read(in_fd, READ_SIZE)
                 if not data:
                     conn.shutdown_write()
@@ -602,28 +628,36 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
             except OSError:
                 pass
 
-    threading.Thread(target=upstream, name="fwd-stdin", daemon=True).start()
-    first = conn.chid is None  # no handshake: a refusal must not pass for data
+    thread = threading.Thread(target=upstream, name="fwd-stdin", daemon=True)
+    thread.start()
     try:
-        while True:
-            data = conn.recv(READ_SIZE)
-            if not data:
-                break
-            if first:
-                first = False
-                desc = refusal(data)
-                if desc is not None:
-                    raise HandshakeError(f"the server is in chan mode and wants a handshake "
-                                         f"({desc}): give --chid or --to")
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[os.write(out_fd, view):]
-            except BrokenPipeError:  # the reader of out_fd is gone: not an error of ours
-                return
-    except OSError:
+        _downstream(conn, out_fd)
+    except (OSError, E2EError):
         if errors:  # the first failure explains the second
             raise errors[0] from None
         raise
+    finally:
+        os.write(wake_w, b"x")
+        thread.join(1.0)  # longer only while a send waits for the peer: close() ends it
+        if not thread.is_alive():
+            os.close(wake_r)
+            os.close(wake_w)
     if errors:
         raise errors[0]
+
+
+def _downstream(conn: Connection, out_fd: int) -> None:
+    if conn.chid is None and not conn._pending:
+        # No handshake: a chan server's refusal (its hs4 FAIL line, plain even
+        # on an encrypted stream) must not pass for data, nor for a bad stream.
+        desc = refusal(conn.sock.recv(READ_SIZE, socket.MSG_PEEK))
+        if desc is not None:
+            raise HandshakeError(f"the server is in chan mode and wants a handshake "
+                                 f"({desc}): give --chid or --to")
+    while data := conn.recv(READ_SIZE):
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(out_fd, view):]
+        except BrokenPipeError:  # the reader of out_fd is gone: not an error of ours
+            return

@@ -107,7 +107,11 @@ class E2EKey:
 
 def as_key(key: E2EKey | str | bytes) -> E2EKey:
     """Accept a ready key or a secret; a secret costs one scrypt run."""
-    return key if isinstance(key, E2EKey) else E2EKey.from_secret(key)
+    if isinstance(key, E2EKey):
+        return key
+    if not isinstance(key, (str, bytes, bytearray)):  # bytes(1234) is 1234 zeros
+        raise TypeError(f"an end-to-end secret is str or bytes, not {type(key).__name__}")
+    return E2EKey.from_secret(key)
 
 
 def _nonce(counter: int) -> bytes:
@@ -196,7 +200,12 @@ class Decoder:
     @property
     def finished(self) -> bool:
         """The FINAL record has arrived: the stream is complete and authentic."""
-        return self._finished
+        return self._finished and self._error is None
+
+    def check(self) -> None:
+        """Raise the error the stream met, if any: once refused, always refused."""
+        if self._error is not None:
+            raise self._error
 
     def _raise(self, message: str) -> E2EError:
         self._error = E2EError(message)

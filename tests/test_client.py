@@ -16,6 +16,7 @@ import os
 import random
 import re
 import socket
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -33,9 +34,10 @@ from fwd.e2e import (
     E2EError,
     E2EKey,
     Encoder,
+    as_key,
 )
 from fwd.errors import FwdError
-from helpers import read_line, recv_exact
+from helpers import read_line, recv_exact, wait_until
 
 MiB = 1 << 20
 WAIT = 60.0
@@ -185,6 +187,27 @@ def test_wrong_key_reordering_dropping_and_truncation_are_detected(key):
     dec.feed(stream)
     with pytest.raises(E2EError, match="after the end"):
         dec.feed(b"\x00")
+
+
+def test_a_refused_stream_stays_refused(key):
+    """Every later read raises the same error; none reports a clean end."""
+    dec = Decoder(E2EKey.from_secret("another secret"))
+    with pytest.raises(E2EError, match="wrong key"):
+        dec.feed(_sample(key))
+    for _ in range(2):
+        with pytest.raises(E2EError, match="wrong key"):
+            dec.check()
+    dec = Decoder(key)
+    with pytest.raises(E2EError, match="after the end"):
+        dec.feed(_sample(key) + b"more")
+    assert not dec.finished  # complete, but not clean: not "finished"
+    with pytest.raises(E2EError, match="after the end"):
+        dec.check()
+
+
+def test_a_secret_is_text_or_bytes():
+    with pytest.raises(TypeError):
+        as_key(1234)  # type: ignore[arg-type]  # bytes(1234) would be 1234 zero bytes
 
 
 def test_bad_lengths_and_reflection_are_refused_early(key):
@@ -395,6 +418,54 @@ def test_blocking_pair_with_threads_and_half_close(chan_server):
     assert a.recv(10) == b""
     a.close()
     b.close()
+
+
+def test_close_from_another_thread_wakes_its_recv_and_ends_the_session(chan_server):
+    conn = connect(chan_server.host, chan_server.port, "closing", ["nobody"])
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(conn.recv(10)), daemon=True)
+    reader.start()
+    wait_until(lambda: _blocked_in_recv(reader), WAIT, "the reader blocked in recv")
+    conn.close()
+    reader.join(WAIT)
+    assert got == [b""]
+    wait_until(lambda: _claimable(chan_server, "closing"), WAIT, "its chid free again")
+
+
+def _blocked_in_recv(thread: threading.Thread) -> bool:
+    """The thread is alive and its top frame is Connection.recv."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    return thread.is_alive() and frame is not None and frame.f_code.co_name == "recv"
+
+
+def _claimable(server: Any, chid: str) -> bool:
+    try:
+        connect(server.host, server.port, chid).close()
+    except HandshakeError:
+        return False
+    return True
+
+
+def test_splice_stdio_returns_leaving_the_rest_of_its_input_unread(chan_server):
+    """The thread that reads in_fd stops when splice_stdio returns: what the
+    application writes there next is still there for it."""
+    a = connect(chan_server.host, chan_server.port, "sa", ["sb"])
+    b = connect(chan_server.host, chan_server.port, "sb", ["sa"])
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        b.sendall(b"hello")
+        b.shutdown_write()  # b is done: the relay passes its FIN on to a
+        fc.splice_stdio(a, in_r, out_w)
+        assert os.read(out_r, 100) == b"hello"
+        assert not any(t.name == "fwd-stdin" for t in threading.enumerate())
+        os.write(in_w, b"next input")
+        assert os.read(in_r, 100) == b"next input"
+    finally:
+        a.close()
+        b.close()
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
 
 
 def test_broadcast_raw_clients_without_handshake(bcast_server):
