@@ -279,6 +279,10 @@ async def _handshake_async(driver: _ClientHandshake, reader: asyncio.StreamReade
     assert not driver.trailing()  # nothing was read past the hs4 line
 
 
+LINE_LIMIT = 1 << 16
+"""E2EStreamReader.readuntil's limit, asyncio.StreamReader's default."""
+
+
 class E2EStreamReader:
     """Decrypting stand-in for ``asyncio.StreamReader``.
 
@@ -288,9 +292,11 @@ class E2EStreamReader:
     replaces EOF when the stream was cut short or changed.
     """
 
-    def __init__(self, raw: asyncio.StreamReader, decoder: Decoder) -> None:
+    def __init__(self, raw: asyncio.StreamReader, decoder: Decoder,
+                 limit: int = LINE_LIMIT) -> None:
         self.raw = raw
         self.decoder = decoder
+        self.limit = limit  # readuntil's, as asyncio.StreamReader's
         self._buf = bytearray()
         self._eof = False
 
@@ -337,10 +343,16 @@ class E2EStreamReader:
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
         start = 0
         while (i := self._buf.find(separator, start)) < 0:
+            if len(self._buf) > self.limit:  # the bytes stay, as with asyncio
+                raise asyncio.LimitOverrunError(
+                    "Separator is not found, and chunk exceed the limit", len(self._buf))
             if self._eof:
                 raise asyncio.IncompleteReadError(self._take(len(self._buf)), None)
             start = max(0, len(self._buf) - len(separator) + 1)
             await self._fill()
+        if i + len(separator) > self.limit:
+            raise asyncio.LimitOverrunError(
+                "Separator is found, but chunk is longer than limit", i)
         return self._take(i + len(separator))
 
     async def readline(self) -> bytes:
@@ -348,6 +360,10 @@ class E2EStreamReader:
             return await self.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
             return exc.partial
+        except asyncio.LimitOverrunError as exc:  # as asyncio.StreamReader.readline
+            i = self._buf.find(b"\n")
+            del self._buf[:i + 1 if i >= 0 else len(self._buf)]
+            raise ValueError(exc.args[0]) from None
 
     def at_eof(self) -> bool:
         return self._eof and not self._buf

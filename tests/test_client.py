@@ -560,6 +560,21 @@ def test_e2e_chan_pair_both_ways_and_truncation_detected(chan_server, key):
                 await dr.read(100)
         for w in (cw, dw):
             w.close()
+        # A line longer than the limit is refused as by asyncio.StreamReader,
+        # not buffered without end.
+        er, ew, _ = await open_session(chan_server.host, chan_server.port, "ee", ["ef"],
+                                       e2e_key=key)
+        fr, fw, _ = await open_session(chan_server.host, chan_server.port, "ef", ["ee"],
+                                       e2e_key=key)
+        ew.write(b"x" * (fc.LINE_LIMIT + 1))
+        with pytest.raises(ValueError):
+            await fr.readline()
+        ew.write(b"\nnext\n")
+        tail = await fr.readline()  # what was not read of the long line yet
+        assert tail.strip(b"x") == b"\n"
+        assert await fr.readline() == b"next\n"
+        for w in (ew, fw):
+            w.close()
 
     run(body)
 
