@@ -462,15 +462,27 @@ class Connection:
         self._send_lock = threading.Lock()
         """Encrypted mode: encode-and-send is one step, so records leave in counter order
         and two threads can never draw the same nonce."""
+        self._send_error: OSError | None = None  # see _send_records
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         if self._encoder is None:
             self.sock.sendall(data)
             return
         with self._send_lock:
-            out = self._encoder.encode(data)
+            self._send_records(self._encoder.encode(data))
+
+    def _send_records(self, out: bytes) -> None:
+        """A record cut by a failed send (a timeout, say) leaves the stream
+        broken for good: every later send raises that failure again, rather
+        than sending records the peer can only refuse."""
+        if self._send_error is not None:
+            raise self._send_error
+        try:
             if out:
                 self.sock.sendall(out)
+        except OSError as exc:
+            self._send_error = exc
+            raise
 
     def recv(self, bufsize: int = READ_SIZE) -> bytes:
         """Up to ``bufsize`` bytes of stream data; ``b""`` at the end of the stream."""
@@ -509,7 +521,7 @@ class Connection:
         self._write_closed = True
         if self._encoder is not None:
             with self._send_lock:
-                self.sock.sendall(self._encoder.finish())
+                self._send_records(self._encoder.finish())
         self.sock.shutdown(socket.SHUT_WR)
 
     def shutdown(self, how: int) -> None:

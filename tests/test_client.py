@@ -420,6 +420,25 @@ def test_blocking_pair_with_threads_and_half_close(chan_server):
     b.close()
 
 
+def test_an_e2e_send_cut_by_a_timeout_breaks_the_stream_for_good(chan_server, key):
+    """Part of a record went out: any later record would only be refused by
+    the peer, so every later send raises the same failure."""
+    a = connect(chan_server.host, chan_server.port, "ta2", ["tb2"], e2e_key=key)
+    b = connect(chan_server.host, chan_server.port, "tb2", ["ta2"], e2e_key=key)
+    try:
+        a.settimeout(0.2)  # b reads nothing: 64 MiB cannot all go out
+        with pytest.raises(TimeoutError):
+            a.sendall(b"x" * (64 * MiB))
+        a.settimeout(None)
+        with pytest.raises(TimeoutError):
+            a.sendall(b"later")
+        with pytest.raises(TimeoutError):
+            a.shutdown_write()
+    finally:
+        a.close()
+        b.close()
+
+
 def test_close_from_another_thread_wakes_its_recv_and_ends_the_session(chan_server):
     conn = connect(chan_server.host, chan_server.port, "closing", ["nobody"])
     got: list[object] = []
