@@ -101,6 +101,14 @@ class Coordinator:
             self._watch(watches)
         elif kind == mesh.RELEASE:
             self.release(args[0].decode(), wid, int(args[1]))
+        elif kind == mesh.WANT:
+            chid, delta = args[0].decode(), int(args[1])
+            self.registry.want(wid, (chid,), delta)
+            if delta > 0:  # it may be live elsewhere already
+                where, watches = self.registry.locate(wid, (chid,))
+                for c, at in where.items():
+                    self._to(wid, mesh.LOC, c.encode(), b"%d" % at)
+                self._watch(watches)
         elif kind == mesh.MOVE:
             chid = args[0].decode()
             old = Owner(int(args[1]), int(args[2]))

@@ -34,8 +34,8 @@ import zmq
 log = logging.getLogger("fwd.mesh")
 
 # worker -> coordinator
-HELLO, CLAIM, MINT, LIVE, RELEASE, MOVE, PLACE = (
-    b"hello", b"claim", b"mint", b"live", b"release", b"move", b"place")
+HELLO, CLAIM, MINT, LIVE, RELEASE, MOVE, PLACE, WANT = (
+    b"hello", b"claim", b"mint", b"live", b"release", b"move", b"place", b"want")
 # coordinator -> worker
 CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
     b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead", b"watch")
@@ -43,7 +43,7 @@ CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
 TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
 SLEEP, WAKE, AWAKE = b"sleep", b"wake", b"awake"
 
-ARITY = {HELLO: 0, CLAIM: 5, MINT: 2, LIVE: 3, RELEASE: 2, MOVE: 4, PLACE: 3,
+ARITY = {HELLO: 0, CLAIM: 5, MINT: 2, LIVE: 3, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 2,
          CLAIMED: 3, INUSE: 2, PLACED: 3, EVICT: 3, LOC: 2, GONE: 2, DEAD: 1, WATCH: 2}
 """Frames after the kind, per coordinator message kind."""
 
@@ -280,6 +280,11 @@ class Mesh:
 
     def release(self, chid: str, token: int) -> None:
         self._ask(RELEASE, chid.encode(), b"%d" % token)
+
+    def want(self, chid: str, wanted: bool) -> None:
+        """This worker holds bytes for ``chid`` that came from other workers
+        (or no longer does): tell it where ``chid`` is live (``loc``)."""
+        self._ask(WANT, chid.encode(), b"1" if wanted else b"-1")
 
     def _from_coordinator(self, frames: list[bytes]) -> None:
         for kind, args in unbatch(frames):

@@ -313,6 +313,9 @@ class Router(Generic[T]):
     def has_holds(self) -> bool:
         return bool(self._holds)
 
+    def holding(self, chid: str) -> bool:
+        return chid in self._holds
+
 
 class Backpressure(Generic[T]):
     """Which senders are paused, and on which full receivers they wait.

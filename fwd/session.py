@@ -557,6 +557,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             transport.write(chunk)
         if hub.mesh is not None:
             hub.went_live()
+            hub.sync_wants()  # what was held for it here is its now
         if (hub.mesh is not None and self.chid is not None
                 and (recvers or self.named or self.home_hint is not None)):
             self._announce()

@@ -107,6 +107,7 @@ class Hub:
         # got OK gets what is sent after it (see when_awake).
         self.sleeping: set[int] = set()  # peers that said they sleep
         self._stuck: set[int] = set()  # peers whose bytes the mesh drops (overflow_dropped)
+        self._wants: set[str] = set()  # chids asked about for bytes held here (sync_wants)
         self.asleep = False  # we said so
         self._waking: set[int] | None = None  # peers whose answer we await
         self._woken_callbacks: list[Callable[[], None]] = []
@@ -240,6 +241,15 @@ class Hub:
         assert self.mesh is not None
         for chunk in self.router.set_remote(chid, worker):  # held here, older than anything new
             self.mesh.send_to(worker, chid, chunk)
+        self.sync_wants()
+
+    def sync_wants(self) -> None:
+        """Withdraw the interest in chids this worker no longer holds bytes for."""
+        if self._wants:
+            assert self.mesh is not None
+            for chid in [c for c in self._wants if not self.router.holding(c)]:
+                self._wants.discard(chid)
+                self.mesh.want(chid, False)
 
     def remote_gone(self, chid: str, worker: int) -> None:
         self.router.drop_remote(chid, worker)
@@ -279,6 +289,13 @@ class Hub:
         if target is None or target.transport is None:
             self.stats["dropped_bytes"] += self.router.hold(chid, chunk, now)
             self.watch_holds()
+            if chid not in self._wants and self.router.holding(chid) and target is None:
+                # Sent here as its chid's home, which it has left (or not reached):
+                # where it goes live next, these bytes must follow. A session here
+                # that names it would say so; bytes from elsewhere must ask.
+                assert self.mesh is not None
+                self._wants.add(chid)
+                self.mesh.want(chid, True)
             return
         target.last_active = now
         target.bytes_out += len(chunk)
@@ -503,6 +520,8 @@ class Hub:
             self.stats["dropped_bytes"] += dropped
             log.info("dropped %d held bytes older than %gs (--hold-seconds)",
                      dropped, self.config.hold_seconds)
+        if self.mesh is not None:
+            self.sync_wants()
         self.watch_holds()
 
     async def shutdown(self) -> None:

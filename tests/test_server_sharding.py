@@ -3,6 +3,7 @@ bytes and backpressure across workers, co-location, clean stops. Every server
 here runs three workers, whatever FWD_TEST_WORKERS says."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from fwd import control
 from fwd.worker import WAKE_WAIT
 from helpers import (
     Sender,
@@ -393,6 +395,51 @@ def test_a_session_moving_to_a_worker_that_dies_frees_its_chid(start_server):
     assert sa.recv(100) == b""
     # It got "chid in use: a" for good before.
     wait_until(lambda: _claimable(server, "a"), 10, '"a" free again')
+
+
+def test_bytes_held_where_a_chid_just_left_follow_it_to_its_next_worker(start_server):
+    """s sends to y on another worker. y leaves while the parent is stopped,
+    so s's worker still sends there and those bytes are held where y was.
+    y comes back on another worker: they must follow it (they used to wait
+    there for --hold-seconds and be dropped)."""
+    server = start_server("--mode", "chan", "--workers", "2", "--hold-seconds", "60")
+    sy, _ = server.handshake("y", [])
+    home = server.worker_of(sy)
+    xs = []  # two sessions on the other worker draw s there
+    while len([x for x in xs if server.worker_of(x) != home]) < 2:
+        xs.append(server.handshake(f"x{len(xs)}", [])[0])
+    names = [f"x{i}" for i, x in enumerate(xs) if server.worker_of(x) != home][:2]
+    for attempt in range(20):  # s stays where it lands if y is live there: land elsewhere
+        ss, _ = server.handshake(f"s{attempt}", [*names, "y"])
+        if server.worker_of(ss) != home:
+            break
+        mark = server.mark()
+        ss.close()  # it names y: it would draw y's next session to its worker
+        server.wait_log(rf"session end chid=s{attempt} ", start=mark)
+    else:
+        pytest.fail("s never landed on the other worker")
+    ss.sendall(b"AAAA")
+    assert recv_exact(sy, 4) == b"AAAA"
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        mark = server.mark()
+        sy.close()
+        server.wait_log(r"session end chid=y ", start=mark)
+        ss.sendall(b"BBBB")  # s's worker has not heard that y left: sent to y's old worker
+        wait_until(lambda: _held(server, home) >= 4, 30, "BBBB held where y was")
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    y2, _ = server.handshake("y", [f"s{attempt}"])
+    assert server.worker_of(y2) != home  # drawn to s: the bytes held at home must follow
+    assert recv_exact(y2, 4) == b"BBBB"
+
+
+def _held(server, pid: int) -> int:
+    """held_bytes of the worker with this pid, from its own control socket."""
+    rundir = server.wait_log(r"run directory (\S+)").group(1)
+    wid = int(server.wait_log(rf"worker (\d+) ready pid={pid}\b").group(1))
+    reply = asyncio.run(control.ask(control.worker_path(rundir, wid), {"cmd": "status"}, 5))
+    return int(reply["held_bytes"])
 
 
 def test_a_bulk_pair_tells_the_other_workers_nothing(sharded):
