@@ -32,6 +32,7 @@ authentic or is truncated.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import select
@@ -468,6 +469,8 @@ class Connection:
         if self._encoder is None:
             self.sock.sendall(data)
             return
+        if self._write_closed:  # what the socket itself says after shutdown(SHUT_WR)
+            raise BrokenPipeError(errno.EPIPE, "send after shutdown_write()")
         with self._send_lock:
             self._send_records(self._encoder.encode(data))
 
@@ -486,6 +489,8 @@ class Connection:
 
     def recv(self, bufsize: int = READ_SIZE) -> bytes:
         """Up to ``bufsize`` bytes of stream data; ``b""`` at the end of the stream."""
+        if bufsize <= 0:
+            return b""
         dec = self._decoder
         if dec is None:
             if self._pending:

@@ -157,8 +157,8 @@ class Encoder:
 
     def encode(self, data: bytes | bytearray | memoryview) -> bytes:
         """Encrypt ``data`` into records of at most MAX_RECORD plaintext bytes each."""
-        if self._finished:
-            raise E2EError("stream already finished")
+        if self._finished:  # our misuse, not a stream that fails to authenticate
+            raise RuntimeError("write after the end of the encrypted stream")
         view = memoryview(data).cast("B")
         if not len(view):
             return b""

@@ -205,6 +205,13 @@ def test_a_refused_stream_stays_refused(key):
         dec.check()
 
 
+def test_writing_after_the_end_is_our_misuse_not_a_bad_stream(key):
+    enc = Encoder(key)
+    enc.finish()
+    with pytest.raises(RuntimeError):  # as asyncio's write() after write_eof()
+        enc.encode(b"late")
+
+
 def test_a_secret_is_text_or_bytes():
     with pytest.raises(TypeError):
         as_key(1234)  # type: ignore[arg-type]  # bytes(1234) would be 1234 zero bytes
@@ -434,6 +441,9 @@ def test_an_e2e_send_cut_by_a_timeout_breaks_the_stream_for_good(chan_server, ke
             a.sendall(b"later")
         with pytest.raises(TimeoutError):
             a.shutdown_write()
+        with pytest.raises(BrokenPipeError):  # as a plain socket after shutdown(SHUT_WR)
+            a.sendall(b"after the end")
+        assert b.recv(0) == b""  # at once, as a socket's
     finally:
         a.close()
         b.close()
@@ -442,12 +452,20 @@ def test_an_e2e_send_cut_by_a_timeout_breaks_the_stream_for_good(chan_server, ke
 def test_close_from_another_thread_wakes_its_recv_and_ends_the_session(chan_server):
     conn = connect(chan_server.host, chan_server.port, "closing", ["nobody"])
     got: list[object] = []
-    reader = threading.Thread(target=lambda: got.append(conn.recv(10)), daemon=True)
+
+    def read() -> None:
+        try:
+            got.append(conn.recv(10))
+        except OSError as exc:  # closed just before its recv() started: EBADF
+            got.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    wait_until(lambda: _blocked_in_recv(reader), WAIT, "the reader blocked in recv")
+    wait_until(lambda: _blocked_in_recv(reader), WAIT, "the reader in recv")
     conn.close()
     reader.join(WAIT)
-    assert got == [b""]
+    assert not reader.is_alive()  # it used to stay blocked, and the session open
+    assert got == [b""] or isinstance(got[0], OSError)
     wait_until(lambda: _claimable(chan_server, "closing"), WAIT, "its chid free again")
 
 
