@@ -127,19 +127,27 @@ def test_sigterm_drains_queued_bytes_then_leaves_no_process(start_server):
         assert not os.path.exists(f"/proc/{pid}"), "a worker outlived the server"
 
 
+def _stopping_with_a_stalled_receiver(server, sig: int = signal.SIGTERM):
+    """A pair whose receiver b reads nothing (its sender a is paused), then
+    ``sig`` to the server; returns b, a's Sender and the log mark, once the
+    server drains."""
+    sa, sb = pair(server)
+    mark = server.mark()
+    up = Sender(sa, 64 * MiB)
+    up.start()
+    server.wait_log(r"paused chid=a", start=mark)
+    server.proc.send_signal(sig)
+    server.wait_log(r"draining \d+ sessions", start=mark)
+    return sb, up, mark
+
+
 @pytest.mark.slow
 def test_the_drain_timeout_outlasts_the_close_linger(start_server):
     """--drain-timeout, not the 5 s linger of an ordinary close, bounds the
     flush at shutdown: a receiver that reads only after CLOSE_LINGER still
     gets every byte queued for it."""
     server = start_server("--mode", "chan", "--drain-timeout", str(CLOSE_LINGER + 20))
-    sa, sb = pair(server)
-    mark = server.mark()
-    up = Sender(sa, 64 * MiB)
-    up.start()
-    server.wait_log(r"paused chid=a", start=mark)  # b reads nothing
-    server.proc.send_signal(signal.SIGTERM)
-    server.wait_log(r"draining \d+ sessions", start=mark)
+    sb, up, mark = _stopping_with_a_stalled_receiver(server)
     up.join(30)  # the server stopped reading it: its sendall ends with the reset
     time.sleep(CLOSE_LINGER + 1)  # the subject: outlast the linger
     got = bytearray()
@@ -156,13 +164,7 @@ def test_the_drain_timeout_outlasts_the_close_linger(start_server):
 def test_a_second_signal_cuts_the_drain_short(start_server, sig):
     """As with gunicorn or a shell: told twice, the server stops now."""
     server = start_server("--mode", "chan", "--drain-timeout", "120")
-    sa, sb = pair(server)
-    mark = server.mark()
-    up = Sender(sa, 64 * MiB)
-    up.start()
-    server.wait_log(r"paused chid=a", start=mark)  # b reads nothing: the drain would wait
-    server.proc.send_signal(sig)
-    server.wait_log(r"draining \d+ sessions", start=mark)
+    _, up, mark = _stopping_with_a_stalled_receiver(server, sig)  # the drain would wait
     server.proc.send_signal(sig)
     assert server.proc.wait(30) == 0
     server.wait_log(r"did not drain within 120s \(told twice to stop\): resetting them",
@@ -174,12 +176,7 @@ def test_a_receiver_still_stalled_after_the_drain_timeout_is_reset(start_server)
     """What the drain timeout cuts off must not look like the stream's end to
     the receiver: it gets the bytes its kernel holds, then a reset, not an EOF."""
     server = start_server("--mode", "chan", "--drain-timeout", "0.5")
-    sa, sb = pair(server)
-    mark = server.mark()
-    up = Sender(sa, 64 * MiB)
-    up.start()
-    server.wait_log(r"paused chid=a", start=mark)  # b reads nothing
-    server.proc.send_signal(signal.SIGTERM)
+    sb, up, mark = _stopping_with_a_stalled_receiver(server)
     server.wait_log(r"did not drain within", start=mark)
     assert server.proc.wait(30) == 0
     got = bytearray()
