@@ -353,8 +353,8 @@ class Hub:
             if self.config.mode == "chan":
                 log.debug("no live session: the other workers leave this one out")
             else:
-                log.debug("no live session: the other workers count bytes only for here "
-                          "as dropped")
+                log.debug("no live session: the other workers count bytes none of their "
+                          "sessions receive as dropped")
 
     def went_live(self) -> None:
         """A session goes live in broadcast mode: if we said we sleep, say we
