@@ -85,6 +85,9 @@ class Handoff:
                 socket.send_fds(self.channel, [message], [sock.fileno()])
             except BlockingIOError:
                 pass
+            except OSError:  # the other process is gone (EPIPE): its exit is handled apart
+                sock.close()  # the client sees its connection end
+                return
             else:
                 sock.close()
                 return
@@ -100,6 +103,10 @@ class Handoff:
                 socket.send_fds(self.channel, [message], [sock.fileno()])
             except BlockingIOError:
                 return
+            except OSError:  # the other process is gone: what waits for it ends
+                while self._queue:
+                    self._queue.popleft()[0].close()
+                break
             self._queue.popleft()
             sock.close()
         self.loop.remove_writer(self.channel)

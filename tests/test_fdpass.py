@@ -84,3 +84,33 @@ def test_handoff_queues_when_the_channel_is_full_and_never_blocks():
         client.close()
     tx.close()
     rx.close()
+
+
+def test_handoff_to_a_process_that_is_gone_closes_the_sockets_and_raises_nothing():
+    """The worker died and its channel end with it, but its exit is not handled
+    yet: sending (now or from the queue) must not raise in the loop; the
+    clients see their connections end."""
+    tx, rx = fdpass.channel_pair()
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = uvloop.new_event_loop()
+    pairs = [_tcp_pair() for _ in range(40)]
+
+    async def main() -> None:
+        handoff = fdpass.Handoff(loop, tx)
+        for i, (_, server_side) in enumerate(pairs[:20]):
+            handoff.send(server_side, {"i": i}, bytes(2000))
+        assert len(handoff) > 0  # some wait in the queue
+        rx.close()  # the receiving process dies
+        for i, (_, server_side) in enumerate(pairs[20:]):
+            handoff.send(server_side, {"i": i}, bytes(2000))
+        for _ in range(10):  # the queue meets the closed channel too
+            await asyncio.sleep(0)
+        assert len(handoff) == 0
+
+    loop.run_until_complete(main())
+    loop.close()
+    for client, _ in pairs:
+        client.settimeout(10)
+        assert client.recv(1) == b""  # its server side was closed: EOF
+        client.close()
+    tx.close()
