@@ -154,7 +154,7 @@ class Mesh:
     """One worker's end of the ZeroMQ layer. The Hub decides; this moves messages."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wid: int, workers: int, rundir: str,
-                 handler: Any, overflow_max: int = 4 << 20) -> None:
+                 handler: Any, overflow_max: int) -> None:
         self.loop = loop
         self.wid = wid
         self.peers = tuple(w for w in range(workers) if w != wid)
@@ -167,7 +167,8 @@ class Mesh:
         self._overflow_bytes: dict[int, int] = {}
         self.overflow_max = overflow_max
         """Bytes for a peer past its pipe's high-water mark kept before its
-        further stream bytes are dropped: a stopped worker must not grow us."""
+        further stream bytes are dropped (--max-buffer): a stopped worker must
+        not grow us."""
         self._monitors: list[zmq.Socket] = []
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.IDENTITY, b"w%d" % wid)

@@ -559,7 +559,7 @@ def pipe_budget(max_conns: int) -> int:
 
 
 async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
-                incarnation: int = 0) -> None:
+                incarnation: int) -> None:
     """Serve the client sockets the parent sends on ``channel`` until SIGTERM
     (or until the parent is gone), then drain."""
     loop = asyncio.get_running_loop()
