@@ -48,6 +48,9 @@ tells the others to leave it out of "everyone" bytes."""
 WAKE_WAIT = 0.5
 """How long a session's hs4 may wait for the others to acknowledge that its
 worker is awake again (a stopped or dead worker does not answer)."""
+GONE_PER_NOTE = 4096
+"""Ended connections told per note: the parent reads a note as one packet of
+at most 64 KiB (a larger one would be cut, and its connections never counted out)."""
 
 
 class Hub:
@@ -137,18 +140,20 @@ class Hub:
         """One note for every connection that ended since the last note. A full
         channel (the parent is behind: its send buffer holds about 270 notes)
         keeps the count for when it drains, since a lost note would hold a
-        --max-conns slot for good."""
+        --max-conns slot for good. A note is one packet the parent reads
+        whole, so a large count goes in several."""
         channel = self.channel
-        if channel is None or not self._gone:
-            return
-        try:
-            channel.send(b"x" * self._gone)
-        except BlockingIOError:
-            self.loop.add_writer(channel, self._gone_writable)
-            return
-        except OSError:  # the parent is gone
-            pass
-        self._gone = 0
+        while channel is not None and self._gone:
+            n = min(self._gone, GONE_PER_NOTE)
+            try:
+                channel.send(b"x" * n)
+            except BlockingIOError:
+                self.loop.add_writer(channel, self._gone_writable)
+                return
+            except OSError:  # the parent is gone
+                self._gone = 0
+                return
+            self._gone -= n
 
     def _gone_writable(self) -> None:
         assert self.channel is not None
