@@ -1,7 +1,6 @@
 """Command-line entry points: parse options, build a Config, call the pieces."""
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -207,6 +206,8 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
 @_password_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text",
+              help="text: one readable line per record; json: one JSON object per line.")
 def client(**options: Any) -> None:
     """Connect out to a fwd-server (server0) and a service (server1), and copy bytes
     between them; listens on nothing."""
@@ -220,10 +221,7 @@ def client(**options: Any) -> None:
         handshake = wants
     elif not handshake and wants:
         raise click.UsageError("--chid, --recvers, --timeout and --password need the handshake")
-    logging.basicConfig(
-        level=options.pop("log_level").upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(options.pop("log_level"), "client", options.pop("log_format"))
     try:
         opts = BridgeOptions(handshake=handshake, **options)
     except ValueError as exc:

@@ -9,6 +9,7 @@ listening socket owned by the test stands in for server0.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -500,3 +501,17 @@ def test_password_handshake_with_a_password_server(start_server, start_client, s
     remote.sendall(codec.encode({"req": "hs3", "recvers": ["svc"], "nonce": hs2["nonce"]}))
     assert codec.decode(read_line(remote)[:-1]) == {"rsp": "hs4", "result": "OK"}
     round_trip(remote, 256 * 1024)
+
+
+def test_json_log_lines(start_server, start_client, start_service):
+    """--log-format json, as fwd-server has it: every stderr line one object."""
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc, "--log-format", "json")
+    remote, _ = server.handshake("user", ["svc"])
+    round_trip(remote, 64 * 1024)
+    br.wait_log(r'"msg": "server1 connected')
+    br.stop()
+    records = [json.loads(line) for line in br.lines]  # every line is one object
+    assert {r["proc"] for r in records} == {"client"}
+    assert any(r["msg"].startswith("fwd-client starting") for r in records)
