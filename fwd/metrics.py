@@ -29,6 +29,12 @@ MAX_HEAD = 8192
 """Longest HTTP request head the endpoint reads."""
 HEAD_TIMEOUT = 10.0
 """Seconds a client has to send its request head."""
+LINGER = 1.0
+"""After a reply, seconds spent reading and dropping what the client still
+sends (nginx's lingering close): closing with unread bytes resets the
+connection, and the reset can destroy the reply before the client reads it
+(a 431 for a 70 KB head, say). Bounded in bytes too, by LINGER_BYTES."""
+LINGER_BYTES = 1 << 20
 MAX_CLIENTS = 64
 """Clients kept at once; a new one closes the oldest (a flood of idle ones must
 neither take the parent's descriptors, which the acceptor needs, nor lock a
@@ -151,6 +157,23 @@ async def _reply(writer: asyncio.StreamWriter, status: str, body: bytes,
     await writer.drain()
 
 
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The reply is out: say so with a FIN, then drop what the client still
+    sends, until its EOF, LINGER seconds or LINGER_BYTES (see LINGER)."""
+    if writer.can_write_eof():
+        writer.write_eof()
+
+    async def drain() -> None:
+        left = LINGER_BYTES
+        while left > 0 and (chunk := await reader.read(min(left, 65536))):
+            left -= len(chunk)
+
+    try:
+        await asyncio.wait_for(drain(), LINGER)
+    except asyncio.TimeoutError:
+        pass
+
+
 class MetricsServer:
     """A minimal HTTP/1.1 endpoint for GET /metrics in the parent's event loop
     (no thread: ``render`` first asks the workers to flush)."""
@@ -187,21 +210,21 @@ class MetricsServer:
             except asyncio.LimitOverrunError:
                 await _reply(writer, "431 Request Header Fields Too Large",
                              b"request head too long\n")
+                await _linger(reader, writer)
                 return
             except (asyncio.IncompleteReadError, asyncio.TimeoutError):
                 return
             request_line = head.split(b"\r\n", 1)[0].split(b" ")
             if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
                 await _reply(writer, "400 Bad Request", b"not an HTTP/1 request\n")
-                return
-            method, target = request_line[0], request_line[1].split(b"?", 1)[0]
-            if method not in (b"GET", b"HEAD"):
+            elif request_line[0] not in (b"GET", b"HEAD"):
                 await _reply(writer, "405 Method Not Allowed", b"GET only\n")
-            elif target != b"/metrics":
+            elif request_line[1].split(b"?", 1)[0] != b"/metrics":
                 await _reply(writer, "404 Not Found", b"see /metrics\n")
             else:
                 await _reply(writer, "200 OK", await self.render(), CONTENT_TYPE,
-                             head_only=method == b"HEAD")
+                             head_only=request_line[0] == b"HEAD")
+            await _linger(reader, writer)
         except (ConnectionError, OSError):
             pass
         except Exception:
