@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
-from .config import Config, format_hostport
+from .config import Config, address_key, format_hostport
 from .coordinator import Coordinator
 from .registry import Owner
 
@@ -67,6 +67,15 @@ class Worker:
     ready: bool = False
     exited: bool = False
     conns: int = 0
+    # --max-conns-per-ip: its connections by address_key; they go with it when it dies.
+    addresses: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+    def count_out(self, peer: str) -> None:
+        key = address_key(peer)
+        if self.addresses[key] <= 1:
+            del self.addresses[key]
+        else:
+            self.addresses[key] -= 1
 
 
 class Arbiter:
@@ -196,6 +205,11 @@ class Arbiter:
             self._forward_moved(worker, socket.socket(fileno=fds[0]), message)
         elif message[:1] == b"x":  # one "x" per connection of it that ended
             worker.conns = max(worker.conns - len(message), 0)
+        elif message[:1] == b"g":  # the same, one peer per line (--max-conns-per-ip)
+            peers = message[1:].decode("utf-8", "replace").split("\n")
+            worker.conns = max(worker.conns - len(peers), 0)
+            for peer in peers:
+                worker.count_out(peer)
         elif message == b"ready":
             worker.ready = True
             log.info("worker %d ready pid=%d", worker.wid, worker.pid)
@@ -207,16 +221,20 @@ class Arbiter:
     def _forward_moved(self, source: Worker, sock: socket.socket, message: bytes) -> None:
         """A worker hands a session to the worker its receivers live on."""
         meta, data = fdpass.unpack(message)
+        moved = meta.get("adopt")
+        peer = moved["peer"] if moved is not None else "?"
         source.conns = max(source.conns - 1, 0)
+        if self.config.max_conns_per_ip:
+            source.count_out(peer)
         target = self.workers.get(meta.pop("to", -1))
         if target is None or target.exited:
             sock.close()  # that worker is restarting: the client sees the connection end
-            moved = meta.get("adopt")
             if moved is not None and self.coordinator is not None:
                 self.coordinator.release(moved["chid"], source.wid, moved["token"])
             return
         target.conns += 1
-        moved = meta.get("adopt")
+        if self.config.max_conns_per_ip:
+            target.addresses[address_key(peer)] += 1
         if moved is not None and self.coordinator is not None:
             # Until its move arrives, the chid stays with its old owner: freed
             # if the target dies before (Coordinator.worker_lost).
@@ -258,26 +276,39 @@ class Arbiter:
     def dispatch(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Hand a new client socket to the running worker with the fewest."""
         running = [w for w in self.workers.values() if not w.exited]
-        if sum(w.conns for w in running) >= self.config.max_conns:
+        name = format_hostport(*peer)
+        per_ip = self.config.max_conns_per_ip
+        key = address_key(name) if per_ip else ""
+
+        def over() -> str | None:
+            total = sum(w.conns for w in running)
+            if total >= self.config.max_conns:
+                return f"{total} connections (--max-conns)"
+            if per_ip and (mine := sum(w.addresses[key] for w in running)) >= per_ip:
+                return f"{mine} connections from {key} (--max-conns-per-ip)"
+            return None
+
+        if over():
             for w in running:  # take in the "gone" notes already waiting, then decide
                 self._from_worker(w, drain=True)
-        if sum(w.conns for w in running) >= self.config.max_conns or not running:
-            # Over --max-conns (or every worker is restarting): closed at once.
-            sock.close()
+        why = over() if running else "every worker is restarting"
+        if why is not None:
+            sock.close()  # closed at once
             self.refused += 1
             if self.metrics is not None:
                 self.metrics.refused.inc()
             now = self.loop.time()
             if now - self._last_refusal_log >= 1.0:
                 self._last_refusal_log = now
-                log.warning("refusing connection from %s: %d connections (--max-conns), "
-                            "%d refused so far", format_hostport(*peer),
-                            sum(w.conns for w in running), self.refused)
+                log.warning("refusing connection from %s: %s, %d refused so far", name, why,
+                            self.refused)
             return
         start, n = next(self._rr), self.config.workers  # rotate among equals
         worker = min(running, key=lambda w: (w.conns, (w.wid - start) % n))
         worker.conns += 1
-        worker.handoff.send(sock, {"peer": list(peer)})
+        if per_ip:
+            worker.addresses[key] += 1
+        worker.handoff.send(sock, {"peer": name})
 
     # -- control and metrics -----------------------------------------------------
 

@@ -134,6 +134,9 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
               "and workers.")
 @click.option("--max-conns", type=click.IntRange(min=1), default=_D.max_conns,
               help="Connections beyond this are closed at once.")
+@click.option("--max-conns-per-ip", type=click.IntRange(min=0), default=_D.max_conns_per_ip,
+              help="Connections from one address beyond this are closed at once; IPv6 "
+                   "counts by /64. Clients behind one NAT share an address (0 = no limit).")
 @click.option("--splice-min", type=_Size(), default=str(_D.splice_min),
               help="A read this big sends that stream to its local receivers through "
                    "a pipe with splice(2), without copying it; to several by tee(2), "

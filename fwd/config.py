@@ -5,6 +5,7 @@ can build a Config without click.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -43,6 +44,26 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def address_key(peer: str) -> str:
+    """What ``--max-conns-per-ip`` counts by, from a peer as ``format_hostport``
+    writes it: the IPv4 address (also when it arrives IPv4-mapped on an IPv6
+    listener), or the /64 of an IPv6 address, which one host usually has
+    whole (counting single addresses would let it open a slot per address).
+    Anything else is its own key."""
+    host = peer.rpartition(":")[0] or peer
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])  # no zone: fe80::1%eth0
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 @dataclass
 class Config:
     """Every knob of one fwd-server; defaults match the CLI's."""
@@ -58,6 +79,8 @@ class Config:
     hold_seconds: float = 30.0
     hold_total: int = 256 * 1024**2
     max_conns: int = 10000
+    max_conns_per_ip: int = 0
+    """Connections from one address (address_key) at most; 0: no limit."""
     splice_min: int = 64 * 1024
     """A read this big for one local receiver moves that stream to splice(2); 0: never."""
     tcp_congestion: str | None = None

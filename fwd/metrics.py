@@ -48,7 +48,7 @@ REASONS = tuple(sorted({r for _, r in FAILURE_REASONS} | {"malformed"}))
 COUNTERS: Mapping[str, tuple[str, str]] = {
     "connections": ("fwd_connections", "Client connections accepted."),
     "rejected": ("fwd_connections_refused", "Connections closed at once (--max-conns, "
-                 "shutdown, lost in a hand-off)."),
+                 "--max-conns-per-ip, shutdown, lost in a hand-off)."),
     "bytes_in": ("fwd_received_bytes", "Stream bytes read from clients (after the handshake)."),
     "bytes_out": ("fwd_sent_bytes", "Stream bytes written to clients."),
     "dropped_bytes": ("fwd_dropped_bytes", "Bytes dropped: hold limits, expired holds, "

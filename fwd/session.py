@@ -87,13 +87,13 @@ class Session(Relay, asyncio.BufferedProtocol):
     )
 
     def __init__(self, hub: Hub, adopted: tuple[dict[str, Any], bytes] | None = None,
-                 fd: int = -1) -> None:
+                 fd: int = -1, peer: str = "?") -> None:
         self.hub = hub
         self.transport: asyncio.Transport | None = None
         self.route: Route[Session] | None = None
         self.live = False  # mirrors state is St.LIVE, for the compiled read path
         self.state = St.SNIFF
-        self.peer = "?"
+        self.peer = peer  # as the parent wrote it, [::1]:port
         self.chid: str | None = None
         self.hs: Handshake | None = None
         self.sniffed = b""
@@ -138,8 +138,10 @@ class Session(Relay, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         hub = self.hub
-        peer = transport.get_extra_info("peername")
-        self.peer = format_hostport(peer[0], peer[1]) if peer else "?"  # [::1]:port
+        if self.peer == "?":  # not from the parent's hand-off
+            peer = transport.get_extra_info("peername")
+            if peer:
+                self.peer = format_hostport(peer[0], peer[1])
         # A moved session was admitted already (and its chid travels with it:
         # refusing it here would strand that chid).
         if not hub.admit(self, limit=self.adopted is None):

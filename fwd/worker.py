@@ -51,6 +51,8 @@ worker is awake again (a stopped or dead worker does not answer)."""
 GONE_PER_NOTE = 4096
 """Ended connections told per note: the parent reads a note as one packet of
 at most 64 KiB (a larger one would be cut, and its connections never counted out)."""
+GONE_PEERS_PER_NOTE = 1000
+"""The same with --max-conns-per-ip, where each carries its peer (at most 47 bytes)."""
 
 
 class Hub:
@@ -74,6 +76,7 @@ class Hub:
         self.wid = 0
         self.channel: socket.socket | None = None
         self._gone = 0  # connections ended, not yet told to the parent
+        self._gone_peers: list[str] = []  # their peers, with --max-conns-per-ip
         self._tokens = itertools.count(1)
         self.remote_full_chids: dict[str, int] = {}
         self.remote_full_count: collections.Counter[int] = collections.Counter()
@@ -124,17 +127,21 @@ class Hub:
     def new_token(self) -> int:
         return next(self._tokens)
 
-    def connection_gone(self, session: Session | None = None) -> None:
+    def connection_gone(self, session: Session | None = None, peer: str = "?") -> None:
         """Tell the parent, which counts connections per worker (--max-conns,
-        placement): once per connection, as soon as its session ends."""
+        placement), and per address (--max-conns-per-ip): once per
+        connection, as soon as its session ends."""
         if session is not None:
             if session.counted_out or session.moved:  # a moved one is counted by the parent
                 return
             session.counted_out = True
+            peer = session.peer
         if self.channel is not None:
             if not self._gone:
                 self.loop.call_soon(self._send_gone)
             self._gone += 1
+            if self.config.max_conns_per_ip:
+                self._gone_peers.append(peer)
 
     def _send_gone(self) -> None:
         """One note for every connection that ended since the last note. A full
@@ -143,17 +150,25 @@ class Hub:
         --max-conns slot for good. A note is one packet the parent reads
         whole, so a large count goes in several."""
         channel = self.channel
+        peers = self._gone_peers
         while channel is not None and self._gone:
-            n = min(self._gone, GONE_PER_NOTE)
+            if peers:  # one per line, so that the parent can count each address down
+                n = min(len(peers), GONE_PEERS_PER_NOTE)
+                note = b"g" + "\n".join(peers[:n]).encode()
+            else:
+                n = min(self._gone, GONE_PER_NOTE)
+                note = b"x" * n
             try:
-                channel.send(b"x" * n)
+                channel.send(note)
             except BlockingIOError:
                 self.loop.add_writer(channel, self._gone_writable)
                 return
             except OSError:  # the parent is gone
                 self._gone = 0
+                peers.clear()
                 return
             self._gone -= n
+            del peers[:n]
 
     def _gone_writable(self) -> None:
         assert self.channel is not None
@@ -585,22 +600,25 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     last_loss_log = -1e9
 
-    async def adopt(sock: socket.socket, moved: tuple[dict[str, Any], bytes] | None) -> None:
+    async def adopt(sock: socket.socket, moved: tuple[dict[str, Any], bytes] | None,
+                    peer: str) -> None:
         try:
             fd = sock.fileno()
-            await loop.connect_accepted_socket(lambda: Session(hub, moved, fd), sock)
+            await loop.connect_accepted_socket(lambda: Session(hub, moved, fd, peer), sock)
         except OSError as exc:  # the client left during the hand-off
             log.debug("could not adopt a connection: %s", exc)
             sock.close()
-            hub.connection_gone()
+            hub.connection_gone(peer=peer)
 
     def on_socket(sock: socket.socket, meta: dict[str, Any], data: bytes) -> None:
+        # The peer as the parent wrote it: it counts connections by it.
+        peer = meta["adopt"]["peer"] if "adopt" in meta else meta.get("peer", "?")
         if hub.stopping:
             sock.close()
-            hub.connection_gone()
+            hub.connection_gone(peer=peer)
             return
         moved = (meta["adopt"], data) if "adopt" in meta else None
-        loop.create_task(adopt(sock, moved))
+        loop.create_task(adopt(sock, moved, peer))
 
     def on_parent_gone() -> None:
         if not stop.is_set():

@@ -155,14 +155,17 @@ class Server(Process):
         self.host = host.strip("[]")
         self.port = int(port)
 
-    def connect(self, timeout: float = 10.0) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+    def connect(self, timeout: float = 10.0, source: str | None = None) -> socket.socket:
+        """``source``: the client's own address (127.0.0.2, say: any of 127/8 works)."""
+        sock = socket.create_connection((self.host, self.port), timeout=timeout,
+                                        source_address=None if source is None else (source, 0))
         self.sockets.append(sock)
         return sock
 
     def handshake(self, chid: str | None = None, recvers: list[str] | None = None,
-                  timeout: int | None = None) -> tuple[socket.socket, str]:
-        sock = self.connect()
+                  timeout: int | None = None,
+                  source: str | None = None) -> tuple[socket.socket, str]:
+        sock = self.connect(source=source)
         return sock, handshake(sock, chid, recvers, timeout)
 
     def workers(self) -> list[int]:

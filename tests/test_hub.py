@@ -61,3 +61,36 @@ def test_a_parent_that_is_gone_ends_the_notes() -> None:
     finally:
         loop.close()
         child.close()
+
+
+def test_with_a_per_address_limit_every_ended_connection_names_its_peer() -> None:
+    """--max-conns-per-ip: the parent counts each address down from these notes,
+    so each peer must arrive, once, in notes it reads whole."""
+    loop = uvloop.new_event_loop()
+    parent, child = fdpass.channel_pair()
+    parent.setblocking(False)
+    child.setblocking(False)
+    try:
+        hub = Hub(Config(max_conns_per_ip=10), loop)
+        hub.channel = child
+        sent = [f"[2001:db8::{i:x}]:{40000 + i % 20000}" for i in range(5000)]
+        for peer in sent:
+            hub.connection_gone(peer=peer)
+        got: list[str] = []
+
+        async def parent_reads() -> None:
+            while len(got) < len(sent):
+                try:
+                    note = parent.recv(65536)
+                except BlockingIOError:
+                    await asyncio.sleep(0)
+                    continue
+                assert note[:1] == b"g" and len(note) < 65536
+                got.extend(note[1:].decode().split("\n"))
+
+        loop.run_until_complete(asyncio.wait_for(parent_reads(), 10))
+        assert got == sent
+    finally:
+        loop.close()
+        parent.close()
+        child.close()

@@ -388,6 +388,59 @@ def test_ends_the_parent_was_too_slow_to_hear_still_free_their_slots(start_serve
         s.close()
 
 
+def test_max_conns_per_ip_refuses_one_address_and_serves_the_others(start_server):
+    """--max-conns-per-ip: a client that opens many connections (a flood, a
+    leak) fills only its own share; other addresses are still served, and its
+    own slots come back as its connections end."""
+    server = start_server("--mode", "chan", "--max-conns-per-ip", "2")
+    sa, _ = server.handshake("a", ["b"])
+    sb, _ = server.handshake("b", ["c"])  # no pair: its FIN ends its session
+    mark = server.mark()
+    extra = server.connect()
+    port = extra.getsockname()[1]
+    assert_closed(extra)  # EOF or reset, with no byte sent
+    server.wait_log(rf"refusing connection from 127\.0\.0\.1:{port}: 2 connections from "
+                    r"127\.0\.0\.1 \(--max-conns-per-ip\)", start=mark)
+    # Another address is served, and the first two sessions are untouched.
+    sc, _ = server.handshake("c", ["a"], source="127.0.0.2")
+    sc.sendall(b"from c")
+    assert recv_exact(sa, 6) == b"from c"
+    sa.sendall(b"hello b")
+    assert recv_exact(sb, 7) == b"hello b"
+    assert server.ctl_json("status")["totals"]["rejected"] == 1
+    # One of 127.0.0.1's ends: its slot is free again, once the parent has heard.
+    sb.close()
+    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 2,
+               30, "the parent counting the end of b")
+    sd, _ = server.handshake("d", ["a"])
+    sd.sendall(b"from d")
+    assert recv_exact(sa, 6) == b"from d"
+    assert_closed(server.connect())  # full again for 127.0.0.1
+    sc2, _ = server.handshake("c2", ["a"], source="127.0.0.2")  # 127.0.0.2 has one more
+    assert_closed(server.connect(source="127.0.0.2"))
+
+
+def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_server):
+    """Pairs are moved to one worker after their handshake: the count of their
+    address must follow, or ends heard from the new worker would free slots
+    twice or never."""
+    server = start_server("--mode", "chan", "--workers", str(max(WORKERS, 2)),
+                          "--max-conns-per-ip", "4")
+    socks = []
+    for i in range(4):
+        s, _ = server.handshake(f"p{i}", [f"p{i ^ 1}"])
+        socks.append(s)
+    assert_closed(server.connect())
+    for s in socks:
+        s.close()
+    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 0,
+               30, "the parent counting every end")
+    again = [server.handshake(f"q{i}", ["x"])[0] for i in range(4)]  # all four slots are back
+    assert_closed(server.connect())
+    for s in again:
+        s.close()
+
+
 def _limit_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
