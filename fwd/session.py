@@ -489,7 +489,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.timeout = meta["timeout"]
         _, evicted = hub.router.claim(self, chid, takeover=True)
         if evicted is not None:
-            evicted.close("taken over")
+            evicted.close(f"taken over by {self.peer}")
         self.chid = chid
         assert hub.mesh is not None and self.transport is not None
         hub.mesh.move(chid, meta["from"], meta["token"], self.token)
