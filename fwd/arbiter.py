@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -55,6 +56,10 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
 
     def process_exited(self) -> None:
         self.arbiter.loop.call_soon(self.arbiter.worker_exited, self.wid)
+
+
+BUSIEST = 5
+"""Addresses with the most connections that ``status`` names (--max-conns-per-ip)."""
 
 
 @dataclasses.dataclass
@@ -185,6 +190,7 @@ class Arbiter:
                                  "incarnation": incarnation}))
         worker = Worker(wid, transport.get_pid(), transport, parent,
                         fdpass.Handoff(self.loop, parent))
+        worker.handoff.on_drop = functools.partial(self._handoff_failed, worker)
         self.workers[wid] = worker
         self.loop.add_reader(parent, self._from_worker, worker)
         log.debug("worker %d started pid=%d", wid, worker.pid)
@@ -222,7 +228,7 @@ class Arbiter:
         """A worker hands a session to the worker its receivers live on."""
         meta, data = fdpass.unpack(message)
         moved = meta.get("adopt")
-        peer = moved["peer"] if moved is not None else "?"
+        peer = fdpass.peer_of(meta)
         source.conns = max(source.conns - 1, 0)
         if self.config.max_conns_per_ip:
             source.count_out(peer)
@@ -240,6 +246,26 @@ class Arbiter:
             # if the target dies before (Coordinator.worker_lost).
             self.coordinator.moving(moved["chid"], Owner(source.wid, moved["token"]), target.wid)
         target.handoff.send(sock, meta, data)
+
+    def _handoff_failed(self, worker: Worker, meta: dict[str, Any], exc: OSError) -> None:
+        """The kernel would not pass a socket to a live worker (ETOOMANYREFS: the
+        descriptors in flight to a stalled worker reached our RLIMIT_NOFILE). It
+        is closed: count it out, as refused, so that its slots come back."""
+        worker.conns = max(worker.conns - 1, 0)
+        if self.config.max_conns_per_ip:
+            worker.count_out(fdpass.peer_of(meta))
+        moved = meta.get("adopt")
+        if moved is not None and self.coordinator is not None:
+            self.coordinator.release(moved["chid"], moved["from"], moved["token"])
+        self.refused += 1
+        if self.metrics is not None:
+            self.metrics.refused.inc()
+        now = self.loop.time()
+        if now - self._last_refusal_log >= 1.0:
+            self._last_refusal_log = now
+            log.warning("closing connection from %s: it could not be passed to worker %d "
+                        "(%s), %d refused so far", fdpass.peer_of(meta), worker.wid,
+                        exc.strerror or exc, self.refused)
 
     def worker_exited(self, wid: int) -> None:
         worker = self.workers.get(wid)
@@ -377,11 +403,17 @@ class Arbiter:
         # Ends reach the parent a moment after the workers see them.
         totals["counted_connections"] = sum(w.conns for w in self.workers.values()
                                             if not w.exited)
+        per_address: collections.Counter[str] = collections.Counter()
+        for w in self.workers.values():
+            if not w.exited:
+                per_address.update(w.addresses)
+        busiest = [[key, n] for key, n in per_address.most_common(BUSIEST) if n > 0]
         totals["sessions_total"] = (totals.pop("sessions_chan", 0)
                                     + totals.pop("sessions_broadcast", 0))
         return {"pid": os.getpid(), "uptime": round(self.loop.time() - self.started, 3),
                 "mode": self.config.mode, "listen": self.listening, "workers": workers,
-                "totals": dict(totals), "failures": dict(failures)}
+                "totals": dict(totals), "failures": dict(failures),
+                "busiest_addresses": busiest}
 
     async def render_metrics(self) -> bytes:
         """/metrics: the workers flush their counters first, so a scrape is current."""

@@ -46,10 +46,11 @@ def format_hostport(host: str, port: int) -> str:
 
 def address_key(peer: str) -> str:
     """What ``--max-conns-per-ip`` counts by, from a peer as ``format_hostport``
-    writes it: the IPv4 address (also when it arrives IPv4-mapped on an IPv6
-    listener), or the /64 of an IPv6 address, which one host usually has
-    whole (counting single addresses would let it open a slot per address).
-    Anything else is its own key."""
+    writes it: the IPv4 address, or the /64 of an IPv6 address, which one host
+    usually has whole (counting single addresses would let it open a slot per
+    address). An IPv4-mapped address counts as IPv4 (fwd's IPv6 listeners are
+    IPv6-only, so only another caller would bring one). Anything else is its
+    own key."""
     host = peer.rpartition(":")[0] or peer
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

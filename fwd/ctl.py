@@ -79,6 +79,9 @@ def format_status(st: dict[str, Any]) -> str:
                                + (f" ({failures})" if failures else "")),
         ("refused connections", t.get("rejected", 0)),
     ]
+    if st.get("busiest_addresses"):  # with --max-conns-per-ip
+        summary.append(("busiest addresses",
+                        ", ".join(f"{key} {n}" for key, n in st["busiest_addresses"])))
     width = max(len(k) for k, _ in summary)
     lines = [f"{k.ljust(width)}  {v}" for k, v in summary]
     rows = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import json
 import socket
 import struct
@@ -23,6 +24,26 @@ BATCH = 256
 """Messages taken from a channel per wake-up before yielding to the loop."""
 _HEAD = struct.Struct("!I")
 _MAX_MESSAGE = 64 * 1024
+
+
+_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
+"""Send errors that mean the receiving process is gone (its exit is handled apart)."""
+
+
+class LostSocket(OSError):
+    """A hand-off whose descriptor did not arrive (the receiver is out of
+    descriptors: MSG_CTRUNC) though its message did: ``meta`` says whose it was."""
+
+    def __init__(self, text: str, meta: dict[str, Any]) -> None:
+        super().__init__(text)
+        self.meta = meta
+
+
+def peer_of(meta: dict[str, Any]) -> str:
+    """The client a hand-off is about, as the parent wrote it (``[::1]:port``):
+    the parent counts connections per address by it (--max-conns-per-ip)."""
+    moved = meta.get("adopt")
+    return str(moved["peer"] if moved is not None else meta.get("peer", "?"))
 
 
 def pack(meta: dict[str, Any], data: bytes = b"") -> bytes:
@@ -54,7 +75,12 @@ def recv_socket(channel: socket.socket) -> tuple[socket.socket, dict[str, Any], 
     if flags & socket.MSG_CTRUNC or len(fds) != 1:
         for fd in fds:
             socket.close(fd)
-        raise OSError(f"hand-off message carried {len(fds)} descriptors (flags {flags:#x})")
+        try:
+            meta = unpack(message)[0]
+        except (ValueError, struct.error):
+            meta = {}
+        raise LostSocket(f"hand-off message carried {len(fds)} descriptors (flags {flags:#x})",
+                         meta)
     meta, data = unpack(message)
     return socket.socket(fileno=fds[0]), meta, data
 
@@ -68,13 +94,19 @@ class Handoff:
 
     Sockets that do not fit into the channel right now wait in a queue (the
     sender's copy of each fd stays open until it is sent); ``close`` drops them.
+    A socket the kernel refuses to pass while the receiver lives (ETOOMANYREFS:
+    too many descriptors in flight for our RLIMIT_NOFILE) is closed, and
+    ``on_drop(meta, exc)`` tells the owner, which counted it as handed on.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, channel: socket.socket) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, channel: socket.socket,
+                 on_drop: Callable[[dict[str, Any], OSError], None] | None = None) -> None:
         channel.setblocking(False)
         self.loop = loop
         self.channel = channel
-        self._queue: collections.deque[tuple[socket.socket, bytes]] = collections.deque()
+        self.on_drop = on_drop
+        self._queue: collections.deque[
+            tuple[socket.socket, bytes, dict[str, Any]]] = collections.deque()
         self._writing = False
 
     def send(self, sock: socket.socket, meta: dict[str, Any], data: bytes = b"") -> None:
@@ -85,28 +117,36 @@ class Handoff:
                 socket.send_fds(self.channel, [message], [sock.fileno()])
             except BlockingIOError:
                 pass
-            except OSError:  # the other process is gone (EPIPE): its exit is handled apart
-                sock.close()  # the client sees its connection end
+            except OSError as exc:
+                self._drop(sock, meta, exc)
                 return
             else:
                 sock.close()
                 return
-        self._queue.append((sock, message))
+        self._queue.append((sock, message, meta))
         if not self._writing:
             self._writing = True
             self.loop.add_writer(self.channel, self._flush)
 
+    def _drop(self, sock: socket.socket, meta: dict[str, Any], exc: OSError) -> None:
+        sock.close()  # the client sees its connection end
+        if exc.errno not in _GONE and self.on_drop is not None:
+            self.on_drop(meta, exc)
+
     def _flush(self) -> None:
         while self._queue:
-            sock, message = self._queue[0]
+            sock, message, meta = self._queue[0]
             try:
                 socket.send_fds(self.channel, [message], [sock.fileno()])
             except BlockingIOError:
                 return
-            except OSError:  # the other process is gone: what waits for it ends
-                while self._queue:
-                    self._queue.popleft()[0].close()
-                break
+            except OSError as exc:
+                self._queue.popleft()
+                self._drop(sock, meta, exc)
+                if exc.errno in _GONE:  # the other process is gone: what waits for it ends
+                    while self._queue:
+                        self._queue.popleft()[0].close()
+                continue
             self._queue.popleft()
             sock.close()
         self.loop.remove_writer(self.channel)

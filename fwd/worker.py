@@ -611,8 +611,7 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
             hub.connection_gone(peer=peer)
 
     def on_socket(sock: socket.socket, meta: dict[str, Any], data: bytes) -> None:
-        # The peer as the parent wrote it: it counts connections by it.
-        peer = meta["adopt"]["peer"] if "adopt" in meta else meta.get("peer", "?")
+        peer = fdpass.peer_of(meta)
         if hub.stopping:
             sock.close()
             hub.connection_gone(peer=peer)
@@ -628,7 +627,14 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     def on_loss(exc: OSError) -> None:
         nonlocal last_loss_log
         hub.stats["rejected"] += 1
-        hub.connection_gone()
+        meta = exc.meta if isinstance(exc, fdpass.LostSocket) else {}
+        moved = meta.get("adopt")
+        if moved is not None and hub.mesh is not None:
+            # Its chid came along: take it, and let it go, or nobody may claim it again.
+            token = hub.new_token()
+            hub.mesh.move(moved["chid"], moved["from"], moved["token"], token)
+            hub.mesh.release(moved["chid"], token)
+        hub.connection_gone(peer=fdpass.peer_of(meta))
         if loop.time() - last_loss_log >= 1.0:
             last_loss_log = loop.time()
             log.warning("a connection was lost in the hand-off (%s): %d so far",

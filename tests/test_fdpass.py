@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 
@@ -96,7 +97,8 @@ def test_handoff_to_a_process_that_is_gone_closes_the_sockets_and_raises_nothing
     pairs = [_tcp_pair() for _ in range(40)]
 
     async def main() -> None:
-        handoff = fdpass.Handoff(loop, tx)
+        handoff = fdpass.Handoff(loop, tx, on_drop=lambda meta, exc: pytest.fail(
+            f"a dead receiver's exit is handled apart, not per socket: {meta} {exc}"))
         for i, (_, server_side) in enumerate(pairs[:20]):
             handoff.send(server_side, {"i": i}, bytes(2000))
         assert len(handoff) > 0  # some wait in the queue
@@ -114,3 +116,79 @@ def test_handoff_to_a_process_that_is_gone_closes_the_sockets_and_raises_nothing
         assert client.recv(1) == b""  # its server side was closed: EOF
         client.close()
     tx.close()
+
+
+def test_a_socket_the_kernel_will_not_pass_is_reported_and_the_rest_still_go():
+    """Besides a receiver that is gone, the kernel may refuse one message to a
+    live one (ETOOMANYREFS: too many descriptors in flight; here EMSGSIZE, a
+    message larger than the channel's buffer, which any user can provoke).
+    That socket is closed and ``on_drop`` tells the owner, who had counted it
+    as handed on; the ones queued behind it still go, in order."""
+    tx, rx = fdpass.channel_pair()
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel makes it 8 KiB
+    loop = uvloop.new_event_loop()
+    pairs = [_tcp_pair() for _ in range(41)]
+    dropped: list[tuple[dict, int | None]] = []
+    got: list[int] = []
+    done = asyncio.Event()
+    too_big = bytes(20_000)
+
+    async def main() -> None:
+        handoff = fdpass.Handoff(loop, tx, on_drop=lambda meta, exc: dropped.append(
+            (meta, exc.errno)))
+        handoff.send(pairs[0][1], {"i": "big, at once"}, too_big)
+        for i in range(1, 21):
+            handoff.send(pairs[i][1], {"i": i}, bytes(2000))
+        assert len(handoff) > 0  # some wait in the queue
+        handoff.send(pairs[21][1], {"i": "big, queued"}, too_big)
+        for i in range(22, 41):
+            handoff.send(pairs[i][1], {"i": i}, bytes(2000))
+
+        def on_socket(sock, meta, data):
+            got.append(meta["i"])
+            sock.close()
+            if len(got) == 39:
+                done.set()
+
+        fdpass.receive_into(loop, rx, on_socket, lambda: None, pytest.fail)
+        await asyncio.wait_for(done.wait(), 10)
+        assert len(handoff) == 0
+        loop.remove_reader(rx)
+
+    loop.run_until_complete(main())
+    loop.close()
+    assert dropped == [({"i": "big, at once"}, errno.EMSGSIZE),
+                       ({"i": "big, queued"}, errno.EMSGSIZE)]
+    assert got == [i for i in range(1, 41) if i != 21]
+    for client, _ in (pairs[0], pairs[21]):
+        client.settimeout(10)
+        assert client.recv(1) == b""  # closed: the client sees its connection end
+    for client, _ in pairs:
+        client.close()
+    tx.close()
+    rx.close()
+
+
+def test_a_lost_descriptor_still_says_whose_it_was():
+    """The receiver is out of descriptors: the kernel drops the socket but
+    delivers the message, whose meta the receiver needs to count it out."""
+    import resource
+
+    tx, rx = fdpass.channel_pair()
+    client, server_side = _tcp_pair()
+    fdpass.send_socket(tx, server_side.fileno(), {"peer": "127.0.0.1:5"}, b"")
+    server_side.close()
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, old[1]))
+    try:
+        with pytest.raises(fdpass.LostSocket) as lost:
+            fdpass.recv_socket(rx)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+    assert fdpass.peer_of(lost.value.meta) == "127.0.0.1:5"
+    client.settimeout(10)
+    assert client.recv(1) == b""  # the kernel closed the socket it could not pass
+    for s in (client, tx, rx):
+        s.close()

@@ -407,7 +407,11 @@ def test_max_conns_per_ip_refuses_one_address_and_serves_the_others(start_server
     assert recv_exact(sa, 6) == b"from c"
     sa.sendall(b"hello b")
     assert recv_exact(sb, 7) == b"hello b"
-    assert server.ctl_json("status")["totals"]["rejected"] == 1
+    status = server.ctl_json("status")
+    assert status["totals"]["rejected"] == 1
+    assert status["busiest_addresses"] == [["127.0.0.1", 2], ["127.0.0.2", 1]]
+    assert re.search(r"\nbusiest addresses +127\.0\.0\.1 2, 127\.0\.0\.2 1\n",
+                     server.ctl("status").stdout)
     # One of 127.0.0.1's ends: its slot is free again, once the parent has heard.
     sb.close()
     wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 2,
@@ -439,6 +443,66 @@ def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_serve
     assert_closed(server.connect())
     for s in again:
         s.close()
+
+
+def _starve(pid: int) -> tuple[int, int]:
+    """Lower ``pid``'s RLIMIT_NOFILE to its lowest free descriptor number: the
+    next descriptor passed to it is dropped by the kernel (MSG_CTRUNC), as when
+    it runs out. Returns the old limits."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, old[1]))
+    return old
+
+
+def test_a_connection_lost_in_the_hand_off_gives_its_address_slot_back(start_server):
+    """The worker tells the parent about a socket it never got, with the peer
+    the parent wrote (the descriptor is lost, the message is not): else that
+    address keeps one slot of --max-conns-per-ip for good."""
+    server = start_server("--mode", "chan", "--workers", "1", "--max-conns-per-ip", "2")
+    (worker,) = server.workers()
+    old = _starve(worker)
+    try:
+        mark = server.mark()
+        lost = server.connect()
+        server.wait_log(r"a connection was lost in the hand-off", start=mark)
+        assert_closed(lost)
+    finally:
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, old)
+    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 0,
+               30, "the parent counting the lost connection out")
+    socks = [server.handshake(f"a{i}", ["x"])[0] for i in range(2)]  # both slots are free
+    assert_closed(server.connect())
+    for sock in socks:
+        sock.close()
+
+
+def test_a_session_lost_moving_between_workers_frees_its_chid_and_slot(start_server):
+    """A pair's second session moves to its partner's worker after hs3; if
+    that worker cannot take the descriptor, the session is gone, and so must
+    be its claim on the chid and its address slot."""
+    server = start_server("--mode", "chan", "--workers", "2", "--max-conns-per-ip", "2")
+    a, _ = server.handshake("a", ["b"])
+    home = server.worker_of(a)
+    old = _starve(home)
+    try:
+        mark = server.mark()
+        b = server.connect()  # handed to the other worker, the least loaded
+        send_json(b, {"req": "hs1", "chid": "b"})
+        read_json(b)
+        send_json(b, {"req": "hs3", "recvers": ["a"]})
+        server.wait_log(r"a connection was lost in the hand-off", start=mark)
+        assert_closed(b)
+    finally:
+        resource.prlimit(home, resource.RLIMIT_NOFILE, old)
+    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 1,
+               30, "the parent counting the lost session out")
+    b, reply = server.handshake("b", ["a"])  # its chid is free again, and so is its slot
+    assert reply == "b"
+    a.sendall(b"to b")
+    assert recv_exact(b, 4) == b"to b"
+    assert_closed(server.connect())
 
 
 def _limit_nofile() -> None:
