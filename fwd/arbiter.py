@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import errno
 import functools
 import itertools
 import logging
@@ -265,7 +266,7 @@ class Arbiter:
             self._last_refusal_log = now
             log.warning("closing connection from %s: it could not be passed to worker %d "
                         "(%s), %d refused so far", fdpass.peer_of(meta), worker.wid,
-                        exc.strerror or exc, self.refused)
+                        errno.errorcode.get(exc.errno or 0, exc), self.refused)
 
     def worker_exited(self, wid: int) -> None:
         worker = self.workers.get(wid)
