@@ -258,15 +258,18 @@ class Arbiter:
         moved = meta.get("adopt")
         if moved is not None and self.coordinator is not None:
             self.coordinator.release(moved["chid"], moved["from"], moved["token"])
+        self._refused("closing connection from %s: it could not be passed to worker %d (%s)",
+                      fdpass.peer_of(meta), worker.wid, errno.errorcode.get(exc.errno or 0, exc))
+
+    def _refused(self, line: str, *args: Any) -> None:
+        """Count a connection closed at once; log it at most once a second."""
         self.refused += 1
         if self.metrics is not None:
             self.metrics.refused.inc()
         now = self.loop.time()
         if now - self._last_refusal_log >= 1.0:
             self._last_refusal_log = now
-            log.warning("closing connection from %s: it could not be passed to worker %d "
-                        "(%s), %d refused so far", fdpass.peer_of(meta), worker.wid,
-                        errno.errorcode.get(exc.errno or 0, exc), self.refused)
+            log.warning(line + ", %d refused so far", *args, self.refused)
 
     def worker_exited(self, wid: int) -> None:
         worker = self.workers.get(wid)
@@ -321,14 +324,7 @@ class Arbiter:
         why = over() if running else "every worker is restarting"
         if why is not None:
             sock.close()  # closed at once
-            self.refused += 1
-            if self.metrics is not None:
-                self.metrics.refused.inc()
-            now = self.loop.time()
-            if now - self._last_refusal_log >= 1.0:
-                self._last_refusal_log = now
-                log.warning("refusing connection from %s: %s, %d refused so far", name, why,
-                            self.refused)
+            self._refused("refusing connection from %s: %s", name, why)
             return
         start, n = next(self._rr), self.config.workers  # rotate among equals
         worker = min(running, key=lambda w: (w.conns, (w.wid - start) % n))
