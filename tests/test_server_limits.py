@@ -7,6 +7,8 @@ or reordered where the rules say it must not be.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import re
@@ -38,6 +40,7 @@ from helpers import (
 KiB = 1 << 10
 MiB = 1 << 20
 READ_SIZE = 256 * KiB
+PR_CAPBSET_DROP = 24
 """The server's read size (fwd.worker.READ_SIZE): one read may overshoot --max-buffer by this."""
 
 
@@ -503,6 +506,47 @@ def test_a_session_lost_moving_between_workers_frees_its_chid_and_slot(start_ser
     a.sendall(b"to b")
     assert recv_exact(b, 4) == b"to b"
     assert_closed(server.connect())
+
+
+def _without_capabilities() -> None:
+    """Empty the capability bounding set before exec: the server then runs as
+    root without CAP_SYS_ADMIN and CAP_SYS_RESOURCE, so the kernel's limit on
+    descriptors in flight (ETOOMANYREFS) applies to it, as to any other user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+            break  # past the last capability (EPERM: not ours to drop, fine)
+
+
+def test_sockets_the_kernel_will_not_pass_to_a_stalled_worker_give_their_slots_back(
+        start_server):
+    """A stalled worker: the parent's hand-offs pile up in flight until the
+    kernel refuses more (ETOOMANYREFS, above the parent's RLIMIT_NOFILE). Those
+    sockets are closed; each must be counted out, or its slots (--max-conns,
+    and its address's) are gone for good."""
+    n = 120
+    server = start_server("--mode", "chan", "--workers", "1", "--max-conns-per-ip", str(n),
+                          preexec=_without_capabilities)
+    (worker,) = server.workers()
+    old = resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (64, old[1]))
+    mark = server.mark()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        socks = [server.connect() for _ in range(n)]
+        server.wait_log(r"closing connection from 127\.0\.0\.1:\d+: it could not be passed "
+                        r"to worker 0 \(ETOOMANYREFS\)", start=mark)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, old)
+    for sock in socks:
+        sock.close()
+    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 0,
+               30, "the parent counting every connection out")
+    again = [server.handshake(f"a{i}", ["x"])[0] for i in range(n)]  # every slot is back
+    assert_closed(server.connect())
+    for sock in again:
+        sock.close()
 
 
 def _limit_nofile() -> None:
