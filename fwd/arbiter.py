@@ -203,12 +203,17 @@ class Arbiter:
 
     def _one_from_worker(self, worker: Worker) -> bool:
         try:
-            message, fds, _, _ = socket.recv_fds(worker.channel, 65536, 1)
+            message, fds, flags, _ = socket.recv_fds(worker.channel, 65536, 1)
         except BlockingIOError:
             return False
         except OSError:
-            message, fds = b"", []
-        if fds:
+            message, fds, flags = b"", [], 0
+        if flags & socket.MSG_CTRUNC:  # we are out of descriptors: a moving session is lost
+            for fd in fds:
+                os.close(fd)
+            self._handoff_failed(worker, fdpass.unpack(message)[0],
+                                 OSError(errno.EMFILE, "out of descriptors"))
+        elif fds:
             self._forward_moved(worker, socket.socket(fileno=fds[0]), message)
         elif message[:1] == b"x":  # one "x" per connection of it that ended
             worker.conns = max(worker.conns - len(message), 0)
@@ -249,16 +254,18 @@ class Arbiter:
         target.handoff.send(sock, meta, data)
 
     def _handoff_failed(self, worker: Worker, meta: dict[str, Any], exc: OSError) -> None:
-        """The kernel would not pass a socket to a live worker (ETOOMANYREFS: the
-        descriptors in flight to a stalled worker reached our RLIMIT_NOFILE). It
-        is closed: count it out, as refused, so that its slots come back."""
+        """A socket lost between us and a live worker: the kernel would not pass
+        it (ETOOMANYREFS: the descriptors in flight to a stalled worker reached
+        our RLIMIT_NOFILE), or dropped the one a worker moved to us (EMFILE: we
+        are out of descriptors). Count it out, as refused, so that its slots
+        come back, and free the chid of a session that was moving."""
         worker.conns = max(worker.conns - 1, 0)
         if self.config.max_conns_per_ip:
             worker.count_out(fdpass.peer_of(meta))
         moved = meta.get("adopt")
         if moved is not None and self.coordinator is not None:
             self.coordinator.release(moved["chid"], moved["from"], moved["token"])
-        self._refused("closing connection from %s: it could not be passed to worker %d (%s)",
+        self._refused("lost connection from %s in a hand-off with worker %d (%s)",
                       fdpass.peer_of(meta), worker.wid, errno.errorcode.get(exc.errno or 0, exc))
 
     def _refused(self, line: str, *args: Any) -> None:

@@ -508,6 +508,35 @@ def test_a_session_lost_moving_between_workers_frees_its_chid_and_slot(start_ser
     assert_closed(server.connect())
 
 
+def test_a_session_the_parent_cannot_take_while_it_moves_frees_its_chid_and_slot(
+        start_server):
+    """A session moves through the parent; when the parent is out of
+    descriptors the kernel drops the socket and delivers the message alone.
+    The parent must count it out and free its chid, or the chid stays "in
+    use" and its slots are gone."""
+    server = start_server("--mode", "chan", "--workers", "2", "--max-conns-per-ip", "2")
+    a, _ = server.handshake("a", ["b", "x"])
+    b = server.connect()  # handed to the other worker, the least loaded
+    send_json(b, {"req": "hs1", "chid": "b"})
+    read_json(b)
+    old = _starve(server.proc.pid)
+    try:
+        mark = server.mark()
+        send_json(b, {"req": "hs3", "recvers": ["a"]})  # b moves to a's worker
+        server.wait_log(r"lost connection from 127\.0\.0\.1:\d+ in a hand-off with worker "
+                        r"\d \(EMFILE\)", start=mark)
+        assert_closed(b)
+    finally:
+        resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, old)
+    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 1,
+               30, "the parent counting the lost session out")
+    b, reply = server.handshake("b", ["a"])  # its chid is free again, and so is its slot
+    assert reply == "b"
+    a.sendall(b"to b")
+    assert recv_exact(b, 4) == b"to b"
+    assert_closed(server.connect())
+
+
 def _without_capabilities() -> None:
     """Empty the capability bounding set before exec: the server then runs as
     root without CAP_SYS_ADMIN and CAP_SYS_RESOURCE, so the kernel's limit on
@@ -534,8 +563,8 @@ def test_sockets_the_kernel_will_not_pass_to_a_stalled_worker_give_their_slots_b
     os.kill(worker, signal.SIGSTOP)
     try:
         socks = [server.connect() for _ in range(n)]
-        server.wait_log(r"closing connection from 127\.0\.0\.1:\d+: it could not be passed "
-                        r"to worker 0 \(ETOOMANYREFS\)", start=mark)
+        server.wait_log(r"lost connection from 127\.0\.0\.1:\d+ in a hand-off with "
+                        r"worker 0 \(ETOOMANYREFS\)", start=mark)
     finally:
         os.kill(worker, signal.SIGCONT)
         resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, old)
