@@ -481,53 +481,31 @@ def test_a_connection_lost_in_the_hand_off_gives_its_address_slot_back(start_ser
         sock.close()
 
 
-def test_a_session_lost_moving_between_workers_frees_its_chid_and_slot(start_server):
-    """A pair's second session moves to its partner's worker after hs3; if
-    that worker cannot take the descriptor, the session is gone, and so must
-    be its claim on the chid and its address slot."""
-    server = start_server("--mode", "chan", "--workers", "2", "--max-conns-per-ip", "2")
-    a, _ = server.handshake("a", ["b"])
-    home = server.worker_of(a)
-    old = _starve(home)
-    try:
-        mark = server.mark()
-        b = server.connect()  # handed to the other worker, the least loaded
-        send_json(b, {"req": "hs1", "chid": "b"})
-        read_json(b)
-        send_json(b, {"req": "hs3", "recvers": ["a"]})
-        server.wait_log(r"a connection was lost in the hand-off", start=mark)
-        assert_closed(b)
-    finally:
-        resource.prlimit(home, resource.RLIMIT_NOFILE, old)
-    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 1,
-               30, "the parent counting the lost session out")
-    b, reply = server.handshake("b", ["a"])  # its chid is free again, and so is its slot
-    assert reply == "b"
-    a.sendall(b"to b")
-    assert recv_exact(b, 4) == b"to b"
-    assert_closed(server.connect())
-
-
-def test_a_session_the_parent_cannot_take_while_it_moves_frees_its_chid_and_slot(
-        start_server):
-    """A session moves through the parent; when the parent is out of
-    descriptors the kernel drops the socket and delivers the message alone.
-    The parent must count it out and free its chid, or the chid stays "in
-    use" and its slots are gone."""
+@pytest.mark.parametrize("starved", ["worker", "parent"])
+def test_a_session_lost_moving_between_workers_frees_its_chid_and_slot(start_server, starved):
+    """A session moves to the worker of the one it names after hs3, through
+    the parent. If the parent or that worker is out of descriptors, the kernel
+    drops the socket and delivers the message alone: the session is gone, and
+    so must be its claim on the chid (else "chid in use" for good) and its
+    address slot."""
     server = start_server("--mode", "chan", "--workers", "2", "--max-conns-per-ip", "2")
     a, _ = server.handshake("a", ["b", "x"])
     b = server.connect()  # handed to the other worker, the least loaded
     send_json(b, {"req": "hs1", "chid": "b"})
     read_json(b)
-    old = _starve(server.proc.pid)
+    if starved == "worker":
+        pid, lost = server.worker_of(a), r"a connection was lost in the hand-off"
+    else:
+        pid, lost = server.proc.pid, (r"lost connection from 127\.0\.0\.1:\d+ in a hand-off "
+                                      r"with worker \d \(EMFILE\)")
+    old = _starve(pid)
     try:
         mark = server.mark()
         send_json(b, {"req": "hs3", "recvers": ["a"]})  # b moves to a's worker
-        server.wait_log(r"lost connection from 127\.0\.0\.1:\d+ in a hand-off with worker "
-                        r"\d \(EMFILE\)", start=mark)
+        server.wait_log(lost, start=mark)
         assert_closed(b)
     finally:
-        resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, old)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
     wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 1,
                30, "the parent counting the lost session out")
     b, reply = server.handshake("b", ["a"])  # its chid is free again, and so is its slot
