@@ -51,8 +51,9 @@ worker is awake again (a stopped or dead worker does not answer)."""
 GONE_PER_NOTE = 4096
 """Ended connections told per note: the parent reads a note as one packet of
 at most 64 KiB (a larger one would be cut, and its connections never counted out)."""
-GONE_PEERS_PER_NOTE = 1000
-"""The same with --max-conns-per-ip, where each carries its peer (at most 47 bytes)."""
+GONE_PEERS_PER_NOTE = 800
+"""The same with --max-conns-per-ip, where each carries its peer and a line
+end: at most 54 bytes (``[IPv6]:port``), 70 with an interface zone."""
 
 
 class Hub:
