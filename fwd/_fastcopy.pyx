@@ -55,6 +55,7 @@ cdef bint _keeps = False  # _receivers' second result: the route reaches more th
 cdef object _kept = None  # _spread's second result: the round as bytes, if asked for
 cdef int _scratch_r = -1  # the pipe tee(2) fills for one receiver at a time
 cdef int _scratch_w = -1
+cdef object _offer = None  # called soon after a clean pair round (see bind)
 
 cdef enum:
     # A pipe the kernel will not make this big is not worth a splice round.
@@ -72,15 +73,18 @@ cdef inline double _now() noexcept nogil:
 
 
 def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0,
-         int pipes=0, bint tee=False):
+         int pipes=0, bint tee=False, object offer=None):
     """Give this process's sessions their read buffer (``small``: how much of it
     a session that is not live yet may fill) and routing table. A
     session whose read brings ``splice_min`` bytes or more (0: never) for one
     local receiver, or with ``tee`` for several, gets a pipe, while fewer than
     ``pipes`` are open here, and from then on its bytes go to those receivers
     by splice(2), a read's worth (``len(buf)``) per round: what a receiver
-    does not take is queued, as much as one read would have queued."""
-    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee
+    does not take is queued, as much as one read would have queued. After
+    a round that went whole to the one receiver, ``offer(session)`` is called
+    soon (again ``pump_after`` seconds later at the earliest): it may hand the
+    pair to a Pump."""
+    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee, _offer
     _buf = buf
     _round = len(buf)
     _view = memoryview(buf)
@@ -89,6 +93,7 @@ def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0
     _splice_min = splice_min
     _pipes_left = pipes
     _tee = tee
+    _offer = offer
 
 
 cdef class Relay:
@@ -110,6 +115,7 @@ cdef class Relay:
     cdef public bint bulk  # a read of splice_min or more went to local receivers
     cdef public int pipe_r
     cdef public int pipe_w
+    cdef public double pump_after  # loop time before which no offer is made
     # A spliced round the rest of its route (other workers, held bytes) has
     # not had yet: (route, bytes, now), see flush_rest.
     cdef public object unsent
@@ -223,6 +229,10 @@ cdef class Relay:
             # connection_lost flush it too), and where pausing is safe.
             self.hub.loop.call_soon(self.flush_rest)
         if queued is None:
+            if _offer is not None and k == 1 and not keep and now >= self.pump_after \
+                    and moved >= _splice_min:
+                self.pump_after = now + 1.0  # the offer sets its own
+                self.hub.loop.call_soon(_offer, self)
             return True
         for t, rest in queued:
             t.transport.write(rest)
@@ -489,3 +499,276 @@ cdef object _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender
             full.append(t)
     _full = full
     return chunk
+
+
+# -- Pumps: a bulk pair's two directions, each a thread blocking in splice(2) --
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <pthread.h>
+    #include <signal.h>
+    #include <stdint.h>
+    #include <string.h>
+    #include <sys/socket.h>
+    #include <time.h>
+    #include <unistd.h>
+
+    /* One direction of a pumped pair. The thread owns src's reading and dst's
+       writing until it is stopped; the loop reads the counters it updates. */
+    typedef struct {
+        int src, dst, pipe_r, pipe_w, notify;
+        size_t round;
+        long long *bytes_in, *bytes_out;   /* the Relays' own fields */
+        double *src_active, *dst_active;
+        int stop;   /* set by the loop */
+        int done;   /* set by the thread, last */
+        int why;    /* FWD_ASKED, FWD_EOF, FWD_FAILED, FWD_STALLED */
+        int err;
+        long long left;  /* bytes in the pipe, not yet in dst */
+        pthread_t tid;
+    } fwd_dir;
+
+    enum { FWD_ASKED, FWD_EOF, FWD_FAILED, FWD_STALLED };
+
+    static int fwd_wake_signal(void) { return SIGRTMIN + 7; }
+
+    static void fwd_wake(int sig) { (void)sig; }
+
+    /* No SA_RESTART: the signal makes a blocked splice return. */
+    static int fwd_pump_install(void) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = fwd_wake;
+        sigemptyset(&sa.sa_mask);
+        return sigaction(fwd_wake_signal(), &sa, NULL);
+    }
+
+    static double fwd_clock(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return ts.tv_sec + ts.tv_nsec * 1e-9;
+    }
+
+    static void fwd_dir_end(fwd_dir *d, int why, int err, ssize_t left) {
+        uint64_t one = 1;
+        d->why = why;
+        d->err = err;
+        d->left = left;
+        __atomic_store_n(&d->done, 1, __ATOMIC_RELEASE);
+        if (why != FWD_ASKED && write(d->notify, &one, sizeof one) < 0) {
+            /* the eventfd cannot overflow at one write per stop */
+        }
+    }
+
+    static void *fwd_dir_run(void *arg) {
+        fwd_dir *d = (fwd_dir *)arg;
+        sigset_t set;
+        ssize_t n, m;
+        double now;
+        sigfillset(&set);
+        sigdelset(&set, fwd_wake_signal());
+        pthread_sigmask(SIG_SETMASK, &set, NULL);
+        while (!__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE)) {
+            n = splice(d->src, NULL, d->pipe_w, NULL, d->round, SPLICE_F_MOVE);
+            if (n == 0) {
+                fwd_dir_end(d, FWD_EOF, 0, 0);
+                return NULL;
+            }
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                fwd_dir_end(d, FWD_FAILED, errno, 0);
+                return NULL;
+            }
+            now = fwd_clock();
+            __atomic_fetch_add(d->bytes_in, (long long)n, __ATOMIC_RELAXED);
+            __atomic_fetch_add(d->bytes_out, (long long)n, __ATOMIC_RELAXED);
+            __atomic_store(d->src_active, &now, __ATOMIC_RELAXED);
+            __atomic_store(d->dst_active, &now, __ATOMIC_RELAXED);
+            while (n > 0) {
+                m = splice(d->pipe_r, NULL, d->dst, NULL, (size_t)n, SPLICE_F_MOVE);
+                if (m > 0) {
+                    n -= m;
+                } else if (m < 0 && errno == EINTR) {
+                    if (__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE))
+                        break;
+                } else if (m < 0 && errno == EAGAIN) {  /* SO_SNDTIMEO: dst is stuck */
+                    fwd_dir_end(d, FWD_STALLED, 0, n);
+                    return NULL;
+                } else {
+                    fwd_dir_end(d, FWD_FAILED, m < 0 ? errno : EPIPE, n);
+                    return NULL;
+                }
+            }
+            if (n) {
+                fwd_dir_end(d, FWD_ASKED, 0, n);
+                return NULL;
+            }
+        }
+        fwd_dir_end(d, FWD_ASKED, 0, 0);
+        return NULL;
+    }
+
+    /* The thread starts with every signal blocked (none of the process's
+       handlers run there) and then takes only the wake-up signal. */
+    static int fwd_dir_start(fwd_dir *d) {
+        sigset_t all, old;
+        pthread_attr_t attr;
+        int rc;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, 64 * 1024);
+        rc = pthread_create(&d->tid, &attr, fwd_dir_run, d);
+        pthread_attr_destroy(&attr);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        return rc;
+    }
+
+    /* Stop and join the threads of a and b (b may be NULL). A signal sent
+       just before a thread enters splice is lost, so it is sent again until
+       the thread is out. */
+    static void fwd_dirs_stop(fwd_dir *a, fwd_dir *b) {
+        fwd_dir *d[2] = {a, b};
+        struct timespec pause = {0, 20000};
+        int i, k;
+        for (i = 0; i < 2 && d[i]; i++)
+            __atomic_store_n(&d[i]->stop, 1, __ATOMIC_RELEASE);
+        for (i = 0; i < 2 && d[i]; i++) {
+            for (k = 0; !__atomic_load_n(&d[i]->done, __ATOMIC_ACQUIRE); k++) {
+                if (k % 50 == 0)
+                    pthread_kill(d[i]->tid, fwd_wake_signal());
+                nanosleep(&pause, NULL);
+            }
+            pthread_join(d[i]->tid, NULL);
+        }
+    }
+
+    static int fwd_dir_done(fwd_dir *d) {
+        return __atomic_load_n(&d->done, __ATOMIC_ACQUIRE);
+    }
+
+    static int fwd_set_blocking(int fd, int blocking, double send_timeout) {
+        struct timeval tv;
+        int flags = fcntl(fd, F_GETFL);
+        if (flags < 0)
+            return -1;
+        flags = blocking ? (flags & ~O_NONBLOCK) : (flags | O_NONBLOCK);
+        tv.tv_sec = (time_t)send_timeout;
+        tv.tv_usec = (suseconds_t)((send_timeout - tv.tv_sec) * 1e6);
+        if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
+            return -1;
+        return fcntl(fd, F_SETFL, flags);
+    }
+    """
+    ctypedef struct fwd_dir:
+        int src, dst, pipe_r, pipe_w, notify
+        size_t round
+        long long *bytes_in
+        long long *bytes_out
+        double *src_active
+        double *dst_active
+        int stop, done, why, err
+        long long left
+    enum:
+        FWD_ASKED
+        FWD_EOF
+        FWD_FAILED
+        FWD_STALLED
+    int fwd_pump_install()
+    int fwd_dir_start(fwd_dir *d)
+    void fwd_dirs_stop(fwd_dir *a, fwd_dir *b) nogil
+    int fwd_dir_done(fwd_dir *d)
+    int fwd_set_blocking(int fd, int blocking, double send_timeout)
+
+cdef bint _pumps_ready = False
+
+_WHY = {FWD_ASKED: "asked", FWD_EOF: "eof", FWD_FAILED: "failed", FWD_STALLED: "stalled"}
+
+
+cdef class Pump:
+    """A bulk pair whose two directions each block in splice(2) in a thread of
+    their own, socket -> pipe -> socket, while the loop does not touch either
+    socket: no poll, no callback, no GIL per round (docs/ARCHITECTURE.md,
+    "Bulk pairs get threads"). The loop gets them back with ``stop()``, which
+    returns what each pipe still held; a thread that meets EOF, an error or a
+    receiver stuck for ``stall`` seconds stops by itself and says so on the
+    ``notify`` eventfd, and the loop's own reads then find out what happened."""
+
+    cdef fwd_dir d[2]
+    cdef readonly Relay a
+    cdef readonly Relay b
+    cdef bint started
+
+    def __init__(self, Relay a, Relay b, int notify, double stall):
+        global _pumps_ready
+        if not _pumps_ready:
+            if fwd_pump_install() < 0:
+                raise OSError("cannot install the pumps' wake-up signal")
+            _pumps_ready = True
+        if (a.pipe_w < 0 and not a._open_pipe()) or (b.pipe_w < 0 and not b._open_pipe()):
+            raise OSError("no pipe left for a pump")
+        self.a, self.b = a, b
+        self._fill(0, a, b, notify)
+        self._fill(1, b, a, notify)
+        if fwd_set_blocking(a.fd, 1, stall) < 0 or fwd_set_blocking(b.fd, 1, stall) < 0:
+            self._unblock()
+            raise OSError("cannot make the pair's sockets blocking")
+        if fwd_dir_start(&self.d[0]) != 0:
+            self._unblock()
+            raise OSError("cannot start a pump thread")
+        if fwd_dir_start(&self.d[1]) != 0:
+            with nogil:
+                fwd_dirs_stop(&self.d[0], NULL)
+            self._unblock()
+            raise OSError("cannot start a pump thread")
+        self.started = True
+
+    cdef void _fill(self, int i, Relay src, Relay dst, int notify):
+        cdef fwd_dir *d = &self.d[i]
+        d.src, d.dst = src.fd, dst.fd
+        d.pipe_r, d.pipe_w = src.pipe_r, src.pipe_w
+        d.notify = notify
+        # A read's worth, as in the loop: what a stuck receiver leaves queued
+        # when the pair goes back is one read at most (docs/PROTOCOL.md §3.4).
+        d.round = <size_t>_round
+        d.bytes_in = &src.bytes_in
+        d.bytes_out = &dst.bytes_out
+        d.src_active = &src.last_active
+        d.dst_active = &dst.last_active
+        d.stop = d.done = d.why = d.err = 0
+        d.left = 0
+
+    cdef void _unblock(self):
+        fwd_set_blocking(self.a.fd, 0, 0.0)
+        fwd_set_blocking(self.b.fd, 0, 0.0)
+
+    @property
+    def stopped(self):
+        """Why a thread stopped on its own ("eof", "failed", "stalled"), or None."""
+        cdef int i
+        for i in range(2):
+            if fwd_dir_done(&self.d[i]) and self.d[i].why != FWD_ASKED:
+                return _WHY[self.d[i].why]
+        return None
+
+    def stop(self):
+        """Join both threads and make the sockets the loop's again. Returns
+        what a->b and b->a had in their pipes, as bytes (None if nothing):
+        the loop sends them before anything else."""
+        if not self.started:
+            return None, None
+        self.started = False
+        with nogil:
+            fwd_dirs_stop(&self.d[0], &self.d[1])
+        self._unblock()
+        ab = _drain(self.a.pipe_r, self.d[0].left) if self.d[0].left else None
+        ba = _drain(self.b.pipe_r, self.d[1].left) if self.d[1].left else None
+        return ab, ba
+
+    def __dealloc__(self):
+        if self.started:  # not expected: the hub stops every pump it starts
+            with nogil:
+                fwd_dirs_stop(&self.d[0], &self.d[1])

@@ -28,14 +28,15 @@ _libc.tee.restype = ctypes.c_ssize_t
 
 
 def bind(buf: bytearray, small: int, router: Any, splice_min: int = 0, pipes: int = 0,
-         tee: bool = False) -> None:
+         tee: bool = False, offer: Any = None) -> None:
     """Give this process's sessions their read buffer (``small``: how much of it
     a session that is not live yet may fill) and routing table. A
     session whose read brings ``splice_min`` bytes or more (0: never) for one
     local receiver, or with ``tee`` for several, gets a pipe, while fewer than
     ``pipes`` are open here, and from then on its bytes go to those receivers
     by splice(2), a read's worth (``len(buf)``) per round: what a receiver
-    does not take is queued, as much as one read would have queued."""
+    does not take is queued, as much as one read would have queued. There
+    are no pumps here (fastpath.Pump is None), so ``offer`` is never called."""
     global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee
     _buf, _view = buf, memoryview(buf)
     _round = len(buf)
@@ -62,7 +63,7 @@ class Relay:
     # Session.__init__ sets every one of these (the compiled class starts them
     # at zero, None and False).
     __slots__ = ("hub", "transport", "route", "fd", "last_active", "bytes_in", "bytes_out",
-                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w", "unsent")
+                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w", "unsent", "pump_after")
     hub: Any
     transport: Any
     route: Any
@@ -76,6 +77,7 @@ class Relay:
     pipe_r: int
     pipe_w: int
     unsent: tuple[Any, bytes, float] | None
+    pump_after: float  # no pumps here: kept for the same contract
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if not self.live:

@@ -47,7 +47,7 @@ WORKER_ANSWER = 2.0
 """How long a control request waits for each worker (a stopped one is reported, not waited on)."""
 _SUMMED = ("connections", "rejected", "bytes_in", "bytes_out", "dropped_bytes",
            "slow_disconnects", "handshake_failures", "cross_worker_bytes", "full_notices", "kicked",
-           "sessions_chan", "sessions_broadcast")
+           "sessions_chan", "sessions_broadcast", "pumped_pairs")
 
 
 class _WorkerProtocol(asyncio.SubprocessProtocol):
@@ -397,6 +397,7 @@ class Arbiter:
             totals["held_bytes"] += r["held_bytes"]
             totals["buffered_bytes"] += r["buffered_bytes"]
             totals["spliced_sessions"] += r["spliced_sessions"]
+            totals["pumped_pairs_now"] += r["pumped_pairs"]
             failures.update(r["failures"])
             workers.append({"worker": r["worker"], "pid": r["pid"], "sessions": live,
                             "connections": r["open_connections"],

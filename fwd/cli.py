@@ -141,6 +141,10 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
               help="A read this big sends that stream to its local receivers through "
                    "a pipe with splice(2), without copying it; to several by tee(2), "
                    "unless the congestion control is BBR (0 = never).")
+@click.option("--pump-pairs", type=click.IntRange(min=0), default=_D.pump_pairs,
+              help="Bulk 1:1 pairs per worker that get two threads, each blocking in "
+                   "splice(2) for one direction, instead of the event loop (0 = none; "
+                   "needs --splice-min).")
 @click.option("--tcp-congestion", default=None, metavar="NAME",
               help="TCP congestion control of client connections (cubic, reno, bbr...) "
               "[default: the system's].")

@@ -84,6 +84,8 @@ class Config:
     """Connections from one address (address_key) at most; 0: no limit."""
     splice_min: int = 64 * 1024
     """A read this big for one local receiver moves that stream to splice(2); 0: never."""
+    pump_pairs: int = 4
+    """Bulk pairs per worker whose two directions get a thread each; 0: none."""
     tcp_congestion: str | None = None
     """TCP congestion control of client connections; None: the system's default."""
     takeover: bool = False

@@ -73,6 +73,8 @@ def format_status(st: dict[str, Any]) -> str:
         ("held", human_size(t.get("held_bytes", 0))),
         ("queued", human_size(t.get("buffered_bytes", 0))),
         ("spliced sessions", t.get("spliced_sessions", 0)),
+        ("pumped pairs", f"{t.get('pumped_pairs_now', 0)} now, "
+                         f"{t.get('pumped_pairs', 0)} since start"),
         ("dropped", human_size(t.get("dropped_bytes", 0))),
         ("slow-consumer disconnects", t.get("slow_disconnects", 0)),
         ("handshake failures", f"{t.get('handshake_failures', 0)}"

@@ -59,12 +59,14 @@ COUNTERS: Mapping[str, tuple[str, str]] = {
     "full_notices": ("fwd_full_notices", "Notices to the other workers that a receiver "
                      "went above --max-buffer."),
     "kicked": ("fwd_kicked_sessions", "Sessions closed by fwd-ctl kick."),
+    "pumped_pairs": ("fwd_pumps_started", "Bulk pairs handed to threads."),
 }
 GAUGES: Mapping[str, tuple[str, str]] = {
     "open_connections": ("fwd_open_connections", "Client connections open now."),
     "held_bytes": ("fwd_held_bytes", "Bytes held now for absent chan receivers."),
     "buffered_bytes": ("fwd_buffered_bytes", "Bytes queued now towards receivers."),
     "spliced_sessions": ("fwd_spliced_sessions", "Sessions holding a splice(2) pipe now."),
+    "pumped_pairs": ("fwd_pumped_pairs", "Bulk pairs whose bytes two threads move now."),
 }
 MODES = ("chan", "broadcast")
 

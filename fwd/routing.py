@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -97,6 +97,8 @@ class Router(Generic[T]):
         self._routes: dict[T, Route[T]] = {}
         self._holds: dict[str, _Hold] = {}
         self._remote: dict[str, int] = {}
+        self._sealed: set[T] = set()
+        self.on_sealed: Callable[[T], None] | None = None
 
     # -- registry ---------------------------------------------------------------
 
@@ -154,6 +156,7 @@ class Router(Generic[T]):
             self.generation += 1
         self._routes.pop(session, None)
         self._muted.discard(session)
+        self._sealed.discard(session)
 
     def mute(self, session: T) -> None:
         """``session`` can no longer receive (its write side is shut) but may
@@ -177,6 +180,24 @@ class Router(Generic[T]):
         if self._recvers.get(partner) != (session.chid,):
             return None
         return partner
+
+    def seal(self, *sessions: T) -> None:
+        """Another layer moves the bytes between ``sessions`` now (a pumped
+        pair), and nothing else may write to them: a route from any other
+        sender that reaches one of them calls ``on_sealed`` with it first,
+        which must unseal it. Routes cached before this are rebuilt."""
+        self._sealed.update(sessions)
+        self.generation += 1
+
+    def unseal(self, *sessions: T) -> None:
+        self._sealed.difference_update(sessions)
+
+    def expose(self, targets: Iterable[T]) -> None:
+        """Bytes from outside are about to reach ``targets``: the sealed ones
+        among them go to ``on_sealed`` first."""
+        if self._sealed and self.on_sealed is not None:
+            for target in [t for t in targets if t in self._sealed]:
+                self.on_sealed(target)
 
     def is_live(self, session: T) -> bool:
         return session in self._recvers
@@ -205,6 +226,8 @@ class Router(Generic[T]):
             route = Route(self.generation, targets, missing, False, remote)
         else:
             route = Route(self.generation, self.everyone(), (), True)
+        if self._sealed and sender not in self._sealed:
+            self.expose(route.targets)
         self._routes[sender] = route
         return route
 

@@ -119,6 +119,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.bulk = False
         self.pipe_r = self.pipe_w = -1  # a splice pipe, once a bulk stream needs one
         self.unsent = None  # see Relay.flush_rest
+        self.pump_after = 0.0  # see Pumps.offer
         self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
         self.adopted = adopted
 
@@ -238,6 +239,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.close("half-closed both ways")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.hub.pumps is not None:
+            self.hub.pumps.release(self)
         self.flush_rest()  # what was read before the end still goes out
         self.close_pipe()
         self._leave("connection lost" if exc is None else f"connection lost: {exc}")
@@ -724,6 +727,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.state is St.CLOSED:
             return
         hub = self.hub
+        if hub.pumps is not None:
+            hub.pumps.release(self)  # what its pipes hold still goes out
         was_live = self.state is St.LIVE
         self.state = St.CLOSED
         self.live = False

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 from . import control, fdpass
 from .config import Config
 from .crypto import derive_key
-from .fastpath import bind, fanout
+from .fastpath import Pump, bind, fanout
 from .mesh import Mesh
 from .metrics import FLUSH_EVERY
 from .protocol import failure_reason
+from .pumps import Pumps
 from .registry import TOKEN_BITS
 from .routing import Backpressure, Route, Router
 from .runtime import FD_RESERVE, set_title, setup_logging
@@ -92,7 +93,11 @@ class Hub:
         tee = not paces(congestion)
         log.debug("bulk fan-out: %s (congestion control %s)",
                   "tee(2)" if tee else "copied, since it paces", congestion or "unknown")
-        bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min, pipes, tee)
+        self.pumps: Pumps | None = None
+        if Pump is not None and config.pump_pairs and config.splice_min and pipes:
+            self.pumps = Pumps(self, Pump, config.pump_pairs)
+        bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min, pipes, tee,
+             None if self.pumps is None else self.pumps.offer)
         # A dict, not a set: at 10,000 entries a set's table is about four
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}
@@ -302,6 +307,8 @@ class Hub:
         """Bytes from another worker for a local receiver (held if it is not here)."""
         now = self.loop.time()
         target = self.router.live(chid)
+        if target is not None:
+            self.router.expose((target,))
         if target is None:
             owner = self.router.owner(chid)
             if owner is not None and owner.write_closed:  # its write side is shut
@@ -326,7 +333,9 @@ class Hub:
 
     def deliver_all(self, chunk: bytes) -> None:
         """Bytes from another worker's "everyone" route."""
-        for target in fanout(chunk, self.router.everyone(), None, self.loop.time()) or ():
+        everyone = self.router.everyone()
+        self.router.expose(everyone)
+        for target in fanout(chunk, everyone, None, self.loop.time()) or ():
             target.tell_full()
         for p in self.pending:
             p._queue_pending(chunk)
@@ -448,6 +457,7 @@ class Hub:
                 "open_connections": len(self.sessions), "live": dict(live),
                 "held_bytes": self.router.held, "buffered_bytes": buffered,
                 "spliced_sessions": spliced,
+                "pumped_pairs": 0 if self.pumps is None else len(self.pumps),
                 "totals": totals, "failures": dict(self.failures)}
 
     def session_rows(self) -> list[dict[str, Any]]:
@@ -527,7 +537,8 @@ class Hub:
 
     def resume_senders(self, senders: list[Session]) -> None:
         for s in senders:
-            if s.state is St.LIVE and s.transport is not None:
+            if s.state is St.LIVE and s.transport is not None \
+                    and (self.pumps is None or s not in self.pumps.running):
                 s.transport.resume_reading()
 
     def watch_holds(self) -> None:
@@ -659,6 +670,8 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     await stop.wait()
     loop.remove_reader(channel)
     await hub.shutdown()
+    if hub.pumps is not None:
+        hub.pumps.close()
     hub.flush_metrics()
     await ctl.close()
     if hub.mesh is not None:

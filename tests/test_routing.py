@@ -302,6 +302,68 @@ def test_route_after_sender_leaves_and_rejoins_is_fresh():
     assert r.route(s).to_all
 
 
+# -- sealed pairs -------------------------------------------------------------------
+
+
+def sealed_pair(r: Router):
+    exposed: list = []
+
+    def unseal(s):
+        exposed.append(s)
+        r.unseal(s)
+
+    r.on_sealed = unseal
+    a = live(r, "a", "a", ["b"])
+    b = live(r, "b", "b", ["a"])
+    return a, b, exposed
+
+
+def test_sealing_rebuilds_routes_cached_before_it():
+    r = make_router()
+    a, b, exposed = sealed_pair(r)
+    c = live(r, "c", "c", ["b"])
+    before = r.route(c)
+    r.seal(a, b)
+    assert r.route(c) is not before
+    assert exposed == [b]
+
+
+def test_a_route_from_outside_exposes_only_the_sealed_targets_it_reaches():
+    r = make_router()
+    a, b, exposed = sealed_pair(r)
+    c = live(r, "c", "c", ["b", "d"])
+    d = live(r, "d", "d", ["c"])
+    r.seal(a, b)
+    assert r.route(d).targets == (c,)
+    assert exposed == []
+    assert r.route(c).targets == (b, d)
+    assert exposed == [b]
+    r.unseal(a)
+    assert r.route(c).targets == (b, d)  # cached: nothing exposed twice
+    assert exposed == [b]
+
+
+def test_everyone_routes_expose_every_sealed_session():
+    r = make_router()
+    a, b, exposed = sealed_pair(r)
+    e = live(r, "e")  # nameless: "everyone else"
+    r.seal(a, b)
+    r.route(e)
+    assert sorted(x.name for x in exposed) == ["a", "b"]
+
+
+def test_the_pair_itself_and_a_leaving_session_expose_nothing():
+    r = make_router()
+    a, b, exposed = sealed_pair(r)
+    r.seal(a, b)
+    assert r.route(a).targets == (b,)
+    r.leave(b)
+    c = live(r, "c", "c", ["b"])
+    r.route(c)
+    r.expose([a, b, c])
+    assert exposed == [a]  # b left: forgotten with it
+
+
 # -- model-based check of routes ---------------------------------------------------
 
 _NAMES = ["a", "b", "c", "d"]

@@ -1,0 +1,131 @@
+"""Bulk pairs handed to threads, and taken back.
+
+A chan pair whose stream is bulk (a splice round went whole to its one
+receiver) costs the loop an epoll wake-up, a callback and a few splices per
+round. Handed to a ``Pump``, each direction is a thread blocking in splice(2)
+outside the GIL, the shape of the cheapest relay there is (bench/README.md,
+"The ceiling"). The loop keeps the sessions, their timers and counters, and
+takes the sockets back before anything but the pair's own bytes must touch
+them: another sender's route reaching one (Router.seal), bytes from another
+worker, the end of either session, or a thread that stopped on EOF, an error
+or a stuck receiver. Its own reads then find out what happened, as if the
+pair had never left (docs/ARCHITECTURE.md, "Bulk pairs get threads").
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .worker import Hub
+
+log = logging.getLogger("fwd.pumps")
+
+RETRY = 1.0
+"""Seconds before a pair taken back, or refused for what it is, is offered again."""
+RETRY_SOON = 0.01
+"""The same for a pair refused for what it has in flight now (a queue, a wait):
+that passes, and a 1 GiB stream lasts a quarter of a second."""
+STALL = 0.25
+"""A pump whose receiver takes nothing for this long gives the pair back, so
+that the loop's backpressure and --slow-timeout apply as usual."""
+
+
+class Pumps:
+    """The pumped pairs of one worker: at most ``pairs`` at a time."""
+
+    def __init__(self, hub: Hub, pump: Any, pairs: int) -> None:
+        self.hub = hub
+        self._pump = pump  # the compiled Pump class
+        self.limit = pairs
+        self.running: dict[Session, Any] = {}  # both sessions of a pair -> its Pump
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        hub.loop.add_reader(self._efd, self._stopped)
+        hub.router.on_sealed = self.release
+
+    def offer(self, a: Session) -> None:
+        """``a`` had a bulk round that went whole to its one receiver
+        (Relay._splice): pump the pair if it is a quiet 1:1 pair on both sides."""
+        hub = self.hub
+        if a in self.running or len(self.running) >= 2 * self.limit:
+            return
+        router = hub.router
+        b = router.pair_of(a)
+        if b is None or b in self.running \
+                or router.route(a).targets != (b,) or not router.route(a).local \
+                or router.route(b).targets != (a,) or not router.route(b).local:
+            a.pump_after = hub.loop.time() + RETRY
+            return
+        if not (self._quiet(a) and self._quiet(b)):
+            a.pump_after = hub.loop.time() + RETRY_SOON
+            return
+        assert a.transport is not None and b.transport is not None
+        a.transport.pause_reading()
+        b.transport.pause_reading()
+        router.seal(a, b)
+        try:
+            pump = self._pump(a, b, self._efd, STALL)
+        except OSError as exc:
+            router.unseal(a, b)
+            a.transport.resume_reading()
+            b.transport.resume_reading()
+            a.pump_after = b.pump_after = hub.loop.time() + RETRY
+            log.debug("pair chid=%s chid=%s not pumped: %s", a.chid, b.chid, exc)
+            return
+        self.running[a] = self.running[b] = pump
+        hub.stats["pumped_pairs"] += 1
+        log.debug("pumping chid=%s <-> chid=%s in two threads", a.chid, b.chid)
+
+    def _quiet(self, s: Session) -> bool:
+        """Nothing of ``s`` is in flight in the loop: no queue, no wait, no
+        half-close, no round owed to the rest of a route."""
+        transport = s.transport
+        return (s.live and transport is not None and not transport.is_closing()
+                and not transport.get_write_buffer_size() and not s.writing_paused
+                and s.unsent is None and not (s.read_closed or s.write_closed)
+                and not self.hub.backpressure.is_paused(s))
+
+    def release(self, s: Session) -> None:
+        """Take ``s``'s pair back (a no-op if it is not pumped): join the
+        threads, then send what their pipes held before anything else."""
+        pump = self.running.pop(s, None)
+        if pump is None:
+            return
+        a, b = pump.a, pump.b
+        self.running.pop(b if s is a else a, None)
+        self.hub.router.unseal(a, b)
+        why = pump.stopped
+        ab, ba = pump.stop()
+        now = self.hub.loop.time()
+        log.debug("pair chid=%s <-> chid=%s back in the loop (%s)", a.chid, b.chid,
+                  why or "asked")
+        for x in (a, b):
+            x.pump_after = now + RETRY
+            if x.transport is not None and not x.transport.is_closing():
+                x.transport.resume_reading()
+        for src, dst, rest in ((a, b, ab), (b, a, ba)):
+            if rest is not None and dst.transport is not None:
+                dst.transport.write(rest)
+                src._spliced_rest(dst, rest, now)
+
+    def _stopped(self) -> None:
+        """A thread stopped on its own: its pair goes back to the loop."""
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            return
+        for pump in {id(p): p for p in self.running.values()}.values():
+            if pump.stopped is not None:
+                self.release(pump.a)
+
+    def close(self) -> None:
+        for s in list(self.running):
+            self.release(s)
+        self.hub.loop.remove_reader(self._efd)
+        os.close(self._efd)
+
+    def __len__(self) -> int:
+        """Pairs pumped now."""
+        return len(self.running) // 2

@@ -1,0 +1,177 @@
+"""Bulk pairs pumped by two threads (fwd/pumps.py): byte-exact both ways, and
+every way a pair goes back to the loop (another sender, a FIN, a stuck
+receiver, the end of a session, the server stopping) keeps every byte and
+ends as it does without threads. The compiled data path only: the pure-Python
+twin has no pumps, and runs the same streams through test_server_splice.py."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+
+from helpers import Sender, pair, recv_exact, recv_hash, stream_both_ways, wait_until
+
+MiB = 1 << 20
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def pumped(server) -> int:
+    return server.ctl_json("status")["totals"]["pumped_pairs_now"]
+
+
+def pumped_pair(server, a: str = "a", b: str = "b"):
+    """A pair whose bulk stream (a -> b) has been handed to its threads."""
+    sa, sb = pair(server, a, b)
+    before = server.ctl_json("status")["totals"].get("pumped_pairs", 0)
+    up = Sender(sa, 8 * MiB)
+    up.start()
+    assert recv_hash(sb, 8 * MiB) == up.digest
+    up.finish()
+    wait_until(lambda: server.ctl_json("status")["totals"].get("pumped_pairs", 0) > before,
+               10, "the pair to be pumped")
+    return sa, sb
+
+
+def test_a_bulk_pair_gets_two_threads_and_stays_byte_exact(chan_server):
+    sa, sb = pair(chan_server)
+    worker = chan_server.worker_of(sa)
+    before = threads(worker)
+    stream_both_ways(sa, sb, 32 * MiB)
+    assert pumped(chan_server) == 1
+    assert threads(worker) == before + 2
+    stream_both_ways(sa, sb, 32 * MiB)  # and it goes on in the threads
+    rows = {r["chid"]: r for r in chan_server.ctl_json("sessions")["sessions"]}
+    assert rows["a"]["bytes_in"] == rows["b"]["bytes_in"] == 64 * MiB
+    assert rows["a"]["bytes_out"] == rows["b"]["bytes_out"] == 64 * MiB
+    sa.close()
+    sb.close()
+    wait_until(lambda: threads(worker) == before, 10, "the threads to end")
+    assert pumped(chan_server) == 0
+
+
+def test_pump_pairs_zero_starts_no_thread(start_server):
+    server = start_server("--mode", "chan", "--pump-pairs", "0")
+    sa, sb = pair(server)
+    worker = server.worker_of(sa)
+    before = threads(worker)
+    stream_both_ways(sa, sb, 16 * MiB)
+    assert threads(worker) == before
+    assert server.ctl_json("status")["totals"].get("pumped_pairs", 0) == 0
+
+
+def test_a_fin_through_a_pump_arrives_behind_the_bytes_and_the_other_way_goes_on(chan_server):
+    sa, sb = pumped_pair(chan_server)
+    data = os.urandom(4 * MiB)
+    sa.sendall(data)
+    sa.shutdown(socket.SHUT_WR)
+    assert recv_exact(sb, len(data)) == data
+    assert sb.recv(1) == b""  # the FIN, after every byte
+    back = Sender(sb, 4 * MiB)
+    back.start()
+    assert recv_hash(sa, 4 * MiB) == back.digest
+    back.finish()
+    sb.close()
+    assert sa.recv(1) == b""
+
+
+def test_a_third_sender_takes_the_pair_back_and_nobody_loses_a_byte(chan_server):
+    """a's stream has no 0xff byte, c's is only 0xff: b must get a's stream
+    whole and in order, and every byte of c's, wherever they fall."""
+    sa, sb = pumped_pair(chan_server)
+    pattern = bytes(range(255)) * 4112  # about 1 MiB, no 0xff
+    up = threading.Thread(target=lambda: [sa.sendall(pattern) for _ in range(24)], daemon=True)
+    up.start()
+    sc, _ = chan_server.handshake("c", ["b"])
+    sc.sendall(b"\xff" * 100_000)
+    got = recv_exact(sb, 24 * len(pattern) + 100_000)
+    up.join(30)
+    assert got.count(0xff) == 100_000
+    assert got.replace(b"\xff", b"") == pattern * 24
+
+
+def test_a_receiver_that_stops_reading_is_still_a_slow_consumer(start_server):
+    server = start_server("--mode", "chan", "--max-buffer", "1MiB", "--slow-timeout", "1")
+    sa, sb = pumped_pair(server)
+    mark = server.mark()
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sa.settimeout(30)
+    chunk = b"x" * (1 << 16)
+    done = threading.Event()
+
+    def flood() -> None:
+        try:
+            while not done.is_set():
+                sa.sendall(chunk)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    server.wait_log(r"slow consumer disconnected chid=b", start=mark, timeout=30)
+    done.set()
+    assert server.ctl_json("status")["totals"]["slow_disconnects"] == 1
+    sa.close()
+    t.join(30)
+    wait_until(lambda: pumped(server) == 0, 10, "the pair to leave its pump")
+
+
+def test_kick_ends_a_pumped_session_and_its_partner_stays_live(chan_server):
+    sa, sb = pair(chan_server)
+    worker = chan_server.worker_of(sa)
+    before = threads(worker)
+    sa.close()
+    sb.close()
+    sa, sb = pumped_pair(chan_server)
+    chan_server.ctl("kick", "a")
+    sa.settimeout(10)
+    assert sa.recv(1) == b""
+    wait_until(lambda: threads(worker) == before, 10, "the threads to end")
+    assert pumped(chan_server) == 0
+    sb.sendall(b"held for the next a")  # as for any chan session whose receiver left
+    sa2, _ = chan_server.handshake("a", ["b"])
+    assert recv_exact(sa2, 19) == b"held for the next a"
+
+
+def test_bytes_count_and_keep_an_active_pair_from_its_idle_timeout(chan_server):
+    """hs3 timeout 1 s; the pair streams for longer, through its threads, and is
+    not idle; silent afterwards, it is."""
+    sa, _ = chan_server.handshake("a", ["b"], timeout=1)
+    sb, _ = chan_server.handshake("b", ["a"], timeout=1)
+    h = hashlib.sha256()
+    stop = threading.Event()
+    sent = [0]
+
+    def trickle() -> None:  # a bulk burst every 100 ms: the pump must see it all
+        block = os.urandom(256 << 10)
+        while not stop.wait(0.1):
+            sa.sendall(block)
+            h.update(block)
+            sent[0] += len(block)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    got = 0
+    sb.settimeout(10)
+    while got < 20 * 256 << 10:  # at least 2 s of it
+        n = len(sb.recv(1 << 20))
+        assert n, "the pair was closed while it streamed"
+        got += n
+    stop.set()
+    t.join(10)
+    rest = recv_exact(sb, sent[0] - got)
+    assert got + len(rest) == sent[0]
+    assert chan_server.ctl_json("status")["totals"].get("pumped_pairs", 0) >= 1
+    assert sb.recv(1) == b""  # then the idle timeout ends it
+    wait_until(lambda: pumped(chan_server) == 0, 10, "the pump to stop")
+
+
+def test_the_server_stops_cleanly_with_a_pair_pumping(chan_server):
+    sa, sb = pumped_pair(chan_server)
+    up = Sender(sa, 64 * MiB)
+    up.start()
+    recv_exact(sb, 1 * MiB)
+    chan_server.stop()  # exit code 0, no error logged
