@@ -85,12 +85,36 @@ def test_a_third_sender_takes_the_pair_back_and_nobody_loses_a_byte(chan_server)
     pattern = bytes(range(255)) * 4112  # about 1 MiB, no 0xff
     up = threading.Thread(target=lambda: [sa.sendall(pattern) for _ in range(24)], daemon=True)
     up.start()
+    mark = chan_server.mark()
     sc, _ = chan_server.handshake("c", ["b"])
     sc.sendall(b"\xff" * 100_000)
     got = recv_exact(sb, 24 * len(pattern) + 100_000)
     up.join(30)
     assert got.count(0xff) == 100_000
     assert got.replace(b"\xff", b"") == pattern * 24
+    chan_server.wait_log(r"pair chid=a <-> chid=b back in the loop \(asked\)", start=mark)
+
+
+def test_bytes_from_another_worker_take_the_pair_back_too(start_server):
+    """An "everyone else" sender on the other worker: its bytes reach both
+    ends of the pair, through Hub.deliver_all."""
+    server = start_server("--mode", "chan", "--workers", "2")
+    sa, sb = pumped_pair(server)
+    home = server.worker_of(sa)
+    for i in range(20):  # the parent picks the worker: try until the other one
+        se, _ = server.handshake(f"e{i}", [])
+        if server.worker_of(se) != home:
+            break
+        se.close()
+    else:
+        raise AssertionError("every connection went to the pair's worker")
+    mark = server.mark()
+    se.sendall(b"\xff" * 1000)
+    sa.sendall(b"\x01" * (1 << 20))
+    got = recv_exact(sb, 1000 + (1 << 20))
+    assert got.count(0xff) == 1000 and got.count(1) == 1 << 20
+    assert recv_exact(sa, 1000) == b"\xff" * 1000
+    server.wait_log(r"pair chid=a <-> chid=b back in the loop \(asked\)", start=mark)
 
 
 def test_a_receiver_that_stops_reading_is_still_a_slow_consumer(start_server):
