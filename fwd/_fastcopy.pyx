@@ -82,8 +82,8 @@ def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0
     by splice(2), a read's worth (``len(buf)``) per round: what a receiver
     does not take is queued, as much as one read would have queued. After
     a round that went whole to the one receiver, ``offer(session)`` is called
-    soon (again ``pump_after`` seconds later at the earliest): it may hand the
-    pair to a Pump."""
+    soon, unless the session's ``pump_wait`` is set (which this sets, and the
+    offer clears when it may come again): it may hand the pair to a Pump."""
     global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee, _offer
     _buf = buf
     _round = len(buf)
@@ -115,7 +115,7 @@ cdef class Relay:
     cdef public bint bulk  # a read of splice_min or more went to local receivers
     cdef public int pipe_r
     cdef public int pipe_w
-    cdef public double pump_after  # loop time before which no offer is made
+    cdef public bint pump_wait  # offered, or refused for now (Pumps clears it)
     # A spliced round the rest of its route (other workers, held bytes) has
     # not had yet: (route, bytes, now), see flush_rest.
     cdef public object unsent
@@ -229,9 +229,9 @@ cdef class Relay:
             # connection_lost flush it too), and where pausing is safe.
             self.hub.loop.call_soon(self.flush_rest)
         if queued is None:
-            if _offer is not None and k == 1 and not keep and now >= self.pump_after \
+            if _offer is not None and k == 1 and not keep and not self.pump_wait \
                     and moved >= _splice_min:
-                self.pump_after = now + 1.0  # the offer sets its own
+                self.pump_wait = True
                 self.hub.loop.call_soon(_offer, self)
             return True
         for t, rest in queued:

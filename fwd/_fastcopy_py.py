@@ -63,7 +63,7 @@ class Relay:
     # Session.__init__ sets every one of these (the compiled class starts them
     # at zero, None and False).
     __slots__ = ("hub", "transport", "route", "fd", "last_active", "bytes_in", "bytes_out",
-                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w", "unsent", "pump_after")
+                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w", "unsent", "pump_wait")
     hub: Any
     transport: Any
     route: Any
@@ -77,7 +77,7 @@ class Relay:
     pipe_r: int
     pipe_w: int
     unsent: tuple[Any, bytes, float] | None
-    pump_after: float  # no pumps here: kept for the same contract
+    pump_wait: bool  # no pumps here: kept for the same contract
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if not self.live:

@@ -49,17 +49,17 @@ class Pumps:
         """``a`` had a bulk round that went whole to its one receiver
         (Relay._splice): pump the pair if it is a quiet 1:1 pair on both sides."""
         hub = self.hub
-        if a in self.running or len(self.running) >= 2 * self.limit:
+        if a in self.running:
             return
         router = hub.router
         b = router.pair_of(a)
-        if b is None or b in self.running \
+        if b is None or b in self.running or len(self.running) >= 2 * self.limit \
                 or router.route(a).targets != (b,) or not router.route(a).local \
                 or router.route(b).targets != (a,) or not router.route(b).local:
-            a.pump_after = hub.loop.time() + RETRY
+            self._wait(RETRY, a)
             return
         if not (self._quiet(a) and self._quiet(b)):
-            a.pump_after = hub.loop.time() + RETRY_SOON
+            self._wait(RETRY_SOON, a)
             return
         assert a.transport is not None and b.transport is not None
         a.transport.pause_reading()
@@ -71,12 +71,24 @@ class Pumps:
             router.unseal(a, b)
             a.transport.resume_reading()
             b.transport.resume_reading()
-            a.pump_after = b.pump_after = hub.loop.time() + RETRY
+            self._wait(RETRY, a, b)
             log.debug("pair chid=%s chid=%s not pumped: %s", a.chid, b.chid, exc)
             return
         self.running[a] = self.running[b] = pump
+        b.pump_wait = True  # no offer from either while pumped
         hub.stats["pumped_pairs"] += 1
         log.debug("pumping chid=%s <-> chid=%s in two threads", a.chid, b.chid)
+
+    def _wait(self, delay: float, *sessions: Session) -> None:
+        """No offer from ``sessions`` for ``delay`` seconds (Relay.pump_wait)."""
+        for s in sessions:
+            s.pump_wait = True
+        self.hub.loop.call_later(delay, self._again, sessions)
+
+    @staticmethod
+    def _again(sessions: tuple[Session, ...]) -> None:
+        for s in sessions:
+            s.pump_wait = False
 
     def _quiet(self, s: Session) -> bool:
         """Nothing of ``s`` is in flight in the loop: no queue, no wait, no
@@ -101,8 +113,8 @@ class Pumps:
         now = self.hub.loop.time()
         log.debug("pair chid=%s <-> chid=%s back in the loop (%s)", a.chid, b.chid,
                   why or "asked")
+        self._wait(RETRY, a, b)
         for x in (a, b):
-            x.pump_after = now + RETRY
             if x.transport is not None and not x.transport.is_closing():
                 x.transport.resume_reading()
         for src, dst, rest in ((a, b, ab), (b, a, ba)):

@@ -119,7 +119,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.bulk = False
         self.pipe_r = self.pipe_w = -1  # a splice pipe, once a bulk stream needs one
         self.unsent = None  # see Relay.flush_rest
-        self.pump_after = 0.0  # see Pumps.offer
+        self.pump_wait = False  # see Pumps.offer
         self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
         self.adopted = adopted
 
