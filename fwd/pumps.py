@@ -28,9 +28,11 @@ RETRY = 1.0
 RETRY_SOON = 0.01
 """The same for a pair refused for what it has in flight now (a queue, a wait):
 that passes, and a 1 GiB stream lasts a quarter of a second."""
-STALL = 0.25
+STALL = 1.0
 """A pump whose receiver takes nothing for this long gives the pair back, so
-that the loop's backpressure and --slow-timeout apply as usual."""
+that the loop's backpressure and --slow-timeout apply as usual. Not much
+shorter: a receiver busy elsewhere for a moment would cost the pair its
+threads (and they come back only with the next bulk round after RETRY)."""
 
 
 class Pumps:

@@ -199,3 +199,18 @@ def test_the_server_stops_cleanly_with_a_pair_pumping(chan_server):
     up.start()
     recv_exact(sb, 1 * MiB)
     chan_server.stop()  # exit code 0, no error logged
+
+
+def test_metrics_show_the_pumped_pair(start_server):
+    from test_server_metrics import metrics_server, scrape, value
+
+    server = metrics_server(start_server, "--mode", "chan")
+    assert value(scrape(server), "fwd_pumped_pairs") == 0
+    sa, sb = pumped_pair(server)
+    samples = scrape(server)
+    assert value(samples, "fwd_pumped_pairs") == 1
+    assert value(samples, "fwd_pumps_started_total") >= 1
+    sa.close()
+    sb.close()
+    wait_until(lambda: value(scrape(server), "fwd_pumped_pairs") == 0, 10,
+               "the gauge to come back to 0")
