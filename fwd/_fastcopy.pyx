@@ -682,6 +682,7 @@ cdef extern from *:
     void fwd_dirs_stop(fwd_dir *a, fwd_dir *b) nogil
     int fwd_dir_done(fwd_dir *d)
     int fwd_set_blocking(int fd, int blocking, double send_timeout)
+    int EAGAIN
 
 cdef bint _pumps_ready = False
 
@@ -700,7 +701,7 @@ cdef class Pump:
     cdef fwd_dir d[2]
     cdef readonly Relay a
     cdef readonly Relay b
-    cdef bint started
+    cdef int threads  # started, and not joined yet
 
     def __init__(self, Relay a, Relay b, int notify, double stall):
         global _pumps_ready
@@ -719,12 +720,13 @@ cdef class Pump:
         if fwd_dir_start(&self.d[0]) != 0:
             self._unblock()
             raise OSError("cannot start a pump thread")
-        if fwd_dir_start(&self.d[1]) != 0:
-            with nogil:
-                fwd_dirs_stop(&self.d[0], NULL)
-            self._unblock()
-            raise OSError("cannot start a pump thread")
-        self.started = True
+        self.threads = 1
+        if fwd_dir_start(&self.d[1]) == 0:
+            self.threads = 2
+        else:
+            # The first may have read already: stop() gives back what it
+            # holds, so this pump must be stopped like any other, at once.
+            self.d[1].done, self.d[1].why, self.d[1].err = 1, FWD_FAILED, EAGAIN
 
     cdef void _fill(self, int i, Relay src, Relay dst, int notify):
         cdef fwd_dir *d = &self.d[i]
@@ -758,17 +760,19 @@ cdef class Pump:
         """Join both threads and make the sockets the loop's again. Returns
         what a->b and b->a had in their pipes, as bytes (None if nothing):
         the loop sends them before anything else."""
-        if not self.started:
+        if not self.threads:
             return None, None
-        self.started = False
+        cdef fwd_dir *second = &self.d[1] if self.threads == 2 else NULL
+        self.threads = 0
         with nogil:
-            fwd_dirs_stop(&self.d[0], &self.d[1])
+            fwd_dirs_stop(&self.d[0], second)
         self._unblock()
         ab = _drain(self.a.pipe_r, self.d[0].left) if self.d[0].left else None
         ba = _drain(self.b.pipe_r, self.d[1].left) if self.d[1].left else None
         return ab, ba
 
     def __dealloc__(self):
-        if self.started:  # not expected: the hub stops every pump it starts
+        cdef fwd_dir *second = &self.d[1] if self.threads == 2 else NULL
+        if self.threads:  # not expected: the hub stops every pump it starts
             with nogil:
-                fwd_dirs_stop(&self.d[0], &self.d[1])
+                fwd_dirs_stop(&self.d[0], second)

@@ -80,6 +80,8 @@ class Pumps:
         b.pump_wait = True  # no offer from either while pumped
         hub.stats["pumped_pairs"] += 1
         log.debug("pumping chid=%s <-> chid=%s in two threads", a.chid, b.chid)
+        if pump.stopped is not None:  # the second thread did not start
+            self.release(a)
 
     def _wait(self, delay: float, *sessions: Session) -> None:
         """No offer from ``sessions`` for ``delay`` seconds (Relay.pump_wait)."""

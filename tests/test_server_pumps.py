@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
 import threading
+import time
 
 from helpers import Sender, pair, recv_exact, recv_hash, stream_both_ways, wait_until
 
@@ -214,3 +216,55 @@ def test_metrics_show_the_pumped_pair(start_server):
     sb.close()
     wait_until(lambda: value(scrape(server), "fwd_pumped_pairs") == 0, 10,
                "the gauge to come back to 0")
+
+
+FAIL_SECOND_PUMP_THREAD = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <unistd.h>
+/* Every second pthread_create with a pump's 64 KiB stack fails, after 200 ms:
+   by then the pump's first thread has read, and may hold bytes in its pipe. */
+int pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *), void *arg) {
+    static int (*real)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+    static int n;
+    size_t size = 0;
+    if (!real)
+        real = dlsym(RTLD_NEXT, "pthread_create");
+    if (attr && pthread_attr_getstacksize(attr, &size) == 0 && size == 64 * 1024
+            && ++n % 2 == 0) {
+        usleep(200000);
+        return EAGAIN;
+    }
+    return real(t, attr, fn, arg);
+}
+"""
+
+
+def test_a_pump_whose_second_thread_cannot_start_gives_back_what_the_first_read(
+        start_server, tmp_path):
+    """The first thread is writing to a receiver that does not read when the
+    second fails to start: what it holds must reach the receiver, in order."""
+    src = tmp_path / "fail.c"
+    src.write_text(FAIL_SECOND_PUMP_THREAD)
+    lib = tmp_path / "fail.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
+    server = start_server("--mode", "chan", "--workers", "1", env={"LD_PRELOAD": str(lib)})
+    sa, sb = pair(server)
+    sa.settimeout(30)
+    sb.settimeout(30)
+    mark = server.mark()
+    data = bytes(range(251)) * (24 * MiB // 251)
+    up = threading.Thread(target=lambda: sa.sendall(data), daemon=True)
+    up.start()
+    first = recv_exact(sb, 2 * MiB)
+    time.sleep(1.5)  # the stimulus: a receiver that reads nothing for a while
+    rest = recv_exact(sb, len(data) - len(first))
+    up.join(30)
+    assert first + rest == data
+    sa.sendall(b"tail")  # a small read: the copy path, behind what the pipe held
+    sa.shutdown(socket.SHUT_WR)
+    assert recv_exact(sb, 4) == b"tail"
+    assert sb.recv(1) == b""
+    server.wait_log(r"back in the loop \(failed\)", start=mark)
