@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 from dataclasses import dataclass, field
@@ -79,12 +80,17 @@ from typing import Any
 from .config import format_hostport
 from .crypto import AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
+from .fastpath import Pump, Relay, bind
 from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, refusal
+from .pumps import RETRY, RETRY_SOON, STALL
 from .sockopts import reset, set_keepalive
 
 log = logging.getLogger("fwd.bridge")
 
 READ_SIZE = 256 * 1024
+PUMP_MIN = 64 * 1024
+"""A read this big (a bulk stream) offers the pair to a Pump, as fwd-server's
+--splice-min does."""
 """One read's maximum; the buffer is shared by both sides."""
 MAX_BUFFER = 1024 * 1024
 """High-water mark of each side's write buffer: above it the other side stops reading."""
@@ -185,10 +191,13 @@ def backoff_delay(failures: int) -> float:
     return base * (0.5 + random.random() / 2)
 
 
-class Link(asyncio.BufferedProtocol):
-    """One outbound connection. It only reports to the Bridge, which owns the policy."""
+class Link(Relay, asyncio.BufferedProtocol):
+    """One outbound connection. It only reports to the Bridge, which owns the policy.
+    Its Relay base holds what a Pump reads and writes (fd, pipe, counters)."""
 
     def __init__(self, bridge: Bridge, side: int, gen: int) -> None:
+        self.fd = self.pipe_r = self.pipe_w = -1
+        self.pump_wait = False
         self.bridge = bridge
         self.side = side
         self.name = SIDES[side]
@@ -226,6 +235,7 @@ class Link(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             set_keepalive(sock)
+            self.fd = sock.fileno()
         transport.set_write_buffer_limits(high=MAX_BUFFER)
         if self.hs is None:
             self.bridge.attach(self)
@@ -270,6 +280,8 @@ class Link(asyncio.BufferedProtocol):
                 HandshakeFailed(f"{what}: {describe(exc)}" if exc else what, retryable=True))
         if self.attached:
             self.bridge.lost(self, "connection lost" + (f": {describe(exc)}" if exc else ""))
+        if self.pipe_r >= 0:
+            self.close_pipe()
         self.bridge.links_all.discard(self)
         self.transport = None
         if not self.done.done():
@@ -327,6 +339,8 @@ class Link(asyncio.BufferedProtocol):
         if want == self.reading or self.eof_in or t is None or t.is_closing():
             return
         self.reading = want
+        if self.bridge.pumping(self):
+            return  # the pump's threads read it now; _unpump applies this
         if want:
             t.resume_reading()
         else:
@@ -372,6 +386,13 @@ class Bridge:
         self.stopping = False
         self.poke = [asyncio.Event(), asyncio.Event()]
         self.gone = asyncio.Event()
+        # A bulk pair's bytes can go through a Pump, as in fwd-server (fwd/pumps.py).
+        self.pump: Any = None
+        self._efd = -1
+        if Pump is not None:
+            bind(self.buffer, READ_SIZE, None, 0, 4)  # pipes: this pair's two, the next one's
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            loop.add_reader(self._efd, self._pump_stopped)
 
     # -- data -----------------------------------------------------------------------
 
@@ -383,11 +404,89 @@ class Bridge:
             assert dst.transport is not None
             dst.bytes_out += len(chunk)
             dst.transport.write(chunk)  # may call dst.pause_writing -> src stops reading
+            if len(chunk) >= PUMP_MIN and self._efd >= 0 and not src.pump_wait:
+                src.pump_wait = True
+                self.loop.call_soon(self._offer, src)
         else:
             # Hold this one read and stop reading until the other side is back.
             self.pending[dst_side].append(chunk)
             src.set_reading(False)
             self.poke[dst_side].set()
+
+    # -- pumps ------------------------------------------------------------------------
+
+    def pumping(self, link: Link) -> bool:
+        return self.pump is not None and (link is self.pump.a or link is self.pump.b)
+
+    def _offer(self, src: Link) -> None:
+        """A bulk read went to the other side: pump the pair if nothing of
+        either side is in flight in the loop."""
+        a, b = self.links
+        if self.pump is not None or a is None or b is None or src not in (a, b):
+            self._pump_wait(RETRY, src)
+            return
+        if self.pending[0] or self.pending[1] or not (self._quiet(a) and self._quiet(b)):
+            self._pump_wait(RETRY_SOON, src)
+            return
+        assert a.transport is not None and b.transport is not None
+        a.transport.pause_reading()
+        b.transport.pause_reading()
+        try:
+            self.pump = Pump(a, b, self._efd, STALL)  # type: ignore[misc]
+        except OSError as exc:
+            a.transport.resume_reading()
+            b.transport.resume_reading()
+            self._pump_wait(RETRY, a, b)
+            log.debug("not pumped: %s", exc)
+            return
+        a.pump_wait = b.pump_wait = True
+        log.debug("pumping the pair in two threads")
+        if self.pump.stopped is not None:  # the second thread did not start
+            self._unpump()
+
+    @staticmethod
+    def _quiet(link: Link) -> bool:
+        t = link.transport
+        return (link.attached and link.fd >= 0 and t is not None and not t.is_closing()
+                and not t.get_write_buffer_size() and not link.writing_paused
+                and link.reading and not link.eof_in)
+
+    def _pump_wait(self, delay: float, *links: Link) -> None:
+        for link in links:
+            link.pump_wait = True
+        self.loop.call_later(delay, self._pump_again, links)
+
+    @staticmethod
+    def _pump_again(links: tuple[Link, ...]) -> None:
+        for link in links:
+            link.pump_wait = False
+
+    def _unpump(self) -> None:
+        """Take the pair back from its threads: what their pipes held goes out
+        first, then the loop reads again (and meets any EOF or error)."""
+        pump, self.pump = self.pump, None
+        if pump is None:
+            return
+        why = pump.stopped
+        ab, ba = pump.stop()
+        a, b = pump.a, pump.b
+        log.debug("the pair is back in the loop (%s)", why or "asked")
+        self._pump_wait(RETRY, a, b)
+        for x in (a, b):
+            t = x.transport
+            if t is not None and not t.is_closing() and x.reading and not x.eof_in:
+                t.resume_reading()
+        for dst, rest in ((b, ab), (a, ba)):
+            if rest is not None and dst.transport is not None:
+                dst.transport.write(rest)
+
+    def _pump_stopped(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            return
+        if self.pump is not None and self.pump.stopped is not None:
+            self._unpump()
 
     def update_reading(self, side: int) -> None:
         """Read from ``side`` only while its bytes have somewhere to go."""
@@ -469,6 +568,8 @@ class Bridge:
     def detach(self, link: Link, reason: str) -> None:
         if not link.attached:
             return
+        if self.pumping(link):
+            self._unpump()
         link.attached = False
         self.links[link.side] = None
         log.info("%s closed after %.1fs: %s (%s)", link.name,

@@ -515,3 +515,39 @@ def test_json_log_lines(start_server, start_client, start_service):
     records = [json.loads(line) for line in br.lines]  # every line is one object
     assert {r["proc"] for r in records} == {"client"}
     assert any(r["msg"].startswith("fwd-client starting") for r in records)
+
+
+def test_a_bulk_pair_goes_through_two_threads_byte_exact_and_a_fin_still_passes(
+        start_server, start_client, start_service):
+    """The bridge pumps a bulk pair as fwd-server does (fwd/pumps.py): the
+    service's answers stay byte-exact both ways, and a FIN sent while the
+    pair is pumped still ends the request (digest_after_eof answers then)."""
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc)
+    remote, _ = server.handshake("user", ["svc"])
+    mark = br.mark()
+    for _ in range(40):  # an offer made while a queue is in flight is refused
+        round_trip(remote, 16 * MiB)
+        if any("pumping the pair in two threads" in ln for ln in br.lines[mark:]):
+            break
+    else:
+        raise AssertionError("the bridge never pumped the pair")
+    round_trip(remote, 32 * MiB)  # and through the threads
+
+    server2 = start_server("--mode", "chan")
+    svc2 = start_service(digest_after_eof)
+    br2 = chan_bridge(start_client, server2, svc2)
+    remote2, _ = server2.handshake("user", ["svc"])
+    mark2 = br2.mark()
+    h = hashlib.sha256()
+    for _ in range(40):
+        data = os.urandom(16 * MiB)
+        remote2.sendall(data)
+        h.update(data)
+        if any("pumping the pair" in ln for ln in br2.lines[mark2:]):
+            break
+    else:
+        raise AssertionError("the bridge never pumped the pair")
+    remote2.shutdown(socket.SHUT_WR)
+    assert read_line(remote2) == h.hexdigest().encode() + b"\n"
