@@ -11,6 +11,9 @@ not send at once, so a view of the reused buffer would be overwritten). A side
 whose destination is above ``MAX_BUFFER`` stops reading until the destination's
 ``resume_writing``, so TCP pushes back on the fast peer and memory per bridge
 stays at about two write buffers plus one read.
+A bulk pair (a read of ``PUMP_MIN`` or more) is handed to a ``Pump`` as in
+fwd-server (fwd/pumps.py): two threads splice it both ways until a FIN, an
+error, a stuck side or the end of the pair gives it back to the loop.
 
 Lazy server1. By default server1 is connected only when the first bytes arrive
 from server0 (``--connect lazy``). An idle relay session can last hours; holding
