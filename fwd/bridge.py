@@ -85,7 +85,7 @@ from .crypto import AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
 from .fastpath import Pump, Relay, bind
 from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, refusal
-from .pumps import RETRY, RETRY_SOON, STALL
+from .pumps import RETRY, RETRY_SOON, STALL, hold_offers
 from .sockopts import reset, set_keepalive
 
 log = logging.getLogger("fwd.bridge")
@@ -426,10 +426,10 @@ class Bridge:
         either side is in flight in the loop."""
         a, b = self.links
         if self.pump is not None or a is None or b is None or src not in (a, b):
-            self._pump_wait(RETRY, src)
+            hold_offers(self.loop, RETRY, src)
             return
         if self.pending[0] or self.pending[1] or not (self._quiet(a) and self._quiet(b)):
-            self._pump_wait(RETRY_SOON, src)
+            hold_offers(self.loop, RETRY_SOON, src)
             return
         assert a.transport is not None and b.transport is not None
         a.transport.pause_reading()
@@ -439,7 +439,7 @@ class Bridge:
         except OSError as exc:
             a.transport.resume_reading()
             b.transport.resume_reading()
-            self._pump_wait(RETRY, a, b)
+            hold_offers(self.loop, RETRY, a, b)
             log.debug("not pumped: %s", exc)
             return
         a.pump_wait = b.pump_wait = True
@@ -454,16 +454,6 @@ class Bridge:
                 and not t.get_write_buffer_size() and not link.writing_paused
                 and link.reading and not link.eof_in)
 
-    def _pump_wait(self, delay: float, *links: Link) -> None:
-        for link in links:
-            link.pump_wait = True
-        self.loop.call_later(delay, self._pump_again, links)
-
-    @staticmethod
-    def _pump_again(links: tuple[Link, ...]) -> None:
-        for link in links:
-            link.pump_wait = False
-
     def _unpump(self) -> None:
         """Take the pair back from its threads: what their pipes held goes out
         first, then the loop reads again (and meets any EOF or error)."""
@@ -474,7 +464,7 @@ class Bridge:
         ab, ba = pump.stop()
         a, b = pump.a, pump.b
         log.debug("the pair is back in the loop (%s)", why or "asked")
-        self._pump_wait(RETRY, a, b)
+        hold_offers(self.loop, RETRY, a, b)
         for x in (a, b):
             t = x.transport
             if t is not None and not t.is_closing() and x.reading and not x.eof_in:

@@ -13,6 +13,7 @@ pair had never left (docs/ARCHITECTURE.md, "Bulk pairs get threads").
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,19 @@ STALL = 1.0
 that the loop's backpressure and --slow-timeout apply as usual. Not much
 shorter: a receiver busy elsewhere for a moment would cost the pair its
 threads (and they come back only with the next bulk round after RETRY)."""
+
+
+def hold_offers(loop: asyncio.AbstractEventLoop, delay: float, *relays: Any) -> None:
+    """No offer from ``relays`` for ``delay`` seconds (Relay.pump_wait), here
+    and in fwd-client's bridge."""
+    for r in relays:
+        r.pump_wait = True
+    loop.call_later(delay, _offers_again, relays)
+
+
+def _offers_again(relays: tuple[Any, ...]) -> None:
+    for r in relays:
+        r.pump_wait = False
 
 
 class Pumps:
@@ -58,10 +72,10 @@ class Pumps:
         if b is None or b in self.running or len(self.running) >= 2 * self.limit \
                 or router.route(a).targets != (b,) or not router.route(a).local \
                 or router.route(b).targets != (a,) or not router.route(b).local:
-            self._wait(RETRY, a)
+            hold_offers(self.hub.loop, RETRY, a)
             return
         if not (self._quiet(a) and self._quiet(b)):
-            self._wait(RETRY_SOON, a)
+            hold_offers(self.hub.loop, RETRY_SOON, a)
             return
         assert a.transport is not None and b.transport is not None
         a.transport.pause_reading()
@@ -73,7 +87,7 @@ class Pumps:
             router.unseal(a, b)
             a.transport.resume_reading()
             b.transport.resume_reading()
-            self._wait(RETRY, a, b)
+            hold_offers(self.hub.loop, RETRY, a, b)
             log.debug("pair chid=%s chid=%s not pumped: %s", a.chid, b.chid, exc)
             return
         self.running[a] = self.running[b] = pump
@@ -82,17 +96,6 @@ class Pumps:
         log.debug("pumping chid=%s <-> chid=%s in two threads", a.chid, b.chid)
         if pump.stopped is not None:  # the second thread did not start
             self.release(a)
-
-    def _wait(self, delay: float, *sessions: Session) -> None:
-        """No offer from ``sessions`` for ``delay`` seconds (Relay.pump_wait)."""
-        for s in sessions:
-            s.pump_wait = True
-        self.hub.loop.call_later(delay, self._again, sessions)
-
-    @staticmethod
-    def _again(sessions: tuple[Session, ...]) -> None:
-        for s in sessions:
-            s.pump_wait = False
 
     def _quiet(self, s: Session) -> bool:
         """Nothing of ``s`` is in flight in the loop: no queue, no wait, no
@@ -117,7 +120,7 @@ class Pumps:
         now = self.hub.loop.time()
         log.debug("pair chid=%s <-> chid=%s back in the loop (%s)", a.chid, b.chid,
                   why or "asked")
-        self._wait(RETRY, a, b)
+        hold_offers(self.hub.loop, RETRY, a, b)
         for x in (a, b):
             if x.transport is not None and not x.transport.is_closing():
                 x.transport.resume_reading()
