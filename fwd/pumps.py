@@ -70,12 +70,11 @@ class Pumps:
         router = hub.router
         b = router.pair_of(a)
         if b is None or b in self.running or len(self.running) >= 2 * self.limit \
-                or router.route(a).targets != (b,) or not router.route(a).local \
-                or router.route(b).targets != (a,) or not router.route(b).local:
-            hold_offers(self.hub.loop, RETRY, a)
+                or not (self._only(a, b) and self._only(b, a)):
+            hold_offers(hub.loop, RETRY, a)
             return
         if not (self._quiet(a) and self._quiet(b)):
-            hold_offers(self.hub.loop, RETRY_SOON, a)
+            hold_offers(hub.loop, RETRY_SOON, a)
             return
         assert a.transport is not None and b.transport is not None
         a.transport.pause_reading()
@@ -87,7 +86,7 @@ class Pumps:
             router.unseal(a, b)
             a.transport.resume_reading()
             b.transport.resume_reading()
-            hold_offers(self.hub.loop, RETRY, a, b)
+            hold_offers(hub.loop, RETRY, a, b)
             log.debug("pair chid=%s chid=%s not pumped: %s", a.chid, b.chid, exc)
             return
         self.running[a] = self.running[b] = pump
@@ -96,6 +95,11 @@ class Pumps:
         log.debug("pumping chid=%s <-> chid=%s in two threads", a.chid, b.chid)
         if pump.stopped is not None:  # the second thread did not start
             self.release(a)
+
+    def _only(self, s: Session, partner: Session) -> bool:
+        """``s``'s bytes go to ``partner`` and nowhere else."""
+        route = self.hub.router.route(s)
+        return route.local and route.targets == (partner,)
 
     def _quiet(self, s: Session) -> bool:
         """Nothing of ``s`` is in flight in the loop: no queue, no wait, no

@@ -337,17 +337,22 @@ def test_held_bytes_expire_after_hold_seconds(start_server):
 # -- connection limits --------------------------------------------------------------------
 
 
+def expect_refused(server, why: str) -> None:
+    """A new connection is closed at once, with no byte sent, and the log says
+    why (``why``: a regex for what follows the peer)."""
+    mark = server.mark()
+    extra = server.connect()
+    port = extra.getsockname()[1]
+    assert_closed(extra)  # EOF or reset
+    server.wait_log(rf"refusing connection from 127\.0\.0\.1:{port}: {why}", start=mark)
+
+
 def test_max_conns_refuses_extra_connection_at_once(start_server):
     server = start_server("--mode", "chan", "--max-conns", "3")
     sa, _ = server.handshake("a", ["b"])
     sb, _ = server.handshake("b", ["a"])
     sc, _ = server.handshake("c", ["a"])
-    mark = server.mark()
-    extra = server.connect()
-    port = extra.getsockname()[1]
-    assert_closed(extra)  # EOF or reset, with no byte sent
-    server.wait_log(rf"refusing connection from 127\.0\.0\.1:{port}: 3 connections "
-                    r"\(--max-conns\)", start=mark)
+    expect_refused(server, r"3 connections \(--max-conns\)")
     # The admitted sessions are untouched.
     sa.sendall(b"hello b")
     assert recv_exact(sb, 7) == b"hello b"
@@ -398,12 +403,7 @@ def test_max_conns_per_ip_refuses_one_address_and_serves_the_others(start_server
     server = start_server("--mode", "chan", "--max-conns-per-ip", "2")
     sa, _ = server.handshake("a", ["b"])
     sb, _ = server.handshake("b", ["c"])  # no pair: its FIN ends its session
-    mark = server.mark()
-    extra = server.connect()
-    port = extra.getsockname()[1]
-    assert_closed(extra)  # EOF or reset, with no byte sent
-    server.wait_log(rf"refusing connection from 127\.0\.0\.1:{port}: 2 connections from "
-                    r"127\.0\.0\.1 \(--max-conns-per-ip\)", start=mark)
+    expect_refused(server, r"2 connections from 127\.0\.0\.1 \(--max-conns-per-ip\)")
     # Another address is served, and the first two sessions are untouched.
     sc, _ = server.handshake("c", ["a"], source="127.0.0.2")
     sc.sendall(b"from c")
