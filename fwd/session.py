@@ -35,7 +35,7 @@ from .protocol import (
     sniff,
     to_message,
 )
-from .sockopts import reset, set_keepalive
+from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_keepalive
 
 if TYPE_CHECKING:
     from .routing import Route
@@ -102,7 +102,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.timeout = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.slow_timer: asyncio.TimerHandle | None = None
-        self.linger: asyncio.TimerHandle | None = None
+        self.linger: asyncio.TimerHandle | ResetWhenSent | None = None
         self.last_active = 0.0
         self.writing_paused = False
         self.bytes_in = 0
@@ -209,6 +209,11 @@ class Session(Relay, asyncio.BufferedProtocol):
         # session (as with ncat --broker): its chid is freed now, and the
         # transport closes once queued bytes are flushed.
         self.flush_rest()
+        transport = self.transport
+        if transport is not None and not self.write_closed and reset_by_peer(transport):
+            self._leave(f"connection lost: {RESET_BY_PEER}", cut=True)
+            reset(transport)
+            return True
         if self.state is St.HANDSHAKE:
             self._fail("connection closed during handshake")
             return True
@@ -243,7 +248,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.hub.pumps.release(self)
         self.flush_rest()  # what was read before the end still goes out
         self.close_pipe()
-        self._leave("connection lost" if exc is None else f"connection lost: {exc}")
+        self._leave("connection lost" if exc is None else f"connection lost: {exc}", cut=True)
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -383,7 +388,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         except ChidInUse as exc:
             raise RemoteProtocolError(f"chid in use: {exc.chid}") from None
         if evicted is not None:
-            evicted.close(f"taken over by {self.peer}")
+            evicted.evict(self.peer)
         if hub.mesh is not None:
             # A chid we drew (96 random bits) is free everywhere: the
             # coordinator only records it, and the client need not wait.
@@ -403,7 +408,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             return
         _, evicted = hub.router.claim(self, chid, takeover=True)
         if evicted is not None:  # the coordinator already evicted it; be sure locally
-            evicted.close(f"taken over by {self.peer}")
+            evicted.evict(self.peer)
         self._send_hs2(chid)
         assert self.transport is not None
         self.transport.resume_reading()
@@ -492,7 +497,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.timeout = meta["timeout"]
         _, evicted = hub.router.claim(self, chid, takeover=True)
         if evicted is not None:
-            evicted.close(f"taken over by {self.peer}")
+            evicted.evict(self.peer)
         self.chid = chid
         assert hub.mesh is not None and self.transport is not None
         hub.mesh.move(chid, meta["from"], meta["token"], self.token)
@@ -708,28 +713,47 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.close(reason, linger=linger)
 
     def close(self, reason: str, abort: bool = False,
-              linger: float | None = CLOSE_LINGER) -> None:
+              linger: float | None = CLOSE_LINGER, cut: bool = False) -> None:
         """End the session: leave the routes now, then flush and close (reset
         after ``linger`` seconds; None: the caller bounds it), or with
-        ``abort`` drop what is queued and reset the connection."""
+        ``abort`` drop what is queued and reset the connection. ``cut``: the
+        stream it was reading was cut (its pair partner was reset), so it is
+        reset too, but only once its client has what was queued for it."""
         transport = self.transport
-        self._leave(reason)
+        self._leave(reason, cut=abort)
         if transport is None:
             return
         if abort:
             reset(transport)
         elif not transport.is_closing():
+            if cut:
+                self.linger = ResetWhenSent(self.hub.loop, transport, linger or CLOSE_LINGER)
+                return
             transport.close()
             if linger is not None:
                 self.linger = self.hub.loop.call_later(linger, reset, transport)
 
-    def _leave(self, reason: str) -> None:
+    def evict(self, by: str) -> None:
+        """Another session took our chid (--takeover): it is the same client
+        back, so a pair partner stays for it."""
+        self._leave(f"taken over by {by}", keep_pair=True)
+        self.close(f"taken over by {by}")
+
+    def _leave(self, reason: str, cut: bool = False, keep_pair: bool = False) -> None:
+        """Leave every route at once. ``cut``: the connection was reset or
+        aborted, not closed. A chan pair is one stream, so its other half ends
+        too (reset if this end was a cut, §3.7), unless the chid lives on:
+        ``keep_pair`` (takeover), a move, or a server shutdown."""
         if self.state is St.CLOSED:
             return
         hub = self.hub
         if hub.pumps is not None:
             hub.pumps.release(self)  # what its pipes hold still goes out
         was_live = self.state is St.LIVE
+        keep_pair = keep_pair or self.moved or hub.stopping
+        partner, self.partner = self.partner, None
+        if partner is None and was_live and not keep_pair:
+            partner = hub.router.pair_of(self)
         self.state = St.CLOSED
         self.live = False
         self.route = None  # it names other sessions: let them go
@@ -749,10 +773,13 @@ class Session(Relay, asyncio.BufferedProtocol):
                 hub.mesh.signal(False, self.chid)
             if self.chid is not None and not self.moved:
                 hub.mesh.release(self.chid, self.token)
-        partner, self.partner = self.partner, None
-        if partner is not None and partner.read_closed:
-            # It has sent its FIN and now has nobody left to hear from.
-            partner.close("half-closed both ways" if partner.write_closed else "pair partner left")
+        if partner is not None and partner.state is not St.CLOSED:
+            if partner.read_closed:
+                # It has sent its FIN and now has nobody left to hear from.
+                partner.close("half-closed both ways" if partner.write_closed
+                              else "pair partner left")
+            elif not keep_pair:
+                partner.close("pair partner lost" if cut else "pair partner left", cut=cut)
         hub.connection_gone(self)
         if (was_live or self.chid is not None) and not self.moved:
             secs = hub.loop.time() - self.started

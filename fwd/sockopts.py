@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
+import os
 import socket
 import struct
+import termios
 
 KEEPALIVE = (30, 10, 3)
 """TCP keepalive: idle seconds, probe interval, probes. A vanished peer (or a NAT
@@ -24,6 +27,7 @@ def set_keepalive(sock: socket.socket) -> None:
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_TCP_CLOSE = 7  # tcp_info.tcpi_state, linux/tcp_states.h
 
 
 def reset(transport: asyncio.WriteTransport) -> None:
@@ -40,6 +44,75 @@ def reset(transport: asyncio.WriteTransport) -> None:
         except OSError:  # already closed by the peer: nothing to tell it
             pass
     transport.abort()
+
+
+RESET_BY_PEER = ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+
+
+def _state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def reset_by_peer(transport: asyncio.BaseTransport) -> bool:
+    """Whether an EOF just read from ``transport`` is really a reset (or
+    another fatal error), if we have not sent our own FIN. A splice(2) or
+    send(2) done outside the transport (the fast path, a pump's thread) takes
+    the socket's pending error, and a read then returns 0 as for a FIN; but
+    after their FIN alone the connection is still open for our sending
+    (CLOSE_WAIT), after a reset it is CLOSE. (After both FINs it is CLOSE too:
+    Linux hands TIME_WAIT to a stand-in socket.)"""
+    sock = transport.get_extra_info("socket")
+    try:
+        return sock is not None and sock.fileno() >= 0 and _state(sock) == _TCP_CLOSE
+    except OSError:
+        return False
+
+
+def unacked(transport: asyncio.WriteTransport) -> int:
+    """Bytes written to ``transport`` that its peer has not acknowledged yet:
+    the transport's own buffer plus the kernel's send queue (SIOCOUTQ)."""
+    queued = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.fileno() < 0:
+        return queued
+    try:
+        if _state(sock) == _TCP_CLOSE:
+            return 0  # reset by the peer: nothing more will be acknowledged
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return queued
+    return queued + struct.unpack("i", raw)[0]
+
+
+class ResetWhenSent:
+    """Reset a connection once its peer holds everything written to it, or
+    after ``limit`` seconds. This is how a relay passes on a cut stream
+    (its other half was reset): the bytes that did arrive are delivered, and
+    the reset still tells the client the stream was cut. A reset sent at once
+    would destroy them; a close would end with a FIN that reads as a finished
+    stream. Reading is paused meanwhile. ``cancel`` stops it, like a timer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
+                 limit: float) -> None:
+        self.loop = loop
+        self.transport = transport
+        self.deadline = loop.time() + limit
+        self.delay = 0.001
+        transport.pause_reading()
+        self.handle: asyncio.Handle = loop.call_soon(self._check)
+
+    def _check(self) -> None:
+        t = self.transport
+        if t.is_closing():
+            return
+        if not unacked(t) or self.loop.time() >= self.deadline:
+            reset(t)
+            return
+        self.delay = min(self.delay * 2, 0.05)  # loopback acks in microseconds, a WAN in ms
+        self.handle = self.loop.call_later(self.delay, self._check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 def set_congestion(sock: socket.socket, name: str) -> None:

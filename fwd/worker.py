@@ -301,7 +301,7 @@ class Hub:
     def evict(self, chid: str, token: int, by: str) -> None:
         session = self.router.owner(chid)
         if session is not None and session.token == token:
-            session.close(f"taken over by {by}")
+            session.evict(by)
 
     def deliver(self, chid: str, chunk: bytes) -> None:
         """Bytes from another worker for a local receiver (held if it is not here)."""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -91,6 +92,24 @@ def recv_hash(sock: socket.socket, n: int) -> str:
         h.update(chunk)
         left -= len(chunk)
     return h.hexdigest()
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with a reset (RST), as a crashed or killed peer's kernel may."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def read_until_reset(sock: socket.socket) -> int:
+    """How many bytes arrive before the reset; a clean EOF fails the test."""
+    n = 0
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return n
+        assert chunk, f"EOF after {n} bytes: a cut stream must end in a reset"
+        n += len(chunk)
 
 
 class Sender(threading.Thread):

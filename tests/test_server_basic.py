@@ -1,12 +1,21 @@
 """The happy paths of both modes, over real sockets, on both data paths."""
 from __future__ import annotations
 
+import os
 import socket
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import assert_pair_works, pair, recv_exact, stream_both_ways
+from helpers import (
+    assert_pair_works,
+    pair,
+    read_until_reset,
+    recv_exact,
+    reset_close,
+    stream_both_ways,
+)
 
 pytestmark = pytest.mark.both_impls
 MiB = 1 << 20
@@ -62,6 +71,44 @@ def test_half_closed_side_is_closed_when_its_partner_leaves(chan_server):
     sb.close()
     assert sa.recv(1) == b""
     chan_server.wait_log(r"session end chid=a .*reason=pair partner left")
+
+
+def test_a_reset_in_a_pair_resets_the_partner_after_what_got_through(chan_server):
+    """A pair is one stream: when one half is cut, the other gets every byte the
+    server had read, then a reset, and its chid is freed; nothing is held for
+    whoever claims the lost chid next."""
+    sa, sb = pair(chan_server)
+    # A small window keeps bytes for b in the server's buffers when a goes.
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    mark = chan_server.mark()
+    with ThreadPoolExecutor(1) as pool:
+        got_b = pool.submit(read_until_reset, sb)
+        sa.sendall(os.urandom(8 * MiB))
+        reset_close(sa)  # what is still in a's kernel is lost with it
+        got_a = chan_server.wait_log(
+            r"session end chid=a .* in=(\d+) .*reason=connection lost", start=mark)
+        chan_server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
+        assert got_b.result(timeout=30) == int(got_a.group(1))
+    again, _ = chan_server.handshake("b", ["a"])  # b's chid is free
+    new_a, _ = chan_server.handshake("a", ["b"])
+    again.sendall(b"fresh")
+    assert recv_exact(new_a, 5) == b"fresh"  # first bytes: nothing old was held
+
+
+def test_a_reset_after_a_half_close_resets_the_partner(chan_server):
+    """A has sent its FIN, B still streams to A, and A is reset: B's stream was
+    cut, so B is reset too instead of streaming into a hold for A's chid."""
+    sa, sb = pair(chan_server)
+    sa.shutdown(socket.SHUT_WR)
+    assert sb.recv(1) == b""
+    sb.sendall(b"to a")
+    assert recv_exact(sa, 4) == b"to a"
+    mark = chan_server.mark()
+    reset_close(sa)  # the server meets the reset when it next writes to a
+    sb.settimeout(30)
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        sb.sendall(b"x" * (64 * MiB))
+    chan_server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
 
 
 def test_eof_outside_a_pair_ends_the_session(chan_server):

@@ -121,17 +121,23 @@ def test_sessions_lists_every_connection(start_server: Callable[..., Server]) ->
     assert "4.9 KiB" in line_a and line_a.index("127.0.0.1") == text[0].index("PEER")
 
 
-def test_kick_closes_one_session(start_server: Callable[..., Server]) -> None:
+def test_kick_closes_the_session_and_its_pair_partner(
+        start_server: Callable[..., Server]) -> None:
+    """A pair is one stream: kicking one half closes the other (a FIN, since
+    nothing was cut), instead of leaving it to stream into a hold."""
     server = chan(start_server)
     sa, sb = pair(server)
     sc, sd = pair(server, "c", "d")
     mark = server.mark()
     assert server.ctl("kick", "a").stdout == "kicked a\n"
     assert sa.recv(10) == b""
+    assert sb.recv(10) == b""
     server.wait_log(r"session end chid=a .*reason=kicked by fwd-ctl", start=mark)
+    server.wait_log(r"session end chid=b .*reason=pair partner left", start=mark)
     sc.sendall(b"still here")  # other sessions are untouched
     assert recv_exact(sd, 10) == b"still here"
-    again, _ = server.handshake("a", ["b"])  # the chid is free again
+    again, _ = server.handshake("a", ["b"])  # the chids are free again
+    server.handshake("b", ["a"])
     assert server.ctl_json("status")["totals"]["kicked"] == 1
 
     missing = server.ctl("kick", "nobody", check=False)

@@ -11,8 +11,18 @@ import re
 import socket
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
-from helpers import Sender, pair, recv_exact, recv_hash, stream_both_ways, wait_until
+from helpers import (
+    Sender,
+    pair,
+    read_until_reset,
+    recv_exact,
+    recv_hash,
+    reset_close,
+    stream_both_ways,
+    wait_until,
+)
 
 MiB = 1 << 20
 
@@ -152,7 +162,7 @@ def test_a_receiver_that_stops_reading_is_still_a_slow_consumer(start_server):
     wait_until(lambda: pumped(server) == 0, 10, "the pair to leave its pump")
 
 
-def test_kick_ends_a_pumped_session_and_its_partner_stays_live(chan_server):
+def test_kick_ends_a_pumped_pair_and_its_threads(chan_server):
     sa, sb = pair(chan_server)
     worker = chan_server.worker_of(sa)
     before = threads(worker)
@@ -161,12 +171,30 @@ def test_kick_ends_a_pumped_session_and_its_partner_stays_live(chan_server):
     sa, sb = pumped_pair(chan_server)
     chan_server.ctl("kick", "a")
     sa.settimeout(10)
+    sb.settimeout(10)
     assert sa.recv(1) == b""
+    assert sb.recv(1) == b""  # its partner goes too (docs/PROTOCOL.md §3.7)
     wait_until(lambda: threads(worker) == before, 10, "the threads to end")
     assert pumped(chan_server) == 0
-    sb.sendall(b"held for the next a")  # as for any chan session whose receiver left
-    sa2, _ = chan_server.handshake("a", ["b"])
-    assert recv_exact(sa2, 19) == b"held for the next a"
+    sa2, sb2 = pair(chan_server)
+    sb2.sendall(b"fresh")
+    assert recv_exact(sa2, 5) == b"fresh"
+
+
+def test_a_reset_while_pumped_reaches_the_partner_as_a_reset(chan_server):
+    """A thread's splice takes the reset's error, and the loop's read then sees
+    0 as for a FIN: the partner must still get every byte read, then a reset."""
+    sa, sb = pumped_pair(chan_server)
+    rows = {r["chid"]: r for r in chan_server.ctl_json("sessions")["sessions"]}
+    mark = chan_server.mark()
+    with ThreadPoolExecutor(1) as pool:
+        got_b = pool.submit(read_until_reset, sb)
+        sa.sendall(os.urandom(8 * MiB))
+        reset_close(sa)
+        m = chan_server.wait_log(r"session end chid=a .* in=(\d+) .*reason=connection lost: "
+                                 r"\[Errno 104\]", start=mark)
+        chan_server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
+        assert got_b.result(timeout=30) == int(m.group(1)) - rows["a"]["bytes_in"]
 
 
 def test_bytes_count_and_keep_an_active_pair_from_its_idle_timeout(chan_server):
