@@ -35,7 +35,9 @@ Close policy (``--on-close``):
   request/response protocols) gets a new connection for the next request, and
   its FIN reaches the relay: in a chan pair (our recvers name only the remote
   client, whose recvers name only us) fwd-server passes it on to the remote
-  client; elsewhere it ends our relay session.
+  client; elsewhere it ends our relay session. A lost side (reset, error) is
+  passed on as a reset, once the peer has what was read before it
+  (``ResetWhenSent``), so the remote can tell a cut stream from a finished one.
 * ``one``: a side that closes (FIN or loss) is closed and reconnected alone;
   the other side is kept, and a FIN is not passed on (it would end the kept
   side's write direction). Use it to keep the relay session, and its chid, up
@@ -65,8 +67,9 @@ Exit status: 0 after SIGINT/SIGTERM/SIGHUP, 1 when ``--max-retries`` ran out, 3 
 the server rejected the handshake for good (2 is click's usage error).
 
 Known limit: outside a chan pair fwd-server does not tell a session that one of
-its peers left (a pair gets the peer's FIN), so in ``both`` mode a LAN
-connection lives until the service, or the relay session, closes it. One
+its peers left (a pair ends with its other half, docs/PROTOCOL.md §3.7), so in
+``both`` mode a LAN connection lives until the service, or the relay session,
+closes it. One
 bridge carries one byte stream: concurrent remote clients share it (as they
 share the chid).
 """
@@ -86,7 +89,7 @@ from .errors import FwdError, RemoteProtocolError
 from .fastpath import Pump, Relay, bind
 from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, refusal
 from .pumps import RETRY, RETRY_SOON, STALL, hold_offers
-from .sockopts import reset, set_keepalive
+from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_keepalive
 
 log = logging.getLogger("fwd.bridge")
 
@@ -221,6 +224,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.reading = True
         self.writing_paused = False
         self.eof_in = False
+        self.eof_out = False
         self.by_us = False
         """We ended it while it was fine (the other side of its pair went away)."""
         self.bytes_in = 0
@@ -228,7 +232,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.refused: str | None = None
         """Plain mode: server0 is in chan mode and sent its hs4 FAIL (the desc)."""
         self.started = loop.time()
-        self.linger: asyncio.TimerHandle | None = None
+        self.linger: asyncio.TimerHandle | ResetWhenSent | None = None
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -266,6 +270,12 @@ class Link(Relay, asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self.eof_in = True
         self.reading = False
+        t = self.transport
+        if self.attached and not self.eof_out and t is not None and reset_by_peer(t):
+            # A pump's splice took the reset: it is a loss, not a FIN.
+            self.close(abort=True)
+            self.bridge.lost(self, f"connection lost: {describe(RESET_BY_PEER)}")
+            return True
         if not self.attached:
             if self.hs is not None and not self.ready.done():
                 self.hs.receive_data(b"")
@@ -349,8 +359,10 @@ class Link(Relay, asyncio.BufferedProtocol):
         else:
             t.pause_reading()
 
-    def close(self, abort: bool = False, linger: float = CLOSE_LINGER) -> None:
-        """Close after queued bytes are flushed, or reset if that takes too long."""
+    def close(self, abort: bool = False, linger: float = CLOSE_LINGER, cut: bool = False) -> None:
+        """Close after queued bytes are flushed, or reset if that takes too long.
+        ``cut``: the other side was lost, so reset, once the peer has what was
+        sent to it (as fwd-server does for a pair, docs/PROTOCOL.md §3.7)."""
         t = self.transport
         if t is None:
             return
@@ -359,8 +371,17 @@ class Link(Relay, asyncio.BufferedProtocol):
             return
         if t.is_closing():
             return
+        if cut:
+            self.linger = ResetWhenSent(self.bridge.loop, t, linger)
+            return
         t.close()
         self.linger = self.bridge.loop.call_later(linger, reset, t)
+
+    def write_eof(self) -> None:
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.eof_out = True
+            self.transport.write_eof()
 
     def stats(self) -> str:
         return f"{self.name} in={self.bytes_in} out={self.bytes_out}"
@@ -519,7 +540,7 @@ class Bridge:
             self.pending[side] = []
         if self.pending_eof[side]:
             self.pending_eof[side] = False
-            link.transport.write_eof()
+            link.write_eof()
         self.update_reading(side)
         self.update_reading(1 - side)
         if side == 0:
@@ -535,9 +556,7 @@ class Bridge:
             return True
         other = self.links[1 - side]
         if other is not None:
-            assert other.transport is not None
-            if other.transport.can_write_eof():
-                other.transport.write_eof()
+            other.write_eof()
             if other.eof_in:
                 self.end_pair("both sides closed")
         elif self.pending[1 - side]:
@@ -548,7 +567,7 @@ class Bridge:
 
     def lost(self, link: Link, reason: str) -> None:
         if self.opts.on_close == "both":
-            self.end_pair(f"{link.name} {reason}")
+            self.end_pair(f"{link.name} {reason}", cut=True)
         else:
             self.detach(link, reason)
 
@@ -572,8 +591,9 @@ class Bridge:
         self.update_reading(1 - link.side)
         self.poke[link.side].set()
 
-    def end_pair(self, reason: str) -> None:
-        """``both`` mode: close both sides and let the slots start a fresh pair."""
+    def end_pair(self, reason: str, cut: bool = False) -> None:
+        """``both`` mode: close both sides and let the slots start a fresh pair.
+        ``cut``: a side was lost, so the other is reset once its bytes are out."""
         links = [x for x in self.links if x is not None]
         if not links:
             return
@@ -588,7 +608,7 @@ class Bridge:
             # Ended for the other side's sake: not a failure of this one.
             x.by_us = not x.eof_in and x.transport is not None and not x.transport.is_closing()
             self.detach(x, reason)
-            x.close()
+            x.close(cut=cut)
         for ev in self.poke:
             ev.set()
 

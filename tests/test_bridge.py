@@ -27,8 +27,10 @@ from helpers import (
     TCP_LISTEN,
     Sender,
     read_line,
+    read_until_reset,
     recv_exact,
     recv_hash,
+    reset_close,
     send_json,
     socket_inodes,
     tcp_sockets,
@@ -551,3 +553,27 @@ def test_a_bulk_pair_goes_through_two_threads_byte_exact_and_a_fin_still_passes(
         raise AssertionError("the bridge never pumped the pair")
     remote2.shutdown(socket.SHUT_WR)
     assert read_line(remote2) == h.hexdigest().encode() + b"\n"
+
+
+def test_a_service_reset_reaches_the_remote_as_a_reset_after_every_byte_read(
+        start_server, start_client, start_service):
+    """--on-close both: a service that resets mid-answer is lost, not finished.
+    The remote gets every byte the bridge read from it, then a reset; a FIN
+    would pass the cut answer off as complete."""
+    def answer_then_reset(conn: socket.socket) -> None:
+        conn.recv(1)
+        conn.sendall(os.urandom(16 * MiB))
+        reset_close(conn)
+
+    server = start_server("--mode", "chan")
+    svc = start_service(answer_then_reset)
+    br = chan_bridge(start_client, server, svc)
+    remote, _ = server.handshake("user", ["svc"])
+    remote.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # bytes wait in the relays
+    remote.settimeout(WAIT)
+    mark = br.mark()
+    remote.sendall(b"?")
+    got = read_until_reset(remote)
+    m = br.wait_log(r"pair end after \S+: server1 connection lost: .* server1 in=(\d+) ",
+                    start=mark)
+    assert got == int(m.group(1))
