@@ -206,7 +206,8 @@ def sessions(ctl: _Ctl, as_json: bool) -> None:
 @click.argument("chid")
 @click.pass_obj
 def kick(ctl: _Ctl, chid: str) -> None:
-    """Close the session holding CHID (its receivers keep their connections)."""
+    """Close the session holding CHID (its receivers keep their connections, but
+    the other half of a chan pair is closed with it)."""
     ctl.call({"cmd": "kick", "chid": chid})
     click.echo(f"kicked {chid}")
 
