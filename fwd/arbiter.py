@@ -264,7 +264,8 @@ class Arbiter:
             worker.count_out(fdpass.peer_of(meta))
         moved = meta.get("adopt")
         if moved is not None and self.coordinator is not None:
-            self.coordinator.release(moved["chid"], moved["from"], moved["token"])
+            self.coordinator.lost_on_the_way(moved["chid"], Owner(moved["from"], moved["token"]),
+                                             worker.wid)
         self._refused("lost connection from %s in a hand-off with worker %d (%s)",
                       fdpass.peer_of(meta), worker.wid, errno.errorcode.get(exc.errno or 0, exc))
 

@@ -176,6 +176,13 @@ class Coordinator:
         """A session holding ``chid`` as ``old`` is on its way to worker ``to``."""
         self._transit[to][chid] = old
 
+    def lost_on_the_way(self, chid: str, old: Owner, to: int) -> None:
+        """A session moving to worker ``to`` lost its socket in the hand-off:
+        free its chid now, and forget that it was on its way."""
+        if self._transit[to].get(chid) == old:
+            del self._transit[to][chid]
+        self.release(chid, old.worker, old.token)
+
     def worker_lost(self, wid: int) -> None:
         """Free a dead worker's chids, and those of sessions that were on their
         way to it (they died with it), and tell the others."""

@@ -98,3 +98,21 @@ def test_a_session_on_its_way_to_a_worker_that_dies_frees_its_chid(tmp_path: obj
     finally:
         coord.close()
         loop.close()
+
+
+def test_a_moving_session_lost_in_the_hand_off_frees_its_chid_at_once(tmp_path: object) -> None:
+    """The kernel would not pass the socket on (ETOOMANYREFS): the chid is free
+    now, and nothing of the move is kept until the target worker dies."""
+    loop, coord = _coordinator(tmp_path)
+    try:
+        a = (1 << TOKEN_BITS) + 1
+        coord.worker_started(0, 1)
+        coord.worker_started(1, 1)
+        coord._handle([b"w0", mesh.MINT, b"a", b"%d" % a])
+        coord.moving("a", Owner(0, a), 1)
+        coord.lost_on_the_way("a", Owner(0, a), 1)
+        assert coord.registry.owner("a") is None
+        assert not coord._transit[1]
+    finally:
+        coord.close()
+        loop.close()
