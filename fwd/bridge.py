@@ -36,7 +36,7 @@ Close policy (``--on-close``):
   its FIN reaches the relay: in a chan pair (our recvers name only the remote
   client, whose recvers name only us) fwd-server passes it on to the remote
   client; elsewhere it ends our relay session. A lost side (reset, error) is
-  passed on as a reset, once the peer has what was read before it
+  passed on as a reset, once the peer acknowledged what was read before it
   (``ResetWhenSent``), so the remote can tell a cut stream from a finished one.
 * ``one``: a side that closes (FIN or loss) is closed and reconnected alone;
   the other side is kept, and a FIN is not passed on (it would end the kept
@@ -368,6 +368,9 @@ class Link(Relay, asyncio.BufferedProtocol):
             return
         if abort:
             reset(t)
+            return
+        if isinstance(self.linger, ResetWhenSent):
+            self.linger.hurry(linger)  # a cut stream still ends with its reset
             return
         if t.is_closing():
             return

@@ -725,6 +725,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             return
         if abort:
             reset(transport)
+        elif isinstance(self.linger, ResetWhenSent):
+            pass  # its stream was cut: it still ends with the reset
         elif not transport.is_closing():
             if cut:
                 self.linger = ResetWhenSent(self.hub.loop, transport, linger or CLOSE_LINGER)
@@ -774,11 +776,11 @@ class Session(Relay, asyncio.BufferedProtocol):
             if self.chid is not None and not self.moved:
                 hub.mesh.release(self.chid, self.token)
         if partner is not None and partner.state is not St.CLOSED:
-            if partner.read_closed:
-                # It has sent its FIN and now has nobody left to hear from.
-                partner.close("half-closed both ways" if partner.write_closed
-                              else "pair partner left")
-            elif not keep_pair:
+            if partner.read_closed and partner.write_closed:
+                partner.close("half-closed both ways")
+            elif partner.read_closed or not keep_pair:
+                # One stream: it ends with its other half (if that half had sent
+                # its FIN, it has nobody left to hear from anyway).
                 partner.close("pair partner lost" if cut else "pair partner left", cut=cut)
         hub.connection_gone(self)
         if (was_live or self.chid is not None) and not self.moved:

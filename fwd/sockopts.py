@@ -111,6 +111,10 @@ class ResetWhenSent:
         self.delay = min(self.delay * 2, 0.05)  # loopback acks in microseconds, a WAN in ms
         self.handle = self.loop.call_later(self.delay, self._check)
 
+    def hurry(self, limit: float) -> None:
+        """Reset within ``limit`` seconds at the latest (a shutdown)."""
+        self.deadline = min(self.deadline, self.loop.time() + limit)
+
     def cancel(self) -> None:
         self.handle.cancel()
 

@@ -30,7 +30,7 @@ from .registry import TOKEN_BITS
 from .routing import Backpressure, Route, Router
 from .runtime import FD_RESERVE, set_title, setup_logging
 from .session import HANDSHAKE_READ, Session, St
-from .sockopts import congestion_of_new_sockets, paces, reset
+from .sockopts import ResetWhenSent, congestion_of_new_sockets, paces, reset
 
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
@@ -562,6 +562,8 @@ class Hub:
         queued = sum(s.transport.get_write_buffer_size() for s in self.sessions if s.transport)
         log.info("draining %d sessions with %d queued bytes", len(self.sessions), queued)
         for s in list(self.sessions):
+            if isinstance(s.linger, ResetWhenSent):
+                continue  # a cut stream: it ends with its reset, as it would have
             if s.linger is not None:  # --drain-timeout bounds every flush now
                 s.linger.cancel()
                 s.linger = None

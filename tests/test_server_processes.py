@@ -23,8 +23,10 @@ from helpers import (
     expect_fail,
     pair,
     read_json,
+    read_until_reset,
     recv_exact,
     recv_hash,
+    reset_close,
     send_json,
     socket_inodes,
     tcp_sockets,
@@ -186,6 +188,24 @@ def test_a_receiver_still_stalled_after_the_drain_timeout_is_reset(start_server)
     assert 0 < len(got) < len(up.data)
     assert hashlib.sha256(got).digest() == hashlib.sha256(up.data[:len(got)]).digest()
     up.join(30)  # its sendall ends with the server's reset
+
+
+@pytest.mark.both_impls
+def test_a_stopping_server_still_resets_a_cut_pairs_partner(start_server):
+    """b's partner was reset and b waits for its reset (its bytes are not all
+    acknowledged: it reads nothing): a SIGTERM then must not turn it into a
+    FIN, which would pass the cut stream off as finished."""
+    server = start_server("--mode", "chan")
+    sa, sb = pair(server)
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sa.sendall(os.urandom(32 * 1024))  # under PAIR_MARK: the server reads it all
+    mark = server.mark()
+    reset_close(sa)
+    server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
+    server.proc.send_signal(signal.SIGTERM)
+    sb.settimeout(30)
+    read_until_reset(sb)
+    assert server.proc.wait(30) == 0
 
 
 def test_shutdown_answers_a_handshake_in_progress_with_a_fail(start_server):
