@@ -69,9 +69,8 @@ the server rejected the handshake for good (2 is click's usage error).
 Known limit: outside a chan pair fwd-server does not tell a session that one of
 its peers left (a pair ends with its other half, docs/PROTOCOL.md §3.7), so in
 ``both`` mode a LAN connection lives until the service, or the relay session,
-closes it. One
-bridge carries one byte stream: concurrent remote clients share it (as they
-share the chid).
+closes it. One bridge carries one byte stream: concurrent remote clients share
+it (as they share the chid).
 """
 from __future__ import annotations
 
@@ -361,8 +360,8 @@ class Link(Relay, asyncio.BufferedProtocol):
 
     def close(self, abort: bool = False, linger: float = CLOSE_LINGER, cut: bool = False) -> None:
         """Close after queued bytes are flushed, or reset if that takes too long.
-        ``cut``: the other side was lost, so reset, once the peer has what was
-        sent to it (as fwd-server does for a pair, docs/PROTOCOL.md §3.7)."""
+        ``cut``: the other side was lost, so reset, once the peer acknowledged
+        what was sent to it (as fwd-server does for a pair, PROTOCOL.md §3.7)."""
         t = self.transport
         if t is None:
             return

@@ -718,7 +718,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         after ``linger`` seconds; None: the caller bounds it), or with
         ``abort`` drop what is queued and reset the connection. ``cut``: the
         stream it was reading was cut (its pair partner was reset), so it is
-        reset too, but only once its client has what was queued for it."""
+        reset too, but only once its client acknowledged what was queued."""
         transport = self.transport
         self._leave(reason, cut=abort)
         if transport is None:
