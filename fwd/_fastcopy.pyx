@@ -15,6 +15,7 @@ first, and tee(2) gives each further receiver the same pages
 The pure-Python twin in _fastcopy_py.py has the same contract and tests.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport ECONNRESET, EPIPE, errno
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 
@@ -316,6 +317,16 @@ cdef list _receivers(object route, Relay sender, bint ready):
     return rx
 
 
+cdef inline bint _gone(int err):
+    """A send or splice to a receiver failed because its peer reset: drop the
+    bytes instead of queueing them. A transport that tried to write them would
+    close the socket at once, and what the receiver's kernel still holds from
+    its client would be lost; its own reads get that first, then the EOF that
+    sockopts.reset_by_peer tells from a FIN (docs/PROTOCOL.md §3.7). The
+    receiver's ``peer_gone`` is told, for when no read will come."""
+    return err == EPIPE or err == ECONNRESET
+
+
 cdef list _spread(int src, ssize_t n, list rx, bint keep):
     """Send the ``n`` bytes in pipe ``src`` to every receiver of ``rx`` and
     leave the pipe empty: each but the last gets a tee(2) of them through the
@@ -359,6 +370,10 @@ cdef list _spread(int src, ssize_t n, list rx, bint keep):
                     break
                 left -= m
             if not left:
+                continue
+            if m < 0 and _gone(errno):
+                _discard(fd, left)
+                t.hub.loop.call_soon(t.peer_gone)
                 continue
             if left < n:
                 rest = _drain(fd, left)
@@ -488,8 +503,12 @@ cdef object _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender
             sent = send(t.fd, ptr, n, MSG_DONTWAIT | MSG_NOSIGNAL)
             if sent == n:
                 continue
-            if sent < 0:  # EAGAIN, or an error the transport will meet and report
-                sent = 0
+            if sent < 0:
+                if _gone(errno):
+                    t.bytes_out -= n
+                    t.hub.loop.call_soon(t.peer_gone)
+                    continue
+                sent = 0  # EAGAIN
         if chunk is None:
             chunk = PyBytes_FromStringAndSize(ptr, n)
         transport.write(chunk if sent == 0 else chunk[sent:])

@@ -254,15 +254,23 @@ def _spread(src: int, n: int, rx: list[Any], keep: bool
             queued.append((t, shared))
             continue
         left = n
+        gone = False
         while left:
             try:
                 m = os.splice(fd, t.fd, left, flags=_FLAGS)
+            except (BrokenPipeError, ConnectionResetError):
+                gone = True  # see _fastcopy.pyx _gone
+                t.hub.loop.call_soon(t.peer_gone)
+                break
             except OSError:
                 break
             if not m:
                 break
             left -= m
         if not left:
+            continue
+        if gone:
+            _read_exactly(fd, left)
             continue
         if left < n:
             rest = _read_exactly(fd, left)
@@ -335,7 +343,11 @@ def send_view(buf: bytearray, n: int, targets: tuple[Any, ...], sender: Any,
         if transport.get_write_buffer_size() == 0:
             try:
                 sent = os.write(t.fd, view)
-            except OSError:  # EAGAIN, or an error the transport will meet and report
+            except (BrokenPipeError, ConnectionResetError):  # see _fastcopy.pyx _gone
+                t.bytes_out -= n
+                t.hub.loop.call_soon(t.peer_gone)
+                continue
+            except OSError:  # EAGAIN
                 sent = 0
             if sent == n:
                 continue

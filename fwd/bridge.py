@@ -224,6 +224,8 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.writing_paused = False
         self.eof_in = False
         self.eof_out = False
+        self.gone = False
+        """Its peer reset it: what is forwarded to it is dropped (see _unpump)."""
         self.by_us = False
         """We ended it while it was fine (the other side of its pair went away)."""
         self.bytes_in = 0
@@ -426,6 +428,8 @@ class Bridge:
         src.bytes_in += len(chunk)
         dst_side = 1 - src.side
         dst = self.links[dst_side]
+        if dst is not None and dst.gone:
+            return
         if dst is not None:
             assert dst.transport is not None
             dst.bytes_out += len(chunk)
@@ -493,7 +497,11 @@ class Bridge:
             if t is not None and not t.is_closing() and x.reading and not x.eof_in:
                 t.resume_reading()
         for dst, rest in ((b, ab), (a, ba)):
-            if rest is not None and dst.transport is not None:
+            # A thread's splice to a side whose peer reset failed: writing to
+            # it would make its transport close it before we read what it
+            # holds (a reset is read as EOF after that: Link.eof_received).
+            dst.gone = dst.transport is not None and reset_by_peer(dst.transport)
+            if rest is not None and dst.transport is not None and not dst.gone:
                 dst.transport.write(rest)
 
     def _pump_stopped(self) -> None:

@@ -18,6 +18,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from .sockopts import reset_by_peer
+
 if TYPE_CHECKING:
     from .session import Session
     from .worker import Hub
@@ -129,7 +131,10 @@ class Pumps:
             if x.transport is not None and not x.transport.is_closing():
                 x.transport.resume_reading()
         for src, dst, rest in ((a, b, ab), (b, a, ba)):
-            if rest is not None and dst.transport is not None:
+            # Not to a receiver whose peer reset (a thread's splice failed on
+            # it): its transport would close it before we read what it holds.
+            if rest is not None and dst.transport is not None \
+                    and not reset_by_peer(dst.transport):
                 dst.transport.write(rest)
                 src._spliced_rest(dst, rest, now)
 

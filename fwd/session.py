@@ -230,6 +230,17 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.close("client closed")
         return True
 
+    def peer_gone(self) -> None:
+        """A send to us failed: our client reset. Our reads end the session,
+        after what our kernel still holds from the client, unless none will
+        come soon: the client had sent its FIN already, or we wait for a
+        receiver to drain (which might never read)."""
+        transport = self.transport
+        if transport is not None and self.state is not St.CLOSED and (
+                self.read_closed or self.hub.backpressure.is_paused(self)):
+            self._leave(f"connection lost: {RESET_BY_PEER}", cut=True)
+            reset(transport)
+
     def _shut_write(self) -> None:
         """Pass the partner's FIN on: nothing more will be written to us."""
         if self.write_closed or self.transport is None:
