@@ -232,12 +232,11 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     def peer_gone(self) -> None:
         """A send to us failed: our client reset. Our reads end the session,
-        after what our kernel still holds from the client, unless none will
-        come soon: the client had sent its FIN already, or we wait for a
-        receiver to drain (which might never read)."""
+        after what our kernel still holds from the client (even if they wait
+        for a receiver to drain), unless none will come: the client had sent
+        its FIN already."""
         transport = self.transport
-        if transport is not None and self.state is not St.CLOSED and (
-                self.read_closed or self.hub.backpressure.is_paused(self)):
+        if self.read_closed and transport is not None and self.state is not St.CLOSED:
             self._leave(f"connection lost: {RESET_BY_PEER}", cut=True)
             reset(transport)
 

@@ -1,8 +1,12 @@
 """The happy paths of both modes, over real sockets, on both data paths."""
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import socket
+import struct
+import termios
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -133,3 +137,30 @@ def test_muted_receiver_gets_nothing_more_from_third_parties(chan_server):
     assert recv_exact(sw, 4) == b"late"  # c's bytes were routed
     sb.sendall(b"still")
     assert recv_exact(sa, 5) == b"still"
+
+
+def test_a_reset_client_is_read_to_its_last_acknowledged_byte(start_server):
+    """b resets while the server, paused on a's full queue, has not read all
+    b sent; then a's bytes for b meet the reset. The server must not let that
+    failed send close b's socket: b's acknowledged bytes still reach a, then
+    the reset (docs/PROTOCOL.md §3.7, "Acknowledged is not read")."""
+    server = start_server("--mode", "chan", "--pump-pairs", "0")
+    sa, sb = pair(server)
+    sa.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a reads nothing yet
+    sb.setblocking(False)
+    sent = 0
+    block = os.urandom(64 * 1024)
+    while True:  # until the server stops reading b and every buffer is full
+        try:
+            sent += sb.send(block)
+        except BlockingIOError:
+            if not select.select([], [sb], [], 0.5)[1]:
+                break
+    acked = sent - struct.unpack("i", fcntl.ioctl(sb.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    mark = server.mark()
+    reset_close(sb)
+    sa.sendall(b"to b")  # meets b's reset
+    sa.settimeout(30)
+    assert read_until_reset(sa) == acked
+    m = server.wait_log(r"session end chid=b .* in=(\d+) .*reason=connection lost", start=mark)
+    assert int(m.group(1)) == acked
