@@ -13,6 +13,7 @@ import pytest
 
 from helpers import (
     assert_pair_works,
+    claim_again,
     pair,
     read_until_reset,
     recv_exact,
@@ -92,8 +93,8 @@ def test_a_reset_in_a_pair_resets_the_partner_after_what_got_through(chan_server
             r"session end chid=a .* in=(\d+) .*reason=connection lost", start=mark)
         chan_server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
         assert got_b.result(timeout=30) == int(got_a.group(1))
-    again, _ = chan_server.handshake("b", ["a"])  # b's chid is free
-    new_a, _ = chan_server.handshake("a", ["b"])
+    again = claim_again(chan_server, "b", ["a"])  # b's chid is free
+    new_a = claim_again(chan_server, "a", ["b"])
     again.sendall(b"fresh")
     assert recv_exact(new_a, 5) == b"fresh"  # first bytes: nothing old was held
 

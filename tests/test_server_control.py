@@ -23,6 +23,7 @@ import pytest
 from conftest import WORKERS, Server
 from helpers import (
     Sender,
+    claim_again,
     expect_fail,
     pair,
     read_json,
@@ -136,8 +137,8 @@ def test_kick_closes_the_session_and_its_pair_partner(
     server.wait_log(r"session end chid=b .*reason=pair partner left", start=mark)
     sc.sendall(b"still here")  # other sessions are untouched
     assert recv_exact(sd, 10) == b"still here"
-    again, _ = server.handshake("a", ["b"])  # the chids are free again
-    server.handshake("b", ["a"])
+    claim_again(server, "a", ["b"])  # the chids are free again
+    claim_again(server, "b", ["a"])
     assert server.ctl_json("status")["totals"]["kicked"] == 1
 
     missing = server.ctl("kick", "nobody", check=False)

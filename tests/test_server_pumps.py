@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from helpers import (
     Sender,
+    claim_again,
     pair,
     read_until_reset,
     recv_exact,
@@ -177,11 +178,10 @@ def test_kick_ends_a_pumped_pair_and_its_threads(chan_server):
     assert sb.recv(1) == b""  # its partner goes too (docs/PROTOCOL.md §3.7)
     wait_until(lambda: threads(worker) == before, 10, "the threads to end")
     assert pumped(chan_server) == 0
-    # Both chids are released (with several workers, to the coordinator) before
-    # their end is logged: free for a new pair.
     chan_server.wait_log(r"session end chid=a .*reason=kicked by fwd-ctl", start=mark)
     chan_server.wait_log(r"session end chid=b .*reason=pair partner left", start=mark)
-    sa2, sb2 = pair(chan_server)
+    sa2 = claim_again(chan_server, "a", ["b"])
+    sb2 = claim_again(chan_server, "b", ["a"])
     sb2.sendall(b"fresh")
     assert recv_exact(sa2, 5) == b"fresh"
 

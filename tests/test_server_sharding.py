@@ -18,6 +18,7 @@ from fwd import control
 from fwd.worker import WAKE_WAIT
 from helpers import (
     Sender,
+    claim_again,
     pair,
     read_json,
     recv_exact,
@@ -101,7 +102,7 @@ def test_a_named_receiver_that_lives_on_another_worker_gets_every_byte(sharded):
     pair(server, "anc1", "anc2")
     for _ in range(2):  # live once, then back after it left
         mark = server.mark()
-        b, _ = server.handshake("b", ["anc1", "anc2"])
+        b = claim_again(server, "b", ["anc1", "anc2"])
         assert server.worker_of(b) != server.worker_of(src)
         # Until src's worker hears where b went live, its bytes for b are held
         # there (up to --hold-bytes): one byte through proves it has heard.
