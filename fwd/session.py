@@ -211,8 +211,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.flush_rest()
         transport = self.transport
         if transport is not None and not self.write_closed and reset_by_peer(transport):
-            self._leave(f"connection lost: {RESET_BY_PEER}", cut=True)
-            reset(transport)
+            self._lost_to_reset(transport)
             return True
         if self.state is St.HANDSHAKE:
             self._fail("connection closed during handshake")
@@ -237,8 +236,13 @@ class Session(Relay, asyncio.BufferedProtocol):
         its FIN already."""
         transport = self.transport
         if self.read_closed and transport is not None and self.state is not St.CLOSED:
-            self._leave(f"connection lost: {RESET_BY_PEER}", cut=True)
-            reset(transport)
+            self._lost_to_reset(transport)
+
+    def _lost_to_reset(self, transport: asyncio.Transport) -> None:
+        """Our client reset, and the fast path took the error: end as uvloop
+        would have on reading it (connection_lost), a cut for a pair partner."""
+        self._leave(f"connection lost: {RESET_BY_PEER}", cut=True)
+        reset(transport)
 
     def _shut_write(self) -> None:
         """Pass the partner's FIN on: nothing more will be written to us."""

@@ -78,7 +78,7 @@ def unacked(transport: asyncio.WriteTransport) -> int:
     try:
         if _state(sock) == _TCP_CLOSE:
             return 0  # reset by the peer: nothing more will be acknowledged
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # = SIOCOUTQ
     except OSError:
         return queued
     return queued + struct.unpack("i", raw)[0]
