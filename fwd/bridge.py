@@ -5,9 +5,12 @@ the relay's remote clients without opening any port: the bridge listens on
 nothing.
 
 Data path. Same style as the server (session.py): uvloop, one BufferedProtocol
-per connection reading into one shared buffer, each read copied once into
-``bytes`` before ``transport.write`` (uvloop keeps a reference to what it could
-not send at once, so a view of the reused buffer would be overwritten). A side
+per connection reading into one shared buffer, sent on with ``send_view``: a
+plain non-blocking send straight from the buffer when the destination has
+nothing queued, and only what the socket does not take copied into ``bytes``
+for ``transport.write`` (which keeps a reference: a view of the reused buffer
+would be overwritten). A send that meets the destination's reset drops the
+bytes and lets the destination's own reads end it (``Link.peer_gone``). A side
 whose destination is above ``MAX_BUFFER`` stops reading until the destination's
 ``resume_writing``, so TCP pushes back on the fast peer and memory per bridge
 stays at about two write buffers plus one read.
@@ -85,7 +88,7 @@ from typing import Any
 from .config import format_hostport
 from .crypto import AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
-from .fastpath import Pump, Relay, bind
+from .fastpath import Pump, Relay, bind, send_view
 from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, refusal
 from .pumps import RETRY, RETRY_SOON, STALL, hold_offers
 from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_keepalive
@@ -204,6 +207,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.fd = self.pipe_r = self.pipe_w = -1
         self.pump_wait = False
         self.bridge = bridge
+        self.hub = bridge  # send_view tells hub.loop to call peer_gone
         self.side = side
         self.name = SIDES[side]
         self.gen = gen
@@ -254,17 +258,16 @@ class Link(Relay, asyncio.BufferedProtocol):
         return self.bridge.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        chunk = bytes(self.bridge.view[:nbytes])
         if self.attached:
             if (self.side == 0 and not self.bytes_in and not self.bridge.opts.handshake
-                    and (desc := refusal(chunk)) is not None):
+                    and (desc := refusal(bytes(self.bridge.view[:nbytes]))) is not None):
                 self.refused = desc  # not for the service: the slot gives up
                 self.bridge.detach(self, f"refused: {desc}")
                 self.close()
                 return
-            self.bridge.forward(self, chunk)
+            self.bridge.forward(self, nbytes)
         elif self.hs is not None and not self.ready.done():
-            self.hs.receive_data(chunk)
+            self.hs.receive_data(bytes(self.bridge.view[:nbytes]))
             self._handshake_step()
         # else: a stale or closing connection; its bytes have nowhere to go.
 
@@ -283,6 +286,17 @@ class Link(Relay, asyncio.BufferedProtocol):
                 self._handshake_step()
             return False
         return self.bridge.on_eof(self)
+
+    def peer_gone(self) -> None:
+        """A send to this side failed: its peer reset. Its own reads end it,
+        after what its kernel still holds from the peer (eof_received), unless
+        none will come: the peer had sent its FIN already."""
+        if not self.gone:
+            log.debug("%s reset: reading what it still holds", self.name)
+        self.gone = True
+        if self.eof_in and self.attached and self.transport is not None:
+            self.close(abort=True)
+            self.bridge.lost(self, f"connection lost: {describe(RESET_BY_PEER)}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.linger is not None:
@@ -333,8 +347,13 @@ class Link(Relay, asyncio.BufferedProtocol):
                     trailing = hs.trailing_data
                     self.hs = None
                     self.bridge.attach(self)
-                    if trailing and self.attached:
-                        self.bridge.forward(self, trailing)
+                    view = self.bridge.view  # free again: what it held is in hs
+                    for i in range(0, len(trailing), READ_SIZE):
+                        if not self.attached:
+                            break
+                        piece = trailing[i:i + READ_SIZE]
+                        view[:len(piece)] = piece
+                        self.bridge.forward(self, len(piece))
                     return
         except RemoteProtocolError as exc:
             # EOF mid-handshake is a server going away; anything else is not a fwd-server.
@@ -424,22 +443,25 @@ class Bridge:
 
     # -- data -----------------------------------------------------------------------
 
-    def forward(self, src: Link, chunk: bytes) -> None:
-        src.bytes_in += len(chunk)
+    def forward(self, src: Link, n: int) -> None:
+        """Pass on the ``n`` bytes just read into the buffer. A send that fails
+        because the other side's peer reset drops them (send_view calls its
+        peer_gone): writing them through its transport would close its socket
+        before we read what its kernel still holds (PROTOCOL.md §3.7)."""
+        src.bytes_in += n
         dst_side = 1 - src.side
         dst = self.links[dst_side]
         if dst is not None and dst.gone:
             return
         if dst is not None:
-            assert dst.transport is not None
-            dst.bytes_out += len(chunk)
-            dst.transport.write(chunk)  # may call dst.pause_writing -> src stops reading
-            if len(chunk) >= PUMP_MIN and self._efd >= 0 and not src.pump_wait:
+            # May call dst.pause_writing, and src stops reading.
+            send_view(self.buffer, n, (dst,), None, self.loop.time())
+            if n >= PUMP_MIN and self._efd >= 0 and not src.pump_wait:
                 src.pump_wait = True
                 self.loop.call_soon(self._offer, src)
         else:
             # Hold this one read and stop reading until the other side is back.
-            self.pending[dst_side].append(chunk)
+            self.pending[dst_side].append(bytes(self.view[:n]))
             src.set_reading(False)
             self.poke[dst_side].set()
 

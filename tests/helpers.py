@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import select
 import socket
 import struct
+import termios
 import threading
 import time
 from typing import Any
@@ -98,6 +101,22 @@ def reset_close(sock: socket.socket) -> None:
     """Close with a reset (RST), as a crashed or killed peer's kernel may."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+def flood_until_stalled(sock: socket.socket, quiet: float = 0.5) -> int:
+    """Send until nothing more leaves for ``quiet`` seconds (every buffer on
+    the way is full); returns how many bytes the peer's kernel acknowledged."""
+    sock.setblocking(False)
+    block = os.urandom(64 * 1024)
+    sent = 0
+    while True:
+        try:
+            sent += sock.send(block)
+        except BlockingIOError:
+            if not select.select([], [sock], [], quiet)[1]:
+                break
+    unacked = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return sent - unacked
 
 
 def read_until_reset(sock: socket.socket) -> int:

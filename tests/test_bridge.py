@@ -26,6 +26,7 @@ from conftest import Process, Server
 from helpers import (
     TCP_LISTEN,
     Sender,
+    flood_until_stalled,
     read_line,
     read_until_reset,
     recv_exact,
@@ -409,6 +410,28 @@ def test_handshake_rejected_for_good_exits_3_with_the_reason(start_client):
         relay.close()
 
 
+def test_bytes_behind_hs4_in_the_same_read_reach_the_service(start_client, start_service):
+    """A server sends the bytes it held for us right behind hs4; they may come
+    in the read that completes the handshake, and must reach the service."""
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(WAIT)
+    svc = start_service(xor_echo)
+    try:
+        start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                     "--server1", svc.addr, "--chid", "svc", "--recvers", "user")
+        conn, _ = relay.accept()
+        conn.settimeout(WAIT)
+        assert read_line(conn) == b'{"req":"hs1","chid":"svc"}\n'
+        send_json(conn, {"rsp": "hs2", "chid": "svc"})
+        assert json.loads(read_line(conn)) == {"req": "hs3", "recvers": ["user"]}
+        held = os.urandom(300 * 1024)  # more than one read of the bridge
+        conn.sendall(b'{"rsp":"hs4","result":"OK"}\n' + held)
+        assert recv_exact(conn, len(held)) == held.translate(XOR)
+        conn.close()
+    finally:
+        relay.close()
+
+
 def test_max_retries_exhausted_exits_1_options_from_env(start_client):
     # A bound socket that does not listen: connecting to it is refused.
     with socket.socket() as closed0, socket.socket() as closed1:
@@ -577,3 +600,39 @@ def test_a_service_reset_reaches_the_remote_as_a_reset_after_every_byte_read(
     m = br.wait_log(r"pair end after \S+: server1 connection lost: .* server1 in=(\d+) ",
                     start=mark)
     assert got == int(m.group(1))
+
+
+def test_a_reset_service_is_read_to_its_last_acknowledged_byte_when_copying(
+        start_server, start_client, start_service):
+    """The copying path (no pumps: the pure-Python twin): the service resets
+    while fwd-client, paused on the remote's full queue, has not read all it
+    sent; then the remote's bytes for it meet the reset. That failed write must
+    not close the service's socket: the remote still gets every byte the
+    service's kernel acknowledged, then a reset (PROTOCOL.md §3.7)."""
+    acked: list[int] = []
+    flooded = threading.Event()
+
+    def flood_then_reset(conn: socket.socket) -> None:
+        conn.recv(1)
+        acked.append(flood_until_stalled(conn))
+        reset_close(conn)
+        flooded.set()
+
+    server = start_server("--mode", "chan")
+    svc = start_service(flood_then_reset)
+    br = start_client("--server0", addr(server), "--server1", svc.addr, "--chid", "svc",
+                      "--recvers", "user", env={**os.environ, "FWD_PURE_PYTHON": "1"})
+    br.wait_log(r"server0 connected \S+ chid=svc", timeout=WAIT)
+    remote, _ = server.handshake("user", ["svc"])
+    remote.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # reads nothing yet
+    remote.settimeout(WAIT)
+    mark = br.mark()
+    remote.sendall(b"?")
+    assert flooded.wait(WAIT)
+    remote.sendall(b"to the service")  # meets its reset
+    br.wait_log(r"server1 reset: reading what it still holds|server1 connection lost",
+                start=mark)
+    assert read_until_reset(remote) == acked[0]
+    m = br.wait_log(r"pair end after \S+: server1 connection lost: .* server1 in=(\d+) ",
+                    start=mark)
+    assert int(m.group(1)) == acked[0]

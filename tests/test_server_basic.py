@@ -1,12 +1,8 @@
 """The happy paths of both modes, over real sockets, on both data paths."""
 from __future__ import annotations
 
-import fcntl
 import os
-import select
 import socket
-import struct
-import termios
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,6 +10,7 @@ import pytest
 from helpers import (
     assert_pair_works,
     claim_again,
+    flood_until_stalled,
     pair,
     read_until_reset,
     recv_exact,
@@ -148,16 +145,7 @@ def test_a_reset_client_is_read_to_its_last_acknowledged_byte(start_server):
     server = start_server("--mode", "chan", "--pump-pairs", "0")
     sa, sb = pair(server)
     sa.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a reads nothing yet
-    sb.setblocking(False)
-    sent = 0
-    block = os.urandom(64 * 1024)
-    while True:  # until the server stops reading b and every buffer is full
-        try:
-            sent += sb.send(block)
-        except BlockingIOError:
-            if not select.select([], [sb], [], 0.5)[1]:
-                break
-    acked = sent - struct.unpack("i", fcntl.ioctl(sb.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    acked = flood_until_stalled(sb)  # the server stops reading b, every buffer is full
     mark = server.mark()
     reset_close(sb)
     sa.sendall(b"to b")  # meets b's reset
