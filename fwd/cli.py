@@ -269,14 +269,20 @@ CAT_EXIT_E2E = 4
               help="Read the end-to-end secret from this file's first line.")
 @click.option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
               show_default=True, help="Seconds allowed for connect plus handshake.")
+@click.option("--linger", type=_SECONDS, default=0.5, show_default=True,
+              help="Once the relay ended the stream toward us, end ours when stdin has "
+                   "been quiet this long (a file is always sent to its end).")
 def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
         timeout: int | None, handshake: bool | None, password: str | None,
         password_file: str | None, e2e_key: str | None, e2e_key_file: str | None,
-        connect_timeout: float) -> None:
+        connect_timeout: float, linger: float) -> None:
     """Copy stdin to a fwd-server session and the session to stdout (netcat for fwd).
 
-    At EOF on stdin the session is half-closed (in a chan pair the partner gets
-    the FIN) and fwd-cat keeps reading; it exits when the relay ends the stream.
+    Each direction ends on its own. At EOF on stdin the session is half-closed
+    (in a chan pair the partner gets the FIN) and fwd-cat keeps reading. When
+    the relay ends the stream toward us, the partner may still be reading:
+    fwd-cat sends what stdin still has (a file to its end, a pipe or terminal
+    until it is quiet for --linger), half-closes and exits.
     Exit status: 0 done, 1 connection or I/O error, 2 usage, 3 handshake
     refused, 4 end-to-end stream not authentic or cut short.
     """
@@ -309,7 +315,7 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or exc)
             return die(f"cannot connect to {where}: {reason}", CAT_EXIT_ERROR)
         try:
-            splice_stdio(conn, sys.stdin.fileno(), sys.stdout.fileno())
+            splice_stdio(conn, sys.stdin.fileno(), sys.stdout.fileno(), linger)
         except HandshakeError as exc:
             return die(f"{where}: {exc}", CAT_EXIT_REJECTED)
         except E2EError as exc:

@@ -68,6 +68,10 @@ __all__ = [
 READ_SIZE = 64 * 1024
 CONNECT_TIMEOUT = 10.0
 """Default limit, in seconds, for connect plus handshake."""
+STDIN_LINGER = 0.5
+"""splice_stdio: once the relay ended the stream toward us, how long stdin may
+stay quiet before our direction ends too (socat's ``-t`` is 0.5 s as well)."""
+_DRAIN = b"d"
 
 
 class HandshakeError(FwdError):
@@ -626,29 +630,43 @@ def _handshake_blocking(driver: _ClientHandshake, sock: socket.socket,
             sock.sendall(out)
 
 
-def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
+def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1,
+                 linger: float = STDIN_LINGER) -> None:
     """Copy ``in_fd`` to the session and the session to ``out_fd`` (what fwd-cat does).
 
-    EOF on ``in_fd`` half-closes the session (in a chan pair the server passes
-    the FIN on to the partner) and reading goes on. It returns when the relay
-    ends the stream toward us: then the other side is done, and what is still
-    unread on ``in_fd`` stays unread (the thread that reads it stops). It also
-    returns when nobody reads ``out_fd`` any more (``fwd-cat ... | head -c
-    10``), as cat would stop. Raises the first error of either direction
-    (OSError, E2EError), or HandshakeError when a connection made without a
-    handshake meets a chan-mode server that refuses it.
+    Each direction ends on its own, as TCP's half-close allows: EOF on
+    ``in_fd`` half-closes the session (in a chan pair the server passes the FIN
+    on to the partner) and reading goes on. When the relay ends the stream
+    toward us (the partner's FIN, or its FINAL record), the partner may still
+    be reading: what ``in_fd`` still delivers is sent, a file to its end, a
+    pipe or terminal until it has been quiet for ``linger`` seconds; then our
+    direction ends too (FIN, and the FINAL record with end-to-end encryption)
+    and this returns. What ``in_fd`` delivers after that stays unread (the
+    thread that reads it stops). It also returns when nobody reads ``out_fd``
+    any more (``fwd-cat ... | head -c 10``), as cat would stop. Raises the
+    first error of either direction (OSError, E2EError), or HandshakeError
+    when a connection made without a handshake meets a chan-mode server that
+    refuses it.
     """
     errors: list[BaseException] = []
-    wake_r, wake_w = os.pipe()  # tells the stdin thread that we are done
+    wake_r, wake_w = os.pipe()  # tells the stdin thread to finish (_DRAIN) or stop
 
     def upstream() -> None:
         poller = select.poll()
         poller.register(in_fd, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
+        quiet: int | None = None  # poll's timeout in ms once draining, else none
         try:
             while True:
-                if any(fd == wake_r for fd, _ in poller.poll()):
+                events = poller.poll(quiet)
+                if not events:  # draining, and in_fd has nothing more for now
+                    conn.shutdown_write()
                     return
+                if any(fd == wake_r for fd, _ in events):
+                    if os.read(wake_r, 1) != _DRAIN:
+                        return
+                    quiet = max(0, round(linger * 1000))
+                    continue
                 data = os.read(in_fd, READ_SIZE)
                 if not data:
                     conn.shutdown_write()
@@ -664,7 +682,9 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
     thread = threading.Thread(target=upstream, name="fwd-stdin", daemon=True)
     thread.start()
     try:
-        _downstream(conn, out_fd)
+        if _downstream(conn, out_fd) and not errors:
+            os.write(wake_w, _DRAIN)
+            thread.join()  # ended by in_fd's EOF, its quiet, or an error
     except (OSError, E2EError):
         if errors:  # the first failure explains the second
             raise errors[0] from None
@@ -679,7 +699,9 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1) -> None:
         raise errors[0]
 
 
-def _downstream(conn: Connection, out_fd: int) -> None:
+def _downstream(conn: Connection, out_fd: int) -> bool:
+    """Copy the session to ``out_fd``: True when the relay ended the stream,
+    False when nobody reads ``out_fd`` any more."""
     if conn.chid is None and not conn._pending:
         # No handshake: a chan server's refusal (its hs4 FAIL line, plain even
         # on an encrypted stream) must not pass for data, nor for a bad stream.
@@ -693,4 +715,5 @@ def _downstream(conn: Connection, out_fd: int) -> None:
             while view:
                 view = view[os.write(out_fd, view):]
         except BrokenPipeError:  # the reader of out_fd is gone: not an error of ours
-            return
+            return False
+    return True

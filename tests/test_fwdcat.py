@@ -100,6 +100,40 @@ def test_chan_file_transfer_byte_exact_both_exit_0(chan_server, fwd_cat, big_fil
     chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways", start=mark)
 
 
+@pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
+def test_a_partner_that_ends_its_stream_first_still_gets_all_of_ours(chan_server, fwd_cat,
+                                                                     tmp_path, e2e):
+    """b answers and half-closes while a is still sending: in a pair b keeps
+    reading, so a must send the rest of its input, and only then end its
+    stream. Stopping at b's FIN (or its FINAL record) would cut a's stream and,
+    with end-to-end encryption, still mark it complete."""
+    env = {"FWD_E2E_KEY": e2e} if e2e else None
+    out_b = tmp_path / "b.out"
+    mark = chan_server.mark()
+    with open(out_b, "wb") as fout:
+        b = fwd_cat(chan_server, "--chid", "b", "--to", "a", stdin=subprocess.PIPE,
+                    stdout=fout, env=env)
+    chan_server.wait_log(r"session start chid=b ", start=mark)
+    # A long --linger: the test's own pauses must not end a's stream.
+    a = fwd_cat(chan_server, "--chid", "a", "--to", "b", "--linger", "60",
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    chan_server.wait_log(r"session start chid=a ", start=mark)
+    assert a.stdin is not None and a.stdout is not None and b.stdin is not None
+    data = os.urandom(3 * MiB)
+    a.stdin.write(data[:MiB])
+    a.stdin.flush()
+    b.stdin.write(b"ok\n")
+    b.stdin.close()  # b is done: its FIN (and FINAL) reach a
+    assert a.stdout.read(3) == b"ok\n"
+    a.stdin.write(data[MiB:])
+    a.stdin.close()
+    assert a.stdout.read() == b""
+    assert finish(a) == (0, "")
+    assert finish(b) == (0, "")
+    assert out_b.read_bytes() == data
+    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways", start=mark)
+
+
 def test_broadcast_file_transfer_byte_exact(bcast_server, fwd_cat, big_file):
     src, digest, size = big_file
     mark = bcast_server.mark()
