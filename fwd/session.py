@@ -51,6 +51,11 @@ HANDSHAKE_READ = 16 * 1024
 """Largest read before a session is live (bounds what travels if it moves)."""
 CLOSE_LINGER = 5.0
 """How long a closing connection may take to flush before it is aborted."""
+FAIL_LINGER = 2.0
+"""After an hs4 FAIL, how long the server discards what the client still sends
+before it closes (see Session._close_failed)."""
+FAIL_DISCARD = 1 << 20
+"""...and how many bytes at most; a client that sends more is reset."""
 PAIR_MARK = 64 * 1024
 """High-water mark for the receiver of a 1->1 route, instead of --max-buffer: its
 sender waits early and its bytes stay in the kernel's socket buffers, so what the
@@ -175,6 +180,11 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     def _read_early(self, nbytes: int) -> None:
         """A read before the session is live (Relay.buffer_updated)."""
+        if self.state is St.CLOSED:  # after an hs4 FAIL (_close_failed)
+            self.dropped += nbytes
+            if self.dropped > FAIL_DISCARD:
+                self._discarded()
+            return
         chunk = bytes(self.hub.view[:nbytes])
         if self.state is St.HANDSHAKE:
             self._handshake_input(chunk)
@@ -214,7 +224,10 @@ class Session(Relay, asyncio.BufferedProtocol):
             self._lost_to_reset(transport)
             return True
         if self.state is St.HANDSHAKE:
-            self._fail("connection closed during handshake")
+            self._fail("connection closed during handshake", drain=False)
+            return True
+        if self.state is St.CLOSED:  # the client's EOF after our hs4 FAIL
+            self._discarded()
             return True
         if self.state is St.LIVE:
             partner = self.hub.router.pair_of(self)
@@ -534,8 +547,10 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.state is St.LIVE and self.transport is not None:
             self.transport.resume_reading()
 
-    def _fail(self, desc: str, rejected: str | None = None, count: bool = True) -> None:
-        """Answer with one hs4 FAIL line, then close.
+    def _fail(self, desc: str, rejected: str | None = None, count: bool = True,
+              drain: bool = True) -> None:
+        """Answer with one hs4 FAIL line, then close (after _close_failed's
+        discarding, for a failure of the client's that may send on: ``drain``).
 
         With a password, a peer that has not sent one authentic line, or whose
         line did not decode (``rejected`` holds why, for the log), gets the
@@ -562,7 +577,35 @@ class Session(Relay, asyncio.BufferedProtocol):
         else:
             log.info("handshake failed peer=%s: %s", self.peer, desc)
         self.transport.write(line)
-        self.close(f"handshake failed: {desc}")
+        if count and drain:
+            self._close_failed(f"handshake failed: {desc}")
+        else:
+            self.close(f"handshake failed: {desc}")
+
+    def _close_failed(self, reason: str) -> None:
+        """Closing a socket with unread bytes resets it, and a client's stack
+        may then drop the FAIL line it has not read yet (Windows does): send
+        our FIN behind the line, and read and discard what the client still
+        sends until its EOF, FAIL_LINGER seconds or FAIL_DISCARD bytes, then
+        close (nginx's lingering close). The connection counts against the
+        limits until then."""
+        transport = self.transport
+        assert transport is not None
+        self._leave(reason, gone=False)
+        transport.write_eof()
+        transport.resume_reading()
+        self.linger = self.hub.loop.call_later(FAIL_LINGER, self._discarded)
+
+    def _discarded(self) -> None:
+        """The end of _close_failed's discarding: close, reset if unread bytes
+        are left (the kernel does that) or the line is not out in CLOSE_LINGER."""
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            self.linger = self.hub.loop.call_later(CLOSE_LINGER, reset, transport)
 
     # -- live -------------------------------------------------------------------------
 
@@ -755,11 +798,13 @@ class Session(Relay, asyncio.BufferedProtocol):
         self._leave(f"taken over by {by}", keep_pair=True)
         self.close(f"taken over by {by}")
 
-    def _leave(self, reason: str, cut: bool = False, keep_pair: bool = False) -> None:
+    def _leave(self, reason: str, cut: bool = False, keep_pair: bool = False,
+               gone: bool = True) -> None:
         """Leave every route at once. ``cut``: the connection was reset or
         aborted, not closed. A chan pair is one stream, so its other half ends
         too (reset if this end was a cut, §3.7), unless the chid lives on:
-        ``keep_pair`` (takeover), a move, or a server shutdown."""
+        ``keep_pair`` (takeover), a move, or a server shutdown. ``gone``: the
+        parent may count the connection out now; else when it closes."""
         if self.state is St.CLOSED:
             return
         hub = self.hub
@@ -796,7 +841,8 @@ class Session(Relay, asyncio.BufferedProtocol):
                 # One stream: it ends with its other half (if that half had sent
                 # its FIN, it has nobody left to hear from anyway).
                 partner.close("pair partner lost" if cut else "pair partner left", cut=cut)
-        hub.connection_gone(self)
+        if gone:
+            hub.connection_gone(self)
         if (was_live or self.chid is not None) and not self.moved:
             secs = hub.loop.time() - self.started
             log.info(

@@ -162,6 +162,24 @@ def test_bad_input_gets_one_fail_line_then_close(chan_server, after_hs1, data, d
     chan_server.wait_log(r"handshake failed peer=127\.0\.0\.1:\d+: " + re.escape(got), start=mark)
 
 
+@pytest.mark.parametrize("after_hs1", [False, True], ids=["bad-hs1", "bad-hs3"])
+def test_a_fail_line_is_followed_by_a_fin_even_when_more_bytes_came(chan_server, after_hs1):
+    """A client that sent more behind a bad line: closing with those bytes
+    unread would reset the connection, and some stacks drop the FAIL line
+    with the reset. The server sends its FIN behind the line and discards
+    the rest until the client's EOF (docs/PROTOCOL.md §2.5)."""
+    sock = chan_server.connect()
+    sock.settimeout(EOF_WAIT)
+    if after_hs1:
+        hs1_ok(sock)
+    bad = compact({"req": "hs3", "timeout": -1} if after_hs1 else {"req": "hs1", "chid": 5})
+    sock.sendall(bad + os.urandom(300 * 1024))
+    msg = read_json(sock)
+    assert msg["rsp"] == "hs4" and msg["result"] == "FAIL", msg
+    assert sock.recv(65536) == b""  # a FIN: a reset would raise here
+    sock.close()
+
+
 def test_line_of_exactly_4096_bytes_is_accepted(chan_server):
     sock = chan_server.connect()
     sock.sendall(padded({"req": "hs1", "chid": "edge"}, 4096))
