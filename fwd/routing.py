@@ -333,6 +333,11 @@ class Router(Generic[T]):
                 self.overhead -= self.chid_cost
         return dropped
 
+    def held_since(self, chid: str) -> float | None:
+        """When the oldest bytes held for ``chid`` were held (None: none are)."""
+        hold = self._holds.get(chid)
+        return hold.chunks[0][0] if hold is not None and hold.chunks else None
+
     def has_holds(self) -> bool:
         return bool(self._holds)
 

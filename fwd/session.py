@@ -237,6 +237,8 @@ class Session(Relay, asyncio.BufferedProtocol):
                 partner._shut_write()
                 self._close_if_done()
                 return True
+            if self._await_partner():
+                return True
         if self.state is St.SNIFF and self.sniffed:
             self._sniff_expired()
         self.close("client closed")
@@ -256,6 +258,80 @@ class Session(Relay, asyncio.BufferedProtocol):
         would have on reading it (connection_lost), a cut for a pair partner."""
         self._leave(f"connection lost: {RESET_BY_PEER}", cut=True)
         reset(transport)
+
+    def _await_partner(self) -> bool:
+        """Our FIN came while the one chid we name is not live: if it is the
+        partner of a pair to be (it names only us when it comes), it gets our
+        FIN after the bytes held for it, as in a pair (§3.7). So we stay,
+        half-closed, as long as our bytes wait for it (--hold-seconds from the
+        oldest held). False: no pair can form, or nothing of ours waits for
+        it; the FIN ends us as elsewhere."""
+        hub = self.hub
+        router = hub.router
+        if len(self.recvers) != 1 or self.chid is None or self.dropped:
+            return False  # not a pair, or our stream already lost bytes
+        chid = self.recvers[0]
+        owner = router.owner(chid)
+        if (chid == self.chid or (owner is not None and owner.state is St.LIVE)
+                or router.where(chid) is not None or hub.config.hold_seconds <= 0):
+            return False  # live and not naming us (no pair), or elsewhere
+        since = router.held_since(chid)
+        if since is None or not self.bytes_in:
+            return False  # we sent nothing that waits for it: no need to stay
+        now = hub.loop.time()
+        self.read_closed = True
+        hub.awaiting.setdefault(chid, []).append(self)
+        log.debug("chid=%s half-closed; waits for chid=%s", self.chid, chid)
+        # The session's linger timer is free until it closes.
+        self.linger = hub.loop.call_later(max(0.0, since + hub.config.hold_seconds - now),
+                                          self._partner_never_came)
+        return True
+
+    def _partner_never_came(self) -> None:
+        """Our bytes for the partner to be expire: our stream is cut, unless its
+        chid went live on another worker (they followed it there)."""
+        self.linger = None
+        if self.state is not St.LIVE or self.partner is not None:
+            return
+        where = self.hub.router.where(self.recvers[0])
+        self.close("client closed" if where is not None else "pair partner never came",
+                   cut=where is None)
+
+    def _stop_awaiting(self) -> None:
+        waiting = self.hub.awaiting.get(self.recvers[0]) if self.recvers else None
+        if waiting is not None and self in waiting:
+            waiting.remove(self)
+            if not waiting:
+                del self.hub.awaiting[self.recvers[0]]
+        if self.linger is not None and not isinstance(self.linger, ResetWhenSent):
+            self.linger.cancel()
+            self.linger = None
+
+    def _pair_waiting(self) -> None:
+        """We just went live: sessions that half-closed while we were not here
+        (_await_partner) had their bytes held for us. The one that names only
+        us, if we name only it, is our pair partner now, and its FIN is ours
+        (after those bytes); for any other their FIN ends them now."""
+        hub = self.hub
+        assert self.chid is not None
+        waiting = hub.awaiting.pop(self.chid, None)
+        if not waiting:
+            return
+        partner = hub.router.pair_of(self)
+        for w in waiting:
+            if w is partner and w.state is St.LIVE and w.partner is None:
+                w._stop_awaiting()
+                self.partner, w.partner = w, self
+                self._shut_write()
+            else:
+                w.no_partner()
+
+    def no_partner(self) -> None:
+        """The chid we wait for (_await_partner) went live, not as our pair
+        partner, or on another worker: our bytes went to it, and our FIN
+        ends us now, as outside a pair."""
+        if self.state is St.LIVE and self.partner is None and self.read_closed:
+            self.close("client closed")
 
     def _shut_write(self) -> None:
         """Pass the partner's FIN on: nothing more will be written to us."""
@@ -643,6 +719,8 @@ class Session(Relay, asyncio.BufferedProtocol):
                                    "recvers": list(recvers) or None}})
         if self.timeout > 0:
             self.timer = hub.loop.call_later(self.timeout, self._idle_check)
+        if self.chid is not None and hub.awaiting:
+            self._pair_waiting()
         if first:
             self._forward(first)
 
@@ -813,6 +891,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         was_live = self.state is St.LIVE
         keep_pair = keep_pair or self.moved or hub.stopping
         partner, self.partner = self.partner, None
+        if partner is None and self.read_closed and hub.awaiting:
+            self._stop_awaiting()
         if partner is None and was_live and not keep_pair:
             partner = hub.router.pair_of(self)
         self.state = St.CLOSED

@@ -102,6 +102,9 @@ class Hub:
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}
         self.pending: set[Session] = set()
+        # Half-closed sessions waiting for the one chid they name to go live
+        # (Session._await_partner), by that chid.
+        self.awaiting: dict[str, list[Session]] = {}
         # Totals since the worker started (bytes of sessions that ended: a live
         # session counts its own until it is released).
         self.stats: collections.Counter[str] = collections.Counter()
@@ -268,6 +271,8 @@ class Hub:
         for chunk in self.router.set_remote(chid, worker):  # held here, older than anything new
             self.mesh.send_to(worker, chid, chunk)
         self.sync_wants()
+        for session in self.awaiting.pop(chid, ()):  # a pair forms in one worker only
+            session.no_partner()
 
     def sync_wants(self) -> None:
         """Withdraw the interest in chids this worker no longer holds bytes for."""

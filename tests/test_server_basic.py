@@ -63,6 +63,54 @@ def test_chan_pair_passes_half_close_on_both_ways(chan_server):
     chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways")
 
 
+def test_a_fin_sent_before_the_partner_came_reaches_it_after_the_held_bytes(chan_server):
+    """a names b, sends, and half-closes before b is there: a waits, half-closed,
+    for its pair partner to be, which then gets a's bytes and a's FIN, and can
+    still answer (§3.7)."""
+    mark = chan_server.mark()
+    sa, _ = chan_server.handshake("a", ["b"])
+    sa.sendall(b"early")
+    sa.shutdown(socket.SHUT_WR)
+    chan_server.wait_log(r"chid=a half-closed; waits for chid=b", start=mark)
+    sb, _ = chan_server.handshake("b", ["a"])
+    assert recv_exact(sb, 5) == b"early"
+    assert sb.recv(1) == b""  # a's FIN
+    sb.sendall(b"answer")
+    sb.shutdown(socket.SHUT_WR)
+    assert recv_exact(sa, 6) == b"answer"
+    assert sa.recv(1) == b""
+    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways", start=mark)
+    chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways", start=mark)
+
+
+def test_a_half_closed_session_whose_partner_never_comes_is_reset(start_server):
+    """Its bytes expired unread (--hold-seconds): its stream was cut."""
+    server = start_server("--mode", "chan", "--hold-seconds", "1")
+    sa, _ = server.handshake("a", ["b"])
+    sa.sendall(b"lost")
+    sa.shutdown(socket.SHUT_WR)
+    sa.settimeout(30)
+    assert read_until_reset(sa) == 0
+    server.wait_log(r"session end chid=a .*reason=pair partner never came")
+
+
+def test_a_half_closed_session_ends_when_its_receiver_comes_but_is_no_partner(chan_server):
+    """b comes, naming someone else: no pair, a's FIN ends a as anywhere else;
+    b gets a's bytes but no FIN (b still hears from others)."""
+    mark = chan_server.mark()
+    sa, _ = chan_server.handshake("a", ["b"])
+    sa.sendall(b"early")
+    sa.shutdown(socket.SHUT_WR)
+    chan_server.wait_log(r"chid=a half-closed; waits for chid=b", start=mark)
+    sb, _ = chan_server.handshake("b", ["c"])
+    assert recv_exact(sb, 5) == b"early"
+    assert sa.recv(1) == b""  # the server closed a
+    chan_server.wait_log(r"session end chid=a .*reason=client closed", start=mark)
+    sc, _ = chan_server.handshake("c", ["b"])
+    sc.sendall(b"more")
+    assert recv_exact(sb, 4) == b"more"
+
+
 def test_half_closed_side_is_closed_when_its_partner_leaves(chan_server):
     sa, sb = pair(chan_server)
     sa.shutdown(socket.SHUT_WR)
