@@ -134,6 +134,28 @@ def test_a_partner_that_ends_its_stream_first_still_gets_all_of_ours(chan_server
     chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways", start=mark)
 
 
+def test_a_sender_that_finished_before_the_receiver_came_exits_0_once_it_read(
+        chan_server, fwd_cat, tmp_path):
+    """a sends a small file and half-closes before b is there: its bytes and
+    its FIN wait for b, and a exits 0 only once b has read them and ended its
+    own stream (PROTOCOL.md §3.7, "A FIN before the partner came")."""
+    data = os.urandom(100_000)  # within --hold-bytes
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    out = tmp_path / "out.bin"
+    mark = chan_server.mark()
+    with open(src, "rb") as fin:
+        sender = fwd_cat(chan_server, "--chid", "a", "--to", "b", stdin=fin)
+    chan_server.wait_log(r"chid=a half-closed; waits for chid=b", start=mark)
+    assert sender.poll() is None
+    with open(out, "wb") as fout:
+        receiver = fwd_cat(chan_server, "--chid", "b", "--to", "a", stdin=subprocess.PIPE,
+                           stdout=fout)
+    assert finish(receiver) == (0, "")
+    assert finish(sender) == (0, "")
+    assert out.read_bytes() == data
+
+
 def test_broadcast_file_transfer_byte_exact(bcast_server, fwd_cat, big_file):
     src, digest, size = big_file
     mark = bcast_server.mark()
