@@ -290,14 +290,15 @@ class Session(Relay, asyncio.BufferedProtocol):
     def _partner_never_came(self) -> None:
         """Our bytes for the partner to be expire: our stream is cut, unless its
         chid went live on another worker (they followed it there)."""
-        self.linger = None
         if self.state is not St.LIVE or self.partner is not None:
             return
+        self.linger = None
         where = self.hub.router.where(self.recvers[0])
         self.close("client closed" if where is not None else "pair partner never came",
                    cut=where is None)
 
     def _stop_awaiting(self) -> None:
+        """Leave Hub.awaiting, and stop the wait's timer."""
         waiting = self.hub.awaiting.get(self.recvers[0]) if self.recvers else None
         if waiting is not None and self in waiting:
             waiting.remove(self)
@@ -668,6 +669,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         transport = self.transport
         assert transport is not None
         self._leave(reason, gone=False)
+        self.write_closed = True  # our FIN: the client's EOF is no reset (reset_by_peer)
         transport.write_eof()
         transport.resume_reading()
         self.linger = self.hub.loop.call_later(FAIL_LINGER, self._discarded)
@@ -891,8 +893,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         was_live = self.state is St.LIVE
         keep_pair = keep_pair or self.moved or hub.stopping
         partner, self.partner = self.partner, None
-        if partner is None and self.read_closed and hub.awaiting:
-            self._stop_awaiting()
+        if partner is None and self.read_closed:
+            self._stop_awaiting()  # its wait timer is its linger, see close
         if partner is None and was_live and not keep_pair:
             partner = hub.router.pair_of(self)
         self.state = St.CLOSED
