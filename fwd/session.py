@@ -264,17 +264,21 @@ class Session(Relay, asyncio.BufferedProtocol):
         partner of a pair to be (it names only us when it comes), it gets our
         FIN after the bytes held for it, as in a pair (§3.7). So we stay,
         half-closed, as long as our bytes wait for it (--hold-seconds from the
-        oldest held). False: no pair can form, or nothing of ours waits for
-        it; the FIN ends us as elsewhere."""
+        oldest held). If the hold dropped some of our bytes, we are reset
+        instead: our stream was cut. False: no pair can form, or nothing of
+        ours waits for it; the FIN ends us as elsewhere."""
         hub = self.hub
         router = hub.router
-        if len(self.recvers) != 1 or self.chid is None or self.dropped:
-            return False  # not a pair, or our stream already lost bytes
+        if len(self.recvers) != 1 or self.chid is None:
+            return False  # no pair
         chid = self.recvers[0]
         owner = router.owner(chid)
         if (chid == self.chid or (owner is not None and owner.state is St.LIVE)
                 or router.where(chid) is not None or hub.config.hold_seconds <= 0):
             return False  # live and not naming us (no pair), or elsewhere
+        if self.dropped:  # the hold was full: its partner to be gets a cut stream
+            self.close("held bytes dropped", cut=True)
+            return True
         since = router.held_since(chid)
         if since is None or not self.bytes_in:
             return False  # we sent nothing that waits for it: no need to stay
@@ -916,6 +920,8 @@ class Session(Relay, asyncio.BufferedProtocol):
                 hub.mesh.signal(False, self.chid)
             if self.chid is not None and not self.moved:
                 hub.mesh.release(self.chid, self.token)
+                if self.recvers:  # its bytes held here wait on: someone must ask
+                    hub.want_held(self.recvers)
         if partner is not None and partner.state is not St.CLOSED:
             if partner.read_closed and partner.write_closed:
                 partner.close("half-closed both ways")

@@ -15,7 +15,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import control, fdpass
@@ -274,6 +274,17 @@ class Hub:
         for session in self.awaiting.pop(chid, ()):  # a pair forms in one worker only
             session.no_partner()
 
+    def want_held(self, chids: Iterable[str]) -> None:
+        """Bytes held here for ``chids`` must follow them to the worker where
+        they go live: ask the coordinator to say where (and to draw them here),
+        once per chid (sync_wants withdraws it when nothing is held any more)."""
+        assert self.mesh is not None
+        for chid in chids:
+            if chid not in self._wants and self.router.holding(chid) \
+                    and self.router.live(chid) is None:
+                self._wants.add(chid)
+                self.mesh.want(chid, True)
+
     def sync_wants(self) -> None:
         """Withdraw the interest in chids this worker no longer holds bytes for."""
         if self._wants:
@@ -322,13 +333,11 @@ class Hub:
         if target is None or target.transport is None:
             self.stats["dropped_bytes"] += self.router.hold(chid, chunk, now)
             self.watch_holds()
-            if chid not in self._wants and self.router.holding(chid) and target is None:
+            if target is None:
                 # Sent here as its chid's home, which it has left (or not reached):
                 # where it goes live next, these bytes must follow. A session here
                 # that names it would say so; bytes from elsewhere must ask.
-                assert self.mesh is not None
-                self._wants.add(chid)
-                self.mesh.want(chid, True)
+                self.want_held((chid,))
             return
         target.last_active = now
         target.bytes_out += len(chunk)

@@ -94,6 +94,18 @@ def test_a_half_closed_session_whose_partner_never_comes_is_reset(start_server):
     server.wait_log(r"session end chid=a .*reason=pair partner never came")
 
 
+def test_a_half_closed_session_whose_held_bytes_were_dropped_is_reset(start_server):
+    """The hold for its partner to be was full (--hold-bytes): that partner
+    would get a cut stream, so the sender learns it at its FIN."""
+    server = start_server("--mode", "chan", "--hold-bytes", "1000")
+    sa, _ = server.handshake("a", ["b"])
+    sa.sendall(os.urandom(5000))
+    sa.shutdown(socket.SHUT_WR)
+    sa.settimeout(30)
+    assert read_until_reset(sa) == 0
+    server.wait_log(r"session end chid=a .*reason=held bytes dropped dropped=4000")
+
+
 def test_a_half_closed_session_ends_when_its_receiver_comes_but_is_no_partner(chan_server):
     """b comes, naming someone else: no pair, a's FIN ends a as anywhere else;
     b gets a's bytes but no FIN (b still hears from others)."""

@@ -498,3 +498,23 @@ def test_a_pair_receiver_pushed_past_max_buffer_from_another_worker_throttles_it
     assert len(recv_exact(r, 16 * MiB + size)) == 16 * MiB + size  # then every byte arrives
     up.finish()
     paired.finish()
+
+
+def test_bytes_held_for_a_chid_follow_it_after_their_sender_left(sharded):
+    """a names b and q (no pair), sends to b while b is absent, and leaves: its
+    worker still holds the bytes. b then comes naming c, which lives on another
+    worker; wherever b goes live, it gets them (the worker holding them asks
+    the coordinator, as a session naming b would have)."""
+    server = sharded("--mode", "chan")
+    mark = server.mark()
+    sa, _ = server.handshake("a", ["b", "q"])
+    sc, _ = server.handshake("c", ["nobody"])
+    assert server.worker_of(sc) != server.worker_of(sa)
+    sa.sendall(b"held for b")
+    sa.close()
+    server.wait_log(r"session end chid=a ", start=mark)
+    sb, _ = server.handshake("b", ["c"])
+    sb.settimeout(30)
+    assert recv_exact(sb, 10) == b"held for b"
+    sb.sendall(b"to c")
+    assert recv_exact(sc, 4) == b"to c"
