@@ -454,6 +454,7 @@ class Bridge:
         if dst is not None and dst.gone:
             return
         if dst is not None:
+            assert dst.transport is not None
             # May call dst.pause_writing, and src stops reading.
             send_view(self.buffer, n, (dst,), None, self.loop.time())
             if n >= PUMP_MIN and self._efd >= 0 and not src.pump_wait:
