@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import Server
 from helpers import (
     assert_pair_works,
     claim_again,
@@ -63,14 +64,21 @@ def test_chan_pair_passes_half_close_on_both_ways(chan_server):
     chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways")
 
 
+def half_closed_before_b(server: Server, data: bytes) -> socket.socket:
+    """a names b, which is not there yet, sends ``data`` and half-closes."""
+    sa, _ = server.handshake("a", ["b"])
+    sa.sendall(data)
+    sa.shutdown(socket.SHUT_WR)
+    sa.settimeout(30)
+    return sa
+
+
 def test_a_fin_sent_before_the_partner_came_reaches_it_after_the_held_bytes(chan_server):
     """a names b, sends, and half-closes before b is there: a waits, half-closed,
     for its pair partner to be, which then gets a's bytes and a's FIN, and can
     still answer (§3.7)."""
     mark = chan_server.mark()
-    sa, _ = chan_server.handshake("a", ["b"])
-    sa.sendall(b"early")
-    sa.shutdown(socket.SHUT_WR)
+    sa = half_closed_before_b(chan_server, b"early")
     chan_server.wait_log(r"chid=a half-closed; waits for chid=b", start=mark)
     sb, _ = chan_server.handshake("b", ["a"])
     assert recv_exact(sb, 5) == b"early"
@@ -86,11 +94,7 @@ def test_a_fin_sent_before_the_partner_came_reaches_it_after_the_held_bytes(chan
 def test_a_half_closed_session_whose_partner_never_comes_is_reset(start_server):
     """Its bytes expired unread (--hold-seconds): its stream was cut."""
     server = start_server("--mode", "chan", "--hold-seconds", "1")
-    sa, _ = server.handshake("a", ["b"])
-    sa.sendall(b"lost")
-    sa.shutdown(socket.SHUT_WR)
-    sa.settimeout(30)
-    assert read_until_reset(sa) == 0
+    assert read_until_reset(half_closed_before_b(server, b"lost")) == 0
     server.wait_log(r"session end chid=a .*reason=pair partner never came")
 
 
@@ -98,11 +102,7 @@ def test_a_half_closed_session_whose_held_bytes_were_dropped_is_reset(start_serv
     """The hold for its partner to be was full (--hold-bytes): that partner
     would get a cut stream, so the sender learns it at its FIN."""
     server = start_server("--mode", "chan", "--hold-bytes", "1000")
-    sa, _ = server.handshake("a", ["b"])
-    sa.sendall(os.urandom(5000))
-    sa.shutdown(socket.SHUT_WR)
-    sa.settimeout(30)
-    assert read_until_reset(sa) == 0
+    assert read_until_reset(half_closed_before_b(server, os.urandom(5000))) == 0
     server.wait_log(r"session end chid=a .*reason=held bytes dropped dropped=4000")
 
 
@@ -110,9 +110,7 @@ def test_a_half_closed_session_ends_when_its_receiver_comes_but_is_no_partner(ch
     """b comes, naming someone else: no pair, a's FIN ends a as anywhere else;
     b gets a's bytes but no FIN (b still hears from others)."""
     mark = chan_server.mark()
-    sa, _ = chan_server.handshake("a", ["b"])
-    sa.sendall(b"early")
-    sa.shutdown(socket.SHUT_WR)
+    sa = half_closed_before_b(chan_server, b"early")
     chan_server.wait_log(r"chid=a half-closed; waits for chid=b", start=mark)
     sb, _ = chan_server.handshake("b", ["c"])
     assert recv_exact(sb, 5) == b"early"
