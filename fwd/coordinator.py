@@ -156,7 +156,10 @@ class Coordinator:
 
     def _place(self, wid: int, req: bytes, chid: bytes, recvers_json: bytes) -> None:
         recvers = json.loads(recvers_json)
-        home = self.registry.home(chid.decode() or None, recvers, wid)
+        name = chid.decode() or None
+        home = self.registry.home(name, recvers, wid)
+        if name is not None and home is not None and home != wid:
+            self.registry.heading(name, home)
         # The asker learns where the named chids are before the session goes live.
         where, watches = self.registry.locate(wid, recvers)
         self._to(wid, mesh.PLACED, req, b"%d" % (-1 if home is None else home),

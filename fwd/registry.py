@@ -73,6 +73,8 @@ class Registry:
         self._named: dict[str, tuple[str, ...]] = {}  # live chid -> the chids its session names
         self._wanted_by: dict[str, Counter[int]] = {}
         self._told: dict[str, set[int]] = {}  # live chid -> workers that know where
+        # chid -> the worker its session was just told to move to (heading)
+        self._heading: dict[str, int] = {}
 
     def _pack(self, owner: Owner) -> int:
         return owner.token << self._shift | owner.worker << 2
@@ -97,6 +99,7 @@ class Registry:
         if old is not None and old != owner and not takeover:
             raise ChidInUse(chid)
         self._owner[chid] = self._pack(owner)
+        self._heading.pop(chid, None)
         return chid, (old if old != owner else None)
 
     def release(self, chid: str, owner: Owner) -> bool:
@@ -105,11 +108,24 @@ class Registry:
         if not self._holds(chid, owner):
             return False
         del self._owner[chid]
+        self._heading.pop(chid, None)
         return True
 
     def where(self, chid: str) -> int | None:
+        """The worker of ``chid``'s session, or the one it is moving to."""
+        heading = self._heading.get(chid)
+        if heading is not None:
+            return heading
         packed = self._owner.get(chid)
         return None if packed is None else self._unpack(packed).worker
+
+    def heading(self, chid: str, worker: int) -> None:
+        """``chid``'s session was told to move to ``worker``: place the sessions
+        that name it there from now on, not where it still is. Two sessions
+        that name each other and ask at once would otherwise each be sent to
+        the other's worker, and their pair would be split."""
+        if chid in self._owner:
+            self._heading[chid] = worker
 
     def owner(self, chid: str) -> Owner | None:
         packed = self._owner.get(chid)
@@ -122,6 +138,7 @@ class Registry:
         if chid in self._owner and not self._holds(chid, old):
             return False
         self._owner[chid] = self._pack(new)
+        self._heading.pop(chid, None)
         return True
 
     def worker_lost(self, worker: int) -> list[str]:
@@ -132,6 +149,7 @@ class Registry:
             del self._owner[chid]
             self._named.pop(chid, None)
             self._told.pop(chid, None)
+            self._heading.pop(chid, None)
         for chid in [c for c, counts in self._wanted_by.items()
                      if counts.pop(worker, None) is not None and not counts]:
             del self._wanted_by[chid]
@@ -151,6 +169,7 @@ class Registry:
         if not self._holds(chid, owner):
             return [], []
         self._owner[chid] |= 1
+        self._heading.pop(chid, None)  # it lives where it is (a move may not happen)
         worker = owner.worker
         notices: list[Notice] = []
         watches: list[Watch] = []

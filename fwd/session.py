@@ -279,38 +279,29 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.dropped:  # the hold was full: its partner to be gets a cut stream
             self.close("held bytes dropped", cut=True)
             return True
-        since = router.held_since(chid)
-        if since is None or not self.bytes_in:
-            return False  # we sent nothing that waits for it: no need to stay
-        now = hub.loop.time()
+        first = hub.held_by.get(self)
+        oldest = router.held_since(chid)
+        if first is None or oldest is None:
+            return False  # nothing of ours waits for it: no need to stay
         self.read_closed = True
-        hub.awaiting.setdefault(chid, []).append(self)
+        # Until our oldest held byte expires (others' older bytes may be held
+        # too; ours may have gone to an earlier session of that chid).
+        hub.awaiting.setdefault(chid, {})[self] = max(first, oldest) + hub.config.hold_seconds
+        hub.watch_holds()
         log.debug("chid=%s half-closed; waits for chid=%s", self.chid, chid)
-        # The session's linger timer is free until it closes.
-        self.linger = hub.loop.call_later(max(0.0, since + hub.config.hold_seconds - now),
-                                          self._partner_never_came)
         return True
 
-    def _partner_never_came(self) -> None:
-        """Our bytes for the partner to be expire: our stream is cut, unless its
-        chid went live on another worker (they followed it there)."""
-        if self.state is not St.LIVE or self.partner is not None:
-            return
-        self.linger = None
-        where = self.hub.router.where(self.recvers[0])
-        self.close("client closed" if where is not None else "pair partner never came",
-                   cut=where is None)
+    def partner_never_came(self) -> None:
+        """Our bytes for the partner to be expire (Hub._expire_holds, in the
+        tick that drops them): our stream was cut."""
+        if self.state is St.LIVE and self.partner is None:
+            self.close("pair partner never came", cut=True)
 
     def _stop_awaiting(self) -> None:
-        """Leave Hub.awaiting, and stop the wait's timer."""
+        """Leave Hub.awaiting."""
         waiting = self.hub.awaiting.get(self.recvers[0]) if self.recvers else None
-        if waiting is not None and self in waiting:
-            waiting.remove(self)
-            if not waiting:
-                del self.hub.awaiting[self.recvers[0]]
-        if self.linger is not None and not isinstance(self.linger, ResetWhenSent):
-            self.linger.cancel()
-            self.linger = None
+        if waiting is not None and waiting.pop(self, None) is not None and not waiting:
+            del self.hub.awaiting[self.recvers[0]]
 
     def _pair_waiting(self) -> None:
         """We just went live: sessions that half-closed while we were not here
@@ -323,9 +314,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         if not waiting:
             return
         partner = hub.router.pair_of(self)
-        for w in waiting:
+        for w in list(waiting):
             if w is partner and w.state is St.LIVE and w.partner is None:
-                w._stop_awaiting()
                 self.partner, w.partner = w, self
                 self._shut_write()
             else:
@@ -784,6 +774,8 @@ class Session(Relay, asyncio.BufferedProtocol):
                 dropped = hub.router.hold(chid, chunk, now)
                 if dropped:
                     self._note_dropped(chid, dropped)
+            if self not in hub.held_by:
+                hub.held_by[self] = now
             hub.watch_holds()
         if full:
             self._wait_for(full)
@@ -898,7 +890,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         keep_pair = keep_pair or self.moved or hub.stopping
         partner, self.partner = self.partner, None
         if partner is None and self.read_closed:
-            self._stop_awaiting()  # its wait timer is its linger, see close
+            self._stop_awaiting()
+        hub.held_by.pop(self, None)
         if partner is None and was_live and not keep_pair:
             partner = hub.router.pair_of(self)
         self.state = St.CLOSED

@@ -103,8 +103,10 @@ class Hub:
         self.sessions: dict[Session, None] = {}
         self.pending: set[Session] = set()
         # Half-closed sessions waiting for the one chid they name to go live
-        # (Session._await_partner), by that chid.
-        self.awaiting: dict[str, list[Session]] = {}
+        # (Session._await_partner), by that chid, with when they stop waiting.
+        self.awaiting: dict[str, dict[Session, float]] = {}
+        # When each session's bytes were first held (Session._route_rest).
+        self.held_by: dict[Session, float] = {}
         # Totals since the worker started (bytes of sessions that ended: a live
         # session counts its own until it is released).
         self.stats: collections.Counter[str] = collections.Counter()
@@ -271,7 +273,7 @@ class Hub:
         for chunk in self.router.set_remote(chid, worker):  # held here, older than anything new
             self.mesh.send_to(worker, chid, chunk)
         self.sync_wants()
-        for session in self.awaiting.pop(chid, ()):  # a pair forms in one worker only
+        for session in list(self.awaiting.pop(chid, ())):  # a pair forms in one worker only
             session.no_partner()
 
     def want_held(self, chids: Iterable[str]) -> None:
@@ -556,16 +558,22 @@ class Hub:
                 s.transport.resume_reading()
 
     def watch_holds(self) -> None:
-        if self._hold_timer is None and self.router.has_holds():
+        if self._hold_timer is None and (self.router.has_holds() or self.awaiting):
             self._hold_timer = self.loop.call_later(HOLD_TICK, self._expire_holds)
 
     def _expire_holds(self) -> None:
         self._hold_timer = None
-        dropped = self.router.expire(self.loop.time())
+        now = self.loop.time()
+        dropped = self.router.expire(now)
         if dropped:
             self.stats["dropped_bytes"] += dropped
             log.info("dropped %d held bytes older than %gs (--hold-seconds)",
                      dropped, self.config.hold_seconds)
+        # In the same tick as their bytes: a partner coming before it gets them.
+        for waiting in list(self.awaiting.values()):
+            for session, until in list(waiting.items()):
+                if until <= now:
+                    session.partner_never_came()
         if self.mesh is not None:
             self.sync_wants()
         self.watch_holds()

@@ -77,6 +77,24 @@ def test_home_is_next_to_sessions_that_name_it():
     assert reg.home("b", [], asking=0) is None
 
 
+def test_two_sessions_naming_each_other_are_not_sent_to_each_others_worker():
+    """a (worker 0) and b (worker 1) name each other and ask at once: a is told
+    to go to b's worker; b, asking next, must stay there, not go to a's."""
+    reg = Registry(2)
+    reg.claim("a", A1)
+    reg.claim("b", B1)
+    home_a = reg.home("a", ["b"], asking=0)
+    assert home_a == 1
+    reg.heading("a", home_a)  # what the coordinator notes with its answer
+    assert reg.home("b", ["a"], asking=1) == 1
+    # The move lands (or a goes live where it is): where is the truth again.
+    assert reg.move("a", A1, Owner(1, 5))
+    assert reg.where("a") == 1
+    reg.heading("b", 0)
+    reg.go_live("b", B1, ("a",))
+    assert reg.where("b") == 1
+
+
 def test_home_is_none_when_nothing_draws_it():
     reg = Registry(3)
     assert reg.home(None, ["absent"], asking=2) is None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -96,6 +97,23 @@ def test_a_half_closed_session_whose_partner_never_comes_is_reset(start_server):
     server = start_server("--mode", "chan", "--hold-seconds", "1")
     assert read_until_reset(half_closed_before_b(server, b"lost")) == 0
     server.wait_log(r"session end chid=a .*reason=pair partner never came")
+
+
+def test_a_half_closed_session_waits_as_long_as_its_own_bytes_are_held(start_server):
+    """Older bytes from another sender for b expire first: a, whose bytes came
+    later, still waits, and b coming then pairs with it."""
+    server = start_server("--mode", "chan", "--hold-seconds", "3")
+    mark = server.mark()
+    sc, _ = server.handshake("c", ["b", "x"])  # no pair: its bytes are just held
+    sc.sendall(b"from c")
+    sc.close()
+    time.sleep(1.5)  # the subject: a's bytes are held well after c's
+    half_closed_before_b(server, b"from a")
+    server.wait_log(r"dropped 12 held bytes older than 3s", start=mark)  # c's, for b and x
+    sb, _ = server.handshake("b", ["a"])
+    assert recv_exact(sb, 6) == b"from a"
+    assert sb.recv(1) == b""  # a's FIN: a still waited
+    sb.close()
 
 
 def test_a_half_closed_session_whose_held_bytes_were_dropped_is_reset(start_server):
