@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from helpers import handshake, socket_inodes, tcp_sockets
+from helpers import handshake, socket_inodes, tcp_sockets, wait_until
 
 LOG_WAIT = 15.0
 WORKERS = int(os.environ.get("FWD_TEST_WORKERS", "1"))
@@ -185,12 +185,20 @@ class Server(Process):
         return json.loads(self.ctl(*args, "--json").stdout)
 
     def worker_of(self, sock: socket.socket) -> int:
-        """The worker process that holds the server side of ``sock``'s connection."""
+        """The worker process that holds the server side of ``sock``'s connection.
+        Right after a move the worker it left may not have closed its
+        descriptor yet (it does on its next loop iteration): wait for one."""
         port = sock.getsockname()[1]
         inodes = {t.inode for t in tcp_sockets()
                   if t.remote_port == port and t.local_port == self.port}
-        (pid,) = [w for w in self.workers() if inodes & socket_inodes(w)]
-        return pid
+        holders: list[int] = []
+
+        def one() -> bool:
+            holders[:] = [w for w in self.workers() if inodes & socket_inodes(w)]
+            return len(holders) == 1
+
+        wait_until(one, 10, f"one worker holding port {port}'s connection")
+        return holders[0]
 
 
 @pytest.fixture
