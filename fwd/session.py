@@ -297,6 +297,11 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.state is St.LIVE and self.partner is None:
             self.close("pair partner never came", cut=True)
 
+    def _awaiting(self) -> bool:
+        """Half-closed, waiting for our partner to be (_await_partner)."""
+        return (self.read_closed and self.partner is None and bool(self.recvers)
+                and self in self.hub.awaiting.get(self.recvers[0], ()))
+
     def _stop_awaiting(self) -> None:
         """Leave Hub.awaiting."""
         waiting = self.hub.awaiting.get(self.recvers[0]) if self.recvers else None
@@ -819,6 +824,8 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     def _idle_check(self) -> None:
         remaining = self.last_active + self.timeout - self.hub.loop.time()
+        if remaining <= 0 and self._awaiting():
+            remaining = self.timeout  # waiting is no idling: the hold bounds it
         if remaining > 0:
             self.timer = self.hub.loop.call_later(remaining, self._idle_check)
         else:

@@ -116,6 +116,20 @@ def test_a_half_closed_session_waits_as_long_as_its_own_bytes_are_held(start_ser
     sb.close()
 
 
+def test_a_half_closed_session_waits_longer_than_its_idle_timeout(chan_server):
+    """Waiting for its partner is no idling: the hold bounds it."""
+    mark = chan_server.mark()
+    sa, _ = chan_server.handshake("a", ["b"], timeout=1)
+    sa.sendall(b"early")
+    sa.shutdown(socket.SHUT_WR)
+    chan_server.wait_log(r"chid=a half-closed; waits for chid=b", start=mark)
+    time.sleep(2)  # the subject: outlast a's idle timeout
+    sb, _ = chan_server.handshake("b", ["a"])
+    assert recv_exact(sb, 5) == b"early"
+    assert sb.recv(1) == b""  # a's FIN: a still waited
+    sb.close()
+
+
 def test_a_half_closed_session_whose_held_bytes_were_dropped_is_reset(start_server):
     """The hold for its partner to be was full (--hold-bytes): that partner
     would get a cut stream, so the sender learns it at its FIN."""
