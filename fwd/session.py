@@ -779,8 +779,7 @@ class Session(Relay, asyncio.BufferedProtocol):
                 dropped = hub.router.hold(chid, chunk, now)
                 if dropped:
                     self._note_dropped(chid, dropped)
-            if self not in hub.held_by:
-                hub.held_by[self] = now
+            hub.held_by.setdefault(self, now)
             hub.watch_holds()
         if full:
             self._wait_for(full)
