@@ -164,19 +164,17 @@ def test_a_receiver_that_stops_reading_is_still_a_slow_consumer(start_server):
 
 
 def test_kick_ends_a_pumped_pair_and_its_threads(chan_server):
-    sa, sb = pair(chan_server)
-    worker = chan_server.worker_of(sa)
-    before = threads(worker)
-    sa.close()
-    sb.close()
+    before = {w: threads(w) for w in chan_server.workers()}
     sa, sb = pumped_pair(chan_server)
+    worker = chan_server.worker_of(sa)
+    assert threads(worker) > before[worker]
     mark = chan_server.mark()
     chan_server.ctl("kick", "a")
     sa.settimeout(10)
     sb.settimeout(10)
     assert sa.recv(1) == b""
     assert sb.recv(1) == b""  # its partner goes too (docs/PROTOCOL.md §3.7)
-    wait_until(lambda: threads(worker) == before, 10, "the threads to end")
+    wait_until(lambda: threads(worker) == before[worker], 10, "the threads to end")
     assert pumped(chan_server) == 0
     chan_server.wait_log(r"session end chid=a .*reason=kicked by fwd-ctl", start=mark)
     chan_server.wait_log(r"session end chid=b .*reason=pair partner left", start=mark)
