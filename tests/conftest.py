@@ -20,8 +20,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from helpers import handshake, socket_inodes, tcp_sockets, wait_until
+
+# Property tests check correctness, never speed: on a shared, loaded machine a
+# deadline or the "generation is slow" health check fails a correct build.
+settings.register_profile("fwd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fwd")
 
 LOG_WAIT = 15.0
 WORKERS = int(os.environ.get("FWD_TEST_WORKERS", "1"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fwd.errors import LocalProtocolError, RemoteProtocolError
@@ -33,8 +33,8 @@ from fwd.protocol import (
     to_message,
 )
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=150)
+SLOW = settings(max_examples=60)
 
 
 # -- helpers --------------------------------------------------------------------------

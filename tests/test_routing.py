@@ -378,7 +378,7 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(_ops)
 def test_routes_match_a_brute_force_model(ops):
     """Whatever the order of claims, takeovers, joins and leaves, every route is exact."""
@@ -621,7 +621,7 @@ def memory(model: dict[str, list[tuple[float, bytes]]]) -> int:
     return sum(len(b) for b in unique(model).values())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(
     st.lists(
         st.tuples(st.sampled_from("abc"), st.integers(1, 12), st.integers(0, 3), st.booleans()),
@@ -750,7 +750,7 @@ def test_forget_a_session_that_is_both_sender_and_receiver():
     assert bp.forget(Sess("never")) == []
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(
     st.lists(
         st.tuples(
