@@ -259,10 +259,20 @@ def to_message(event: Event) -> dict[str, Any]:
     return {"rsp": "hs4", "result": "FAIL", "desc": event.desc}
 
 
+REQUEST_KEYS = {
+    "hs1": frozenset({"req", "chid"}),
+    "hs3": frozenset({"req", "recvers", "timeout", "nonce"}),
+}
+"""The keys each request may carry; any other fails the handshake."""
+
+
 def from_message(obj: Any, role: Role) -> Event:
     """Validate a decoded JSON value as the message ``role`` expects to receive.
 
-    Unknown keys are ignored so that newer clients can add fields.
+    A request with a key the server does not know fails: a misspelt
+    ``recvers`` would otherwise turn a private stream into a broadcast, and a
+    client asking for a feature this server lacks learns so. Replies are read
+    leniently instead, so that a newer server can add fields.
     """
     if not isinstance(obj, dict):
         raise _fail("not a JSON object")
@@ -271,6 +281,11 @@ def from_message(obj: Any, role: Role) -> Event:
     if not isinstance(kind, str):
         raise _fail(f"missing {key!r}")
     if role is Role.SERVER:
+        known = REQUEST_KEYS.get(kind)
+        if known is not None:
+            for k in obj:
+                if k not in known:
+                    raise _fail(f"unknown key {k[:32]!r} in {kind}")
         if kind == "hs1":
             chid = obj.get("chid")
             return Hs1(None if chid is None or chid == "" else check_chid(chid))

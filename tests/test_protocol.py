@@ -364,9 +364,22 @@ def test_hs1_without_chid_lets_the_server_pick(msg):
     assert from_message(msg, Role.SERVER) == Hs1(None)
 
 
-def test_hs1_with_chid_and_unknown_keys():
-    msg = {"req": "hs1", "chid": "ch0", "future": {"x": [1]}, "version": 9}
-    assert from_message(msg, Role.SERVER) == Hs1("ch0")
+@pytest.mark.parametrize(
+    ("msg", "desc"),
+    [
+        ({"req": "hs1", "chid": "ch0", "future": {"x": [1]}, "version": 9},
+         "unknown key 'future' in hs1"),
+        ({"req": "hs1", "nonce": "n"}, "unknown key 'nonce' in hs1"),
+        ({"req": "hs3", "recever": ["b"]}, "unknown key 'recever' in hs3"),
+        ({"req": "hs3", "recvers": ["b"], "timout": 5}, "unknown key 'timout' in hs3"),
+        # before the fields are checked, and cut like an unknown req
+        ({"req": "hs3", "recvers": 1, "k" * 40: 1}, f"unknown key {'k' * 32!r} in hs3"),
+    ],
+)
+def test_requests_with_unknown_keys_fail(msg, desc):
+    with pytest.raises(RemoteProtocolError) as info:
+        from_message(msg, Role.SERVER)
+    assert info.value.desc == desc
 
 
 @pytest.mark.parametrize(
@@ -377,7 +390,7 @@ def test_hs3_without_recvers_means_everyone(msg):
 
 
 def test_hs3_dedupes_recvers_keeping_first_order():
-    msg = {"req": "hs3", "recvers": ["b", "a", "b", "c", "a"], "timeout": 5, "x": 1}
+    msg = {"req": "hs3", "recvers": ["b", "a", "b", "c", "a"], "timeout": 5}
     assert from_message(msg, Role.SERVER) == Hs3(("b", "a", "c"), 5)
 
 

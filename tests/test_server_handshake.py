@@ -272,12 +272,19 @@ def test_both_json_forms_work(chan_server, form):
     assert recv_exact(b, 7) == b"form ok"
 
 
-def test_unknown_keys_are_ignored(chan_server):
+def test_a_misspelt_key_fails_instead_of_making_a_broadcast(chan_server):
+    """Ignored, "recever" would leave recvers empty: everyone else."""
+    other, _ = chan_server.handshake("other", [])
     sock = chan_server.connect()
-    sock.sendall(compact({"req": "hs1", "chid": "k", "future": {"x": [1]}}))
+    sock.sendall(compact({"req": "hs1", "chid": "k"}))
     assert read_json(sock) == {"rsp": "hs2", "chid": "k"}
-    sock.sendall(compact({"req": "hs3", "recvers": [], "extra": None}))
-    assert read_json(sock) == {"rsp": "hs4", "result": "OK"}
+    sock.sendall(compact({"req": "hs3", "recever": ["b"]}) + b"private")
+    assert read_json(sock) == {"rsp": "hs4", "result": "FAIL",
+                               "desc": "unknown key 'recever' in hs3"}
+    assert_closed(sock)
+    sock2, _ = chan_server.handshake("k2", ["other"])
+    sock2.sendall(b"!")
+    assert recv_exact(other, 1) == b"!"  # and not "private" first
 
 
 @pytest.mark.parametrize("hs1", [b'{"req":"hs1"}\n', b'{"req":"hs1","chid":""}\n',
