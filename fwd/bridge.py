@@ -85,8 +85,9 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from .client import PASSWORD_HINT, refused_hint
 from .config import format_hostport
-from .crypto import AeadLineCodec, derive_key
+from .crypto import REJECTED, AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
 from .fastpath import Pump, Relay, bind, send_view
 from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, refusal
@@ -664,9 +665,10 @@ class Bridge:
                 continue
             reason = await link.done
             if link.refused is not None:
-                raise GiveUp(f"{SIDES[side]} {format_hostport(*self.addrs[side])} is in chan "
-                             f"mode and refused us without a handshake ({link.refused}): give "
-                             "--chid or --recvers", EXIT_REJECTED)
+                raise GiveUp(f"{SIDES[side]} {format_hostport(*self.addrs[side])} refused us "
+                             f"without a handshake: "
+                             f"{refused_hint(link.refused, '--chid or --recvers')}",
+                             EXIT_REJECTED)
             age = self.loop.time() - link.started
             if link.by_us or link.bytes_in or age >= HEALTHY_AFTER:
                 self.failures[side] = 0
@@ -693,8 +695,10 @@ class Bridge:
                 return None
             except HandshakeFailed as exc:
                 if not exc.retryable:
+                    hint = (f": {PASSWORD_HINT}" if exc.desc == REJECTED and self.key is None
+                            else "")
                     raise GiveUp(f"{SIDES[side]} {format_hostport(*self.addrs[side])} rejected "
-                                 f"the handshake: {exc.desc}", EXIT_REJECTED) from None
+                                 f"the handshake: {exc.desc}{hint}", EXIT_REJECTED) from None
                 if not await self._backoff(side, describe(exc), gen):
                     return None
             except (OSError, asyncio.TimeoutError) as exc:

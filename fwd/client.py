@@ -42,6 +42,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from .crypto import REJECTED
 from .e2e import Decoder, E2EError, E2EKey, Encoder, as_key
 from .errors import FwdError, RemoteProtocolError
 from .protocol import (
@@ -81,11 +82,23 @@ class HandshakeError(FwdError):
     what went wrong locally (e.g. ``connection closed during handshake``).
     """
 
-    def __init__(self, desc: str) -> None:
+    def __init__(self, desc: str, hint: str | None = None) -> None:
         # A wrong password already reads "handshake rejected": don't say it twice.
-        prefix = "" if desc.startswith("handshake rejected") else "handshake rejected: "
-        super().__init__(prefix + desc)
+        prefix = "" if desc.startswith(REJECTED) else "handshake rejected: "
+        super().__init__(prefix + desc + (f": {hint}" if hint else ""))
         self.desc = desc
+
+
+PASSWORD_HINT = "the server has a password: give --password or set FWD_PASSWORD"
+
+
+def refused_hint(desc: str, handshake_options: str) -> str:
+    """Why a server refused a client that sent no handshake, and the option to
+    give: a password server (either mode) refuses it as a stranger, a chan
+    server as a client with no chid."""
+    if desc.startswith(REJECTED):
+        return PASSWORD_HINT
+    return f"the server is in chan mode and wants a handshake ({desc}): give {handshake_options}"
 
 
 # -- the handshake, shared by both front ends ---------------------------------------
@@ -133,6 +146,7 @@ class _ClientHandshake:
         self.recvers = recvers
         self.timeout = timeout
         self.hs = Handshake(Role.CLIENT, codec)
+        self.plain = codec is PLAIN
         self.chid: str | None = None
         self.done = False
 
@@ -155,7 +169,9 @@ class _ClientHandshake:
                     out += hs.send(Hs3(self.recvers, self.timeout, event.nonce))
                 elif isinstance(event, Hs4):
                     if not event.ok:
-                        raise HandshakeError(event.desc or "(no reason given)")
+                        # A stranger to a password server hears only this.
+                        hint = PASSWORD_HINT if self.plain and event.desc == REJECTED else None
+                        raise HandshakeError(event.desc or "(no reason given)", hint)
                     self.done = True
                     return out
         except RemoteProtocolError as exc:
@@ -707,8 +723,7 @@ def _downstream(conn: Connection, out_fd: int) -> bool:
         # on an encrypted stream) must not pass for data, nor for a bad stream.
         desc = refusal(conn.sock.recv(READ_SIZE, socket.MSG_PEEK))
         if desc is not None:
-            raise HandshakeError(f"the server is in chan mode and wants a handshake "
-                                 f"({desc}): give --chid or --to")
+            raise HandshakeError(refused_hint(desc, "--chid or --to"))
     while data := conn.recv(READ_SIZE):
         view = memoryview(data)
         try:

@@ -381,8 +381,8 @@ def test_plain_mode_against_a_chan_server_exits_3_and_passes_nothing_on(
     svc = start_service(xor_echo)
     br = start_client("--server0", addr(server), "--server1", svc.addr, "--connect", "lazy")
     assert br.exit_code() == 3
-    br.wait_log(r"ERROR .*is in chan mode and refused us without a handshake "
-                r"\(handshake timeout\): give --chid or --recvers")
+    br.wait_log(r"ERROR .*refused us without a handshake: the server is in chan mode and "
+                r"wants a handshake \(handshake timeout\): give --chid or --recvers")
     assert svc.conns == []
 
 
@@ -508,6 +508,12 @@ def test_password_handshake_with_a_password_server(start_server, start_client, s
     assert bad.exit_code() == 3
     bad.wait_log(r"ERROR .*rejected the handshake: handshake rejected$")
     assert not any("not it" in ln for ln in bad.lines)
+    # No password at all: told what "handshake rejected" means.
+    none = start_client("--server0", addr(server), "--server1", svc.addr, "--chid", "svc",
+                        "--recvers", "user")
+    assert none.exit_code() == 3
+    none.wait_log(r"ERROR .*rejected the handshake: handshake rejected: the server has a "
+                  r"password: give --password or set FWD_PASSWORD$")
     # The right one (from a file; --password implies the handshake) gets through.
     path = tmp_path / "pw"
     path.write_text(password + "\n", encoding="utf-8")

@@ -269,6 +269,20 @@ def test_e2e_key_mismatch_exits_4(chan_server, fwd_cat, tmp_path):
 
 
 @needs_crypto
+@pytest.mark.parametrize("mode", ["chan", "broadcast"])
+def test_no_password_for_a_password_server_is_told_to_give_one(start_server, fwd_cat, mode):
+    """A stranger only hears "handshake rejected", in either mode and with or
+    without a handshake of its own: fwd-cat says what that means."""
+    server = start_server("--mode", mode, "--password", "s3cret")
+    for args in ([], ["--chid", "x"]):
+        proc = fwd_cat(server, *args, stdin=subprocess.PIPE)
+        _, err = proc.communicate(b"hello\n", timeout=WAIT)
+        assert proc.returncode == 3
+        assert err.decode().endswith(": handshake rejected: the server has a password: "
+                                     "give --password or set FWD_PASSWORD\n"), err
+
+
+@needs_crypto
 def test_password_from_env_or_file(start_server, fwd_cat, tmp_path):
     server = start_server("--mode", "chan", "--password", "s3cret")
     pwfile = tmp_path / "pw"
