@@ -272,10 +272,13 @@ CAT_EXIT_E2E = 4
 @click.option("--linger", type=_SECONDS, default=0.5, show_default=True,
               help="Once the relay ended the stream toward us, end ours when stdin has "
                    "been quiet this long (a file is always sent to its end).")
+@click.option("--recv-only", "-d", is_flag=True,
+              help="Do not read stdin (nc -d): only receive; our direction ends when the "
+                   "relay's does. For a receiver whose stdin is not a terminal.")
 def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
         timeout: int | None, handshake: bool | None, password: str | None,
         password_file: str | None, e2e_key: str | None, e2e_key_file: str | None,
-        connect_timeout: float, linger: float) -> None:
+        connect_timeout: float, linger: float, recv_only: bool) -> None:
     """Copy stdin to a fwd-server session and the session to stdout (netcat for fwd).
 
     Each direction ends on its own. At EOF on stdin the session is half-closed
@@ -315,7 +318,8 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or exc)
             return die(f"cannot connect to {where}: {reason}", CAT_EXIT_ERROR)
         try:
-            splice_stdio(conn, sys.stdin.fileno(), sys.stdout.fileno(), linger)
+            splice_stdio(conn, None if recv_only else sys.stdin.fileno(),
+                         sys.stdout.fileno(), linger)
         except HandshakeError as exc:
             return die(f"{where}: {exc}", CAT_EXIT_REJECTED)
         except E2EError as exc:

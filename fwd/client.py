@@ -646,7 +646,7 @@ def _handshake_blocking(driver: _ClientHandshake, sock: socket.socket,
             sock.sendall(out)
 
 
-def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1,
+def splice_stdio(conn: Connection, in_fd: int | None = 0, out_fd: int = 1,
                  linger: float = STDIN_LINGER) -> None:
     """Copy ``in_fd`` to the session and the session to ``out_fd`` (what fwd-cat does).
 
@@ -659,7 +659,9 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1,
     direction ends too (FIN, and the FINAL record with end-to-end encryption)
     and this returns. What ``in_fd`` delivers after that stays unread (the
     thread that reads it stops). It also returns when nobody reads ``out_fd``
-    any more (``fwd-cat ... | head -c 10``), as cat would stop. Raises the
+    any more (``fwd-cat ... | head -c 10``), as cat would stop. With
+    ``in_fd`` None nothing is sent, and our direction ends only when the
+    relay's does (``nc -d``: a receiver whose stdin is not a terminal). Raises the
     first error of either direction (OSError, E2EError), or HandshakeError
     when a connection made without a handshake meets a chan-mode server that
     refuses it.
@@ -669,7 +671,8 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1,
 
     def upstream() -> None:
         poller = select.poll()
-        poller.register(in_fd, select.POLLIN)
+        if in_fd is not None:
+            poller.register(in_fd, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         quiet: int | None = None  # poll's timeout in ms once draining, else none
         try:
@@ -683,6 +686,7 @@ def splice_stdio(conn: Connection, in_fd: int = 0, out_fd: int = 1,
                         return
                     quiet = max(0, round(linger * 1000))
                     continue
+                assert in_fd is not None  # only in_fd and wake_r are polled
                 data = os.read(in_fd, READ_SIZE)
                 if not data:
                     conn.shutdown_write()

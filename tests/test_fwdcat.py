@@ -101,6 +101,27 @@ def test_chan_file_transfer_byte_exact_both_exit_0(chan_server, fwd_cat, big_fil
 
 
 @pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
+def test_a_recv_only_receiver_with_no_stdin_gets_the_file(chan_server, fwd_cat, big_file,
+                                                          tmp_path, e2e):
+    """--recv-only (nc -d): stdin is /dev/null, as from a script or a service,
+    and is not read, so b does not half-close before a has even come."""
+    src, digest, _ = big_file
+    out = tmp_path / "out.bin"
+    env = {"FWD_E2E_KEY": e2e} if e2e else None
+    mark = chan_server.mark()
+    with open(out, "wb") as fout:
+        receiver = fwd_cat(chan_server, "--chid", "b", "--to", "a", "--recv-only",
+                           stdin=subprocess.DEVNULL, stdout=fout, env=env)
+    chan_server.wait_log(r"session start chid=b ", start=mark)
+    with open(src, "rb") as fin:
+        sender = fwd_cat(chan_server, "--chid", "a", "--to", "b", stdin=fin, env=env)
+    assert finish(sender) == (0, "")
+    assert finish(receiver) == (0, "")
+    assert file_sha(out) == digest
+    chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways", start=mark)
+
+
+@pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
 def test_a_partner_that_ends_its_stream_first_still_gets_all_of_ours(chan_server, fwd_cat,
                                                                      tmp_path, e2e):
     """b answers and half-closes while a is still sending: in a pair b keeps
