@@ -130,6 +130,8 @@ class BridgeOptions:
     chid: str | None = None
     recvers: tuple[str, ...] = ()
     timeout: int | None = None
+    senders: tuple[str, ...] | None = None
+    """hs3 ``senders``: the only chids whose bytes reach the service (None: anyone)."""
     on_close: str = "both"
     connect: str = "lazy"
     max_retries: int | None = None
@@ -150,7 +152,7 @@ class BridgeOptions:
             # Same checks the server applies, so a bad chid is a usage error, not a retry loop.
             try:
                 Hs1(self.chid)
-                Hs3(self.recvers, self.timeout)
+                Hs3(self.recvers, self.timeout, senders=self.senders)
             except RemoteProtocolError as exc:
                 raise ValueError(exc.desc) from None
 
@@ -159,6 +161,7 @@ class BridgeOptions:
             return "off"
         return (f"chid={self.chid or '(server picks)'} recvers={','.join(self.recvers) or '(all)'}"
                 f" timeout={'-' if self.timeout is None else self.timeout}"
+                f" senders={'(any)' if self.senders is None else ','.join(self.senders)}"
                 f" password={'off' if self.password is None else 'on'}")
 
 
@@ -339,7 +342,8 @@ class Link(Relay, asyncio.BufferedProtocol):
                     self.chid = event.chid
                     opts = self.bridge.opts
                     # Echo hs2's nonce (encrypted handshake); plain servers send none.
-                    self.transport.write(hs.send(Hs3(opts.recvers, opts.timeout, event.nonce)))
+                    hs3 = Hs3(opts.recvers, opts.timeout, event.nonce, opts.senders)
+                    self.transport.write(hs.send(hs3))
                 elif isinstance(event, Hs4):
                     if not event.ok:
                         desc = event.desc or "(no reason given)"

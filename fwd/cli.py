@@ -194,11 +194,17 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
 @click.option("--chid", default=None, help="Chan handshake on server0: the chid to claim.")
 @click.option("--recvers", multiple=True, callback=_split_recvers,
               help="Chan handshake: receivers of our bytes (repeat or comma-separate).")
+@click.option("--senders", multiple=True, callback=_split_recvers,
+              help="Chan handshake: the only chids whose bytes reach the service (repeat or "
+                   "comma-separate) [default: the --recvers, if any].", show_default=False)
+@click.option("--any-sender", is_flag=True,
+              help="Chan handshake: let every chid's bytes reach the service, also those "
+                   "sent to everyone, even with --recvers.")
 @click.option("--timeout", type=click.IntRange(min=0), default=None,
               help="Chan handshake: idle timeout (seconds) the server applies to our session.")
 @click.option("--handshake/--no-handshake", default=None,
               help="Force the chan handshake on or off [default: on if --chid, --recvers, "
-                   "--timeout or a password is given].", show_default=False)
+                   "--senders, --timeout or a password is given].", show_default=False)
 @click.option("--on-close", type=click.Choice(["both", "one"]), default="both",
               help="When one side closes: both = end the pair and start a fresh one; "
                    "one = reconnect only that side.")
@@ -222,12 +228,20 @@ def client(**options: Any) -> None:
 
     options["password"] = _take_password(options)
     handshake = options.pop("handshake")
-    wants = bool(options["chid"] or options["recvers"] or options["timeout"] is not None
-                 or options["password"] is not None)
+    senders, any_sender = options.pop("senders"), options.pop("any_sender")
+    if senders and any_sender:
+        raise click.UsageError("--senders and --any-sender exclude each other")
+    wants = bool(options["chid"] or options["recvers"] or senders
+                 or options["timeout"] is not None or options["password"] is not None)
     if handshake is None:
         handshake = wants
     elif not handshake and wants:
-        raise click.UsageError("--chid, --recvers, --timeout and --password need the handshake")
+        raise click.UsageError("--chid, --recvers, --senders, --timeout and --password need "
+                               "the handshake")
+    # The service answers whoever it hears, and its answers go to the --recvers
+    # only: by default it hears only them, not every sender to "everyone else".
+    if handshake and not any_sender:
+        options["senders"] = senders or options["recvers"] or None
     setup_logging(options.pop("log_level"), "client", options.pop("log_format"))
     try:
         opts = BridgeOptions(handshake=handshake, **options)
@@ -250,6 +264,9 @@ CAT_EXIT_E2E = 4
 @click.option("--to", "recvers", multiple=True, callback=_split_recvers,
               help="Handshake: a receiver of our bytes (repeat or comma-separate) "
                    "[default: everyone else].")
+@click.option("--from", "senders", multiple=True, callback=_split_recvers,
+              help="Handshake: receive only from this chid (repeat or comma-separate) "
+                   "[default: from anyone].")
 @click.option("--timeout", type=click.IntRange(min=0), default=None,
               help="Handshake: idle timeout (seconds) the server applies to our session.")
 @click.option("--handshake/--no-handshake", default=None,
@@ -276,7 +293,7 @@ CAT_EXIT_E2E = 4
               help="Do not read stdin (nc -d): only receive; our direction ends when the "
                    "relay's does. For a receiver whose stdin is not a terminal.")
 def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
-        timeout: int | None, handshake: bool | None, password: str | None,
+        senders: tuple[str, ...], timeout: int | None, handshake: bool | None, password: str | None,
         password_file: str | None, e2e_key: str | None, e2e_key_file: str | None,
         connect_timeout: float, linger: float, recv_only: bool) -> None:
     """Copy stdin to a fwd-server session and the session to stdout (netcat for fwd).
@@ -294,11 +311,12 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
 
     password = _read_secret(password, password_file, "password")
     secret = _read_secret(e2e_key, e2e_key_file, "e2e-key")
-    wants = bool(chid or recvers or timeout is not None or password is not None)
+    wants = bool(chid or recvers or senders or timeout is not None or password is not None)
     if handshake is None:
         handshake = wants
     elif not handshake and wants:
-        raise click.UsageError("--chid, --to, --timeout and --password need the handshake")
+        raise click.UsageError("--chid, --to, --from, --timeout and --password need the "
+                               "handshake")
     host, port = address
     where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
 
@@ -309,7 +327,8 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
     try:
         try:
             conn = connect(host, port, chid, recvers, timeout, password, secret,
-                           handshake=handshake, connect_timeout=connect_timeout)
+                           handshake=handshake, connect_timeout=connect_timeout,
+                           senders=senders or None)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
         except HandshakeError as exc:

@@ -137,14 +137,15 @@ class _ClientHandshake:
     """
 
     def __init__(self, chid: str | None, recvers: tuple[str, ...], timeout: int | None,
-                 codec: LineCodec) -> None:
+                 codec: LineCodec, senders: tuple[str, ...] | None = None) -> None:
         try:  # the server's own checks, so a bad argument is a ValueError, not a FAIL
             self.hs1 = Hs1(chid or None)
-            Hs3(recvers, timeout)
+            Hs3(recvers, timeout, senders=senders)
         except RemoteProtocolError as exc:
             raise ValueError(exc.desc) from None
         self.recvers = recvers
         self.timeout = timeout
+        self.senders = senders
         self.hs = Handshake(Role.CLIENT, codec)
         self.plain = codec is PLAIN
         self.chid: str | None = None
@@ -166,7 +167,7 @@ class _ClientHandshake:
                 if isinstance(event, Hs2):
                     self.chid = event.chid
                     # With a password hs2 carries a nonce, and hs3 echoes it.
-                    out += hs.send(Hs3(self.recvers, self.timeout, event.nonce))
+                    out += hs.send(Hs3(self.recvers, self.timeout, event.nonce, self.senders))
                 elif isinstance(event, Hs4):
                     if not event.ok:
                         # A stranger to a password server hears only this.
@@ -183,9 +184,11 @@ class _ClientHandshake:
 
 
 def _check_mode(handshake: bool, chid: str | None, recvers: tuple[str, ...],
-                timeout: int | None, password: str | None) -> None:
-    if not handshake and (chid or recvers or timeout is not None or password is not None):
-        raise ValueError("chid, recvers, timeout and password need the handshake "
+                timeout: int | None, password: str | None,
+                senders: tuple[str, ...] | None) -> None:
+    if not handshake and (chid or recvers or timeout is not None or password is not None
+                          or senders is not None):
+        raise ValueError("chid, recvers, senders, timeout and password need the handshake "
                          "(handshake=False is a plain broadcast client)")
 
 
@@ -233,6 +236,7 @@ async def open_session(
     timeout: int | None = None, password: str | None = None,
     e2e_key: E2EKey | str | bytes | None = None, *, handshake: bool = True,
     connect_timeout: float | None = CONNECT_TIMEOUT,
+    senders: Iterable[str] | str | None = None,
 ) -> tuple[SessionReader, SessionWriter, str | None]:
     """Connect, handshake, and return ``(reader, writer, chid)`` ready for raw data.
 
@@ -241,19 +245,22 @@ async def open_session(
     applies. ``password`` encrypts the handshake (server ``--password``).
     ``e2e_key`` (an ``E2EKey`` or the shared secret) encrypts the stream end to
     end. ``handshake=False``: plain broadcast client, ``chid`` is ``None``.
-    Slow key derivations run in the default executor, before connecting, so
-    the event loop keeps running and hs1 still goes out right after connect
-    (broadcast mode gives it 50 ms).
+    ``senders``: receive only from these chids (None: from anyone; an exposed
+    service would otherwise hear every sender to "everyone else"). Slow key
+    derivations run in the default executor, before connecting, so the event
+    loop keeps running and hs1 still goes out right after connect (broadcast
+    mode gives it 50 ms).
     """
     recv = _recvers_tuple(recvers)
-    _check_mode(handshake, chid, recv, timeout, password)
+    send = None if senders is None else _recvers_tuple(senders)
+    _check_mode(handshake, chid, recv, timeout, password, send)
     loop = asyncio.get_running_loop()
     driver: _ClientHandshake | None = None
     if handshake:
         codec: LineCodec = PLAIN
         if password is not None:
             codec = _password_codec(await loop.run_in_executor(None, _password_key, password))
-        driver = _ClientHandshake(chid, recv, timeout, codec)
+        driver = _ClientHandshake(chid, recv, timeout, codec, send)
     key: E2EKey | None = None
     if e2e_key is not None:
         key = await loop.run_in_executor(None, as_key, e2e_key)
@@ -599,6 +606,7 @@ def connect(
     timeout: int | None = None, password: str | None = None,
     e2e_key: E2EKey | str | bytes | None = None, *, handshake: bool = True,
     connect_timeout: float | None = CONNECT_TIMEOUT,
+    senders: Iterable[str] | str | None = None,
 ) -> Connection:
     """Blocking ``open_session``: same arguments, returns a ``Connection``.
 
@@ -606,13 +614,14 @@ def connect(
     bounds connect plus handshake; the returned socket is blocking.
     """
     recv = _recvers_tuple(recvers)
-    _check_mode(handshake, chid, recv, timeout, password)
+    send = None if senders is None else _recvers_tuple(senders)
+    _check_mode(handshake, chid, recv, timeout, password, send)
     driver: _ClientHandshake | None = None
     if handshake:
         codec: LineCodec = PLAIN
         if password is not None:
             codec = _password_codec(_password_key(password))  # slow: before connecting
-        driver = _ClientHandshake(chid, recv, timeout, codec)
+        driver = _ClientHandshake(chid, recv, timeout, codec, send)
     key = as_key(e2e_key) if e2e_key is not None else None
     # One deadline for both steps (though create_connection gives each address
     # of a name that resolves to several the whole timeout).

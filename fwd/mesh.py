@@ -321,16 +321,19 @@ class Mesh:
 
     # -- other workers -------------------------------------------------------------
 
-    def send_to(self, worker: int, chid: str, chunk: bytes) -> bool:
-        """Bytes for ``chid`` on ``worker``; False if the pipe is full (the
-        chunk is still sent: ZeroMQ queues past the mark only for us here)."""
-        return self._send(worker, [TO, chid.encode(), chunk])
+    def send_to(self, worker: int, chid: str, chunk: bytes, sender: str | None) -> bool:
+        """Bytes from chid ``sender`` for ``chid`` on ``worker``; False if the
+        pipe is full (the chunk is still sent: ZeroMQ queues past the mark
+        only for us here). The sender goes along: receivers may refuse it."""
+        return self._send(worker, [TO, chid.encode(), (sender or "").encode(), chunk])
 
-    def send_all(self, chunk: bytes, to: Iterable[int] | None = None) -> list[int]:
-        """Bytes for every live session of the other workers (or of those in
-        ``to``); returns the full pipes."""
+    def send_all(self, chunk: bytes, sender: str | None,
+                 to: Iterable[int] | None = None) -> list[int]:
+        """Bytes from chid ``sender`` for every live session of the other
+        workers (or of those in ``to``); returns the full pipes."""
+        tag = (sender or "").encode()
         return [w for w in (self.peers if to is None else to)
-                if not self._send(w, [ALL, chunk])]
+                if not self._send(w, [ALL, tag, chunk])]
 
     def sleep(self, asleep: bool) -> None:
         """Tell the others this worker has no live session (they may skip it for
@@ -398,9 +401,9 @@ class Mesh:
         kind = frames[0]
         h = self.handler
         if kind == TO:
-            h.deliver(frames[1].decode(), frames[2])
+            h.deliver(frames[1].decode(), frames[3], frames[2].decode() or None)
         elif kind == ALL:
-            h.deliver_all(frames[1])
+            h.deliver_all(frames[2], frames[1].decode() or None)
         elif kind in (FULL, DRAIN):
             h.remote_full(int(frames[2]), frames[1].decode() or None, kind == FULL)
         elif kind == SLEEP:

@@ -110,6 +110,9 @@ class Hs3:
     timeout: int | None = None
     nonce: str | None = None
     """Encrypted handshake only: the hs2 ``nonce``, echoed."""
+    senders: tuple[str, ...] | None = None
+    """The only chids this session receives from (None: anyone). An exposed
+    service would otherwise also get every "everyone else" sender's bytes."""
 
     def __post_init__(self) -> None:
         check_nonce(self.nonce)
@@ -117,6 +120,11 @@ class Hs3:
             raise _fail(f"more than {MAX_RECVERS} recvers")
         for r in self.recvers:
             check_chid(r, "recver")
+        if self.senders is not None:
+            if len(self.senders) > MAX_RECVERS:
+                raise _fail(f"more than {MAX_RECVERS} senders")
+            for r in self.senders:
+                check_chid(r, "sender")
         t = self.timeout
         if t is not None and (
             isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TIMEOUT
@@ -253,6 +261,8 @@ def to_message(event: Event) -> dict[str, Any]:
             msg["timeout"] = event.timeout
         if event.nonce is not None:
             msg["nonce"] = event.nonce
+        if event.senders is not None:
+            msg["senders"] = list(event.senders)
         return msg
     if event.ok:
         return {"rsp": "hs4", "result": "OK"}
@@ -261,7 +271,7 @@ def to_message(event: Event) -> dict[str, Any]:
 
 REQUEST_KEYS = {
     "hs1": frozenset({"req", "chid"}),
-    "hs3": frozenset({"req", "recvers", "timeout", "nonce"}),
+    "hs3": frozenset({"req", "recvers", "timeout", "nonce", "senders"}),
 }
 """The keys each request may carry; any other fails the handshake."""
 
@@ -299,9 +309,13 @@ def from_message(obj: Any, role: Role) -> Event:
                 raise _fail(f"more than {MAX_RECVERS} recvers")
             for r in recvers:
                 check_chid(r, "recver")
+            senders = obj.get("senders")
+            if senders is not None and not isinstance(senders, list):
+                raise _fail("senders must be a list")
             # dict.fromkeys drops repeats but keeps the order the client gave.
             return Hs3(tuple(dict.fromkeys(recvers)), obj.get("timeout"),
-                       check_nonce(obj.get("nonce")))
+                       check_nonce(obj.get("nonce")),
+                       None if senders is None else tuple(dict.fromkeys(senders)))
     else:
         if kind == "hs2":
             return Hs2(check_chid(obj.get("chid")), check_nonce(obj.get("nonce")))

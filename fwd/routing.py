@@ -59,14 +59,16 @@ HOLD_CHID_COST = 1024
 """Memory of an absent chid's hold besides its bytes (its _Hold, deque and
 dict entry: 887 bytes measured), charged to hold_total: one hs3 may name
 hundreds of absent chids."""
-HOLD_ENTRY_COST = 64
-"""Memory of one held read besides its bytes (its tuple and deque slot: 56
-measured), charged to hold_total: a flood of one-byte reads costs this each."""
+HOLD_ENTRY_COST = 72
+"""Memory of one held read besides its bytes (its (time, bytes, sender) tuple
+and deque slot: 72 measured), charged to hold_total: a flood of one-byte
+reads costs this each."""
 
 
 @dataclass(slots=True)
 class _Hold:
-    chunks: deque[tuple[float, bytes]] = field(default_factory=deque)
+    # (when, bytes, sender's chid): the receiver may accept only some senders.
+    chunks: deque[tuple[float, bytes, str | None]] = field(default_factory=deque)
     size: int = 0
 
 
@@ -98,6 +100,8 @@ class Router(Generic[T]):
         self._holds: dict[str, _Hold] = {}
         self._remote: dict[str, int] = {}
         self._sealed: set[T] = set()
+        self._senders: dict[T, frozenset[str]] = {}  # hs3 "senders": only these reach it
+        self._everyone_for: dict[str | None, tuple[T, ...]] = {}
         self.on_sealed: Callable[[T], None] | None = None
 
     # -- registry ---------------------------------------------------------------
@@ -139,13 +143,31 @@ class Router(Generic[T]):
         return chid if chid is not None and self._owner.get(chid) is session else None
 
     def join(self, session: T, recvers: Iterable[str] = ()) -> list[bytes]:
-        """Make ``session`` live; return the bytes held for its chid, oldest first."""
+        """Make ``session`` live; return the bytes held for its chid that it
+        accepts, oldest first."""
         self._recvers[session] = tuple(recvers)
         self.generation += 1
         chid = session.chid
         if chid is None or self._owner.get(chid) is not session:
             return []
-        return self._take_hold(chid)
+        return [chunk for sender, chunk in self._take_hold(chid)
+                if self.accepts(session, sender)]
+
+    def accept_only(self, session: T, senders: Iterable[str] | None) -> None:
+        """``session`` receives only from these chids (None: from anyone)."""
+        if senders is None:
+            self._senders.pop(session, None)
+        else:
+            self._senders[session] = frozenset(senders)
+        self.generation += 1
+
+    def accepts(self, receiver: T, sender: str | None) -> bool:
+        """Whether bytes from chid ``sender`` may reach ``receiver``."""
+        allowed = self._senders.get(receiver)
+        return allowed is None or sender in allowed
+
+    def senders_of(self, session: T) -> frozenset[str] | None:
+        return self._senders.get(session)
 
     def leave(self, session: T) -> None:
         """Forget ``session``; its chid is free again at once. Idempotent."""
@@ -157,6 +179,8 @@ class Router(Generic[T]):
         self._routes.pop(session, None)
         self._muted.discard(session)
         self._sealed.discard(session)
+        if self._senders.pop(session, None) is not None:
+            self.generation += 1
 
     def mute(self, session: T) -> None:
         """``session`` can no longer receive (its write side is shut) but may
@@ -179,6 +203,9 @@ class Router(Generic[T]):
             return None
         if self._recvers.get(partner) != (session.chid,):
             return None
+        if self._senders and not (self.accepts(partner, session.chid)
+                                  and self.accepts(session, partner.chid)):
+            return None  # one of them would not hear the other: no 1:1 stream
         return partner
 
     def seal(self, *sessions: T) -> None:
@@ -219,13 +246,15 @@ class Router(Generic[T]):
                     for c in recvers]
             targets = tuple(s for s in here
                             if s is not None and s is not sender and s not in muted)
+            if self._senders:
+                targets = tuple(t for t in targets if self.accepts(t, sender.chid))
             remote_of = self._remote
             elsewhere = [c for c, s in zip(recvers, here, strict=True) if s is None]
             remote = tuple((remote_of[c], c) for c in elsewhere if c in remote_of)
             missing = tuple(c for c in elsewhere if c not in remote_of)
             route = Route(self.generation, targets, missing, False, remote)
         else:
-            route = Route(self.generation, self.everyone(), (), True)
+            route = Route(self.generation, self.everyone(sender.chid), (), True)
         if self._sealed and sender not in self._sealed:
             self.expose(route.targets)
         self._routes[sender] = route
@@ -234,19 +263,30 @@ class Router(Generic[T]):
     def live_count(self) -> int:
         return len(self._recvers)
 
-    def everyone(self) -> tuple[T, ...]:
-        """All live sessions, shared by every "everyone else" route."""
+    def everyone(self, sender: str | None = None) -> tuple[T, ...]:
+        """The live sessions that "everyone else" bytes from chid ``sender``
+        reach: all of them unless some accept only certain senders. Shared by
+        every such route (rebuilt after a join or leave)."""
         if self._everyone_gen != self.generation:
             muted = self._muted
             self._everyone = tuple(s for s in self._recvers if s not in muted)
+            self._everyone_for.clear()
             self._everyone_gen = self.generation
-        return self._everyone
+        if not self._senders:
+            return self._everyone
+        reach = self._everyone_for.get(sender)
+        if reach is None:
+            if len(self._everyone_for) >= 1024:  # bound the cache: one per sender chid
+                self._everyone_for.clear()
+            reach = self._everyone_for[sender] = tuple(
+                s for s in self._everyone if self.accepts(s, sender))
+        return reach
 
     # -- other workers -----------------------------------------------------------
 
-    def set_remote(self, chid: str, worker: int) -> list[bytes]:
-        """``chid`` went live on another worker; return what was held for it here,
-        to be sent there before anything newer."""
+    def set_remote(self, chid: str, worker: int) -> list[tuple[str | None, bytes]]:
+        """``chid`` went live on another worker; return what was held for it here
+        (with each sender's chid), to be sent there before anything newer."""
         self._remote[chid] = worker
         self.generation += 1
         return self._take_hold(chid)
@@ -268,8 +308,9 @@ class Router(Generic[T]):
 
     # -- hold buffers ------------------------------------------------------------
 
-    def hold(self, chid: str, chunk: bytes, now: float) -> int:
-        """Keep ``chunk`` for the absent receiver ``chid``; return bytes dropped.
+    def hold(self, chid: str, chunk: bytes, now: float, sender: str | None = None) -> int:
+        """Keep ``chunk`` from chid ``sender`` for the absent receiver ``chid``;
+        return bytes dropped.
 
         Tail drop: a receiver that connects late gets the first bytes sent to it
         (up to the limit) and loses the rest, rather than a stream with a hole
@@ -288,7 +329,7 @@ class Router(Generic[T]):
             hold = self._holds[chid] = _Hold()
         self.overhead += cost
         kept = chunk if len(chunk) <= room else chunk[:room]
-        hold.chunks.append((now, kept))
+        hold.chunks.append((now, kept, sender))
         hold.size += len(kept)
         refs = self._refs.get(id(kept), 0)
         self._refs[id(kept)] = refs + 1
@@ -306,12 +347,12 @@ class Router(Generic[T]):
             del self._refs[key]
             self.held -= len(chunk)
 
-    def _take_hold(self, chid: str) -> list[bytes]:
+    def _take_hold(self, chid: str) -> list[tuple[str | None, bytes]]:
         hold = self._holds.pop(chid, None)
         if hold is None:
             return []
-        chunks = [chunk for _, chunk in hold.chunks]
-        for chunk in chunks:
+        chunks = [(sender, chunk) for _, chunk, sender in hold.chunks]
+        for _, chunk in chunks:
             self._release(chunk)
         self.overhead -= self.chid_cost + self.entry_cost * len(chunks)
         return chunks
@@ -323,7 +364,7 @@ class Router(Generic[T]):
         for chid in list(self._holds):
             hold = self._holds[chid]
             while hold.chunks and hold.chunks[0][0] <= deadline:
-                _, chunk = hold.chunks.popleft()
+                _, chunk, _ = hold.chunks.popleft()
                 hold.size -= len(chunk)
                 dropped += len(chunk)
                 self._release(chunk)

@@ -457,6 +457,8 @@ class Session(Relay, asyncio.BufferedProtocol):
                         raise RemoteProtocolError("hs3 nonce does not match hs2")
                     if event.timeout is not None:
                         self.timeout = float(event.timeout)
+                    if event.senders is not None:
+                        self.hub.router.accept_only(self, event.senders)
                     mesh = self.hub.mesh
                     home = None
                     if mesh is not None and self.chid is not None:
@@ -579,8 +581,10 @@ class Session(Relay, asyncio.BufferedProtocol):
         if transport.get_write_buffer_size() or len(trailing) > fdpass.MAX_DATA:
             return False  # what we wrote must be on the wire before the socket moves
         sock = transport.get_extra_info("socket")
+        senders = self.hub.router.senders_of(self)
         meta = {"adopt": {"chid": self.chid, "token": self.token, "from": self.hub.wid,
                           "recvers": list(recvers), "timeout": self.timeout,
+                          "senders": None if senders is None else sorted(senders),
                           "peer": self.peer, "hs4": ok.decode("ascii")}, "to": home}
         transport.pause_reading()
         if not self.hub.send_to_parent(sock.fileno(), meta, trailing):
@@ -602,6 +606,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         if evicted is not None:
             evicted.evict(self.peer)
         self.chid = chid
+        if meta.get("senders") is not None:
+            hub.router.accept_only(self, meta["senders"])
         assert hub.mesh is not None and self.transport is not None
         hub.mesh.move(chid, meta["from"], meta["token"], self.token)
         self.named = True  # it moved here to be near sessions: they must hear of it
@@ -713,11 +719,14 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.last_active = hub.loop.time()
         mode = "broadcast" if self.chid is None else "chan"
         hub.stats[f"sessions_{mode}"] += 1
-        log.info("session start chid=%s peer=%s worker=%d mode=%s recvers=%s",
+        senders = hub.router.senders_of(self)
+        log.info("session start chid=%s peer=%s worker=%d mode=%s recvers=%s%s",
                  self.chid, self.peer, hub.wid, mode, ",".join(recvers) or "*",
+                 "" if senders is None else " senders=" + ",".join(sorted(senders)),
                  extra={"fields": {"event": "session_start", "chid": self.chid,
                                    "peer": self.peer, "worker": hub.wid, "mode": mode,
-                                   "recvers": list(recvers) or None}})
+                                   "recvers": list(recvers) or None,
+                                   "senders": None if senders is None else sorted(senders)}})
         if self.timeout > 0:
             self.timer = hub.loop.call_later(self.timeout, self._idle_check)
         if self.chid is not None and hub.awaiting:
@@ -763,7 +772,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             chunk = bytes(hub.view[:n])  # these keep the bytes: one copy for all of them
         if remote:
             assert chunk is not None
-            waits = hub.forward_remote(route, chunk)
+            waits = hub.forward_remote(route, chunk, self.chid)
             if waits:
                 full = (full or []) + waits
         if route.to_all:
@@ -776,7 +785,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         elif route.missing:
             assert chunk is not None
             for chid in route.missing:
-                dropped = hub.router.hold(chid, chunk, now)
+                dropped = hub.router.hold(chid, chunk, now, self.chid)
                 if dropped:
                     self._note_dropped(chid, dropped)
             hub.held_by.setdefault(self, now)

@@ -250,19 +250,21 @@ class Hub:
             return False
         return self.mesh is None or not self.reaches_peers()
 
-    def forward_remote(self, route: Route[Session], chunk: bytes) -> list[Any]:
-        """Send ``chunk`` to the other workers ``route`` reaches; return what to wait on."""
+    def forward_remote(self, route: Route[Session], chunk: bytes,
+                       sender: str | None) -> list[Any]:
+        """Send ``chunk`` from chid ``sender`` to the other workers ``route``
+        reaches; return what to wait on."""
         mesh = self.mesh
         assert mesh is not None
         waits: list[Any] = []
         if route.to_all:
             peers = self.awake_peers()
             self.stats["cross_worker_bytes"] += len(chunk) * len(peers)
-            waits.extend(("pipe", w) for w in mesh.send_all(chunk, peers))
+            waits.extend(("pipe", w) for w in mesh.send_all(chunk, sender, peers))
             waits.extend(("worker", w) for w, n in self.remote_full_count.items() if n > 0)
         self.stats["cross_worker_bytes"] += len(chunk) * len(route.remote)
         for worker, chid in route.remote:
-            if not mesh.send_to(worker, chid, chunk):
+            if not mesh.send_to(worker, chid, chunk, sender):
                 waits.append(("pipe", worker))
             if chid in self.remote_full_chids:
                 waits.append(("chid", chid))
@@ -270,8 +272,8 @@ class Hub:
 
     def remote_live(self, chid: str, worker: int) -> None:
         assert self.mesh is not None
-        for chunk in self.router.set_remote(chid, worker):  # held here, older than anything new
-            self.mesh.send_to(worker, chid, chunk)
+        for sender, chunk in self.router.set_remote(chid, worker):  # older than anything new
+            self.mesh.send_to(worker, chid, chunk, sender)
         self.sync_wants()
         for session in list(self.awaiting.pop(chid, ())):  # a pair forms in one worker only
             session.no_partner()
@@ -321,11 +323,14 @@ class Hub:
         if session is not None and session.token == token:
             session.evict(by)
 
-    def deliver(self, chid: str, chunk: bytes) -> None:
-        """Bytes from another worker for a local receiver (held if it is not here)."""
+    def deliver(self, chid: str, chunk: bytes, sender: str | None) -> None:
+        """Bytes from another worker's chid ``sender`` for a local receiver
+        (held if it is not here)."""
         now = self.loop.time()
         target = self.router.live(chid)
         if target is not None:
+            if not self.router.accepts(target, sender):
+                return  # for it, they were never sent (hs3 "senders")
             self.router.expose((target,))
         if target is None:
             owner = self.router.owner(chid)
@@ -333,7 +338,7 @@ class Hub:
                 self.stats["dropped_bytes"] += len(chunk)
                 return
         if target is None or target.transport is None:
-            self.stats["dropped_bytes"] += self.router.hold(chid, chunk, now)
+            self.stats["dropped_bytes"] += self.router.hold(chid, chunk, now, sender)
             self.watch_holds()
             if target is None:
                 # Sent here as its chid's home, which it has left (or not reached):
@@ -347,9 +352,9 @@ class Hub:
         if target.writing_paused:
             target.tell_full()
 
-    def deliver_all(self, chunk: bytes) -> None:
-        """Bytes from another worker's "everyone" route."""
-        everyone = self.router.everyone()
+    def deliver_all(self, chunk: bytes, sender: str | None) -> None:
+        """Bytes from another worker's "everyone" route, from chid ``sender``."""
+        everyone = self.router.everyone(sender)
         self.router.expose(everyone)
         for target in fanout(chunk, everyone, None, self.loop.time()) or ():
             target.tell_full()

@@ -169,10 +169,10 @@ class Server(Process):
         return sock
 
     def handshake(self, chid: str | None = None, recvers: list[str] | None = None,
-                  timeout: int | None = None,
-                  source: str | None = None) -> tuple[socket.socket, str]:
+                  timeout: int | None = None, source: str | None = None,
+                  senders: list[str] | None = None) -> tuple[socket.socket, str]:
         sock = self.connect(source=source)
-        return sock, handshake(sock, chid, recvers, timeout)
+        return sock, handshake(sock, chid, recvers, timeout, senders)
 
     def workers(self) -> list[int]:
         return self.pids()[1:]

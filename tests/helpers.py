@@ -37,7 +37,7 @@ def read_json(sock: socket.socket) -> Any:
 
 
 def handshake(sock: socket.socket, chid: str | None = None, recvers: list[str] | None = None,
-              timeout: int | None = None) -> str:
+              timeout: int | None = None, senders: list[str] | None = None) -> str:
     """Run hs1..hs4 and return the chid the server granted; fail the test on FAIL."""
     hs1: dict[str, Any] = {"req": "hs1"}
     if chid is not None:
@@ -50,6 +50,8 @@ def handshake(sock: socket.socket, chid: str | None = None, recvers: list[str] |
         hs3["recvers"] = recvers
     if timeout is not None:
         hs3["timeout"] = timeout
+    if senders is not None:
+        hs3["senders"] = senders
     send_json(sock, hs3)
     hs4 = read_json(sock)
     assert hs4 == {"rsp": "hs4", "result": "OK"}, hs4

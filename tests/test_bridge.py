@@ -209,6 +209,28 @@ def test_chan_handshake_round_trip_and_lazy_lan_connect(start_server, start_clie
     assert svc.accepted == 1
 
 
+@pytest.mark.parametrize("any_sender", [False, True], ids=["default", "any-sender"])
+def test_the_service_hears_only_its_recvers_unless_any_sender(start_server, start_client,
+                                                              start_service, any_sender):
+    """A session sending to everyone else used to reach the exposed service,
+    whose answer then went to the next real user: by default fwd-client
+    names its --recvers as its only senders (hs3 "senders")."""
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc, *(["--any-sender"] if any_sender else []))
+    stranger, _ = server.handshake("stranger", [])
+    probe, _ = server.handshake("probe", [])
+    stranger.sendall(b"injected")
+    assert recv_exact(probe, 8) == b"injected"  # routed to everyone it reaches
+    remote, _ = server.handshake("user", ["svc"])
+    if any_sender:
+        br.wait_log(r"server1 connected")
+        assert recv_exact(remote, 8) == b"injected".translate(XOR)  # not ours
+    else:
+        round_trip(remote, 64 * 1024)  # the answers to our bytes only
+        assert svc.accepted == 1
+
+
 def test_lan_service_restart_is_recovered(start_server, start_client, start_service):
     server = start_server("--mode", "chan")
     svc = start_service(xor_echo)
@@ -391,7 +413,7 @@ def test_handshake_options_without_the_handshake_are_a_usage_error():
                           capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
-        "Error: --chid, --recvers, --timeout and --password need the handshake")
+        "Error: --chid, --recvers, --senders, --timeout and --password need the handshake")
 
 
 def test_handshake_rejected_for_good_exits_3_with_the_reason(start_client):
@@ -423,7 +445,8 @@ def test_bytes_behind_hs4_in_the_same_read_reach_the_service(start_client, start
         conn.settimeout(WAIT)
         assert read_line(conn) == b'{"req":"hs1","chid":"svc"}\n'
         send_json(conn, {"rsp": "hs2", "chid": "svc"})
-        assert json.loads(read_line(conn)) == {"req": "hs3", "recvers": ["user"]}
+        assert json.loads(read_line(conn)) == {"req": "hs3", "recvers": ["user"],
+                                                "senders": ["user"]}
         held = os.urandom(300 * 1024)  # more than one read of the bridge
         conn.sendall(b'{"rsp":"hs4","result":"OK"}\n' + held)
         assert recv_exact(conn, len(held)) == held.translate(XOR)
@@ -519,7 +542,7 @@ def test_password_handshake_with_a_password_server(start_server, start_client, s
     path.write_text(password + "\n", encoding="utf-8")
     br = start_client("--server0", addr(server), "--server1", svc.addr, "--chid", "svc",
                       "--recvers", "user", "--password-file", str(path))
-    br.wait_log(r"handshake=chid=svc recvers=user timeout=- password=on")
+    br.wait_log(r"handshake=chid=svc recvers=user timeout=- senders=user password=on")
     br.wait_log(r"server0 connected \S+ chid=svc", timeout=WAIT)
     assert not any(password in ln for ln in br.lines + server.lines)
     # A remote user with the same password reaches the LAN service through it.

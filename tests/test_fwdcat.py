@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from helpers import recv_hash
+from helpers import recv_exact, recv_hash
 
 MiB = 1 << 20
 WAIT = 60.0
@@ -119,6 +119,23 @@ def test_a_recv_only_receiver_with_no_stdin_gets_the_file(chan_server, fwd_cat, 
     assert finish(receiver) == (0, "")
     assert file_sha(out) == digest
     chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways", start=mark)
+
+
+def test_from_hears_only_that_chid(chan_server, fwd_cat):
+    """--from a (hs3 "senders"): a session sending to everyone else is not heard."""
+    mark = chan_server.mark()
+    b = fwd_cat(chan_server, "--chid", "b", "--to", "a", "--from", "a", "-d",
+                stdout=subprocess.PIPE)
+    chan_server.wait_log(r"session start chid=b .*recvers=a senders=a$", start=mark)
+    loud, _ = chan_server.handshake("loud", [])
+    probe, _ = chan_server.handshake("probe", [])
+    loud.sendall(b"noise")
+    assert recv_exact(probe, 5) == b"noise"
+    a, _ = chan_server.handshake("a", ["b"])
+    a.sendall(b"signal")
+    a.shutdown(socket.SHUT_WR)
+    out, err = b.communicate(timeout=WAIT)
+    assert (b.returncode, out, err) == (0, b"signal", b"")
 
 
 @pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])

@@ -402,6 +402,35 @@ def test_hs3_accepts_max_recvers_and_timeout_bounds():
     assert from_message({"req": "hs3", "timeout": None}, Role.SERVER).timeout is None
 
 
+def test_hs3_senders_absent_null_or_a_list():
+    assert from_message({"req": "hs3"}, Role.SERVER).senders is None
+    assert from_message({"req": "hs3", "senders": None}, Role.SERVER).senders is None
+    assert from_message({"req": "hs3", "senders": []}, Role.SERVER).senders == ()
+    ev = from_message({"req": "hs3", "senders": ["u", "v", "u"]}, Role.SERVER)
+    assert ev.senders == ("u", "v")
+    assert to_message(Hs3(("a",), senders=("u",))) == {"req": "hs3", "recvers": ["a"],
+                                                       "senders": ["u"]}
+    assert "senders" not in to_message(Hs3(("a",)))
+
+
+@pytest.mark.parametrize(
+    ("senders", "desc"),
+    [
+        ("u", "senders must be a list"),
+        ({"u": 1}, "senders must be a list"),
+        ([1], "sender must be a string"),
+        ([""], "sender must not be empty"),
+        (["a\x01"], "sender contains control characters"),
+        (["x" * 129], "sender longer than 128 bytes"),
+        ([f"s{i}" for i in range(MAX_RECVERS + 1)], f"more than {MAX_RECVERS} senders"),
+    ],
+)
+def test_hs3_bad_senders_fail(senders, desc):
+    with pytest.raises(RemoteProtocolError) as info:
+        from_message({"req": "hs3", "senders": senders}, Role.SERVER)
+    assert info.value.desc == desc
+
+
 @pytest.mark.parametrize("obj", [[], ["req", "hs1"], "hs1", 1, 1.5, None, True])
 def test_from_message_rejects_non_objects(obj):
     with pytest.raises(RemoteProtocolError) as info:

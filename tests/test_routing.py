@@ -786,3 +786,75 @@ def test_backpressure_matches_a_model(ops):
             assert set(freed) == paused_before - paused_after - {r}
         for s in ss:
             assert bp.is_paused(s) == bool(waits.get(s))
+
+
+# -- senders (hs3) ------------------------------------------------------------------------
+
+
+def test_a_session_with_senders_is_reached_only_by_them():
+    r = make_router()
+    svc = Sess("svc")
+    r.claim(svc, "svc")
+    r.accept_only(svc, ["user"])
+    r.join(svc, ["user"])
+    open_ = live(r, "open", "open")
+    loud = live(r, "loud", "loud")  # to everyone else
+    named = live(r, "named", "named", ["svc", "open"])
+    user = live(r, "user", "user", ["svc"])
+    plain = live(r, "plain")  # no chid: a broadcast-mode client
+    assert svc not in r.route(loud).targets and open_ in r.route(loud).targets
+    assert r.route(named).targets == (open_,) and r.route(named).missing == ()
+    assert r.route(user).targets == (svc,)
+    assert svc not in r.route(plain).targets
+    assert svc in r.everyone("user") and svc not in r.everyone("loud")
+    assert svc not in r.everyone(None)
+    r.accept_only(svc, None)  # anyone again
+    assert svc in r.route(loud).targets and svc in r.route(named).targets
+
+
+def test_without_senders_everyone_is_one_shared_tuple():
+    r = make_router()
+    a, b = live(r, "a", "a"), live(r, "b", "b")
+    assert r.everyone("a") is r.everyone("b") is r.everyone()
+    assert set(r.everyone()) == {a, b}
+
+
+def test_held_bytes_from_others_are_left_out_at_join():
+    r = make_router()
+    r.hold("svc", b"junk", 0.0, "stranger")
+    r.hold("svc", b"good", 1.0, "user")
+    r.hold("svc", b"anon", 2.0, None)
+    svc = Sess("svc")
+    r.claim(svc, "svc")
+    r.accept_only(svc, ["user"])
+    assert r.join(svc) == [b"good"]
+    assert r.held == 0 and not r.has_holds()
+
+
+def test_held_bytes_keep_their_sender_when_they_follow_a_chid_elsewhere():
+    r = make_router()
+    r.hold("svc", b"junk", 0.0, "stranger")
+    r.hold("svc", b"good", 1.0, "user")
+    assert r.set_remote("svc", 2) == [("stranger", b"junk"), ("user", b"good")]
+
+
+def test_no_pair_unless_each_hears_the_other():
+    r = make_router()
+    a = Sess("a")
+    r.claim(a, "a")
+    r.accept_only(a, ["c"])
+    r.join(a, ["b"])
+    b = live(r, "b", "b", ["a"])
+    assert r.pair_of(a) is None and r.pair_of(b) is None
+    r.accept_only(a, ["b", "c"])
+    assert r.pair_of(a) is b and r.pair_of(b) is a
+
+
+def test_leave_forgets_the_senders():
+    r = make_router()
+    a = Sess("a")
+    r.claim(a, "a")
+    r.accept_only(a, ["c"])
+    r.join(a)
+    r.leave(a)
+    assert r.senders_of(a) is None

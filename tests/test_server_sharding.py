@@ -518,3 +518,21 @@ def test_bytes_held_for_a_chid_follow_it_after_their_sender_left(sharded):
     assert recv_exact(sb, 10) == b"held for b"
     sb.sendall(b"to c")
     assert recv_exact(sc, 4) == b"to c"
+
+
+def test_everyone_bytes_from_another_worker_skip_a_session_with_senders(sharded):
+    """The "everyone" frame between workers carries its sender's chid: the
+    worker of a session that hears only "user" must leave it out."""
+    server = sharded("--mode", "chan")
+    svc, _ = server.handshake("svc", ["user"], senders=["user"])
+    here = server.worker_of(svc)
+    # New connections go to the least-loaded worker: some land by svc, some not.
+    probes = [server.handshake(f"probe{i}", [])[0] for i in range(3)]  # silent
+    louds = [server.handshake(f"loud{i}", [])[0] for i in range(3)]
+    probe = next(p for p in probes if server.worker_of(p) == here)
+    loud = next(s for s in louds if server.worker_of(s) != here)
+    loud.sendall(b"loud!")
+    assert recv_exact(probe, 5) == b"loud!"  # svc's worker has handled that frame
+    user, _ = server.handshake("user", ["svc"])
+    user.sendall(b"good")
+    assert recv_exact(svc, 4) == b"good"

@@ -1,0 +1,70 @@
+"""hs3 "senders" (docs/PROTOCOL.md §3.1): a session that names them hears only
+them, whatever other sessions send to everyone or to it, live or held; and
+two sessions form a pair only if each hears the other."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from helpers import recv_exact
+
+pytestmark = pytest.mark.both_impls
+
+
+def test_only_the_named_senders_reach_it(chan_server):
+    svc, _ = chan_server.handshake("svc", ["user"], senders=["user"])
+    probe, _ = chan_server.handshake("probe", ["nobody"])  # hears anyone
+    loud, _ = chan_server.handshake("loud", [])  # sends to everyone else
+    named, _ = chan_server.handshake("named", ["svc", "probe"])
+    loud.sendall(b"loud")
+    named.sendall(b"named")
+    # Each read is routed to all its receivers at once: once the probe has
+    # both, svc has been passed over.
+    assert recv_exact(probe, 9) in (b"loudnamed", b"namedloud")
+    user, _ = chan_server.handshake("user", ["svc"])
+    user.sendall(b"good")
+    assert recv_exact(svc, 4) == b"good"
+    svc.sendall(b"reply")
+    assert recv_exact(user, 5) == b"reply"
+    # A pair: user's FIN reaches svc right behind its bytes, and nothing else came.
+    user.shutdown(socket.SHUT_WR)
+    svc.settimeout(10)
+    assert svc.recv(100) == b""
+
+
+def test_bytes_held_for_it_from_others_are_not_delivered(chan_server):
+    stranger, _ = chan_server.handshake("stranger", ["svc"])
+    user, _ = chan_server.handshake("user", ["svc"])
+    mark = chan_server.mark()
+    stranger.sendall(b"junk")
+    stranger.shutdown(socket.SHUT_WR)  # its bytes are read (and held) before its FIN
+    chan_server.wait_log(r"chid=stranger half-closed; waits for chid=svc", start=mark)
+    user.sendall(b"good")
+    svc, _ = chan_server.handshake("svc", ["user"], senders=["user"])
+    assert recv_exact(svc, 4) == b"good"
+    user.shutdown(socket.SHUT_WR)
+    svc.settimeout(10)
+    assert svc.recv(100) == b""
+
+
+def test_no_pair_with_a_session_that_does_not_hear_us(chan_server):
+    """user and svc name each other, but svc hears only "other": user's FIN
+    ends user as outside a pair, and svc gets neither its bytes nor its FIN."""
+    svc, _ = chan_server.handshake("svc", ["user"], senders=["other"])
+    user, _ = chan_server.handshake("user", ["svc"])
+    other, _ = chan_server.handshake("other", ["svc"])
+    mark = chan_server.mark()
+    user.sendall(b"bad")
+    user.shutdown(socket.SHUT_WR)
+    chan_server.wait_log(r"session end chid=user .*reason=client closed", start=mark)
+    other.sendall(b"ok!")
+    assert recv_exact(svc, 3) == b"ok!"
+
+
+def test_senders_is_checked_like_recvers(chan_server):
+    sock = chan_server.connect()
+    sock.sendall(b'{"req":"hs1","chid":"s"}\n{"req":"hs3","senders":"user"}\n')
+    assert recv_exact(sock, 27) == b'{"rsp":"hs2","chid":"s"}\n{"'
+    rest = sock.recv(200)
+    assert b'"desc":"senders must be a list"' in rest
