@@ -56,7 +56,10 @@ reconnects at once and its failure count resets. One that dies young and
 silent counts as a failure, so a server that accepts and drops at once is not
 hammered. ``--max-retries N`` gives up when
 a side fails again after N retries in a row, so at its N+1st consecutive
-failure (exit status 1).
+failure (exit status 1). In ``both`` mode, bytes from the relay wait for
+server1 at most ``--service-wait`` seconds: then the relay session is reset,
+so that the remote client learns the service is not there instead of
+hanging, and the next request tries again.
 
 Handshake failures. An hs4 FAIL saying ``chid in use`` is retried: the session
 holding the chid is often our own previous one, still being torn down by the
@@ -136,6 +139,9 @@ class BridgeOptions:
     connect: str = "lazy"
     max_retries: int | None = None
     connect_timeout: float = 10.0
+    service_wait: float = 5.0
+    """``both`` mode: how long bytes from the relay wait for server1 to accept
+    a connection before the relay session is reset (0: at the first refusal)."""
     password: str | None = field(default=None, repr=False)
     """Encrypted handshake on server0 (docs/PROTOCOL.md §7); never logged."""
 
@@ -432,6 +438,7 @@ class Bridge:
         self.pending: list[list[bytes]] = [[], []]
         self.pending_eof = [False, False]
         self.failures = [0, 0]
+        self.waiting_since: float | None = None  # when bytes began to wait for server1
         self.gen = 0
         """Bumped when a pair ends (``both``): attempts started for the old pair are void."""
         self.pair_started = 0.0
@@ -467,6 +474,8 @@ class Bridge:
                 self.loop.call_soon(self._offer, src)
         else:
             # Hold this one read and stop reading until the other side is back.
+            if dst_side == 1 and not self.pending[1]:
+                self.waiting_since = self.loop.time()
             self.pending[dst_side].append(bytes(self.view[:n]))
             src.set_reading(False)
             self.poke[dst_side].set()
@@ -576,6 +585,8 @@ class Bridge:
                 link.bytes_out += len(chunk)
                 link.transport.write(chunk)
             self.pending[side] = []
+        if side == 1:
+            self.waiting_since = None
         if self.pending_eof[side]:
             self.pending_eof[side] = False
             link.write_eof()
@@ -642,6 +653,7 @@ class Bridge:
         self.gen += 1
         self.pending = [[], []]
         self.pending_eof = [False, False]
+        self.waiting_since = None
         for x in links:
             # Ended for the other side's sake: not a failure of this one.
             x.by_us = not x.eof_in and x.transport is not None and not x.transport.is_closing()
@@ -706,8 +718,31 @@ class Bridge:
                 if not await self._backoff(side, describe(exc), gen):
                     return None
             except (OSError, asyncio.TimeoutError) as exc:
-                if not await self._backoff(side, f"cannot connect: {describe(exc)}", gen):
+                why = f"cannot connect: {describe(exc)}"
+                left = self._wait_left() if side == 1 else None
+                if left is not None and left <= 0:
+                    self._turn_away(why)
                     return None
+                if not await self._backoff(side, why, gen, left):
+                    return None
+
+    def _wait_left(self) -> float | None:
+        """Seconds the relay's bytes may still wait for server1 (None: no
+        bytes wait, or ``one`` mode, where they wait as long as it takes)."""
+        if self.opts.on_close != "both" or self.waiting_since is None:
+            return None
+        return self.waiting_since + self.opts.service_wait - self.loop.time()
+
+    def _turn_away(self, why: str) -> None:
+        """The service stayed down while a remote client waited: reset the
+        relay session (a pair partner sees ``pair partner lost``), as socat
+        or frp drop the connection of a client they cannot serve, rather
+        than leave it hanging. The next request tries the service again."""
+        self._count_failure(1, why)
+        log.warning("server1 %s: %s; resetting the relay session that waited %.1fs for it",
+                    format_hostport(*self.addrs[1]), why,
+                    self.loop.time() - (self.waiting_since or self.loop.time()))
+        self.end_pair(f"server1 {why}", cut=True)
 
     async def _connect_once(self, side: int, gen: int) -> Link:
         host, port = self.addrs[side]
@@ -729,17 +764,24 @@ class Bridge:
             raise
         return link
 
-    async def _backoff(self, side: int, why: str, gen: int) -> bool:
-        """Count a failure, give up past --max-retries, else wait; False if the wait became moot."""
-        if self.stopping:
-            return False
+    def _count_failure(self, side: int, why: str) -> int:
+        """One more failure in a row for ``side``; GiveUp past --max-retries."""
         self.failures[side] += 1
         n = self.failures[side]
-        where = f"{SIDES[side]} {format_hostport(*self.addrs[side])}"
         limit = self.opts.max_retries
         if limit is not None and n > limit:
+            where = f"{SIDES[side]} {format_hostport(*self.addrs[side])}"
             raise GiveUp(f"giving up on {where} after {n} failed attempts: {why}", EXIT_GAVE_UP)
-        delay = backoff_delay(n)
+        return n
+
+    async def _backoff(self, side: int, why: str, gen: int, cap: float | None = None) -> bool:
+        """Count a failure, give up past --max-retries, else wait (at most
+        ``cap`` seconds); False if the wait became moot."""
+        if self.stopping:
+            return False
+        n = self._count_failure(side, why)
+        where = f"{SIDES[side]} {format_hostport(*self.addrs[side])}"
+        delay = backoff_delay(n) if cap is None else min(backoff_delay(n), max(cap, 0.0))
         log.warning("%s: %s (retry %d in %.1fs)", where, why, n, delay)
         deadline = self.loop.time() + delay
         ev = self.poke[side]

@@ -216,6 +216,9 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
                    "(0: at its first failure) [default: never].")
 @click.option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
               help="Seconds allowed for a connect plus handshake.")
+@click.option("--service-wait", type=_SECONDS, default=5.0,
+              help="With --on-close both: seconds bytes from the relay wait for the service "
+                   "to accept a connection before the relay session is reset (0: at once).")
 @_password_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info")

@@ -26,6 +26,7 @@ from conftest import Process, Server
 from helpers import (
     TCP_LISTEN,
     Sender,
+    claim_again,
     flood_until_stalled,
     read_line,
     read_until_reset,
@@ -254,6 +255,30 @@ def test_lan_service_restart_is_recovered(start_server, start_client, start_serv
     start_service(xor_echo, port=svc.port)
     assert recv_hash(remote, 512 * 1024) == hashlib.sha256(up.data.translate(XOR)).hexdigest()
     up.finish()
+
+
+def test_a_request_the_service_cannot_take_is_reset_after_service_wait(
+        start_server, start_client, start_service):
+    """socat or frp drop a client they cannot serve; fwd-client used to keep
+    its bytes and retry the service for as long as it was down, while the
+    remote client hung. Now the relay session is reset after --service-wait
+    (the remote's pair partner is lost), and the next request tries again."""
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    svc.stop()  # its port is known, and nothing listens there
+    br = chan_bridge(start_client, server, svc, "--service-wait", "1")
+    m, sm = br.mark(), server.mark()
+    remote, _ = server.handshake("user", ["svc"])
+    remote.sendall(b"anyone there?")
+    remote.settimeout(WAIT)
+    assert read_until_reset(remote) == 0
+    br.wait_log(r"WARNING .*server1 \S+: cannot connect: .*; resetting the relay session "
+                r"that waited \d", start=m)
+    server.wait_log(r"session end chid=user .*reason=pair partner lost", start=sm)
+    br.wait_log(r"server0 connected \S+ chid=svc", start=m)
+    start_service(xor_echo, port=svc.port)
+    remote = claim_again(server, "user", ["svc"])
+    round_trip(remote, 64 * 1024)
 
 
 def test_fwd_server_restart_on_same_port_is_recovered(start_server, start_client,
