@@ -161,13 +161,15 @@ class Arbiter:
 
     def _signalled(self) -> None:
         """The first signal drains; a second one (Ctrl-C again) cuts the drain
-        short: the workers reset what they still flush and exit."""
+        short: the workers reset what they still flush and exit. That one is
+        SIGUSR1, not a second SIGTERM, which a worker that has not handled the
+        first yet would merge with it (signals do not queue)."""
         if self.stopping:
             log.warning("second stop signal: not waiting for the drain")
             for w in self.workers.values():
                 if not w.exited:
                     try:
-                        w.transport.send_signal(signal.SIGTERM)
+                        w.transport.send_signal(signal.SIGUSR1)
                     except ProcessLookupError:  # pragma: no cover - exited meanwhile
                         pass
         self.stop()

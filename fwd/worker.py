@@ -634,11 +634,16 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     stop = asyncio.Event()
 
     def on_sigterm() -> None:
-        if stop.is_set():  # a second one: the parent was told twice to stop
+        if stop.is_set():  # a second one, sent to this worker by hand
             hub.hurry.set()
         stop.set()
 
+    def on_hurry() -> None:  # the parent was told twice to stop
+        hub.hurry.set()
+        stop.set()
+
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGUSR1, on_hurry)
     last_loss_log = -1e9
 
     async def adopt(sock: socket.socket, moved: tuple[dict[str, Any], bytes] | None,
@@ -688,6 +693,10 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
     transport.close()
     b.close()
+    # uvloop closes that socket on its next loop iteration: let it, so that the
+    # descriptors counted once the parent logs "ready" are the idle set.
+    while a.fileno() != -1:
+        await asyncio.sleep(0)
 
     ctl = control.ControlServer(control.worker_path(rundir, wid), hub.serve_control,
                                 control.WORKER_COMMANDS)

@@ -247,8 +247,9 @@ def test_lan_service_restart_is_recovered(start_server, start_client, start_serv
     br.wait_log(r"pair end", start=m, timeout=WAIT)
     br.wait_log(r"server0 connected \S+ chid=svc", start=m, timeout=WAIT)
     server.wait_log(r"session end chid=user ", start=sm)
-    # A request while the service is down waits in the bridge, which keeps retrying.
-    remote, _ = server.handshake("user", ["svc"])
+    # A request while the service is down waits in the bridge, which keeps
+    # retrying (up to --service-wait, 5 s).
+    remote = claim_again(server, "user", ["svc"])
     up = Sender(remote, 512 * 1024)
     up.start()
     br.wait_log(r"server1 \S+: cannot connect", start=m, timeout=WAIT)

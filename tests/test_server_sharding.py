@@ -430,7 +430,7 @@ def test_bytes_held_where_a_chid_just_left_follow_it_to_its_next_worker(start_se
         wait_until(lambda: _held(server, home) >= 4, 30, "BBBB held where y was")
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
-    y2, _ = server.handshake("y", [f"s{attempt}"])
+    y2 = claim_again(server, "y", [f"s{attempt}"])
     assert server.worker_of(y2) != home  # drawn to s: the bytes held at home must follow
     assert recv_exact(y2, 4) == b"BBBB"
 
