@@ -109,8 +109,14 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
     return value
 
 
+def _env_epilog(examples: str) -> str:
+    return ("Every option can also be set in the environment as FWD_ and its name in "
+            f"capitals, dashes as underscores: {examples}.")
+
+
 @click.command(context_settings={"auto_envvar_prefix": "FWD", "show_default": True,
-                                 "help_option_names": ["-h", "--help"]})
+                                 "help_option_names": ["-h", "--help"]},
+               epilog=_env_epilog("FWD_MODE=chan, FWD_MAX_CONNS=1000"))
 @click.option("--listen", type=_HostPort(), multiple=True, default=["0.0.0.0:8601"],
               help="Address to listen on; repeat for several ([::]:8601 for IPv6).")
 @click.option("--mode", type=click.Choice(MODES), default=_D.mode,
@@ -186,7 +192,8 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
 
 
 @click.command(context_settings={"auto_envvar_prefix": "FWD", "show_default": True,
-                                 "help_option_names": ["-h", "--help"]})
+                                 "help_option_names": ["-h", "--help"]},
+               epilog=_env_epilog("FWD_SERVER0=relay:8601, FWD_RECVERS=user"))
 @click.option("--server0", type=_HostPort(), default="127.0.0.1:8601",
               help="The fwd-server to join (the public side).")
 @click.option("--server1", type=_HostPort(), default="127.0.0.1:8080",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -136,6 +137,14 @@ class ParentMetrics:
         self.workers = Gauge("fwd_workers", "Worker processes configured.", registry=None,
                              multiprocess_mode="livesum")
         self.workers.set(workers)
+        from . import __version__
+
+        info = Gauge("fwd_build_info", "Always 1; its label is the fwd version.", ["version"],
+                     registry=None, multiprocess_mode="max")
+        info.labels(__version__).set(1)
+        # The name node_exporter and client libraries use: uptime dashboards know it.
+        Gauge("process_start_time_seconds", "When the server started, in Unix seconds.",
+              registry=None, multiprocess_mode="max").set(time.time())
 
     def worker_gone(self, pid: int) -> None:
         from prometheus_client import multiprocess

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import fwd
 from conftest import WORKERS, Server
 from fwd.metrics import MAX_CLIENTS
 from helpers import expect_fail, pair, recv_exact, wait_until
@@ -49,6 +51,8 @@ def test_counters_move_with_traffic(start_server: Callable[..., Server]) -> None
                  "fwd_spliced_sessions"):
         assert value(before, name) == 0, name
     assert value(before, "fwd_workers") == N
+    assert value(before, "fwd_build_info", version=fwd.__version__) == 1
+    assert abs(value(before, "process_start_time_seconds") - time.time()) < 600
 
     sa, sb = pair(server)
     sa.sendall(b"m" * 123_456)
