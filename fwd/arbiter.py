@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -34,6 +35,7 @@ from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
 from .config import Config, address_key, format_hostport
 from .coordinator import Coordinator
+from .protocol import refusal_line
 from .registry import Owner
 
 if TYPE_CHECKING:
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fwd.arbiter")
 
+FULL = "server full"
+PER_IP = "too many connections from this address"
+RESTARTING = "server restarting"
+"""The FAIL ``desc`` of refused connections (docs/PROTOCOL.md §2.5)."""
 KILL_MARGIN = 3.0
 """Seconds past ``--drain-timeout`` before workers that still run are killed."""
 WORKER_ANSWER = 2.0
@@ -320,19 +326,25 @@ class Arbiter:
         per_ip = self.config.max_conns_per_ip
         key = address_key(name) if per_ip else ""
 
-        def over() -> str | None:
+        def over() -> tuple[str, str] | None:
+            """Why not, for the log and for the client's FAIL line."""
             total = sum(w.conns for w in running)
             if total >= self.config.max_conns:
-                return f"{total} connections (--max-conns)"
+                return f"{total} connections (--max-conns)", FULL
             if per_ip and (mine := sum(w.addresses[key] for w in running)) >= per_ip:
-                return f"{mine} connections from {key} (--max-conns-per-ip)"
+                return f"{mine} connections from {key} (--max-conns-per-ip)", PER_IP
             return None
 
         if over():
             for w in running:  # take in the "gone" notes already waiting, then decide
                 self._from_worker(w, drain=True)
-        why = over() if running else "every worker is restarting"
-        if why is not None:
+        refused = over() if running else ("every worker is restarting", RESTARTING)
+        if refused is not None:
+            why, desc = refused
+            if self.config.mode == "chan" or self.config.password:
+                # Every client there expects a handshake line first: say why.
+                with contextlib.suppress(OSError):
+                    sock.send(refusal_line(desc))
             sock.close()  # closed at once
             self._refused("refusing connection from %s: %s", name, why)
             return
@@ -368,15 +380,15 @@ class Arbiter:
         if request.cmd == "drain":
             self.loop.call_soon(self.stop)  # after this reply is written
             return control.ok(drain_timeout=self.config.drain_timeout)
-        if request.cmd == "kick":
-            chid = request.args["chid"]
-            replies = await self.ask_workers({"cmd": "kick", "chid": chid})
+        if request.cmd in ("kick", "kick-peer"):
+            key = "chid" if request.cmd == "kick" else "peer"
+            replies = await self.ask_workers({"cmd": request.cmd, key: request.args[key]})
             kicked = sum(r.get("kicked", 0) for r in replies if r["ok"])
             if kicked:
                 return control.ok(kicked=kicked)
             silent = [r["worker"] for r in replies if not r["ok"]]
             note = f" (workers {silent} did not answer)" if silent else ""
-            return control.error(f"no session with chid {chid!r}{note}")
+            return control.error(f"no session with {key} {request.args[key]!r}{note}")
         if request.cmd == "sessions":
             replies = await self.ask_workers({"cmd": "sessions"})
             rows = [row for r in replies if r["ok"] for row in r["sessions"]]

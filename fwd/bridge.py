@@ -63,8 +63,10 @@ hanging, and the next request tries again.
 
 Handshake failures. An hs4 FAIL saying ``chid in use`` is retried: the session
 holding the chid is often our own previous one, still being torn down by the
-server (or a peer that will go away). So are a handshake timeout and a
-connection closed during the handshake (server restarting, ``--max-conns``).
+server (or a peer that will go away). So are a handshake timeout, a
+connection closed during the handshake, and a refusal (``server full``,
+``server restarting``, ``server shutdown``, ``too many connections from this
+address``).
 Any other FAIL (a chid or recvers the server refuses) or a reply that is not
 the protocol at all will fail the same way every time: the bridge exits with
 status 3 and the server's reason.
@@ -120,7 +122,9 @@ CONNECT = ("lazy", "eager")
 EXIT_OK = 0
 EXIT_GAVE_UP = 1
 EXIT_REJECTED = 3
-_RETRYABLE_FAIL = ("chid in use", "handshake timeout", "connection closed", "server shutdown")
+_RETRYABLE_FAIL = ("chid in use", "handshake timeout", "connection closed", "server shutdown",
+                   "server full", "server restarting", "too many connections",
+                   "the server closed")
 
 
 @dataclass(frozen=True)
@@ -313,7 +317,8 @@ class Link(Relay, asyncio.BufferedProtocol):
             self.linger.cancel()
             self.linger = None
         if not self.ready.done():
-            what = "connection closed during handshake" if self.hs else "connection closed"
+            what = ("the server closed the connection during the handshake" if self.hs
+                    else "connection closed")
             self.ready.set_exception(
                 HandshakeFailed(f"{what}: {describe(exc)}" if exc else what, retryable=True))
         if self.attached:

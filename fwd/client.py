@@ -79,7 +79,9 @@ class HandshakeError(FwdError):
     """The server refused the session (hs4 FAIL) or the handshake broke off.
 
     ``desc`` is the server's reason as it sent it (e.g. ``chid in use: a``), or
-    what went wrong locally (e.g. ``connection closed during handshake``).
+    what went wrong locally (e.g. ``the server closed the connection during
+    the handshake``: a server that refuses a connection in broadcast mode,
+    over its limits, sends no FAIL line).
     """
 
     def __init__(self, desc: str, hint: str | None = None) -> None:

@@ -37,6 +37,7 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
     "status": (),
     "sessions": (),
     "kick": ("chid",),
+    "kick-peer": ("peer",),
     "drain": (),
 }
 """What fwd-ctl may ask the server: command → its required string arguments."""
@@ -44,6 +45,7 @@ WORKER_COMMANDS: Mapping[str, tuple[str, ...]] = {
     "status": (),
     "sessions": (),
     "kick": ("chid",),
+    "kick-peer": ("peer",),
     "flush": (),
 }
 """What the parent may ask a worker (``flush``: bring the metrics files up to date)."""

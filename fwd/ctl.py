@@ -203,13 +203,22 @@ def sessions(ctl: _Ctl, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("chid")
+@click.argument("chid", required=False)
+@click.option("--peer", metavar="HOST:PORT",
+              help="Close the session connected from this address instead (as `sessions` "
+                   "shows it): a plain broadcast client has no chid.")
 @click.pass_obj
-def kick(ctl: _Ctl, chid: str) -> None:
+def kick(ctl: _Ctl, chid: str | None, peer: str | None) -> None:
     """Close the session holding CHID (its receivers keep their connections, but
     the other half of a chan pair is closed with it)."""
-    ctl.call({"cmd": "kick", "chid": chid})
-    click.echo(f"kicked {chid}")
+    if (chid is None) == (peer is None):
+        raise click.UsageError("give a CHID or --peer, not both")
+    if peer is not None:
+        ctl.call({"cmd": "kick-peer", "peer": peer})
+        click.echo(f"kicked {peer}")
+    else:
+        ctl.call({"cmd": "kick", "chid": chid})
+        click.echo(f"kicked {chid}")
 
 
 @main.command()

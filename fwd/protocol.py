@@ -247,6 +247,12 @@ class PlainCodec:
 PLAIN = PlainCodec()
 
 
+def refusal_line(desc: str) -> bytes:
+    """The plain hs4 FAIL line for a connection refused before its handshake
+    (--max-conns, shutdown): every client reads it, encrypted ones too."""
+    return PLAIN.encode({"rsp": "hs4", "result": "FAIL", "desc": desc})
+
+
 def to_message(event: Event) -> dict[str, Any]:
     """The JSON object that carries ``event`` on the wire."""
     if isinstance(event, Hs1):
@@ -378,7 +384,9 @@ class Handshake:
             if len(self._buf) > limit:
                 raise LineRejected(f"line longer than {limit} bytes")
             if self._eof:
-                raise _fail("connection closed during handshake")
+                # A client reads the server's close: its own would be a local error.
+                raise _fail("connection closed during handshake" if self.role is Role.SERVER
+                            else "the server closed the connection during the handshake")
             return NEED_DATA
         line = bytes(self._buf[:nl])
         del self._buf[: nl + 1]

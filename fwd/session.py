@@ -10,6 +10,7 @@ here. Timers and closing live here too, because they act on the transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import hmac
@@ -152,6 +153,11 @@ class Session(Relay, asyncio.BufferedProtocol):
         # refusing it here would strand that chid).
         if not hub.admit(self, limit=self.adopted is None):
             self.state = St.CLOSED
+            line = hub.refusal()
+            sock = transport.get_extra_info("socket") if line is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.send(line)
             transport.abort()
             return
         if self.fd < 0:

@@ -24,7 +24,7 @@ from .crypto import derive_key
 from .fastpath import Pump, bind, fanout
 from .mesh import Mesh
 from .metrics import FLUSH_EVERY
-from .protocol import failure_reason
+from .protocol import failure_reason, refusal_line
 from .pumps import Pumps
 from .registry import TOKEN_BITS
 from .routing import Backpressure, Route, Router
@@ -490,9 +490,13 @@ class Hub:
                  "idle": round(now - s.last_active, 3), "age": round(now - s.started, 3)}
                 for s in self.sessions]
 
-    def kick(self, chid: str) -> int:
-        """Close the session holding ``chid`` here; how many were closed (0 or 1)."""
-        session = self.router.owner(chid)
+    def kick(self, chid: str | None = None, peer: str | None = None) -> int:
+        """Close the session holding ``chid`` here, or the one connected from
+        ``peer`` (a plain broadcast client has no chid); how many were closed."""
+        if chid is not None:
+            session = self.router.owner(chid)
+        else:
+            session = next((s for s in self.sessions if s.peer == peer), None)
         if session is None or session.state is St.CLOSED:
             return 0
         self.stats["kicked"] += 1
@@ -507,6 +511,8 @@ class Hub:
             return control.ok(sessions=self.session_rows())
         if request.cmd == "kick":
             return control.ok(kicked=self.kick(request.args["chid"]))
+        if request.cmd == "kick-peer":
+            return control.ok(kicked=self.kick(peer=request.args["peer"]))
         assert request.cmd == "flush"
         self.flush_metrics()
         return control.ok()
@@ -528,7 +534,8 @@ class Hub:
     # -- connections -------------------------------------------------------------------
 
     def admit(self, session: Session, limit: bool = True) -> bool:
-        """Count a new connection in, or refuse it (``--max-conns``, shutdown)."""
+        """Count a new connection in, or refuse it (``--max-conns``, shutdown;
+        ``refusal`` says why)."""
         if limit and (self.stopping or len(self.sessions) >= self.config.max_conns):
             self.stats["rejected"] += 1
             now = self.loop.time()
@@ -542,6 +549,13 @@ class Hub:
         if limit:  # a moved session was counted where it connected
             self.stats["connections"] += 1
         return True
+
+    def refusal(self) -> bytes | None:
+        """The line a refused connection gets, where clients expect a
+        handshake line first (chan mode, a password); None elsewhere."""
+        if self.config.mode != "chan" and self.key is None:
+            return None
+        return refusal_line("server shutdown" if self.stopping else "server full")
 
     def note_failure(self, desc: str) -> None:
         self.stats["handshake_failures"] += 1

@@ -777,6 +777,17 @@ def test_server_eof_mid_handshake(data):
     assert err.desc == "connection closed during handshake"
 
 
+def test_client_eof_mid_handshake_is_the_servers_close():
+    """A client reading EOF knows who closed: not "connection closed during
+    handshake", the server's words for a client's own EOF."""
+    hs = Handshake(Role.CLIENT)
+    hs.send(Hs1("a"))
+    hs.receive_data(b"")
+    with pytest.raises(RemoteProtocolError) as info:
+        hs.next_event()
+    assert info.value.desc == "the server closed the connection during the handshake"
+
+
 def test_complete_lines_before_eof_are_still_delivered():
     hs = Handshake(Role.SERVER)
     hs.receive_data(compact({"req": "hs1", "chid": "a"}))

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -144,6 +145,31 @@ def test_kick_closes_the_session_and_its_pair_partner(
     missing = server.ctl("kick", "nobody", check=False)
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr == "fwd-ctl: no session with chid 'nobody'\n"
+
+
+def test_kick_by_peer_closes_a_client_that_has_no_chid(
+        start_server: Callable[..., Server]) -> None:
+    """A plain broadcast client has no chid: the address `sessions` shows for
+    it names it instead."""
+    server = start_server("--mode", "broadcast", "--workers", str(N))
+    mark = server.mark()
+    noisy, quiet = server.connect(), server.connect()
+    server.wait_log(r"session start chid=None", start=mark, count=2)
+    peer = f"127.0.0.1:{noisy.getsockname()[1]}"
+    assert peer in {row["peer"] for row in server.ctl_json("sessions")["sessions"]}
+    assert server.ctl("kick", "--peer", peer).stdout == f"kicked {peer}\n"
+    noisy.settimeout(10)
+    assert noisy.recv(10) == b""
+    server.wait_log(rf"session end chid=None peer={re.escape(peer)} .*reason=kicked by fwd-ctl",
+                    start=mark)
+    assert server.ctl_json("status")["totals"]["kicked"] == 1
+    missing = server.ctl("kick", "--peer", peer, check=False)
+    assert missing.returncode == 1
+    assert missing.stderr == f"fwd-ctl: no session with peer {peer!r}\n"
+    usage = server.ctl("kick", "a", "--peer", peer, check=False)
+    assert usage.returncode == 2 and "give a CHID or --peer, not both" in usage.stderr
+    quiet.sendall(b"x")  # the other client is untouched
+    assert server.ctl_json("status")["ok"]
 
 
 def test_kick_during_the_handshake_answers_with_a_fail(

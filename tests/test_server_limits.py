@@ -337,14 +337,42 @@ def test_held_bytes_expire_after_hold_seconds(start_server):
 # -- connection limits --------------------------------------------------------------------
 
 
-def expect_refused(server, why: str) -> None:
-    """A new connection is closed at once, with no byte sent, and the log says
-    why (``why``: a regex for what follows the peer)."""
+FULL = "server full"
+PER_IP = "too many connections from this address"
+
+
+def assert_refused(sock, desc: str) -> None:
+    """Refused before its handshake: a chan server says why in one plain hs4
+    FAIL line, then closes (docs/PROTOCOL.md §2.5)."""
+    sock.settimeout(10)
+    assert read_json(sock) == {"rsp": "hs4", "result": "FAIL", "desc": desc}
+    assert_closed(sock)
+
+
+def expect_refused(server, why: str, desc: str) -> None:
+    """A new connection is closed at once, with only the FAIL line ``desc``
+    sent, and the log says why (``why``: a regex for what follows the peer)."""
     mark = server.mark()
     extra = server.connect()
     port = extra.getsockname()[1]
-    assert_closed(extra)  # EOF or reset
+    assert_refused(extra, desc)
     server.wait_log(rf"refusing connection from 127\.0\.0\.1:{port}: {why}", start=mark)
+
+
+@pytest.mark.parametrize("password", [None, "pw"], ids=["plain", "password"])
+def test_a_broadcast_server_says_why_only_to_clients_that_handshake(start_server, password):
+    """A plain broadcast client would read the FAIL line as data: it gets no
+    byte. With a password every client handshakes first, and gets the line."""
+    args = ["--mode", "broadcast", "--max-conns", "1"]
+    server = start_server(*args, *(["--password", password] if password else []))
+    first = server.connect()
+    wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 1, 10,
+               "the first connection counted")
+    if password:
+        assert_refused(server.connect(), FULL)
+    else:
+        assert_closed(server.connect())
+    first.close()
 
 
 def test_max_conns_refuses_extra_connection_at_once(start_server):
@@ -352,7 +380,7 @@ def test_max_conns_refuses_extra_connection_at_once(start_server):
     sa, _ = server.handshake("a", ["b"])
     sb, _ = server.handshake("b", ["a"])
     sc, _ = server.handshake("c", ["a"])
-    expect_refused(server, r"3 connections \(--max-conns\)")
+    expect_refused(server, r"3 connections \(--max-conns\)", FULL)
     # The admitted sessions are untouched.
     sa.sendall(b"hello b")
     assert recv_exact(sb, 7) == b"hello b"
@@ -367,8 +395,7 @@ def test_max_conns_refuses_extra_connection_at_once(start_server):
     sd.sendall(b"from d")
     assert recv_exact(sa, 6) == b"from d"
     # Full again: refused again.
-    again = server.connect()
-    assert_closed(again)
+    assert_refused(server.connect(), FULL)
 
 
 def test_ends_the_parent_was_too_slow_to_hear_still_free_their_slots(start_server):
@@ -391,7 +418,7 @@ def test_ends_the_parent_was_too_slow_to_hear_still_free_their_slots(start_serve
     wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 0,
                30, "the parent counting no connection")
     again = [server.handshake(f"b{i}", ["x"])[0] for i in range(n)]  # every slot is free
-    assert_closed(server.connect())  # and the limit still holds
+    assert_refused(server.connect(), FULL)  # and the limit still holds
     for s in again:
         s.close()
 
@@ -403,7 +430,7 @@ def test_max_conns_per_ip_refuses_one_address_and_serves_the_others(start_server
     server = start_server("--mode", "chan", "--max-conns-per-ip", "2")
     sa, _ = server.handshake("a", ["b"])
     sb, _ = server.handshake("b", ["c"])  # no pair: its FIN ends its session
-    expect_refused(server, r"2 connections from 127\.0\.0\.1 \(--max-conns-per-ip\)")
+    expect_refused(server, r"2 connections from 127\.0\.0\.1 \(--max-conns-per-ip\)", PER_IP)
     # Another address is served, and the first two sessions are untouched.
     sc, _ = server.handshake("c", ["a"], source="127.0.0.2")
     sc.sendall(b"from c")
@@ -422,9 +449,9 @@ def test_max_conns_per_ip_refuses_one_address_and_serves_the_others(start_server
     sd, _ = server.handshake("d", ["a"])
     sd.sendall(b"from d")
     assert recv_exact(sa, 6) == b"from d"
-    assert_closed(server.connect())  # full again for 127.0.0.1
+    assert_refused(server.connect(), PER_IP)  # full again for 127.0.0.1
     sc2, _ = server.handshake("c2", ["a"], source="127.0.0.2")  # 127.0.0.2 has one more
-    assert_closed(server.connect(source="127.0.0.2"))
+    assert_refused(server.connect(source="127.0.0.2"), PER_IP)
 
 
 def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_server):
@@ -437,13 +464,13 @@ def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_serve
     for i in range(4):
         s, _ = server.handshake(f"p{i}", [f"p{i ^ 1}"])
         socks.append(s)
-    assert_closed(server.connect())
+    assert_refused(server.connect(), PER_IP)
     for s in socks:
         s.close()
     wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 0,
                30, "the parent counting every end")
     again = [server.handshake(f"q{i}", ["x"])[0] for i in range(4)]  # all four slots are back
-    assert_closed(server.connect())
+    assert_refused(server.connect(), PER_IP)
     for s in again:
         s.close()
 
@@ -476,7 +503,7 @@ def test_a_connection_lost_in_the_hand_off_gives_its_address_slot_back(start_ser
     wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 0,
                30, "the parent counting the lost connection out")
     socks = [server.handshake(f"a{i}", ["x"])[0] for i in range(2)]  # both slots are free
-    assert_closed(server.connect())
+    assert_refused(server.connect(), PER_IP)
     for sock in socks:
         sock.close()
 
@@ -512,7 +539,7 @@ def test_a_session_lost_moving_between_workers_frees_its_chid_and_slot(start_ser
     assert reply == "b"
     a.sendall(b"to b")
     assert recv_exact(b, 4) == b"to b"
-    assert_closed(server.connect())
+    assert_refused(server.connect(), PER_IP)
 
 
 def _without_capabilities() -> None:
@@ -551,7 +578,7 @@ def test_sockets_the_kernel_will_not_pass_to_a_stalled_worker_give_their_slots_b
     wait_until(lambda: server.ctl_json("status")["totals"]["counted_connections"] == 0,
                30, "the parent counting every connection out")
     again = [server.handshake(f"a{i}", ["x"])[0] for i in range(n)]  # every slot is back
-    assert_closed(server.connect())
+    assert_refused(server.connect(), PER_IP)
     for sock in again:
         sock.close()
 
