@@ -29,19 +29,20 @@ def test_any_bytes_parse_or_fail_cleanly(line: bytes) -> None:
         assert req.cmd in control.COMMANDS
 
 
-@given(st.dictionaries(st.sampled_from(["cmd", "chid", "x"]),
-                       json_values | st.sampled_from([*control.COMMANDS, "flush"]), max_size=3))
+@given(st.dictionaries(st.sampled_from(["cmd", "chid", "peer", "x"]),
+                       json_values | st.sampled_from([*control.COMMANDS, "flush"]), max_size=4))
 def test_objects_parse_or_fail_cleanly(obj: dict[str, object]) -> None:
+    cmd = obj.get("cmd")
+    needs = control.COMMANDS.get(cmd, ()) if isinstance(cmd, str) else ()
     try:
         req = control.parse_request(json.dumps(obj).encode())
     except control.ControlError:
-        cmd = obj.get("cmd")
         ok = (isinstance(cmd, str) and cmd in control.COMMANDS
-              and (obj["cmd"] != "kick" or (isinstance(obj.get("chid"), str) and obj["chid"])))
+              and all(isinstance(obj.get(n), str) and obj[n] for n in needs))
         assert not ok
     else:
-        assert req.cmd == obj["cmd"]
-        assert req.args == ({"chid": obj["chid"]} if req.cmd == "kick" else {})
+        assert req.cmd == cmd
+        assert req.args == {n: obj[n] for n in needs}
 
 
 def test_deep_nesting_is_not_json_not_an_internal_error() -> None:
