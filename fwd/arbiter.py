@@ -274,10 +274,11 @@ class Arbiter:
         if moved is not None and self.coordinator is not None:
             self.coordinator.lost_on_the_way(moved["chid"], Owner(moved["from"], moved["token"]),
                                              worker.wid)
-        self._refused("lost connection from %s in a hand-off with worker %d (%s)",
-                      fdpass.peer_of(meta), worker.wid, errno.errorcode.get(exc.errno or 0, exc))
+        peer = fdpass.peer_of(meta)
+        self._refused("lost connection from %s in a hand-off with worker %d (%s)", peer,
+                      worker.wid, errno.errorcode.get(exc.errno or 0, exc), peer=peer)
 
-    def _refused(self, line: str, *args: Any) -> None:
+    def _refused(self, line: str, *args: Any, peer: str) -> None:
         """Count a connection closed at once; log it at most once a second."""
         self.refused += 1
         if self.metrics is not None:
@@ -285,7 +286,9 @@ class Arbiter:
         now = self.loop.time()
         if now - self._last_refusal_log >= 1.0:
             self._last_refusal_log = now
-            log.warning(line + ", %d refused so far", *args, self.refused)
+            log.warning(line + ", %d refused so far", *args, self.refused,
+                        extra={"fields": {"event": "connection_refused", "peer": peer,
+                                          "refused": self.refused}})
 
     def worker_exited(self, wid: int) -> None:
         worker = self.workers.get(wid)
@@ -346,7 +349,7 @@ class Arbiter:
                 with contextlib.suppress(OSError):
                     sock.send(refusal_line(desc))
             sock.close()  # closed at once
-            self._refused("refusing connection from %s: %s", name, why)
+            self._refused("refusing connection from %s: %s", name, why, peer=name)
             return
         start, n = next(self._rr), self.config.workers  # rotate among equals
         worker = min(running, key=lambda w: (w.conns, (w.wid - start) % n))

@@ -33,6 +33,7 @@ from .protocol import (
     Hs4,
     Role,
     Sniff,
+    failure_reason,
     sniff,
     to_message,
 )
@@ -660,10 +661,14 @@ class Session(Relay, asyncio.BufferedProtocol):
             line = hs.send(fail) if hs else PLAIN.encode(to_message(fail))
         if count:
             self.hub.note_failure(desc)
+        fields = {"event": "handshake_failed", "peer": self.peer, "chid": self.chid,
+                  "desc": desc, "reason": failure_reason(desc)}
         if rejected and rejected != desc:
-            log.info("handshake failed peer=%s: %s (%s)", self.peer, desc, rejected)
+            fields["why"] = rejected
+            log.info("handshake failed peer=%s: %s (%s)", self.peer, desc, rejected,
+                     extra={"fields": fields})
         else:
-            log.info("handshake failed peer=%s: %s", self.peer, desc)
+            log.info("handshake failed peer=%s: %s", self.peer, desc, extra={"fields": fields})
         self.transport.write(line)
         if count and drain:
             self._close_failed(f"handshake failed: {desc}")

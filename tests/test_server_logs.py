@@ -48,3 +48,12 @@ def test_json_lines(start_server: Callable[..., Server]) -> None:
     assert (end["bytes_in"], end["bytes_out"]) == (7000, 300)
     assert end["secs"] >= 0 and end["reason"] and end["level"] == "INFO"
     assert start["ts"].endswith("Z")
+    # A failed handshake is a record of its own too, with the chid it had claimed.
+    bad = server.connect()
+    bad.sendall(b'{"req":"hs1","chid":"c"}\n{"req":"hs3","recvers":7}\n')
+    server.wait_log(r'"event": "handshake_failed"')
+    (fail,) = [json.loads(line) for line in server.lines
+               if '"event": "handshake_failed"' in line]
+    assert (fail["chid"], fail["desc"], fail["reason"]) == ("c", "recvers must be a list",
+                                                           "malformed")
+    assert fail["peer"] == f"127.0.0.1:{bad.getsockname()[1]}"
