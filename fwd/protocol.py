@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Union
 
@@ -68,6 +69,15 @@ def check_chid(value: object, what: str = "chid") -> str:
     return value
 
 
+def check_chids(values: Sequence[object], what: str) -> None:
+    """A list of chids (hs3 ``recvers``, ``senders``): its length is checked
+    before its entries, so a huge list costs no more than that."""
+    if len(values) > MAX_RECVERS:
+        raise _fail(f"more than {MAX_RECVERS} {what}s")
+    for value in values:
+        check_chid(value, what)
+
+
 def check_nonce(value: object) -> str | None:
     """``None`` or a string of at most MAX_NONCE_CHARS characters."""
     if value is not None and (not isinstance(value, str) or len(value) > MAX_NONCE_CHARS):
@@ -116,15 +126,9 @@ class Hs3:
 
     def __post_init__(self) -> None:
         check_nonce(self.nonce)
-        if len(self.recvers) > MAX_RECVERS:
-            raise _fail(f"more than {MAX_RECVERS} recvers")
-        for r in self.recvers:
-            check_chid(r, "recver")
+        check_chids(self.recvers, "recver")
         if self.senders is not None:
-            if len(self.senders) > MAX_RECVERS:
-                raise _fail(f"more than {MAX_RECVERS} senders")
-            for r in self.senders:
-                check_chid(r, "sender")
+            check_chids(self.senders, "sender")
         t = self.timeout
         if t is not None and (
             isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TIMEOUT
@@ -311,10 +315,7 @@ def from_message(obj: Any, role: Role) -> Event:
                 recvers = []
             if not isinstance(recvers, list):
                 raise _fail("recvers must be a list")
-            if len(recvers) > MAX_RECVERS:
-                raise _fail(f"more than {MAX_RECVERS} recvers")
-            for r in recvers:
-                check_chid(r, "recver")
+            check_chids(recvers, "recver")
             senders = obj.get("senders")
             if senders is not None and not isinstance(senders, list):
                 raise _fail("senders must be a list")

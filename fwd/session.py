@@ -730,14 +730,14 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.last_active = hub.loop.time()
         mode = "broadcast" if self.chid is None else "chan"
         hub.stats[f"sessions_{mode}"] += 1
-        senders = hub.router.senders_of(self)
+        allowed = hub.router.senders_of(self)
+        senders = None if allowed is None else sorted(allowed)
         log.info("session start chid=%s peer=%s worker=%d mode=%s recvers=%s%s",
                  self.chid, self.peer, hub.wid, mode, ",".join(recvers) or "*",
-                 "" if senders is None else " senders=" + ",".join(sorted(senders)),
+                 "" if senders is None else " senders=" + ",".join(senders),
                  extra={"fields": {"event": "session_start", "chid": self.chid,
                                    "peer": self.peer, "worker": hub.wid, "mode": mode,
-                                   "recvers": list(recvers) or None,
-                                   "senders": None if senders is None else sorted(senders)}})
+                                   "recvers": list(recvers) or None, "senders": senders}})
         if self.timeout > 0:
             self.timer = hub.loop.call_later(self.timeout, self._idle_check)
         if self.chid is not None and hub.awaiting:
