@@ -402,6 +402,7 @@ class Arbiter:
     def _status(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
         totals: collections.Counter[str] = collections.Counter()
         failures: collections.Counter[str] = collections.Counter()
+        ends: collections.Counter[str] = collections.Counter()
         workers: list[dict[str, Any]] = []
         for r in replies:
             if not r["ok"]:
@@ -417,6 +418,7 @@ class Arbiter:
             totals["spliced_sessions"] += r["spliced_sessions"]
             totals["pumped_pairs_now"] += r["pumped_pairs"]
             failures.update(r["failures"])
+            ends.update(r["ends"])
             workers.append({"worker": r["worker"], "pid": r["pid"], "sessions": live,
                             "connections": r["open_connections"],
                             "bytes_in": r["totals"].get("bytes_in", 0),
@@ -435,7 +437,7 @@ class Arbiter:
                                     + totals.pop("sessions_broadcast", 0))
         return {"pid": os.getpid(), "uptime": round(self.loop.time() - self.started, 3),
                 "mode": self.config.mode, "listen": self.listening, "workers": workers,
-                "totals": dict(totals), "failures": dict(failures),
+                "totals": dict(totals), "failures": dict(failures), "ends": dict(ends),
                 "busiest_addresses": busiest}
 
     async def render_metrics(self) -> bytes:

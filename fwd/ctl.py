@@ -60,6 +60,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]],
 def format_status(st: dict[str, Any]) -> str:
     t = st["totals"]
     failures = ", ".join(f"{k} {v}" for k, v in sorted(st["failures"].items()) if v)
+    ends = ", ".join(f"{k} {v}" for k, v in sorted(st.get("ends", {}).items(),
+                                                   key=lambda kv: (-kv[1], kv[0])) if v)
     summary = [
         ("pid", st["pid"]),
         ("uptime", human_seconds(st["uptime"])),
@@ -75,6 +77,7 @@ def format_status(st: dict[str, Any]) -> str:
         ("spliced sessions", t.get("spliced_sessions", 0)),
         ("pumped pairs", f"{t.get('pumped_pairs_now', 0)} now, "
                          f"{t.get('pumped_pairs', 0)} since start"),
+        ("session ends", ends or "none"),
         ("dropped", human_size(t.get("dropped_bytes", 0))),
         ("slow-consumer disconnects", t.get("slow_disconnects", 0)),
         ("handshake failures", f"{t.get('handshake_failures', 0)}"

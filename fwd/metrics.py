@@ -87,6 +87,8 @@ class WorkerMetrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Gauge
 
+        from .session import END_LABELS  # workers only: it loads the data path
+
         self.counters = {k: Counter(n, h, registry=None) for k, (n, h) in COUNTERS.items()}
         self.gauges = {k: Gauge(n, h, registry=None, multiprocess_mode="livesum")
                        for k, (n, h) in GAUGES.items()}
@@ -96,11 +98,15 @@ class WorkerMetrics:
                                    ["mode"], registry=None, multiprocess_mode="livesum")
         self.failures = Counter("fwd_handshake_failures", "Failed handshakes, by reason.",
                                 ["reason"], registry=None)
+        self.ends = Counter("fwd_session_ends", "Live sessions that ended, by reason.",
+                            ["reason"], registry=None)
         for mode in MODES:  # every series exists from the start, at 0
             self.sessions_total.labels(mode)
             self.sessions_live.labels(mode)
         for reason in REASONS:
             self.failures.labels(reason)
+        for reason in END_LABELS:
+            self.ends.labels(reason)
         self._last: dict[str, int] = {}
 
     def _advance(self, key: str, value: int) -> int:
@@ -121,6 +127,9 @@ class WorkerMetrics:
         for reason, count in snapshot["failures"].items():
             if delta := self._advance(f"fail_{reason}", count):
                 self.failures.labels(reason).inc(delta)
+        for reason, count in snapshot["ends"].items():
+            if delta := self._advance(f"end_{reason}", count):
+                self.ends.labels(reason).inc(delta)
         for key, gauge in self.gauges.items():
             gauge.set(snapshot[key])
 

@@ -58,6 +58,34 @@ FAIL_LINGER = 2.0
 before it closes (see Session._close_failed)."""
 FAIL_DISCARD = 1 << 20
 """...and how many bytes at most; a client that sends more is reset."""
+END_REASONS: tuple[tuple[str, str], ...] = (
+    ("client closed", "closed"),
+    ("half-closed both ways", "closed"),
+    (f"connection lost: {RESET_BY_PEER}", "reset"),
+    ("connection lost", "lost"),
+    ("idle timeout", "idle_timeout"),
+    ("slow consumer", "slow_consumer"),
+    ("held bytes dropped", "held_bytes_dropped"),
+    ("pair partner never came", "partner_never_came"),
+    ("pair partner left", "partner_left"),
+    ("pair partner lost", "partner_lost"),
+    ("taken over by", "taken_over"),
+    ("kicked by fwd-ctl", "kicked"),
+    ("server shutdown", "shutdown"),
+)
+"""Session end reason prefix → the label metrics and fwd-ctl count it under."""
+END_LABELS = tuple(dict.fromkeys(label for _, label in END_REASONS)) + ("other",)
+
+
+def end_reason(reason: str) -> str:
+    """A small fixed set of names for why live sessions end: the reasons
+    themselves carry a chid, a peer or an errno text, unfit as a metric label."""
+    for prefix, label in END_REASONS:
+        if reason.startswith(prefix):
+            return label
+    return "other"
+
+
 PAIR_MARK = 64 * 1024
 """High-water mark for the receiver of a 1->1 route, instead of --max-buffer: its
 sender waits early and its bytes stay in the kernel's socket buffers, so what the
@@ -950,6 +978,9 @@ class Session(Relay, asyncio.BufferedProtocol):
                 partner.close("pair partner lost" if cut else "pair partner left", cut=cut)
         if gone:
             hub.connection_gone(self)
+        end = end_reason(reason)
+        if was_live and not self.moved:
+            hub.ends[end] += 1
         if (was_live or self.chid is not None) and not self.moved:
             secs = hub.loop.time() - self.started
             log.info(
@@ -959,7 +990,7 @@ class Session(Relay, asyncio.BufferedProtocol):
                 extra={"fields": {"event": "session_end", "chid": self.chid, "peer": self.peer,
                                   "worker": hub.wid, "bytes_in": self.bytes_in,
                                   "bytes_out": self.bytes_out, "secs": round(secs, 3),
-                                  "reason": reason, "dropped": self.dropped}})
+                                  "reason": reason, "end": end, "dropped": self.dropped}})
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -111,6 +111,7 @@ class Hub:
         # session counts its own until it is released).
         self.stats: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[str] = collections.Counter()  # by reason
+        self.ends: collections.Counter[str] = collections.Counter()  # live sessions, by reason
         self.started = loop.time()
         self.closed = asyncio.Event()
         self.hurry = asyncio.Event()  # a second SIGTERM: cut the drain short
@@ -479,7 +480,7 @@ class Hub:
                 "held_bytes": self.router.held, "buffered_bytes": buffered,
                 "spliced_sessions": spliced,
                 "pumped_pairs": 0 if self.pumps is None else len(self.pumps),
-                "totals": totals, "failures": dict(self.failures)}
+                "totals": totals, "failures": dict(self.failures), "ends": dict(self.ends)}
 
     def session_rows(self) -> list[dict[str, Any]]:
         now = self.loop.time()

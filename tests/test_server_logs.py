@@ -5,6 +5,7 @@ import json
 from collections.abc import Callable
 
 from conftest import Server
+from fwd.session import end_reason
 from helpers import pair, recv_exact
 
 
@@ -47,6 +48,7 @@ def test_json_lines(start_server: Callable[..., Server]) -> None:
     assert start["worker"] == end["worker"] and end["proc"] == f"w{end['worker']}"
     assert (end["bytes_in"], end["bytes_out"]) == (7000, 300)
     assert end["secs"] >= 0 and end["reason"] and end["level"] == "INFO"
+    assert end["end"] == end_reason(end["reason"]) and end["end"] in ("closed", "partner_left")
     assert start["ts"].endswith("Z")
     # A failed handshake is a record of its own too, with the chid it had claimed.
     bad = server.connect()

@@ -17,7 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 import fwd
 from conftest import WORKERS, Server
 from fwd.metrics import MAX_CLIENTS
-from helpers import expect_fail, pair, recv_exact, wait_until
+from fwd.session import END_LABELS, end_reason
+from helpers import (
+    expect_fail,
+    pair,
+    read_line,
+    read_until_reset,
+    recv_exact,
+    reset_close,
+    wait_until,
+)
 
 N = max(WORKERS, 2)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -76,6 +85,53 @@ def test_counters_move_with_traffic(start_server: Callable[..., Server]) -> None
     sb.close()
     wait_until(lambda: value(scrape(server), "fwd_sessions_live", mode="chan") == 1, 10,
                "the pair's sessions leave the gauge")
+
+
+@pytest.mark.parametrize(("reason", "label"), [
+    ("client closed", "closed"),
+    ("half-closed both ways", "closed"),
+    ("connection lost: [Errno 104] Connection reset by peer", "reset"),
+    ("connection lost: [Errno 110] Connection timed out", "lost"),
+    ("connection lost", "lost"),
+    ("taken over by 127.0.0.1:5000", "taken_over"),
+    ("pair partner lost", "partner_lost"),
+    ("kicked by fwd-ctl", "kicked"),
+    ("something new", "other"),
+])
+def test_end_reason_labels(reason: str, label: str) -> None:
+    assert end_reason(reason) == label
+
+
+def test_session_ends_are_counted_by_reason(start_server: Callable[..., Server]) -> None:
+    server = metrics_server(start_server, "--mode", "chan")
+    before = scrape(server)
+    assert {labels for name, labels in before if name == "fwd_session_ends_total"} == {
+        (("reason", label),) for label in END_LABELS}
+    sa, sb = pair(server)
+    reset_close(sa)  # a: reset; b: its pair partner lost
+    read_until_reset(sb)
+    lone, _ = server.handshake("lone", ["nobody"])
+    lone.close()
+    server.handshake("kicked", ["nobody"])
+    server.ctl("kick", "kicked")
+    halfway = server.connect()  # no end: it never went live
+    halfway.sendall(b'{"req": "hs1", "chid": "h"}\n')
+    read_line(halfway)
+    halfway.close()
+    expect = {"reset": 1, "partner_lost": 1, "closed": 1, "kicked": 1}
+
+    def ends() -> dict[str, float]:
+        got = scrape(server)
+        return {label: value(got, "fwd_session_ends_total", reason=label)
+                for label in END_LABELS}
+
+    wait_until(lambda: sum(ends().values()) >= 4, 10, "four ends counted")
+    wait_until(lambda: value(scrape(server), "fwd_handshake_failures_total",
+                             reason="closed") == 1, 10, "the unfinished handshake's end")
+    assert {k: v for k, v in ends().items() if v} == expect
+    assert server.ctl_json("status")["ends"] == expect
+    assert "session ends               closed 1, kicked 1, partner_lost 1, reset 1" \
+        in server.ctl("status").stdout
 
 
 def test_sums_over_workers_and_survives_a_worker_crash(
