@@ -403,6 +403,7 @@ class Arbiter:
         totals: collections.Counter[str] = collections.Counter()
         failures: collections.Counter[str] = collections.Counter()
         ends: collections.Counter[str] = collections.Counter()
+        drops: collections.Counter[str] = collections.Counter()
         workers: list[dict[str, Any]] = []
         for r in replies:
             if not r["ok"]:
@@ -419,6 +420,7 @@ class Arbiter:
             totals["pumped_pairs_now"] += r["pumped_pairs"]
             failures.update(r["failures"])
             ends.update(r["ends"])
+            drops.update(r["drops"])
             workers.append({"worker": r["worker"], "pid": r["pid"], "sessions": live,
                             "connections": r["open_connections"],
                             "bytes_in": r["totals"].get("bytes_in", 0),
@@ -438,6 +440,7 @@ class Arbiter:
         return {"pid": os.getpid(), "uptime": round(self.loop.time() - self.started, 3),
                 "mode": self.config.mode, "listen": self.listening, "workers": workers,
                 "totals": dict(totals), "failures": dict(failures), "ends": dict(ends),
+                "drops": dict(drops),
                 "busiest_addresses": busiest}
 
     async def render_metrics(self) -> bytes:

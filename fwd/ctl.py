@@ -57,11 +57,15 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]],
     return "\n".join(lines)
 
 
+def _most_first(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(((k, v) for k, v in counts.items() if v), key=lambda kv: (-kv[1], kv[0]))
+
+
 def format_status(st: dict[str, Any]) -> str:
     t = st["totals"]
     failures = ", ".join(f"{k} {v}" for k, v in sorted(st["failures"].items()) if v)
-    ends = ", ".join(f"{k} {v}" for k, v in sorted(st.get("ends", {}).items(),
-                                                   key=lambda kv: (-kv[1], kv[0])) if v)
+    ends = ", ".join(f"{k} {v}" for k, v in _most_first(st.get("ends", {})))
+    drops = ", ".join(f"{k} {human_size(v)}" for k, v in _most_first(st.get("drops", {})))
     summary = [
         ("pid", st["pid"]),
         ("uptime", human_seconds(st["uptime"])),
@@ -78,7 +82,7 @@ def format_status(st: dict[str, Any]) -> str:
         ("pumped pairs", f"{t.get('pumped_pairs_now', 0)} now, "
                          f"{t.get('pumped_pairs', 0)} since start"),
         ("session ends", ends or "none"),
-        ("dropped", human_size(t.get("dropped_bytes", 0))),
+        ("dropped", human_size(t.get("dropped_bytes", 0)) + (f" ({drops})" if drops else "")),
         ("slow-consumer disconnects", t.get("slow_disconnects", 0)),
         ("handshake failures", f"{t.get('handshake_failures', 0)}"
                                + (f" ({failures})" if failures else "")),

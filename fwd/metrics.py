@@ -52,8 +52,6 @@ COUNTERS: Mapping[str, tuple[str, str]] = {
                  "--max-conns-per-ip, shutdown, lost in a hand-off)."),
     "bytes_in": ("fwd_received_bytes", "Stream bytes read from clients (after the handshake)."),
     "bytes_out": ("fwd_sent_bytes", "Stream bytes written to clients."),
-    "dropped_bytes": ("fwd_dropped_bytes", "Bytes dropped: hold limits, expired holds, "
-                      "broadcast with nobody else connected."),
     "slow_disconnects": ("fwd_slow_consumer_disconnects", "Receivers disconnected for "
                          "staying above --max-buffer longer than --slow-timeout."),
     "cross_worker_bytes": ("fwd_cross_worker_bytes", "Bytes sent to another worker process."),
@@ -88,6 +86,7 @@ class WorkerMetrics:
         from prometheus_client import Counter, Gauge
 
         from .session import END_LABELS  # workers only: it loads the data path
+        from .worker import DROP_REASONS
 
         self.counters = {k: Counter(n, h, registry=None) for k, (n, h) in COUNTERS.items()}
         self.gauges = {k: Gauge(n, h, registry=None, multiprocess_mode="livesum")
@@ -98,6 +97,8 @@ class WorkerMetrics:
                                    ["mode"], registry=None, multiprocess_mode="livesum")
         self.failures = Counter("fwd_handshake_failures", "Failed handshakes, by reason.",
                                 ["reason"], registry=None)
+        self.drops = Counter("fwd_dropped_bytes", "Stream bytes that reached nobody, by why.",
+                             ["reason"], registry=None)
         self.ends = Counter("fwd_session_ends", "Live sessions that ended, by reason.",
                             ["reason"], registry=None)
         for mode in MODES:  # every series exists from the start, at 0
@@ -107,6 +108,8 @@ class WorkerMetrics:
             self.failures.labels(reason)
         for reason in END_LABELS:
             self.ends.labels(reason)
+        for reason in DROP_REASONS:
+            self.drops.labels(reason)
         self._last: dict[str, int] = {}
 
     def _advance(self, key: str, value: int) -> int:
@@ -130,6 +133,9 @@ class WorkerMetrics:
         for reason, count in snapshot["ends"].items():
             if delta := self._advance(f"end_{reason}", count):
                 self.ends.labels(reason).inc(delta)
+        for reason, count in snapshot["drops"].items():
+            if delta := self._advance(f"drop_{reason}", count):
+                self.drops.labels(reason).inc(delta)
         for key, gauge in self.gauges.items():
             gauge.set(snapshot[key])
 

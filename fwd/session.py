@@ -820,7 +820,7 @@ class Session(Relay, asyncio.BufferedProtocol):
                 for p in hub.pending:
                     p._queue_pending(chunk)
             elif len(route.targets) <= 1 and not hub.peers_live():
-                hub.stats["dropped_bytes"] += n  # nobody else anywhere
+                hub.drop("no_receiver", n)  # nobody else anywhere
         elif route.missing:
             assert chunk is not None
             for chid in route.missing:
@@ -855,13 +855,13 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.pending_out is None:
             return
         if self.pending_size + len(chunk) > self.hub.config.max_buffer:
-            self.hub.stats["dropped_bytes"] += len(chunk)
+            self.hub.drop("sniff_window", len(chunk))
             return
         self.pending_out.append(chunk)
         self.pending_size += len(chunk)
 
     def _note_dropped(self, chid: str, nbytes: int) -> None:
-        self.hub.stats["dropped_bytes"] += nbytes
+        self.hub.drop("hold_full", nbytes)
         if not self.dropped:
             log.warning(
                 "dropping bytes for absent receiver chid=%s from chid=%s (hold limit reached)",

@@ -49,6 +49,10 @@ tells the others to leave it out of "everyone" bytes."""
 WAKE_WAIT = 0.5
 """How long a session's hs4 may wait for the others to acknowledge that its
 worker is awake again (a stopped or dead worker does not answer)."""
+DROP_REASONS = ("no_receiver", "sniff_window", "hold_full", "hold_expired",
+                "receiver_closed", "worker_gone", "worker_stuck")
+"""Why stream bytes were dropped (Hub.drop), the labels of
+fwd_dropped_bytes_total: docs/PROTOCOL.md §9.4 says when each applies."""
 GONE_PER_NOTE = 4096
 """Ended connections told per note: the parent reads a note as one packet of
 at most 64 KiB (a larger one would be cut, and its connections never counted out)."""
@@ -112,6 +116,7 @@ class Hub:
         self.stats: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[str] = collections.Counter()  # by reason
         self.ends: collections.Counter[str] = collections.Counter()  # live sessions, by reason
+        self.drops: collections.Counter[str] = collections.Counter()  # bytes, by DROP_REASONS
         self.started = loop.time()
         self.closed = asyncio.Event()
         self.hurry = asyncio.Event()  # a second SIGTERM: cut the drain short
@@ -303,7 +308,7 @@ class Hub:
 
     def worker_dead(self, worker: int) -> None:
         assert self.mesh is not None
-        self.stats["dropped_bytes"] += self.mesh.forget(worker)
+        self.drop("worker_gone", self.mesh.forget(worker))
         self._stuck.discard(worker)
         self.sleeping.discard(worker)  # its successor starts awake
         self.peer_awake(worker)
@@ -336,10 +341,10 @@ class Hub:
         if target is None:
             owner = self.router.owner(chid)
             if owner is not None and owner.write_closed:  # its write side is shut
-                self.stats["dropped_bytes"] += len(chunk)
+                self.drop("receiver_closed", len(chunk))
                 return
         if target is None or target.transport is None:
-            self.stats["dropped_bytes"] += self.router.hold(chid, chunk, now, sender)
+            self.drop("hold_full", self.router.hold(chid, chunk, now, sender))
             self.watch_holds()
             if target is None:
                 # Sent here as its chid's home, which it has left (or not reached):
@@ -382,7 +387,7 @@ class Hub:
 
     def overflow_dropped(self, worker: int, nbytes: int) -> None:
         """The mesh dropped bytes for a worker that does not read its pipe."""
-        self.stats["dropped_bytes"] += nbytes
+        self.drop("worker_stuck", nbytes)
         if worker not in self._stuck:
             self._stuck.add(worker)
             log.warning("worker %d does not read: dropping bytes for it beyond %d queued",
@@ -480,7 +485,8 @@ class Hub:
                 "held_bytes": self.router.held, "buffered_bytes": buffered,
                 "spliced_sessions": spliced,
                 "pumped_pairs": 0 if self.pumps is None else len(self.pumps),
-                "totals": totals, "failures": dict(self.failures), "ends": dict(self.ends)}
+                "totals": totals, "failures": dict(self.failures), "ends": dict(self.ends),
+                "drops": dict(self.drops)}
 
     def session_rows(self) -> list[dict[str, Any]]:
         now = self.loop.time()
@@ -577,6 +583,12 @@ class Hub:
                     and (self.pumps is None or s not in self.pumps.running):
                 s.transport.resume_reading()
 
+    def drop(self, reason: str, nbytes: int) -> None:
+        """Count stream bytes that reach nobody, by why (DROP_REASONS)."""
+        if nbytes:
+            self.stats["dropped_bytes"] += nbytes
+            self.drops[reason] += nbytes
+
     def watch_holds(self) -> None:
         if self._hold_timer is None and (self.router.has_holds() or self.awaiting):
             self._hold_timer = self.loop.call_later(HOLD_TICK, self._expire_holds)
@@ -586,7 +598,7 @@ class Hub:
         now = self.loop.time()
         dropped = self.router.expire(now)
         if dropped:
-            self.stats["dropped_bytes"] += dropped
+            self.drop("hold_expired", dropped)
             log.info("dropped %d held bytes older than %gs (--hold-seconds)",
                      dropped, self.config.hold_seconds)
         # In the same tick as their bytes: a partner coming before it gets them.

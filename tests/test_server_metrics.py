@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +19,7 @@ import fwd
 from conftest import WORKERS, Server
 from fwd.metrics import MAX_CLIENTS
 from fwd.session import END_LABELS, end_reason
+from fwd.worker import DROP_REASONS
 from helpers import (
     expect_fail,
     pair,
@@ -32,8 +34,8 @@ N = max(WORKERS, 2)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def metrics_server(start_server: Callable[..., Server], *args: str) -> Server:
-    server = start_server("--workers", str(N), "--metrics", "127.0.0.1:0", *args)
+def metrics_server(start_server: Callable[..., Server], *args: str, **kw: Any) -> Server:
+    server = start_server("--workers", str(N), "--metrics", "127.0.0.1:0", *args, **kw)
     m = server.wait_log(r"metrics on http://(\S+)/metrics")
     server.metrics_url = f"http://{m.group(1)}/metrics"  # type: ignore[attr-defined]
     return server
@@ -55,7 +57,7 @@ def test_counters_move_with_traffic(start_server: Callable[..., Server]) -> None
     server = metrics_server(start_server, "--mode", "chan")
     before = scrape(server)
     for name in ("fwd_connections_total", "fwd_received_bytes_total", "fwd_sent_bytes_total",
-                 "fwd_held_bytes", "fwd_dropped_bytes_total", "fwd_cross_worker_bytes_total",
+                 "fwd_held_bytes", "fwd_cross_worker_bytes_total",
                  "fwd_slow_consumer_disconnects_total", "fwd_open_connections",
                  "fwd_spliced_sessions"):
         assert value(before, name) == 0, name
@@ -132,6 +134,37 @@ def test_session_ends_are_counted_by_reason(start_server: Callable[..., Server])
     assert server.ctl_json("status")["ends"] == expect
     assert "session ends               closed 1, kicked 1, partner_lost 1, reset 1" \
         in server.ctl("status").stdout
+
+
+def drops(server: Server) -> dict[str, float]:
+    got = scrape(server)
+    return {reason: value(got, "fwd_dropped_bytes_total", reason=reason)
+            for reason in DROP_REASONS}
+
+
+def test_dropped_bytes_are_counted_by_reason(start_server: Callable[..., Server]) -> None:
+    server = metrics_server(start_server, "--mode", "chan", "--hold-bytes", "1000",
+                            "--hold-seconds", "1")
+    assert set(drops(server).values()) == {0}
+    held, _ = server.handshake("h", ["absent"])
+    held.sendall(b"h" * 1500)  # the first 1000 are held, then expire
+    wait_until(lambda: drops(server)["hold_expired"] == 1000, 10, "the hold to expire")
+    assert {k: v for k, v in drops(server).items() if v} == {"hold_full": 500,
+                                                            "hold_expired": 1000}
+    st = server.ctl_json("status")
+    assert st["drops"] == {"hold_full": 500, "hold_expired": 1000}
+    assert st["totals"]["dropped_bytes"] == 1500
+    assert "dropped                    1.5 KiB (hold_expired 1000 B, hold_full 500 B)" \
+        in server.ctl("status").stdout
+
+    alone = metrics_server(start_server, "--mode", "broadcast", log_level="debug")
+    # Until a worker says it has nobody, the others send it every byte.
+    alone.wait_log(r"no live session", count=N)
+    lone = alone.connect()
+    alone.wait_log(r"session start chid=None")
+    lone.sendall(b"x" * 300)  # nobody else is connected
+    wait_until(lambda: drops(alone)["no_receiver"] == 300, 10, "300 bytes for nobody")
+    assert sum(drops(alone).values()) == 300
 
 
 def test_sums_over_workers_and_survives_a_worker_crash(
