@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
-from .config import Config, address_key, format_hostport
+from .config import AddressFilter, Config, address_key, format_hostport
 from .coordinator import Coordinator
 from .protocol import refusal_line
 from .registry import Owner
@@ -45,6 +45,7 @@ log = logging.getLogger("fwd.arbiter")
 
 FULL = "server full"
 PER_IP = "too many connections from this address"
+NOT_ALLOWED = "address not allowed"
 RESTARTING = "server restarting"
 """The FAIL ``desc`` of refused connections (docs/PROTOCOL.md §2.5)."""
 KILL_MARGIN = 3.0
@@ -95,6 +96,7 @@ class Arbiter:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.filter = AddressFilter(config.allow, config.deny)
         self.loop = asyncio.get_running_loop()
         self.workers: dict[int, Worker] = {}
         self.stopping = False
@@ -338,10 +340,14 @@ class Arbiter:
                 return f"{mine} connections from {key} (--max-conns-per-ip)", PER_IP
             return None
 
-        if over():
-            for w in running:  # take in the "gone" notes already waiting, then decide
-                self._from_worker(w, drain=True)
-        refused = over() if running else ("every worker is restarting", RESTARTING)
+        denied = self.filter.refuses(peer[0]) if self.filter else None
+        if denied is not None:
+            refused: tuple[str, str] | None = (denied, NOT_ALLOWED)
+        else:
+            if over():
+                for w in running:  # take in the "gone" notes already waiting, then decide
+                    self._from_worker(w, drain=True)
+            refused = over() if running else ("every worker is restarting", RESTARTING)
         if refused is not None:
             why, desc = refused
             if self.config.mode == "chan" or self.config.password:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .config import LOG_FORMATS, MODES, Config, parse_hostport, parse_size
+from .config import LOG_FORMATS, MODES, Config, parse_hostport, parse_network, parse_size
 from .runtime import set_title, setup_logging
 
 
@@ -109,6 +109,17 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
     return value
 
 
+def _networks(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[str, ...]:
+    # "--allow a,b --allow c" and FWD_ALLOW="a,b c" both mean a, b, c.
+    nets = tuple(n for v in value or () for n in v.split(",") if n)
+    for n in nets:
+        try:
+            parse_network(n)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return nets
+
+
 def _env_epilog(examples: str) -> str:
     return ("Every option can also be set in the environment as FWD_ and its name in "
             f"capitals, dashes as underscores: {examples}.")
@@ -143,6 +154,13 @@ def _env_epilog(examples: str) -> str:
 @click.option("--max-conns-per-ip", type=click.IntRange(min=0), default=_D.max_conns_per_ip,
               help="Connections from one address beyond this are closed at once; IPv6 "
                    "counts by /64. Clients behind one NAT share an address (0 = no limit).")
+@click.option("--allow", multiple=True, metavar="NET", callback=_networks,
+              help="Take clients only from these addresses or networks (192.0.2.7, "
+                   "10.0.0.0/8, 2001:db8::/32; repeat or comma-separate) [default: any].",
+              show_default=False)
+@click.option("--deny", multiple=True, metavar="NET", callback=_networks,
+              help="Refuse clients from these addresses or networks, even if --allow "
+                   "names them.")
 @click.option("--splice-min", type=_Size(), default=str(_D.splice_min),
               help="A read this big sends that stream to its local receivers through "
                    "a pipe with splice(2), without copying it; to several by tee(2), "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MODES = ("chan", "broadcast")
@@ -65,6 +66,47 @@ def address_key(peer: str) -> str:
     return str(ip)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_network(text: str) -> Network:
+    """``"10.0.0.0/8"``, ``"192.0.2.7"``, ``"2001:db8::/32"`` → a network (host
+    bits after the prefix are ignored, as ncat's --allow does)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not an address or network: {text!r} "
+                         "(examples: 192.0.2.7, 10.0.0.0/8, 2001:db8::/32)") from None
+
+
+class AddressFilter:
+    """``--allow`` and ``--deny``: which client addresses the server takes.
+    A peer in a --deny network is refused; with --allow, so is one in none of
+    its networks. An IPv4-mapped IPv6 address counts as IPv4."""
+
+    def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
+        self.allow = [parse_network(a) for a in allow]
+        self.deny = [parse_network(d) for d in deny]
+
+    def __bool__(self) -> bool:
+        return bool(self.allow or self.deny)
+
+    def refuses(self, host: str) -> str | None:
+        """Why a client from ``host`` (an address, no port) is refused, for the
+        log; None if it is taken."""
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return "not an IP address"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.deny):
+            return "in --deny"
+        if self.allow and not any(ip in net for net in self.allow):
+            return "not in --allow"
+        return None
+
+
 @dataclass
 class Config:
     """Every knob of one fwd-server; defaults match the CLI's."""
@@ -82,6 +124,10 @@ class Config:
     max_conns: int = 10000
     max_conns_per_ip: int = 0
     """Connections from one address (address_key) at most; 0: no limit."""
+    allow: tuple[str, ...] = ()
+    """Networks clients may come from (AddressFilter); empty: any."""
+    deny: tuple[str, ...] = ()
+    """Networks clients may not come from."""
     splice_min: int = 64 * 1024
     """A read this big for one local receiver moves that stream to splice(2); 0: never."""
     pump_pairs: int = 4
@@ -106,3 +152,5 @@ class Config:
             raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
         if self.password == "":
             raise ValueError("the password must not be empty")
+        self.allow, self.deny = tuple(self.allow), tuple(self.deny)
+        AddressFilter(self.allow, self.deny)  # every entry parses

@@ -11,3 +11,11 @@ def test_server_help_names_the_environment_variables() -> None:
                           text=True, check=True, timeout=60)
     text = " ".join(done.stdout.split())
     assert "set in the environment as FWD_ and its name" in text and "FWD_MAX_CONNS" in text
+
+
+def test_a_bad_network_is_a_usage_error() -> None:
+    done = subprocess.run([sys.executable, "-m", "fwd.cli", "--allow", "10.0.0.0/8,10.1.2.300"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "Invalid value for '--allow': not an address or network: '10.1.2.300'" \
+        in " ".join(done.stderr.split())

@@ -339,6 +339,7 @@ def test_held_bytes_expire_after_hold_seconds(start_server):
 
 FULL = "server full"
 PER_IP = "too many connections from this address"
+NOT_ALLOWED = "address not allowed"
 
 
 def assert_refused(sock, desc: str) -> None:
@@ -452,6 +453,24 @@ def test_max_conns_per_ip_refuses_one_address_and_serves_the_others(start_server
     assert_refused(server.connect(), PER_IP)  # full again for 127.0.0.1
     sc2, _ = server.handshake("c2", ["a"], source="127.0.0.2")  # 127.0.0.2 has one more
     assert_refused(server.connect(source="127.0.0.2"), PER_IP)
+
+
+def test_allow_and_deny_refuse_by_address(start_server):
+    """--allow names the only networks clients may come from, --deny those
+    they may not, and --deny wins: as ncat's --allow and --deny."""
+    server = start_server("--mode", "chan", "--allow", "127.0.0.0/8", "--deny", "127.0.0.1")
+    expect_refused(server, r"in --deny", NOT_ALLOWED)
+    sa, _ = server.handshake("a", ["b"], source="127.0.0.2")
+    sb, _ = server.handshake("b", ["a"], source="127.0.0.3")
+    sa.sendall(b"allowed")
+    assert recv_exact(sb, 7) == b"allowed"
+    assert server.ctl_json("status")["totals"]["rejected"] == 1
+
+    only = start_server("--mode", "chan", "--allow", "127.0.0.2, 127.0.0.3/32")
+    expect_refused(only, r"not in --allow", NOT_ALLOWED)
+    assert_refused(only.connect(source="127.0.0.4"), NOT_ALLOWED)
+    sc, _ = only.handshake("c", ["d"], source="127.0.0.3")
+    sc.close()
 
 
 def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_server):
