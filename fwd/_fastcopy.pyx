@@ -57,6 +57,7 @@ cdef object _kept = None  # _spread's second result: the round as bytes, if aske
 cdef int _scratch_r = -1  # the pipe tee(2) fills for one receiver at a time
 cdef int _scratch_w = -1
 cdef object _offer = None  # called soon after a clean pair round (see bind)
+cdef object _meter = None  # --max-rate: told of every live read (see bind)
 
 cdef enum:
     # A pipe the kernel will not make this big is not worth a splice round.
@@ -74,7 +75,7 @@ cdef inline double _now() noexcept nogil:
 
 
 def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0,
-         int pipes=0, bint tee=False, object offer=None):
+         int pipes=0, bint tee=False, object offer=None, object meter=None):
     """Give this process's sessions their read buffer (``small``: how much of it
     a session that is not live yet may fill) and routing table. A
     session whose read brings ``splice_min`` bytes or more (0: never) for one
@@ -84,8 +85,10 @@ def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0
     does not take is queued, as much as one read would have queued. After
     a round that went whole to the one receiver, ``offer(session)`` is called
     soon, unless the session's ``pump_wait`` is set (which this sets, and the
-    offer clears when it may come again): it may hand the pair to a Pump."""
-    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee, _offer
+    offer clears when it may come again): it may hand the pair to a Pump.
+    ``meter(session, nbytes, now)``, if given, is told of every live read
+    after its bytes went out (--max-rate; it may pause the session)."""
+    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee, _offer, _meter
     _buf = buf
     _round = len(buf)
     _view = memoryview(buf)
@@ -95,6 +98,7 @@ def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0
     _pipes_left = pipes
     _tee = tee
     _offer = offer
+    _meter = meter
 
 
 cdef class Relay:
@@ -168,6 +172,8 @@ cdef class Relay:
             self._queued(self._route, chunk, nbytes, now)
         if _splice_min and nbytes >= _splice_min and not self.bulk:
             self.bulk = _receivers(self._route, self, False) is not None
+        if _meter is not None:
+            _meter(self, nbytes, now)
 
     cdef inline void _fresh_route(self) except *:
         if self._route is None or self._generation != _router.generation:

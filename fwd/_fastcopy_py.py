@@ -21,6 +21,7 @@ _splice_min = 0
 _pipes_left = 0
 _round = 0
 _tee = False
+_meter: Any = None  # --max-rate (see bind)
 _scratch: tuple[int, int] | None = None  # (read end, write end), see _fastcopy.pyx
 _libc = ctypes.CDLL(None, use_errno=True)  # os has splice() but no tee()
 _libc.tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
@@ -28,7 +29,7 @@ _libc.tee.restype = ctypes.c_ssize_t
 
 
 def bind(buf: bytearray, small: int, router: Any, splice_min: int = 0, pipes: int = 0,
-         tee: bool = False, offer: Any = None) -> None:
+         tee: bool = False, offer: Any = None, meter: Any = None) -> None:
     """Give this process's sessions their read buffer (``small``: how much of it
     a session that is not live yet may fill) and routing table. A
     session whose read brings ``splice_min`` bytes or more (0: never) for one
@@ -36,13 +37,15 @@ def bind(buf: bytearray, small: int, router: Any, splice_min: int = 0, pipes: in
     ``pipes`` are open here, and from then on its bytes go to those receivers
     by splice(2), a read's worth (``len(buf)``) per round: what a receiver
     does not take is queued, as much as one read would have queued. There
-    are no pumps here (fastpath.Pump is None), so ``offer`` is never called."""
-    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee
+    are no pumps here (fastpath.Pump is None), so ``offer`` is never called.
+    ``meter(session, nbytes, now)``, if given, is told of every live read
+    after its bytes went out (--max-rate; it may pause the session)."""
+    global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee, _meter
     _buf, _view = buf, memoryview(buf)
     _round = len(buf)
     _small = _view[:small]
     _router = router
-    _splice_min, _pipes_left, _tee = splice_min, pipes, tee
+    _splice_min, _pipes_left, _tee, _meter = splice_min, pipes, tee, meter
 
 
 def _receivers(route: Any, sender: Any, ready: bool) -> tuple[list[Any], bool] | None:
@@ -105,6 +108,8 @@ class Relay:
             self._queued(route, chunk, nbytes, now)  # type: ignore[attr-defined]
         if _splice_min and nbytes >= _splice_min and not self.bulk:
             self.bulk = _receivers(route, self, False) is not None
+        if _meter is not None:
+            _meter(self, nbytes, now)
 
     def _splice(self) -> bool:
         if self.unsent is not None:  # not expected: buffer_updated delivers it

@@ -54,7 +54,7 @@ WORKER_ANSWER = 2.0
 """How long a control request waits for each worker (a stopped one is reported, not waited on)."""
 _SUMMED = ("connections", "rejected", "bytes_in", "bytes_out", "dropped_bytes",
            "slow_disconnects", "handshake_failures", "cross_worker_bytes", "full_notices", "kicked",
-           "sessions_chan", "sessions_broadcast", "pumped_pairs")
+           "sessions_chan", "sessions_broadcast", "pumped_pairs", "throttled")
 
 
 class _WorkerProtocol(asyncio.SubprocessProtocol):

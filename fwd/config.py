@@ -132,6 +132,8 @@ class Config:
     """A read this big for one local receiver moves that stream to splice(2); 0: never."""
     pump_pairs: int = 4
     """Bulk pairs per worker whose two directions get a thread each; 0: none."""
+    max_rate: int = 0
+    """Bytes per second each client may send into the relay (ratelimit); 0: no limit."""
     tcp_congestion: str | None = None
     """TCP congestion control of client connections; None: the system's default."""
     takeover: bool = False

@@ -84,6 +84,7 @@ def format_status(st: dict[str, Any]) -> str:
         ("session ends", ends or "none"),
         ("dropped", human_size(t.get("dropped_bytes", 0)) + (f" ({drops})" if drops else "")),
         ("slow-consumer disconnects", t.get("slow_disconnects", 0)),
+        ("rate-limit pauses", t.get("throttled", 0)),
         ("handshake failures", f"{t.get('handshake_failures', 0)}"
                                + (f" ({failures})" if failures else "")),
         ("refused connections", t.get("rejected", 0)),

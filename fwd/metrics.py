@@ -59,6 +59,7 @@ COUNTERS: Mapping[str, tuple[str, str]] = {
                      "went above --max-buffer."),
     "kicked": ("fwd_kicked_sessions", "Sessions closed by fwd-ctl kick."),
     "pumped_pairs": ("fwd_pumps_started", "Bulk pairs handed to threads."),
+    "throttled": ("fwd_rate_limited", "Times a client was paused for going over --max-rate."),
 }
 GAUGES: Mapping[str, tuple[str, str]] = {
     "open_connections": ("fwd_open_connections", "Client connections open now."),

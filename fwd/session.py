@@ -946,6 +946,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         if partner is None and self.read_closed:
             self._stop_awaiting()
         hub.held_by.pop(self, None)
+        hub.meters.pop(self, None)
+        hub.throttled.discard(self)
         if partner is None and was_live and not keep_pair:
             partner = hub.router.pair_of(self)
         self.state = St.CLOSED

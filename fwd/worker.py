@@ -26,6 +26,7 @@ from .mesh import Mesh
 from .metrics import FLUSH_EVERY
 from .protocol import failure_reason, refusal_line
 from .pumps import Pumps
+from .ratelimit import RateMeter
 from .registry import TOKEN_BITS
 from .routing import Backpressure, Route, Router
 from .runtime import FD_RESERVE, set_title, setup_logging
@@ -39,6 +40,8 @@ log = logging.getLogger("fwd.worker")
 
 READ_SIZE = 256 * 1024
 """One read's maximum: large enough for bulk streams, shared by all sessions."""
+MIN_METERED_READ = 4096
+"""With --max-rate, reads are never smaller than this (read_size)."""
 PIPES = 1024
 """Splice pipes per worker at most (streams beyond it are copied as before)."""
 HOLD_TICK = 1.0
@@ -86,7 +89,7 @@ class Hub:
         self._tokens = itertools.count(1)
         self.remote_full_chids: dict[str, int] = {}
         self.remote_full_count: collections.Counter[int] = collections.Counter()
-        self.buffer = bytearray(READ_SIZE)
+        self.buffer = bytearray(read_size(config.max_rate))
         self.view = memoryview(self.buffer)
         pipes = pipe_budget(config.max_conns)
         if config.splice_min and not pipes:
@@ -97,11 +100,16 @@ class Hub:
         tee = not paces(congestion)
         log.debug("bulk fan-out: %s (congestion control %s)",
                   "tee(2)" if tee else "copied, since it paces", congestion or "unknown")
+        # --max-rate: every read is metered, so none bypasses the loop's reads.
+        splice_min = 0 if config.max_rate else config.splice_min
+        self.meters: dict[Session, RateMeter] = {}
+        self.throttled: set[Session] = set()  # not reading until their debt is paid
         self.pumps: Pumps | None = None
-        if Pump is not None and config.pump_pairs and config.splice_min and pipes:
+        if Pump is not None and config.pump_pairs and splice_min and pipes:
             self.pumps = Pumps(self, Pump, config.pump_pairs)
-        bind(self.buffer, HANDSHAKE_READ, self.router, config.splice_min, pipes, tee,
-             None if self.pumps is None else self.pumps.offer)
+        bind(self.buffer, HANDSHAKE_READ, self.router, splice_min, pipes, tee,
+             None if self.pumps is None else self.pumps.offer,
+             self.meter if config.max_rate else None)
         # A dict, not a set: at 10,000 entries a set's table is about four
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}
@@ -579,9 +587,28 @@ class Hub:
 
     def resume_senders(self, senders: list[Session]) -> None:
         for s in senders:
-            if s.state is St.LIVE and s.transport is not None \
+            if s.state is St.LIVE and s.transport is not None and s not in self.throttled \
                     and (self.pumps is None or s not in self.pumps.running):
                 s.transport.resume_reading()
+
+    def meter(self, s: Session, nbytes: int, now: float) -> None:
+        """--max-rate: a live session's read. Past its budget it reads nothing
+        until the debt is paid, and TCP pushes back on its client."""
+        m = self.meters.get(s)
+        if m is None:
+            m = self.meters[s] = RateMeter(self.config.max_rate, self.config.max_rate, now)
+        wait = m.take(nbytes, now)
+        if wait > 0 and s not in self.throttled and s.transport is not None:
+            self.throttled.add(s)
+            self.stats["throttled"] += 1
+            s.transport.pause_reading()
+            self.loop.call_later(wait, self._unthrottle, s)
+
+    def _unthrottle(self, s: Session) -> None:
+        self.throttled.discard(s)
+        if s.state is St.LIVE and s.transport is not None \
+                and not self.backpressure.is_paused(s):
+            s.transport.resume_reading()
 
     def drop(self, reason: str, nbytes: int) -> None:
         """Count stream bytes that reach nobody, by why (DROP_REASONS)."""
@@ -635,6 +662,14 @@ class Hub:
                 for s in list(self.sessions):
                     if s.transport is not None:
                         reset(s.transport)
+
+
+def read_size(max_rate: int) -> int:
+    """One read's maximum: READ_SIZE, or with --max-rate a second's worth
+    (MIN_METERED_READ at least), since a read that overdraws the bucket is
+    forwarded whole and the session then waits it off: at 1 KiB/s a 256 KiB
+    read would stop it for minutes, and hide its FIN or reset as long."""
+    return READ_SIZE if not max_rate else min(READ_SIZE, max(max_rate, MIN_METERED_READ))
 
 
 def pipe_budget(max_conns: int) -> int:

@@ -29,6 +29,7 @@ from helpers import (
     Sender,
     assert_closed,
     assert_pair_works,
+    pair,
     read_json,
     recv_exact,
     recv_hash,
@@ -40,8 +41,8 @@ from helpers import (
 KiB = 1 << 10
 MiB = 1 << 20
 READ_SIZE = 256 * KiB
-PR_CAPBSET_DROP = 24
 """The server's read size (fwd.worker.READ_SIZE): one read may overshoot --max-buffer by this."""
+PR_CAPBSET_DROP = 24
 
 
 # -- /proc helpers -----------------------------------------------------------------------
@@ -471,6 +472,29 @@ def test_allow_and_deny_refuse_by_address(start_server):
     assert_refused(only.connect(source="127.0.0.4"), NOT_ALLOWED)
     sc, _ = only.handshake("c", ["d"], source="127.0.0.3")
     sc.close()
+
+
+@pytest.mark.both_impls
+def test_max_rate_paces_a_sender_and_loses_nothing(start_server):
+    """--max-rate: after a first second's worth at once, a client's bytes go
+    through at that rate. It is paused as by a slow receiver, so nothing is
+    lost, and another client of the server is not held up."""
+    rate, size = MiB, 3 * MiB
+    server = start_server("--mode", "chan", "--max-rate", "1MiB")
+    sa, sb = pair(server)
+    sc, sd = pair(server, "c", "d")
+    start = time.monotonic()
+    sender = Sender(sa, size)
+    sender.start()
+    sc.sendall(b"not held up")
+    assert recv_exact(sd, 11) == b"not held up"
+    assert recv_hash(sb, size) == sender.digest
+    elapsed = time.monotonic() - start
+    sender.finish()
+    # A lower bound only, from the limit: a slow machine can only take longer.
+    # The burst and the one read that overdrew the bucket come at once.
+    assert elapsed >= (size - rate - READ_SIZE) / rate
+    assert server.ctl_json("status")["totals"]["throttled"] > 0
 
 
 def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_server):
