@@ -389,10 +389,15 @@ def test_sender_listing_itself_does_not_get_its_bytes(chan_server):
 
 
 def test_chid_free_again_right_after_close(chan_server):
+    """With one worker at once; with several once the release reached the
+    coordinator, a moment after the end is logged (claim_again retries)."""
     for _ in range(3):
         mark = chan_server.mark()
-        a, chid = chan_server.handshake("again")
-        assert chid == "again"
+        if WORKERS == 1:
+            a, chid = chan_server.handshake("again")
+            assert chid == "again"
+        else:
+            a = claim_again(chan_server, "again", [])
         a.close()
         chan_server.wait_log(r"session end chid=again peer=\S+ .*reason=client closed",
                              start=mark)
