@@ -60,7 +60,10 @@ def test_a_chid_the_server_drew_is_held_server_wide(sharded):
     """A worker draws a chid without asking the coordinator first (96 random
     bits), but records it there before its hs2: no other worker gives it out."""
     server = sharded("--mode", "chan")
-    drawn = {server.handshake(None, [])[1] for _ in range(6)}  # over every worker
+    holders = [server.handshake(None, []) for _ in range(6)]  # over every worker
+    # Kept open: a holder's close would free its chid, and the claims below
+    # would then race the release.
+    drawn = {chid for _, chid in holders}
     assert len(drawn) == 6
     for chid in drawn:
         for _ in range(3):  # the parent spreads these over the workers too
