@@ -144,7 +144,8 @@ class Arbiter:
 
             prepare(self.rundir)  # before any worker starts: they inherit it
             self.metrics = ParentMetrics(self.config.workers)
-            self.metrics_server = MetricsServer(*self.config.metrics, self.render_metrics)
+            self.metrics_server = MetricsServer(*self.config.metrics, self.render_metrics,
+                                                self.health)
             host, port = await self.metrics_server.start()
             log.info("metrics on http://%s/metrics", format_hostport(host, port))
         if self.config.workers > 1:
@@ -448,6 +449,15 @@ class Arbiter:
                 "totals": dict(totals), "failures": dict(failures), "ends": dict(ends),
                 "drops": dict(drops),
                 "busiest_addresses": busiest}
+
+    def health(self) -> str | None:
+        """/healthz: None while every worker serves; else why not, for a 503."""
+        if self.stopping:
+            return "stopping"
+        ready = sum(w.ready and not w.exited for w in self.workers.values())
+        if ready < self.config.workers:
+            return f"{ready} of {self.config.workers} workers ready"
+        return None
 
     async def render_metrics(self) -> bytes:
         """/metrics: the workers flush their counters first, so a scrape is current."""

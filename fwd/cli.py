@@ -187,7 +187,8 @@ def _env_epilog(examples: str) -> str:
                    "[default: $XDG_RUNTIME_DIR or /tmp, fwd-PORT.ctl, PORT the first listen "
                    "port].")
 @click.option("--metrics", type=_HostPort(), default=None,
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics [default: off].")
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics, and /healthz "
+                   "[default: off].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=_D.log_level)
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default=_D.log_format,

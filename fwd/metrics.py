@@ -203,11 +203,15 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 class MetricsServer:
     """A minimal HTTP/1.1 endpoint for GET /metrics in the parent's event loop
-    (no thread: ``render`` first asks the workers to flush)."""
+    (no thread: ``render`` first asks the workers to flush), and GET /healthz
+    for load balancers and orchestrators (``health``: None when serving, else
+    why not)."""
 
-    def __init__(self, host: str, port: int, render: Callable[[], Awaitable[bytes]]) -> None:
+    def __init__(self, host: str, port: int, render: Callable[[], Awaitable[bytes]],
+                 health: Callable[[], str | None] = lambda: None) -> None:
         self.host, self.port = host, port
         self.render = render
+        self.health = health
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
@@ -246,7 +250,12 @@ class MetricsServer:
                 await _reply(writer, "400 Bad Request", b"not an HTTP/1 request\n")
             elif request_line[0] not in (b"GET", b"HEAD"):
                 await _reply(writer, "405 Method Not Allowed", b"GET only\n")
-            elif request_line[1].split(b"?", 1)[0] != b"/metrics":
+            elif (path := request_line[1].split(b"?", 1)[0]) == b"/healthz":
+                why = self.health()
+                await _reply(writer, "200 OK" if why is None else "503 Service Unavailable",
+                             b"ok\n" if why is None else why.encode() + b"\n",
+                             head_only=request_line[0] == b"HEAD")
+            elif path != b"/metrics":
                 await _reply(writer, "404 Not Found", b"see /metrics\n")
             else:
                 await _reply(writer, "200 OK", await self.render(), CONTENT_TYPE,

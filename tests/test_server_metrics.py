@@ -192,6 +192,30 @@ def test_sums_over_workers_and_survives_a_worker_crash(
     assert value(after, "fwd_sessions_live", mode="broadcast") < 2 * N
 
 
+def healthz(server: Server) -> tuple[int, bytes]:
+    url = server.metrics_url.rsplit("/", 1)[0] + "/healthz"  # type: ignore[attr-defined]
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_healthz_says_whether_every_worker_serves(start_server: Callable[..., Server]) -> None:
+    """For load balancers and orchestrators (NATS has the same path): 200
+    while every worker serves, 503 and why while one is restarting."""
+    server = metrics_server(start_server)
+    assert healthz(server) == (200, b"ok\n")
+    mark = server.mark()
+    os.kill(server.workers()[0], signal.SIGKILL)
+    seen: list[tuple[int, bytes]] = []
+    wait_until(lambda: seen.append(healthz(server)) or seen[-1][0] == 503, 10,
+               "a 503 while the worker restarts")
+    assert seen[-1] == (503, f"{N - 1} of {N} workers ready\n".encode())
+    server.wait_log(r"worker \d+ ready", start=mark)
+    assert healthz(server) == (200, b"ok\n")
+
+
 def test_only_get_metrics(start_server: Callable[..., Server]) -> None:
     server = metrics_server(start_server)
     base = server.metrics_url.rsplit("/", 1)[0]  # type: ignore[attr-defined]
