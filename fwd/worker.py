@@ -41,7 +41,7 @@ log = logging.getLogger("fwd.worker")
 READ_SIZE = 256 * 1024
 """One read's maximum: large enough for bulk streams, shared by all sessions."""
 MIN_METERED_READ = 4096
-"""With --max-rate, reads are never smaller than this (read_size)."""
+"""With --max-rate, the smallest read size read_size picks (for rates below it)."""
 PIPES = 1024
 """Splice pipes per worker at most (streams beyond it are copied as before)."""
 HOLD_TICK = 1.0
