@@ -20,7 +20,7 @@ from .registry import Owner, Registry, Watch, incarnation
 
 log = logging.getLogger("fwd.coordinator")
 
-_TOKEN_ARG = {mesh.CLAIM: 2, mesh.MINT: 1, mesh.LIVE: 1, mesh.MOVE: 3}
+_TOKEN_ARG = {mesh.CLAIM: 2, mesh.LIVE: 1, mesh.MOVE: 3}
 """Where the sender's own session token is among a message's frames."""
 
 
@@ -87,11 +87,6 @@ class Coordinator:
             self._questions.append((wid, kind, args))
             if len(self._questions) == 1:
                 self.reader.loop.call_soon(self._answer)
-        elif kind == mesh.MINT:
-            try:
-                self.registry.claim(args[0].decode(), Owner(wid, int(args[1])))
-            except ChidInUse:  # 96 random bits met another's: end the newcomer
-                self._to(wid, mesh.EVICT, args[0], args[1], b"a chid collision")
         elif kind == mesh.LIVE:
             recvers = tuple(json.loads(args[2]))
             notices, watches = self.registry.go_live(args[0].decode(), Owner(wid, int(args[1])),
@@ -114,7 +109,7 @@ class Coordinator:
             old = Owner(int(args[1]), int(args[2]))
             self._transit[wid].pop(chid, None)
             if not self.registry.move(chid, old, Owner(wid, int(args[3]))):
-                # Taken over while it moved: end it.
+                # Taken over (or its worker died) while it moved: end it.
                 self._to(wid, mesh.EVICT, args[0], args[3], b"a takeover")
         # HELLO only makes the ROUTER know the worker's identity: a new worker
         # has no session, so there is nothing to tell it yet.

@@ -34,8 +34,8 @@ import zmq
 log = logging.getLogger("fwd.mesh")
 
 # worker -> coordinator
-HELLO, CLAIM, MINT, LIVE, RELEASE, MOVE, PLACE, WANT = (
-    b"hello", b"claim", b"mint", b"live", b"release", b"move", b"place", b"want")
+HELLO, CLAIM, LIVE, RELEASE, MOVE, PLACE, WANT = (
+    b"hello", b"claim", b"live", b"release", b"move", b"place", b"want")
 # coordinator -> worker
 CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
     b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead", b"watch")
@@ -43,7 +43,7 @@ CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
 TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
 SLEEP, WAKE, AWAKE = b"sleep", b"wake", b"awake"
 
-ARITY = {HELLO: 0, CLAIM: 5, MINT: 2, LIVE: 3, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 2,
+ARITY = {HELLO: 0, CLAIM: 5, LIVE: 3, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 2,
          CLAIMED: 3, INUSE: 2, PLACED: 3, EVICT: 3, LOC: 2, GONE: 2, DEAD: 1, WATCH: 2}
 """Frames after the kind, per coordinator message kind."""
 
@@ -254,10 +254,6 @@ class Mesh:
         self._requests[req] = done
         self._ask(CLAIM, req, (chid or "").encode(), b"%d" % token, b"1" if takeover else b"0",
                   peer.encode())
-
-    def mint(self, chid: str, token: int) -> None:
-        """Record a chid this worker drew itself for a session (no answer)."""
-        self._ask(MINT, chid.encode(), b"%d" % token)
 
     def place(self, chid: str | None, recvers: tuple[str, ...],
               done: Callable[[int | None], None]) -> None:

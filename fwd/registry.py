@@ -132,10 +132,8 @@ class Registry:
         return None if packed is None else self._unpack(packed)
 
     def move(self, chid: str, old: Owner, new: Owner) -> bool:
-        """Record that a session migrated to another worker (before it is live).
-        A chid nobody holds goes to ``new`` too: the move overtook the record of
-        a chid its first worker drew (its late record then fails, harmlessly)."""
-        if chid in self._owner and not self._holds(chid, old):
+        """Record that a session migrated to another worker (before it is live)."""
+        if not self._holds(chid, old):
             return False
         self._owner[chid] = self._pack(new)
         self._heading.pop(chid, None)

@@ -514,9 +514,12 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     def _on_hs1(self, event: Hs1) -> None:
         hub = self.hub
-        if hub.mesh is not None and event.chid is not None:
+        if hub.mesh is not None:
             # Several workers: only the coordinator can say whether the chid
-            # is free. Read nothing more until it answers.
+            # is free, and only it may draw one: a chid a worker drew and
+            # recorded without waiting could reach a client, and through it
+            # another worker, before the record. Read nothing more until it
+            # answers.
             self.claiming = True
             assert self.transport is not None
             self.transport.pause_reading()
@@ -529,10 +532,6 @@ class Session(Relay, asyncio.BufferedProtocol):
             raise RemoteProtocolError(f"chid in use: {exc.chid}") from None
         if evicted is not None:
             evicted.evict(self.peer)
-        if hub.mesh is not None:
-            # A chid we drew (96 random bits) is free everywhere: the
-            # coordinator only records it, and the client need not wait.
-            hub.mesh.mint(chid, self.token)
         self._send_hs2(chid)
 
     def _on_claimed(self, asked: str | None, chid: str | None, home: int | None) -> None:

@@ -34,7 +34,7 @@ def test_one_send_per_loop_iteration_in_order() -> None:
         assert sent == []  # nothing leaves before the loop runs
         loop.run_until_complete(asyncio.sleep(0))
         assert sent == [[mesh.RELEASE, b"a", b"1", mesh.CLAIM, b"7", b"a", b"2", b"0", b"peer"]]
-        box.put(mesh.MINT, b"b", b"3")
+        box.put(mesh.RELEASE, b"b", b"3")
         box.drop()  # its addressee died: nothing of it may reach a successor
         loop.run_until_complete(asyncio.sleep(0))
         assert len(sent) == 1
@@ -68,14 +68,15 @@ def test_what_a_dead_worker_sent_holds_no_chid_for_its_successor(tmp_path: objec
         coord.worker_started(0, 1)
         coord.worker_started(1, 1)
         coord.worker_lost(0)
-        coord._handle([b"w0", mesh.MINT, b"minted", b"%d" % old])
         coord._handle([b"w0", mesh.CLAIM, b"7", b"claimed", b"%d" % old, b"0", b"peer"])
+        coord._handle([b"w0", mesh.CLAIM, b"8", b"", b"%d" % old, b"0", b"peer"])
         loop.run_until_complete(asyncio.sleep(0))  # questions are answered after a drain
-        assert coord.registry.owner("minted") is None
         assert coord.registry.owner("claimed") is None
+        assert not coord.registry._owner  # nothing drawn for it either
         coord.worker_started(0, 2)
-        coord._handle([b"w0", mesh.MINT, b"minted", b"%d" % new])
-        assert coord.registry.owner("minted") == Owner(0, new)
+        coord._handle([b"w0", mesh.CLAIM, b"9", b"claimed", b"%d" % new, b"0", b"peer"])
+        loop.run_until_complete(asyncio.sleep(0))
+        assert coord.registry.owner("claimed") == Owner(0, new)
     finally:
         coord.close()
         loop.close()
@@ -87,8 +88,8 @@ def test_a_session_on_its_way_to_a_worker_that_dies_frees_its_chid(tmp_path: obj
         a, b = (1 << TOKEN_BITS) + 1, (1 << TOKEN_BITS) + 2
         coord.worker_started(0, 1)
         coord.worker_started(1, 1)
-        coord._handle([b"w0", mesh.MINT, b"a", b"%d" % a])
-        coord._handle([b"w0", mesh.MINT, b"b", b"%d" % b])
+        coord.registry.claim("a", Owner(0, a))
+        coord.registry.claim("b", Owner(0, b))
         coord.moving("a", Owner(0, a), 1)
         coord.moving("b", Owner(0, b), 1)
         coord._handle([b"w1", mesh.MOVE, b"b", b"0", b"%d" % b, b"%d" % ((1 << TOKEN_BITS) + 9)])
@@ -108,7 +109,7 @@ def test_a_moving_session_lost_in_the_hand_off_frees_its_chid_at_once(tmp_path: 
         a = (1 << TOKEN_BITS) + 1
         coord.worker_started(0, 1)
         coord.worker_started(1, 1)
-        coord._handle([b"w0", mesh.MINT, b"a", b"%d" % a])
+        coord.registry.claim("a", Owner(0, a))
         coord.moving("a", Owner(0, a), 1)
         coord.lost_on_the_way("a", Owner(0, a), 1)
         assert coord.registry.owner("a") is None
