@@ -52,6 +52,11 @@ KILL_MARGIN = 3.0
 """Seconds past ``--drain-timeout`` before workers that still run are killed."""
 WORKER_ANSWER = 2.0
 """How long a control request waits for each worker (a stopped one is reported, not waited on)."""
+WATCH_EVERY = 1.0
+"""Seconds between looks at how long each worker has been silent (worker.BEAT)."""
+LATE = 3.0
+"""Seconds of silence after which a worker gets no new connections while
+another one answers, and /healthz says so: three beats missed."""
 _SUMMED = ("connections", "rejected", "bytes_in", "bytes_out", "dropped_bytes",
            "slow_disconnects", "handshake_failures", "cross_worker_bytes", "full_notices", "kicked",
            "sessions_chan", "sessions_broadcast", "pumped_pairs", "throttled")
@@ -80,6 +85,9 @@ class Worker:
     ready: bool = False
     exited: bool = False
     conns: int = 0
+    heard: float = 0.0  # loop time of its last note (worker.BEAT)
+    late: bool = False  # silent for LATE: new connections go to the others
+    killed: bool = False  # silent for --worker-timeout
     # --max-conns-per-ip: its connections by address_key; they go with it when it dies.
     addresses: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
@@ -116,6 +124,7 @@ class Arbiter:
         self.metrics_server: MetricsServer | None = None
         self.started = self.loop.time()
         self.listening: list[str] = []
+        self._watched = self.started
 
     async def run(self) -> int:
         try:
@@ -157,6 +166,8 @@ class Arbiter:
             await self.spawn(wid)
         self.acceptor = Acceptor(self.loop, listeners, self.dispatch)
         self.acceptor.start()
+        self._watched = self.loop.time()
+        self.loop.call_later(WATCH_EVERY, self._watch)
         log.info("listening on %s mode=%s workers=%d password=%s control=%s",
                  describe(listeners), self.config.mode, self.config.workers,
                  "on" if getattr(self.config, "password", None) else "off",
@@ -219,6 +230,8 @@ class Arbiter:
             return False
         except OSError:
             message, fds, flags = b"", [], 0
+        if message:
+            self._heard(worker)
         if flags & socket.MSG_CTRUNC:  # we are out of descriptors: a moving session is lost
             for fd in fds:
                 os.close(fd)
@@ -240,6 +253,42 @@ class Arbiter:
             self.loop.remove_reader(worker.channel)
             return False
         return True
+
+    def _heard(self, worker: Worker) -> None:
+        now = self.loop.time()
+        if worker.late and not worker.killed:
+            log.warning("worker %d (pid %d) answers again after %.1f s", worker.wid, worker.pid,
+                        now - worker.heard)
+        worker.heard, worker.late = now, False
+
+    def _watch(self) -> None:
+        """Find workers whose event loop stopped turning (a hang, SIGSTOP, a
+        debugger): a connection handed to one waits with it, so new ones go to
+        the others; one silent for --worker-timeout is killed, and restarted
+        as any worker that dies (gunicorn's --timeout does the same)."""
+        if self.stopping:
+            return
+        self.loop.call_later(WATCH_EVERY, self._watch)
+        now = self.loop.time()
+        stalled, self._watched = now - self._watched > WATCH_EVERY + LATE / 2, now
+        timeout = self.config.worker_timeout
+        for w in self.workers.values():
+            if not w.ready or w.exited or w.killed:
+                continue
+            self._from_worker(w, drain=True)  # their notes may wait behind ours
+            if stalled:  # we did not run ourselves: their silence is ours
+                w.heard = now
+            silent = now - w.heard
+            if timeout and silent >= timeout:
+                log.error("worker %d (pid %d) silent for %.0f s: killing it (--worker-timeout)",
+                          w.wid, w.pid, silent)
+                w.killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    w.transport.kill()
+            elif silent >= LATE and not w.late:
+                w.late = True
+                log.warning("worker %d (pid %d) has not answered for %.0f s: new connections "
+                            "go to the others", w.wid, w.pid, silent)
 
     def _forward_moved(self, source: Worker, sock: socket.socket, message: bytes) -> None:
         """A worker hands a session to the worker its receivers live on."""
@@ -359,7 +408,9 @@ class Arbiter:
             self._refused("refusing connection from %s: %s", name, why, peer=name)
             return
         start, n = next(self._rr), self.config.workers  # rotate among equals
-        worker = min(running, key=lambda w: (w.conns, (w.wid - start) % n))
+        # One that does not answer would leave the client waiting with it.
+        serving = [w for w in running if not w.late] or running
+        worker = min(serving, key=lambda w: (w.conns, (w.wid - start) % n))
         worker.conns += 1
         if per_ip:
             worker.addresses[key] += 1
@@ -454,9 +505,11 @@ class Arbiter:
         """/healthz: None while every worker serves; else why not, for a 503."""
         if self.stopping:
             return "stopping"
-        ready = sum(w.ready and not w.exited for w in self.workers.values())
+        ready = sum(w.ready and not w.exited and not w.late for w in self.workers.values())
         if ready < self.config.workers:
-            return f"{ready} of {self.config.workers} workers ready"
+            late = [str(w.wid) for w in self.workers.values() if w.late and not w.exited]
+            return f"{ready} of {self.config.workers} workers ready" + (
+                f" (not answering: worker {', '.join(late)})" if late else "")
         return None
 
     async def render_metrics(self) -> bytes:

@@ -181,6 +181,10 @@ def _env_epilog(examples: str) -> str:
 @click.option("--drain-timeout", type=_SECONDS, default=_D.drain_timeout,
               help="On SIGTERM/SIGINT/SIGHUP, how long queued bytes may take to reach "
               "receivers.")
+@click.option("--worker-timeout", type=_SECONDS, default=_D.worker_timeout,
+              help="Kill and restart a worker that has not answered for this long (hung, "
+                   "or stopped); one silent for 3 s already gets no new connections "
+                   "(0 = never kill).")
 @_password_options
 @click.option("--control", default=None, metavar="PATH", callback=_nonempty,
               help="Unix socket for fwd-ctl (mode 0600); 'none' for no control socket  "

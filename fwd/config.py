@@ -138,6 +138,8 @@ class Config:
     """TCP congestion control of client connections; None: the system's default."""
     takeover: bool = False
     drain_timeout: float = 5.0
+    worker_timeout: float = 60.0
+    """Kill and restart a worker whose event loop has not turned this long; 0: never."""
     log_level: str = "info"
     log_format: str = "text"
     control: str | None = None

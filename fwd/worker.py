@@ -62,6 +62,10 @@ at most 64 KiB (a larger one would be cut, and its connections never counted out
 GONE_PEERS_PER_NOTE = 800
 """The same with --max-conns-per-ip, where each carries its peer and a line
 end: at most 54 bytes (``[IPv6]:port``), 70 with an interface zone."""
+BEAT = 1.0
+"""Seconds between the notes that show the parent this worker's loop turns:
+it stops sending new connections to a silent worker, and kills one silent
+for --worker-timeout (arbiter.Arbiter._watch)."""
 
 
 class Hub:
@@ -199,6 +203,20 @@ class Hub:
         assert self.channel is not None
         self.loop.remove_writer(self.channel)
         self._send_gone()
+
+    def beat(self) -> None:
+        """Show the parent that the event loop runs, once a BEAT until the drain
+        (the parent stops watching then). A note that cannot go now is
+        skipped: a full channel means the parent is behind, not us."""
+        if self.stopping or self.channel is None:
+            return
+        self.loop.call_later(BEAT, self.beat)
+        if self._gone:
+            return  # a note about ended connections is on its way: it counts too
+        try:
+            self.channel.send(b"b")
+        except OSError:  # full, or the parent is gone (receive_into sees that)
+            pass
 
     def place_locally(self, recvers: tuple[str, ...],
                       hint: int | None) -> tuple[bool, int | None]:
@@ -767,6 +785,7 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
         hub.start_metrics()
     fdpass.receive_into(loop, channel, on_socket, on_parent_gone, on_loss)
     channel.send(b"ready")
+    loop.call_later(BEAT, hub.beat)
     await stop.wait()
     loop.remove_reader(channel)
     await hub.shutdown()

@@ -325,7 +325,7 @@ def test_startup_errors_name_the_address_or_path(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("option", ["--handshake-timeout", "--idle-timeout", "--slow-timeout",
-                                    "--hold-seconds", "--drain-timeout"])
+                                    "--hold-seconds", "--drain-timeout", "--worker-timeout"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_durations_must_be_finite(option: str, value: str) -> None:
     """nan compares false with everything: as a timeout it would mean "never"."""

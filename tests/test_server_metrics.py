@@ -21,6 +21,7 @@ from fwd.metrics import MAX_CLIENTS
 from fwd.session import END_LABELS, end_reason
 from fwd.worker import DROP_REASONS
 from helpers import (
+    assert_pair_works,
     expect_fail,
     pair,
     read_line,
@@ -214,6 +215,38 @@ def test_healthz_says_whether_every_worker_serves(start_server: Callable[..., Se
     assert seen[-1] == (503, f"{N - 1} of {N} workers ready\n".encode())
     server.wait_log(r"worker \d+ ready", start=mark)
     assert healthz(server) == (200, b"ok\n")
+
+
+def test_a_worker_that_stops_answering_is_avoided_then_restarted(
+        start_server: Callable[..., Server]) -> None:
+    """A hung worker (here: stopped) serves nobody, and a connection handed to
+    it would wait with it. Silent for LATE seconds, it gets no new connection
+    and /healthz names it; silent for --worker-timeout, it is killed and
+    restarted, as gunicorn's --timeout does."""
+    server = metrics_server(start_server, "--mode", "chan", "--worker-timeout", "10")
+    server.expected_errors.append(r"silent for \d+ s: killing it \(--worker-timeout\)")
+    victim = server.workers()[0]
+    mark = server.mark()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        m = server.wait_log(rf"worker (\d+) \(pid {victim}\) has not answered for \d+ s: new "
+                            r"connections go to the others", start=mark)
+        wid = m.group(1)
+        assert healthz(server) == (
+            503, f"{N - 1} of {N} workers ready (not answering: worker {wid})\n".encode())
+        socks = [server.handshake(f"c{i}", [])[0] for i in range(2 * N)]
+        assert victim not in {server.worker_of(s) for s in socks}
+        server.wait_log(rf"worker {wid} \(pid {victim}\) silent for 1\d s: killing it",
+                        start=mark)
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    server.wait_log(rf"worker {wid} ready pid=(?!{victim}\b)\d+", start=mark)
+    assert healthz(server) == (200, b"ok\n")
+    assert value(scrape(server), "fwd_worker_restarts_total") == 1
+    assert_pair_works(server)
 
 
 def test_only_get_metrics(start_server: Callable[..., Server]) -> None:
