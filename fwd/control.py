@@ -134,7 +134,9 @@ def _claim_path(path: str) -> None:
         return
     finally:
         probe.close()
-    raise OSError(f"control socket {path}: another server is using it")
+    # Two servers on one port (other addresses) meet here: say the way out.
+    raise OSError(f"control socket {path}: another server is using it "
+                  "(give this one --control PATH, or --control none)")
 
 
 def _peer_allowed(sock: socket.socket) -> bool:

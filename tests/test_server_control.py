@@ -290,7 +290,8 @@ def test_control_path_conflicts(start_server: Callable[..., Server], tmp_path: A
     server = start_server("--control", stale)
     assert server.ctl_json("status")["ok"]
     # A live one belongs to another server: refuse to start, say why.
-    for path, why in ((stale, "another server is using it"),
+    for path, why in ((stale, "another server is using it "
+                               "(give this one --control PATH, or --control none)"),
                       (str(tmp_path / "file"), "exists and is not a socket")):
         open(tmp_path / "file", "w").close()
         other = subprocess.run([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
