@@ -6,12 +6,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import select
 import socket
 import struct
 import termios
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -45,6 +47,13 @@ def handshake(sock: socket.socket, chid: str | None = None, recvers: list[str] |
     send_json(sock, hs1)
     hs2 = read_json(sock)
     assert hs2.get("rsp") == "hs2", hs2
+    finish_handshake(sock, recvers, timeout, senders)
+    return hs2["chid"]
+
+
+def finish_handshake(sock: socket.socket, recvers: list[str] | None = None,
+                     timeout: int | None = None, senders: list[str] | None = None) -> None:
+    """hs3 and its hs4 OK, after the hs2."""
     hs3: dict[str, Any] = {"req": "hs3"}
     if recvers is not None:
         hs3["recvers"] = recvers
@@ -55,12 +64,107 @@ def handshake(sock: socket.socket, chid: str | None = None, recvers: list[str] |
     send_json(sock, hs3)
     hs4 = read_json(sock)
     assert hs4 == {"rsp": "hs4", "result": "OK"}, hs4
-    return hs2["chid"]
 
 
-def expect_fail(sock: socket.socket) -> str:
-    """Read the hs4 FAIL line, check the server then closes, and return its desc."""
-    msg = read_json(sock)
+def bcast_hs1(server: Any, hs1: dict[str, Any],
+              before: Callable[[list[bytes]], None] | None = None,
+              attempts: int = 5) -> tuple[socket.socket, Any, list[bytes]]:
+    """Send ``hs1`` first thing on a new connection to a broadcast-mode server,
+    on new connections until the server takes it for a handshake. Returns the
+    socket, the server's first line to it (parsed: hs2, or an hs4 FAIL), and
+    the hs1 lines of the attempts that failed.
+
+    PROTOCOL §4.1: an hs1 must reach the server within 50 ms
+    (SNIFF_CONNECT_WINDOW) of the worker adopting the connection; a late one
+    makes the connection a plain client, and its hs1 goes to every live
+    session as data. On a loaded machine the test or the worker may be
+    descheduled that long, so a client must retry, as this helper does. A
+    failed attempt is closed and its session's end awaited (its hs1 has been
+    dealt with then: with one worker, handed to every session live then), and
+    its hs1 line is returned: read those sessions with ``recv_skipping``.
+    ``before`` runs on each attempt between the connect and the hs1, given
+    the hs1 lines of the attempts that failed so far. A server
+    that never takes the hs1 for a handshake fails the test."""
+    line = json.dumps(hs1).encode() + b"\n"
+    late: list[bytes] = []
+    for _attempt in range(attempts):
+        mark = server.mark()
+        sock = server.connect()
+        peer = rf"peer=127\.0\.0\.1:{sock.getsockname()[1]} "
+        if before is not None:
+            before(late)
+        sock.sendall(line)
+        reply = _first_reply(server, sock, mark, rf"session start chid=None {peer}")
+        if reply is not None:
+            return sock, reply, late
+        sock.close()
+        server.wait_log(rf"session end chid=None {peer}", start=mark)
+        late.append(line)
+    raise AssertionError(f"no hs1 in {attempts} attempts was taken for a handshake: {line!r}")
+
+
+def _first_reply(server: Any, sock: socket.socket, mark: int, plain: str) -> Any:
+    """The server's first line to a connection that sent an hs1, parsed; None
+    if the connection became a plain client instead: the server logged it live
+    (``plain``) or sent it bytes that are not a server line. Either may come
+    first, so both are watched (the socket every 20 ms, within 15 s)."""
+    rx = re.compile(plain)
+    deadline = time.monotonic() + 15
+    while not select.select([sock], [], [], 0.02)[0]:
+        with server.cond:
+            if any(rx.search(ln) for ln in server.lines[mark:]):
+                return None
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no reply to the hs1 and no {plain!r} within 15 s")
+    first = sock.recv(1, socket.MSG_PEEK)
+    if not first:
+        raise EOFError("closed before any reply to the hs1")
+    if first != b"{":
+        return None
+    try:
+        reply = json.loads(read_line(sock))
+    except ValueError:
+        return None
+    return reply if isinstance(reply, dict) and "rsp" in reply else None
+
+
+def bcast_handshake(server: Any, chid: str | None = None, recvers: list[str] | None = None,
+                    timeout: int | None = None, senders: list[str] | None = None,
+                    ) -> tuple[socket.socket, str, list[bytes]]:
+    """``handshake`` on a new connection to a broadcast-mode server, through
+    ``bcast_hs1``: the socket, the chid granted, and failed attempts' hs1 lines."""
+    hs1: dict[str, Any] = {"req": "hs1"}
+    if chid is not None:
+        hs1["chid"] = chid
+    sock, hs2, late = bcast_hs1(server, hs1)
+    assert hs2.get("rsp") == "hs2", hs2
+    finish_handshake(sock, recvers, timeout, senders)
+    return sock, hs2["chid"], late
+
+
+def recv_skipping(sock: socket.socket, n: int, late: list[bytes]) -> bytes:
+    """``n`` bytes of payload (which must hold no ``{``) from a broadcast-mode
+    session, taking out any whole line of ``late`` (failed attempts' hs1 lines
+    from ``bcast_hs1``) on the way. With several workers such a line may come
+    any time later, so each is allowed once wherever it comes: pass the same
+    list (one per socket) to every read; the lines found are removed from it."""
+    buf = bytearray()
+    while len(buf) < n:
+        b = recv_exact(sock, 1)
+        if b != b"{":
+            buf += b
+            continue
+        line = b + read_line(sock)
+        assert line in late, f"{line!r} (not a failed attempt's hs1) after {bytes(buf)!r}"
+        late.remove(line)
+    return bytes(buf)
+
+
+def expect_fail(sock: socket.socket, msg: Any = None) -> str:
+    """Read the hs4 FAIL line (unless ``msg`` is it, read already), check the
+    server then closes, and return its desc."""
+    if msg is None:
+        msg = read_json(sock)
     assert msg.get("rsp") == "hs4" and msg.get("result") == "FAIL", msg
     assert isinstance(msg.get("desc"), str) and msg["desc"], msg
     assert_closed(sock)
@@ -170,14 +274,18 @@ def stream_both_ways(sa: socket.socket, sb: socket.socket, size: int) -> None:
     down.finish()
 
 
-def claim_again(server: Any, chid: str, recvers: list[str]) -> socket.socket:
+def claim_again(server: Any, chid: str, recvers: list[str],
+                before: Callable[[], None] | None = None) -> socket.socket:
     """Handshake as ``chid`` right after its session ended. With several
     workers, the release reaches the coordinator a moment after the worker
     logs the end (messages go out in a batch when the loop is next idle), so
     the first claim may still find the chid in use: each retry is a new
-    handshake, within 10 s."""
+    handshake, within 10 s. ``before`` runs before each attempt (to wait until
+    the last one's connection is counted out, say)."""
     deadline = time.monotonic() + 10
     while True:
+        if before is not None:
+            before()
         sock = server.connect()
         try:
             handshake(sock, chid, recvers)

@@ -210,7 +210,9 @@ def test_duplicate_recvers_get_one_copy(chan_server):
 
 
 def test_handshake_timeout_fails_silent_and_stalled_clients(start_server):
-    server = start_server("--mode", "chan", "--handshake-timeout", "0.5")
+    # The stalled client's hs1 and hs2 must fit in the timeout, counted from
+    # the accept: 2 s leave a loaded machine room for that.
+    server = start_server("--mode", "chan", "--handshake-timeout", "2")
     silent = server.connect()
     stalled = server.connect()
     hs1_ok(stalled, "stalled")
@@ -457,11 +459,14 @@ def keep_busy(sender: socket.socket, receiver: socket.socket, seconds: float,
 
 
 def test_hs3_timeout_closes_idle_session_but_not_busy_one(chan_server):
+    # Timeouts of 2 s, traffic every 0.25 s for 3 s: busy outlives its timeout
+    # only by its traffic, and has most of 2 s left for the checks after it
+    # (a loaded machine may take a while over them).
     peer, _ = chan_server.handshake("peer", ["busy"])
-    busy, _ = chan_server.handshake("busy", ["peer"], timeout=1)
+    busy, _ = chan_server.handshake("busy", ["peer"], timeout=2)
     mark = chan_server.mark()
-    idle, _ = chan_server.handshake("idle", ["peer"], timeout=1)
-    keep_busy(busy, peer, 2.0)
+    idle, _ = chan_server.handshake("idle", ["peer"], timeout=2)
+    keep_busy(busy, peer, 3.0)
     # idle went live after busy, with the same timeout: it is gone, busy is not.
     read_eof(idle)
     chan_server.wait_log(r"session end chid=idle .*reason=idle timeout", start=mark)
