@@ -283,6 +283,8 @@ class Arbiter:
                 log.error("worker %d (pid %d) silent for %.0f s: killing it (--worker-timeout)",
                           w.wid, w.pid, silent)
                 w.killed = True
+                if self.metrics is not None:
+                    self.metrics.timeouts.inc()
                 with contextlib.suppress(ProcessLookupError):
                     w.transport.kill()
             elif silent >= LATE and not w.late:

@@ -150,6 +150,8 @@ class ParentMetrics:
         self.refused = Counter(*COUNTERS["rejected"], registry=None)
         self.restarts = Counter("fwd_worker_restarts", "Workers restarted after they died.",
                                 registry=None)
+        self.timeouts = Counter("fwd_worker_timeouts", "Workers killed for --worker-timeout "
+                                "(also counted as restarts).", registry=None)
         self.workers = Gauge("fwd_workers", "Worker processes configured.", registry=None,
                              multiprocess_mode="livesum")
         self.workers.set(workers)

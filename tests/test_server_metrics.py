@@ -190,6 +190,7 @@ def test_sums_over_workers_and_survives_a_worker_crash(
     # Counters do not go backwards; the dead worker's gauges are gone.
     assert value(after, "fwd_sent_bytes_total") == value(got, "fwd_sent_bytes_total")
     assert value(after, "fwd_worker_restarts_total") == 1
+    assert value(after, "fwd_worker_timeouts_total") == 0  # it died; nobody killed it
     assert value(after, "fwd_sessions_live", mode="broadcast") < 2 * N
 
 
@@ -245,7 +246,9 @@ def test_a_worker_that_stops_answering_is_avoided_then_restarted(
             pass
     server.wait_log(rf"worker {wid} ready pid=(?!{victim}\b)\d+", start=mark)
     assert healthz(server) == (200, b"ok\n")
-    assert value(scrape(server), "fwd_worker_restarts_total") == 1
+    after = scrape(server)
+    assert value(after, "fwd_worker_restarts_total") == 1
+    assert value(after, "fwd_worker_timeouts_total") == 1
     assert_pair_works(server)
 
 
