@@ -143,7 +143,8 @@ def _env_epilog(examples: str) -> str:
 @click.option("--slow-timeout", type=_SECONDS, default=_D.slow_timeout,
               help="Disconnect a receiver that stays above --max-buffer this long (0 = never).")
 @click.option("--hold-bytes", type=_Size(), default=str(_D.hold_bytes),
-              help="Bytes held per absent chan receiver until it connects.")
+              help="Bytes held per absent chan receiver, from each sender, until it "
+                   "connects.")
 @click.option("--hold-seconds", type=_SECONDS, default=_D.hold_seconds,
               help="How long held bytes wait for their receiver.")
 @click.option("--hold-total", type=_Size(), default=str(_D.hold_total),

@@ -56,8 +56,8 @@ class Route(Generic[T]):
 
 
 HOLD_CHID_COST = 1024
-"""Memory of an absent chid's hold besides its bytes (its _Hold, deque and
-dict entry: 887 bytes measured), charged to hold_total: one hs3 may name
+"""Memory of an absent chid's hold besides its bytes (its _Hold, deque, sizes
+and dict entry: about 1,000 bytes measured with one sender), charged to hold_total: one hs3 may name
 hundreds of absent chids."""
 HOLD_ENTRY_COST = 72
 """Memory of one held read besides its bytes (its (time, bytes, sender) tuple
@@ -69,7 +69,9 @@ reads costs this each."""
 class _Hold:
     # (when, bytes, sender's chid): the receiver may accept only some senders.
     chunks: deque[tuple[float, bytes, str | None]] = field(default_factory=deque)
-    size: int = 0
+    # Bytes held per sender: each gets its own hold_bytes, so a stranger that
+    # floods an absent chid cannot crowd out the sender it will accept.
+    size: dict[str | None, int] = field(default_factory=dict)
 
 
 class Router(Generic[T]):
@@ -312,14 +314,14 @@ class Router(Generic[T]):
         """Keep ``chunk`` from chid ``sender`` for the absent receiver ``chid``;
         return bytes dropped.
 
-        Tail drop: a receiver that connects late gets the first bytes sent to it
-        (up to the limit) and loses the rest, rather than a stream with a hole
-        at its start.
+        Tail drop, per sender: a receiver that connects late gets the first
+        bytes each sender sent it (up to the limit) and loses the rest, rather
+        than a stream with a hole at its start.
         """
         hold = self._holds.get(chid)
         cost = self.entry_cost + (self.chid_cost if hold is None else 0)
         spare = self.hold_total - self.held - self.overhead - cost  # for the bytes
-        room = self.hold_bytes - (hold.size if hold is not None else 0)
+        room = self.hold_bytes - (hold.size.get(sender, 0) if hold is not None else 0)
         if not (len(chunk) <= room and id(chunk) in self._refs):
             # Only a chunk some other chid holds already costs no more bytes.
             room = min(room, spare)
@@ -330,7 +332,7 @@ class Router(Generic[T]):
         self.overhead += cost
         kept = chunk if len(chunk) <= room else chunk[:room]
         hold.chunks.append((now, kept, sender))
-        hold.size += len(kept)
+        hold.size[sender] = hold.size.get(sender, 0) + len(kept)
         refs = self._refs.get(id(kept), 0)
         self._refs[id(kept)] = refs + 1
         if not refs:
@@ -364,8 +366,12 @@ class Router(Generic[T]):
         for chid in list(self._holds):
             hold = self._holds[chid]
             while hold.chunks and hold.chunks[0][0] <= deadline:
-                _, chunk, _ = hold.chunks.popleft()
-                hold.size -= len(chunk)
+                _, chunk, sender = hold.chunks.popleft()
+                left = hold.size[sender] - len(chunk)
+                if left:
+                    hold.size[sender] = left
+                else:
+                    del hold.size[sender]
                 dropped += len(chunk)
                 self._release(chunk)
                 self.overhead -= self.entry_cost

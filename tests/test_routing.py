@@ -478,6 +478,25 @@ def test_hold_per_receiver_cap_is_tail_drop_with_partial_chunk():
     assert b"".join(r.join(a)) == b"abcdefghij"
 
 
+def test_each_sender_gets_its_own_hold_bytes_for_an_absent_chid():
+    """A stranger that floods an absent chid cannot crowd out the sender the
+    receiver will accept (hs3 "senders"): each sender's stream gets its own
+    first hold_bytes."""
+    r = make_router(hold_bytes=10, hold_total=1000)
+    assert r.hold("x", b"s" * 30, 0.0, "stranger") == 20
+    assert r.hold("x", b"abcdef", 1.0, "friend") == 0
+    assert r.hold("x", b"ghijkl", 2.0, "friend") == 2
+    assert r.hold("x", b"s", 2.0, "stranger") == 1
+    assert r.held == 20
+    r.expire(10.5)  # the stranger's bytes go first: they are the oldest
+    assert r.hold("x", b"t" * 3, 11.0, "stranger") == 0
+    assert r.hold("x", b"m", 11.0, "friend") == 1
+    a = Sess("a")
+    r.claim(a, "x")
+    r.accept_only(a, ["friend"])
+    assert b"".join(r.join(a)) == b"abcdefghij"
+
+
 def test_hold_chunk_exactly_filling_the_cap_is_kept_whole():
     r = make_router(hold_bytes=8)
     assert r.hold("x", b"1234", 0.0) == 0
@@ -613,18 +632,22 @@ def test_expire_frees_room_under_both_caps():
     assert r.join(a) == [b"abcd"]
 
 
-def unique(model: dict[str, list[tuple[float, bytes]]]) -> dict[int, bytes]:
-    return {id(b): b for v in model.values() for _, b in v}
+Held = dict[str, list[tuple[float, bytes, str]]]  # chid -> (when, bytes, sender)
 
 
-def memory(model: dict[str, list[tuple[float, bytes]]]) -> int:
+def unique(model: Held) -> dict[int, bytes]:
+    return {id(b): b for v in model.values() for _, b, _ in v}
+
+
+def memory(model: Held) -> int:
     return sum(len(b) for b in unique(model).values())
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(
     st.lists(
-        st.tuples(st.sampled_from("abc"), st.integers(1, 12), st.integers(0, 3), st.booleans()),
+        st.tuples(st.sampled_from("abc"), st.integers(1, 12), st.integers(0, 3), st.booleans(),
+                  st.sampled_from("pq")),
         max_size=30,
     ),
     st.integers(0, 20),
@@ -632,40 +655,42 @@ def memory(model: dict[str, list[tuple[float, bytes]]]) -> int:
 )
 def test_hold_accounting_model(ops, hold_bytes, hold_total):
     """held is always the memory of what is held (a chunk held for several chids
-    once), within both caps, and nothing is lost silently."""
+    once), within both caps (hold_bytes per sender and chid), and nothing is
+    lost silently."""
     # hold_seconds is off the 0.5 s grid of chunk times: no chunk sits exactly on the
     # boundary, so this does not pin down whether "older than" is < or <=.
     r = make_router(hold_bytes=hold_bytes, hold_total=hold_total, hold_seconds=2.25)
-    model: dict[str, list[tuple[float, bytes]]] = {}
+    model: Held = {}
     now = 0.0
-    last: bytes | None = None
-    for chid, size, step, share in ops:
+    last: tuple[bytes, str] | None = None
+    for chid, size, step, share, sender in ops:
         now += step * 0.5
         dropped_old = r.expire(now)
         expected_old = 0
         for c in list(model):
-            keep = [(t, b) for t, b in model[c] if now - t < 2.25]
-            expected_old += sum(len(b) for t, b in model[c] if now - t > 2.25)
+            keep = [e for e in model[c] if now - e[0] < 2.25]
+            expected_old += sum(len(b) for t, b, _ in model[c] if now - t > 2.25)
             model[c] = keep
         assert dropped_old == expected_old
         # A read routed to several absent chids is one object held by each.
         if share and last is not None:
-            chunk = last
+            chunk, sender = last
         else:
-            chunk = last = bytes([65 + size]) * size
-        mine = sum(len(b) for _, b in model.get(chid, []))
+            chunk = bytes([65 + size]) * size
+            last = chunk, sender
+        mine = sum(len(b) for _, b, who in model.get(chid, []) if who == sender)
         room = max(0, hold_bytes - mine)
         if not (len(chunk) <= room and id(chunk) in unique(model)):
             room = max(0, min(room, hold_total - memory(model)))
         kept = chunk if len(chunk) <= room else chunk[:room]
-        assert r.hold(chid, chunk, now) == len(chunk) - len(kept)
+        assert r.hold(chid, chunk, now, sender) == len(chunk) - len(kept)
         if kept:
-            model.setdefault(chid, []).append((now, kept))
+            model.setdefault(chid, []).append((now, kept, sender))
         assert r.held == memory(model) <= hold_total
     for chid in "abc":
         s = Sess(chid)
         r.claim(s, chid)
-        assert r.join(s) == [b for _, b in model.get(chid, [])]
+        assert r.join(s) == [b for _, b, _ in model.get(chid, [])]
     assert r.held == 0
 
 

@@ -263,7 +263,7 @@ def test_held_bytes_delivered_in_order_on_connect(start_server):
     assert recv_exact(late, 4) == b"live"
 
 
-def test_hold_limit_drops_tail_and_logs_once_per_sender(start_server):
+def test_hold_limit_per_sender_drops_tail_and_logs_once_per_sender(start_server):
     hold = 64 * KiB
     server = start_server("--mode", "chan", "--hold-bytes", "64KiB", "--hold-seconds", "60")
     witness, _ = server.handshake("w", ["nobody"])
@@ -281,18 +281,21 @@ def test_hold_limit_drops_tail_and_logs_once_per_sender(start_server):
              if "dropping bytes for absent receiver chid=late from chid=src" in ln]
     assert len(drops) == 1, drops
 
-    # Another sender session over the limit logs again, once.
+    # Another sender has a limit of its own; over it, it logs again, once.
     mark2 = server.mark()
     src2, _ = server.handshake("src2", ["late", "w"])
+    data2 = os.urandom(hold)
+    src2.sendall(data2)
+    assert recv_exact(witness, hold) == data2
     for _ in range(3):
         src2.sendall(b"x" * 1000)
         assert recv_exact(witness, 1000) == b"x" * 1000
     server.wait_log(r"dropping bytes for absent receiver chid=late from chid=src2", start=mark2)
 
-    # The late receiver gets exactly the first --hold-bytes bytes, then live bytes.
+    # The late receiver gets exactly the first --hold-bytes bytes of each, then live bytes.
     late, _ = server.handshake("late", ["nobody"])
     src2.sendall(b"MARK")
-    assert recv_exact(late, hold + 4) == data[:hold] + b"MARK"
+    assert recv_exact(late, 2 * hold + 4) == data[:hold] + data2 + b"MARK"
     src2.close()
     m = server.wait_log(r"session end chid=src2 .* dropped=(\d+)", start=mark2)
     assert int(m.group(1)) == 3000

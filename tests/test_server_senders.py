@@ -3,6 +3,7 @@ them, whatever other sessions send to everyone or to it, live or held; and
 two sessions form a pair only if each hears the other."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -46,6 +47,23 @@ def test_bytes_held_for_it_from_others_are_not_delivered(chan_server):
     user.shutdown(socket.SHUT_WR)
     svc.settimeout(10)
     assert svc.recv(100) == b""
+
+
+def test_a_stranger_filling_its_hold_does_not_crowd_out_the_user(chan_server):
+    """Each sender gets its own --hold-bytes for an absent chid: a stranger that
+    sends svc more than that loses its own tail, not the user's bytes."""
+    witness, _ = chan_server.handshake("w", ["nobody"])
+    stranger, _ = chan_server.handshake("stranger", ["svc", "w"])
+    flood = os.urandom(1536 * 1024)  # above the default --hold-bytes (1 MiB)
+    stranger.sendall(flood)
+    assert recv_exact(witness, len(flood)) == flood  # held for svc as far as it goes
+    user, _ = chan_server.handshake("user", ["svc", "w"])
+    good = os.urandom(5000)
+    user.sendall(good)
+    assert recv_exact(witness, len(good)) == good
+    svc, _ = chan_server.handshake("svc", ["user"], senders=["user"])
+    user.sendall(b"live")
+    assert recv_exact(svc, len(good) + 4) == good + b"live"
 
 
 def test_no_pair_with_a_session_that_does_not_hear_us(chan_server):
