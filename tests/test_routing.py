@@ -1,7 +1,10 @@
 """Sans-I/O tests for the chid registry, routes, hold buffers and backpressure."""
 from __future__ import annotations
 
+import gc
 import re
+import tracemalloc
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -9,7 +12,7 @@ from hypothesis import strategies as st
 
 from fwd.errors import ChidInUse
 from fwd.protocol import check_chid
-from fwd.routing import Backpressure, Router, new_chid
+from fwd.routing import HOLD_CHID_COST, HOLD_ENTRY_COST, Backpressure, Router, new_chid
 
 
 class Sess:
@@ -581,6 +584,39 @@ def test_the_holds_own_memory_counts_against_the_total():
     r.claim(a, "c0")
     assert r.join(a) == [b"x0"]
     assert (r.held, r.overhead) == (14, 770)
+
+
+def _allocated(work: Callable[[], object]) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = work()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del kept
+    return after - before
+
+
+def test_the_hold_costs_cover_the_memory_they_stand_for():
+    """HOLD_CHID_COST and HOLD_ENTRY_COST are what --hold-total charges for
+    memory it cannot see in len(): they must not fall behind the real thing."""
+    n = 5000
+    senders = [f"sender{i:05d}" for i in range(n)]
+    chids = [f"chid{i:05d}" for i in range(n)]
+    r = Router(hold_bytes=1 << 30, hold_seconds=30, hold_total=1 << 40)
+    chunk = b"x"
+    r.hold("warm", chunk, 0.0, "s")
+    # A new chid each, from one sender: the chid's cost and one entry.
+    per_chid = _allocated(lambda: [r.hold(c, chunk, 0.0, "s") for c in chids] and None) / n
+    assert per_chid <= HOLD_CHID_COST + HOLD_ENTRY_COST
+    # Two-byte reads (one-byte bytes are shared singletons), each a new object
+    # from a new sender: the worst entry.
+    per_read = _allocated(
+        lambda: [r.hold("warm", i.to_bytes(2, "big"), 0.0, s) for i, s in enumerate(senders)]
+        and None) / n
+    assert per_read - 2 <= HOLD_ENTRY_COST
 
 
 def test_zero_caps_drop_everything():
