@@ -304,7 +304,10 @@ CAT_EXIT_E2E = 4
                    "[default: everyone else].")
 @click.option("--from", "senders", multiple=True, callback=_split_recvers,
               help="Handshake: receive only from this chid (repeat or comma-separate) "
-                   "[default: from anyone].")
+                   "[default: the --to chids, if any; else anyone].")
+@click.option("--from-anyone", is_flag=True,
+              help="Handshake: receive from every chid, also those sending to everyone, "
+                   "even with --to.")
 @click.option("--timeout", type=click.IntRange(min=0), default=None,
               help="Handshake: idle timeout (seconds) the server applies to our session.")
 @click.option("--handshake/--no-handshake", default=None,
@@ -331,7 +334,8 @@ CAT_EXIT_E2E = 4
               help="Do not read stdin (nc -d): only receive; our direction ends when the "
                    "relay's does. For a receiver whose stdin is not a terminal.")
 def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
-        senders: tuple[str, ...], timeout: int | None, handshake: bool | None, password: str | None,
+        senders: tuple[str, ...], from_anyone: bool, timeout: int | None,
+        handshake: bool | None, password: str | None,
         password_file: str | None, e2e_key: str | None, e2e_key_file: str | None,
         connect_timeout: float, linger: float, recv_only: bool) -> None:
     """Copy stdin to a fwd-server session and the session to stdout (netcat for fwd).
@@ -349,12 +353,18 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
 
     password = _read_secret(password, password_file, "password")
     secret = _read_secret(e2e_key, e2e_key_file, "e2e-key")
+    if senders and from_anyone:
+        raise click.UsageError("--from and --from-anyone exclude each other")
     wants = bool(chid or recvers or senders or timeout is not None or password is not None)
     if handshake is None:
         handshake = wants
     elif not handshake and wants:
         raise click.UsageError("--chid, --to, --from, --timeout and --password need the "
                                "handshake")
+    # As nc talks with the one peer it connected to: a stranger sending to
+    # everyone else must not land in our output (as fwd-client's --senders).
+    if not senders and not from_anyone:
+        senders = recvers
     host, port = address
     where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
 

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -121,21 +122,43 @@ def test_a_recv_only_receiver_with_no_stdin_gets_the_file(chan_server, fwd_cat, 
     chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways", start=mark)
 
 
-def test_from_hears_only_that_chid(chan_server, fwd_cat):
-    """--from a (hs3 "senders"): a session sending to everyone else is not heard."""
+@pytest.mark.parametrize("given, heard", [
+    (["--from", "a"], "a"),
+    ([], "a"),  # by default, the --to chids
+    (["--from", "a,loud"], "a,loud"),
+    (["--from-anyone"], None),
+])
+def test_from_hears_only_those_chids(chan_server, fwd_cat, given, heard):
+    """--from (hs3 "senders"), by default --to: a session sending to everyone
+    else is heard only if named, or with --from-anyone."""
     mark = chan_server.mark()
-    b = fwd_cat(chan_server, "--chid", "b", "--to", "a", "--from", "a", "-d",
-                stdout=subprocess.PIPE)
-    chan_server.wait_log(r"session start chid=b .*recvers=a senders=a$", start=mark)
+    b = fwd_cat(chan_server, "--chid", "b", "--to", "a", *given, "-d", stdout=subprocess.PIPE)
+    if heard is None:
+        chan_server.wait_log(r"session start chid=b .*recvers=a$", start=mark)
+    else:
+        chan_server.wait_log(rf"session start chid=b .*recvers=a senders={heard}$", start=mark)
     loud, _ = chan_server.handshake("loud", [])
     probe, _ = chan_server.handshake("probe", [])
     loud.sendall(b"noise")
     assert recv_exact(probe, 5) == b"noise"
+    if heard != "a":  # from another worker it may come late: wait for it
+        assert read_within(b.stdout, 5) == b"noise"
     a, _ = chan_server.handshake("a", ["b"])
     a.sendall(b"signal")
     a.shutdown(socket.SHUT_WR)
     out, err = b.communicate(timeout=WAIT)
     assert (b.returncode, out, err) == (0, b"signal", b"")
+
+
+def read_within(pipe: Any, n: int, timeout: float = WAIT) -> bytes:
+    """n bytes from a child's pipe, or fewer if it stays quiet for timeout."""
+    got = b""
+    while len(got) < n and select.select([pipe], [], [], timeout)[0]:
+        chunk = os.read(pipe.fileno(), n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 @pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
@@ -280,6 +303,8 @@ def test_no_handshake_against_a_chan_server_exits_3_not_printing_its_fail(chan_s
 def test_usage_errors_exit_2(chan_server, fwd_cat):
     code, err = finish(fwd_cat(chan_server, "--chid", "x", "--no-handshake"))
     assert code == 2 and "need the handshake" in err
+    code, err = finish(fwd_cat(chan_server, "--to", "a", "--from", "a", "--from-anyone"))
+    assert code == 2 and "exclude each other" in err
     code, err = finish(fwd_cat(chan_server, "--chid", "bad\x01"))
     assert code == 2 and "control characters" in err
     code, err = finish(fwd_cat(None, address="no-port-here"))
