@@ -11,6 +11,7 @@ after a join or leave (tracked by ``generation``).
 from __future__ import annotations
 
 import secrets
+from array import array
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -90,7 +91,9 @@ class Router(Generic[T]):
         self.hold_total = hold_total
         self.chid_cost = chid_cost
         self.entry_cost = entry_cost
-        self.generation = 0
+        # The compiled read loop checks its cached route against this cell
+        # on every read: a C load, where an attribute would be a dict lookup.
+        self.generation_cell = array("q", [0])
         self.held = 0  # bytes in memory: a chunk held for several chids counts once
         self.overhead = 0  # the holds' own memory; held + overhead <= hold_total
         self._refs: dict[int, int] = {}  # id(held chunk) -> holds that have it
@@ -106,6 +109,16 @@ class Router(Generic[T]):
         self._senders: dict[T, frozenset[str]] = {}  # hs3 "senders": only these reach it
         self._everyone_for: dict[str | None, tuple[T, ...]] = {}
         self.on_sealed: Callable[[T], None] | None = None
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every change that may alter a route; a cached route of an
+        older generation is stale."""
+        return self.generation_cell[0]
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        self.generation_cell[0] = value
 
     # -- registry ---------------------------------------------------------------
 
