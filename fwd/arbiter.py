@@ -37,6 +37,7 @@ from .config import AddressFilter, Config, address_key, format_hostport
 from .coordinator import Coordinator
 from .protocol import refusal_line
 from .registry import Owner
+from .sdnotify import Notifier
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer, ParentMetrics
@@ -125,6 +126,9 @@ class Arbiter:
         self.started = self.loop.time()
         self.listening: list[str] = []
         self._watched = self.started
+        # Read now, before any worker starts: they must not inherit it.
+        self.notifier = Notifier()
+        self._announced = False
 
     async def run(self) -> int:
         try:
@@ -136,6 +140,7 @@ class Arbiter:
                 await self.control.close()
             if self.metrics_server is not None:
                 await self.metrics_server.close()
+            self.notifier.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
     async def _run(self) -> int:
@@ -166,6 +171,7 @@ class Arbiter:
             await self.spawn(wid)
         self.acceptor = Acceptor(self.loop, listeners, self.dispatch)
         self.acceptor.start()
+        self._announce()  # the workers may all be ready already
         self._watched = self.loop.time()
         self.loop.call_later(WATCH_EVERY, self._watch)
         log.info("listening on %s mode=%s workers=%d password=%s control=%s",
@@ -249,10 +255,36 @@ class Arbiter:
         elif message == b"ready":
             worker.ready = True
             log.info("worker %d ready pid=%d", worker.wid, worker.pid)
+            self._announce()
         elif not message:
             self.loop.remove_reader(worker.channel)
             return False
         return True
+
+    def _announce(self) -> None:
+        """Tell systemd (Type=notify) the server is up, once: when every
+        worker serves for the first time, not when the port opens, so that
+        what it starts after fwd finds it serving."""
+        if self._announced or not self.notifier or self.stopping or self.acceptor is None:
+            return
+        if sum(w.ready for w in self.workers.values()) < self.config.workers:
+            return
+        self._announced = True
+        n = self.config.workers
+        self.notifier.send("READY=1", f"MAINPID={os.getpid()}",
+                           f"STATUS=listening on {','.join(self.listening)}, "
+                           f"{n} worker{'s' if n != 1 else ''}")
+        if self.notifier.watchdog:
+            self._ping()
+
+    def _ping(self) -> None:
+        """WATCHDOG=1 while this loop turns: systemd restarts a server whose
+        parent hangs (WatchdogSec=), which --worker-timeout cannot see."""
+        if self.stopping:
+            return
+        self.notifier.send("WATCHDOG=1")
+        assert self.notifier.watchdog is not None
+        self.loop.call_later(self.notifier.watchdog, self._ping)
 
     def _heard(self, worker: Worker) -> None:
         now = self.loop.time()
@@ -528,6 +560,7 @@ class Arbiter:
         if self.acceptor is not None:
             self.acceptor.stop()
         live = [w for w in self.workers.values() if not w.exited]
+        self.notifier.send("STOPPING=1", f"STATUS=draining {len(live)} workers")
         log.info("stopping: draining %d workers (up to %gs)", len(live),
                  self.config.drain_timeout)
         for w in live:
