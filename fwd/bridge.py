@@ -102,10 +102,10 @@ from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_ke
 log = logging.getLogger("fwd.bridge")
 
 READ_SIZE = 256 * 1024
+"""One read's maximum; the buffer is shared by both sides."""
 PUMP_MIN = 64 * 1024
 """A read this big (a bulk stream) offers the pair to a Pump, as fwd-server's
 --splice-min does."""
-"""One read's maximum; the buffer is shared by both sides."""
 MAX_BUFFER = 1024 * 1024
 """High-water mark of each side's write buffer: above it the other side stops reading."""
 BACKOFF_START = 0.5

@@ -141,7 +141,8 @@ def _env_epilog(examples: str) -> str:
 @click.option("--max-buffer", type=_Size(), default=str(_D.max_buffer),
               help="High-water mark of each session's outgoing buffer; senders wait above it.")
 @click.option("--slow-timeout", type=_SECONDS, default=_D.slow_timeout,
-              help="Disconnect a receiver that stays above --max-buffer this long (0 = never).")
+              help="Disconnect a receiver that stays above its high-water mark (--max-buffer; "
+                   "64 KiB for the one receiver of a 1:1 route) this long (0 = never).")
 @click.option("--hold-bytes", type=_Size(), default=str(_D.hold_bytes),
               help="Bytes held per absent chan receiver, from each sender, until it "
                    "connects.")
@@ -311,8 +312,8 @@ CAT_EXIT_E2E = 4
 @click.option("--timeout", type=click.IntRange(min=0), default=None,
               help="Handshake: idle timeout (seconds) the server applies to our session.")
 @click.option("--handshake/--no-handshake", default=None,
-              help="Force the handshake on or off [default: on if --chid, --to, --timeout or "
-                   "a password is given; off is a plain broadcast client].")
+              help="Force the handshake on or off [default: on if --chid, --to, --from, "
+                   "--timeout or a password is given; off is a plain broadcast client].")
 @click.option("--password", envvar="FWD_PASSWORD", default=None,
               help="Handshake password (server --password); visible in the process list, "
                    "prefer FWD_PASSWORD or --password-file.")

@@ -178,7 +178,9 @@ class _Ctl:
 
 @click.group(context_settings={"auto_envvar_prefix": "FWD",
                                "help_option_names": ["-h", "--help"]})
-@click.option("--control", "path", default=None, metavar="PATH",
+# FWD_CONTROL, as fwd-server's --control (the parameter's own name would make it FWD_PATH).
+@click.option("--control", "path", default=None, metavar="PATH", envvar="FWD_CONTROL",
+              allow_from_autoenv=False,
               help="The server's control socket [default: derived from --port].")
 @click.option("--port", type=click.IntRange(1, 65535), default=8601, show_default=True,
               help="Listen port of the server, to find its default control socket.")

@@ -49,11 +49,11 @@ REASONS = tuple(sorted({r for _, r in FAILURE_REASONS} | {"malformed"}))
 COUNTERS: Mapping[str, tuple[str, str]] = {
     "connections": ("fwd_connections", "Client connections accepted."),
     "rejected": ("fwd_connections_refused", "Connections closed at once (--max-conns, "
-                 "--max-conns-per-ip, shutdown, lost in a hand-off)."),
+                 "--max-conns-per-ip, --allow/--deny, shutdown, lost in a hand-off)."),
     "bytes_in": ("fwd_received_bytes", "Stream bytes read from clients (after the handshake)."),
     "bytes_out": ("fwd_sent_bytes", "Stream bytes written to clients."),
     "slow_disconnects": ("fwd_slow_consumer_disconnects", "Receivers disconnected for "
-                         "staying above --max-buffer longer than --slow-timeout."),
+                         "staying above their high-water mark longer than --slow-timeout."),
     "cross_worker_bytes": ("fwd_cross_worker_bytes", "Bytes sent to another worker process."),
     "full_notices": ("fwd_full_notices", "Notices to the other workers that a receiver "
                      "went above --max-buffer."),

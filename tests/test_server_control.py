@@ -281,6 +281,18 @@ def test_default_path_follows_the_port(start_server: Callable[..., Server],
     assert json.loads(found.stdout)["pid"] == server.pid
 
 
+def test_ctl_reads_fwd_control_as_the_server_does(start_server: Callable[..., Server],
+                                                  tmp_path: Any) -> None:
+    path = str(tmp_path / "mine.ctl")
+    server = start_server("--mode", "chan", env={"FWD_CONTROL": path})
+    assert server.control == path
+    found = subprocess.run([sys.executable, "-m", "fwd.ctl", "status", "--json"],
+                           capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "FWD_CONTROL": path, "FWD_PORT": "1"})
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["pid"] == server.pid
+
+
 def test_control_path_conflicts(start_server: Callable[..., Server], tmp_path: Any) -> None:
     # A socket left by a server that was killed is replaced.
     stale = str(tmp_path / "stale.ctl")
