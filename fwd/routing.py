@@ -58,8 +58,8 @@ class Route(Generic[T]):
 
 HOLD_CHID_COST = 1024
 """Memory of an absent chid's hold besides its bytes (its _Hold, deque, sizes
-and dict entry: about 1,000 bytes measured with one sender), charged to hold_total: one hs3 may name
-hundreds of absent chids."""
+and dict entry: about 1,000 bytes measured with one sender), charged to
+hold_total: one hs3 may name hundreds of absent chids."""
 HOLD_ENTRY_COST = 192
 """Memory of one held read besides its bytes (its (time, bytes, sender) tuple,
 deque slot, reference count, sender's size entry and the bytes object's own
