@@ -56,6 +56,7 @@ cdef list _full = None  # _send_view's second result: receivers above their mark
 cdef Py_ssize_t _splice_min = 0
 cdef int _pipes_left = 0
 cdef Py_ssize_t _round = 0  # bytes per splice round: one read's worth
+cdef Py_ssize_t _metered_round = 0  # with a meter: the round and the small read after it
 cdef bint _tee = False  # fan-out rounds too (see bind)
 cdef bint _keeps = False  # _receivers' second result: the route reaches more than them
 cdef object _kept = None  # _spread's second result: the round as bytes, if asked for
@@ -91,15 +92,18 @@ def bind(bytearray buf, Py_ssize_t small, object router, Py_ssize_t splice_min=0
     a round that went whole to the one receiver, ``offer(session)`` is called
     soon, unless the session's ``pump_wait`` is set (which this sets, and the
     offer clears when it may come again): it may hand the pair to a Pump.
-    ``meter(session, nbytes, now)``, if given, is told of every live read
-    after its bytes went out (--max-rate; it may pause the session)."""
+    ``meter(session, nbytes, now, inside=False)``, if given, is told of every
+    live read and splice round after its bytes went out (--max-rate; it may
+    pause the session, and says whether the session is in debt); a metered
+    session splices one round per event, and none while in debt."""
     global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee, _offer, _meter
-    global _generation, _generation_view
+    global _generation, _generation_view, _metered_round
     cdef long long[::1] cell
     _buf = buf
     _round = len(buf)
     _view = memoryview(buf)
     _small = _view[:small]
+    _metered_round = max(_round - small, 1)
     _router = router
     if router is None:
         _generation, _generation_view = &_no_generation, None
@@ -220,15 +224,21 @@ cdef class Relay:
         cdef ssize_t n
         cdef Py_ssize_t moved = 0
         cdef list queued = None
+        # In debt: the plain read that follows pauses it (--max-rate).
+        if _meter is not None and _meter(self, 0, _now(), True):
+            return False
+        # Metered, the round and uvloop's small read after it are one read's
+        # worth together: no more may overdraw the bucket.
+        cdef Py_ssize_t want = _round if _meter is None else _metered_round
         while moved * k < _ROUND_MAX:
-            n = splice(self.fd, NULL, self.pipe_w, NULL, _round, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            n = splice(self.fd, NULL, self.pipe_w, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n <= 0:  # empty, EOF or an error: uvloop's read finds out which
                 break
             moved += n
             queued = _spread(self.pipe_r, n, rx, keep)
-            # A receiver is full, this is no bulk now, or the rest of the route
-            # must have this round before another.
-            if queued is not None or n < _splice_min or keep:
+            # A receiver is full, this is no bulk now, the rest of the route
+            # must have this round before another, or the meter must see it.
+            if queued is not None or n < _splice_min or keep or _meter is not None:
                 break
         if not moved:
             return False
@@ -242,6 +252,8 @@ cdef class Relay:
             t = <Relay>obj
             t.last_active = now
             t.bytes_out += moved
+        if _meter is not None:
+            _meter(self, moved, now, True)
         if keep:
             self.unsent, _kept = (self._route, _kept, now), None
             # Before this session's next byte (buffer_updated, eof_received,

@@ -38,8 +38,9 @@ def bind(buf: bytearray, small: int, router: Any, splice_min: int = 0, pipes: in
     by splice(2), a read's worth (``len(buf)``) per round: what a receiver
     does not take is queued, as much as one read would have queued. There
     are no pumps here (fastpath.Pump is None), so ``offer`` is never called.
-    ``meter(session, nbytes, now)``, if given, is told of every live read
-    after its bytes went out (--max-rate; it may pause the session)."""
+    ``meter(session, nbytes, now, inside=False)``, if given, is told of every
+    live read and splice round after its bytes went out (--max-rate; see
+    _fastcopy.pyx)."""
     global _buf, _view, _small, _router, _splice_min, _pipes_left, _round, _tee, _meter
     _buf, _view = buf, memoryview(buf)
     _round = len(buf)
@@ -129,17 +130,20 @@ class Relay:
             return False
         moved = 0
         queued = None
+        if _meter is not None and _meter(self, 0, _now(), True):  # see _fastcopy.pyx
+            return False
+        want = _round if _meter is None else max(_round - len(_small), 1)  # see _fastcopy.pyx
         while moved * len(rx) < ROUND_MAX:
             try:
-                n = os.splice(self.fd, self.pipe_w, _round, flags=_FLAGS)
+                n = os.splice(self.fd, self.pipe_w, want, flags=_FLAGS)
             except OSError:  # empty or an error: uvloop's read finds out which
                 break
             if not n:  # EOF: uvloop's read sees it too
                 break
             moved += n
             queued, kept = _spread(self.pipe_r, n, rx, keep)
-            if queued is not None or n < _splice_min or keep:  # see _fastcopy.pyx
-                break
+            if queued is not None or n < _splice_min or keep or _meter is not None:
+                break  # see _fastcopy.pyx
         if not moved:
             return False
         if moved < _splice_min:  # a trickle: plain reads again, until a big one
@@ -150,6 +154,8 @@ class Relay:
         for t in rx:
             t.last_active = now
             t.bytes_out += moved
+        if _meter is not None:
+            _meter(self, moved, now, True)
         if keep:
             assert kept is not None
             self.unsent = (route, kept, now)

@@ -166,7 +166,7 @@ def _env_epilog(examples: str) -> str:
 @click.option("--max-rate", type=_Size(), default=str(_D.max_rate), metavar="SIZE",
               help="Bytes per second each client may send into the relay (1MiB, 64KiB...), "
                    "after a first second's worth at once; a client above it is paused, as "
-                   "by a slow receiver (0 = no limit; turns off splice and pumps).")
+                   "by a slow receiver (0 = no limit; turns off pumps).")
 @click.option("--splice-min", type=_Size(), default=str(_D.splice_min),
               help="A read this big sends that stream to its local receivers through "
                    "a pipe with splice(2), without copying it; to several by tee(2), "

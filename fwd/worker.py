@@ -104,12 +104,14 @@ class Hub:
         tee = not paces(congestion)
         log.debug("bulk fan-out: %s (congestion control %s)",
                   "tee(2)" if tee else "copied, since it paces", congestion or "unknown")
-        # --max-rate: every read is metered, so none bypasses the loop's reads.
-        splice_min = 0 if config.max_rate else config.splice_min
+        # --max-rate meters every read and splice round; pumped pairs would
+        # bypass the loop altogether, so they are off.
+        splice_min = config.splice_min
         self.meters: dict[Session, RateMeter] = {}
         self.throttled: set[Session] = set()  # not reading until their debt is paid
         self.pumps: Pumps | None = None
-        if Pump is not None and config.pump_pairs and splice_min and pipes:
+        if Pump is not None and config.pump_pairs and splice_min and pipes \
+                and not config.max_rate:
             self.pumps = Pumps(self, Pump, config.pump_pairs)
         bind(self.buffer, HANDSHAKE_READ, self.router, splice_min, pipes, tee,
              None if self.pumps is None else self.pumps.offer,
@@ -609,20 +611,40 @@ class Hub:
                     and (self.pumps is None or s not in self.pumps.running):
                 s.transport.resume_reading()
 
-    def meter(self, s: Session, nbytes: int, now: float) -> None:
-        """--max-rate: a live session's read. Past its budget it reads nothing
-        until the debt is paid, and TCP pushes back on its client."""
+    def meter(self, s: Session, nbytes: int, now: float, inside: bool = False) -> bool:
+        """--max-rate: a live session's read or splice round. Past its budget
+        it reads nothing until the debt is paid, and TCP pushes back on its
+        client. ``inside`` uvloop's buffer callback (a splice round), reading
+        must not stop there (libuv would call a cleared read callback): it
+        stops right after. True while the session is in debt."""
         m = self.meters.get(s)
         if m is None:
             m = self.meters[s] = RateMeter(self.config.max_rate, self.config.max_rate, now)
         wait = m.take(nbytes, now)
-        if wait > 0 and s not in self.throttled and s.transport is not None:
-            self.throttled.add(s)
-            self.stats["throttled"] += 1
+        if wait > 0 and s.transport is not None:
+            if s not in self.throttled:
+                self.throttled.add(s)
+                self.stats["throttled"] += 1
+                self.loop.call_later(wait, self._unthrottle, s)
+            # Also when a pause is on its way: libuv reads on in this event.
+            if inside:
+                self.loop.call_soon(self._throttle, s)
+            else:
+                s.transport.pause_reading()
+        return wait > 0
+
+    def _throttle(self, s: Session) -> None:
+        if s in self.throttled and s.transport is not None:
             s.transport.pause_reading()
-            self.loop.call_later(wait, self._unthrottle, s)
 
     def _unthrottle(self, s: Session) -> None:
+        # What it read after the pause was set (the rest of that event) is
+        # owed too: resume only once everything is paid.
+        m = self.meters.get(s)
+        wait = m.take(0, self.loop.time()) if m is not None else 0.0
+        if wait > 0 and s.state is St.LIVE:
+            self.loop.call_later(wait, self._unthrottle, s)
+            return
         self.throttled.discard(s)
         if s.state is St.LIVE and s.transport is not None \
                 and not self.backpressure.is_paused(s):

@@ -486,7 +486,9 @@ def test_allow_and_deny_refuse_by_address(start_server):
 def test_max_rate_paces_a_sender_and_loses_nothing(start_server):
     """--max-rate: after a first second's worth at once, a client's bytes go
     through at that rate. It is paused as by a slow receiver, so nothing is
-    lost, and another client of the server is not held up."""
+    lost, and another client of the server is not held up. Its bulk stream
+    still goes through a pipe (splice rounds are metered too), but no pump
+    threads, which the meter could not see."""
     rate, size = MiB, 3 * MiB
     server = start_server("--mode", "chan", "--max-rate", "1MiB")
     sa, sb = pair(server)
@@ -502,7 +504,10 @@ def test_max_rate_paces_a_sender_and_loses_nothing(start_server):
     # A lower bound only, from the limit: a slow machine can only take longer.
     # The burst and the one read that overdrew the bucket come at once.
     assert elapsed >= (size - rate - READ_SIZE) / rate
-    assert server.ctl_json("status")["totals"]["throttled"] > 0
+    totals = server.ctl_json("status")["totals"]
+    assert totals["throttled"] > 0
+    assert totals["spliced_sessions"] >= 1  # sa's session holds its pipe
+    assert totals["pumped_pairs"] == 0
 
 
 def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_server):
