@@ -70,6 +70,14 @@ cdef enum:
     _PIPE_MIN = 64 << 10
     # Bytes spliced per readiness event at most, so one stream cannot hold the loop.
     _ROUND_MAX = 4 << 20
+    # Reads that went whole to one local receiver before the pair is offered
+    # to a Pump for its small rounds: a pair that lives that long (an
+    # interactive session, a stream of messages) gains the threads' shorter
+    # path; a pair that only swaps a request and an answer pays no thread.
+    _PUMP_READS = 64
+
+
+PUMP_READS = _PUMP_READS
 
 
 cdef inline double _now() noexcept nogil:
@@ -137,6 +145,7 @@ cdef class Relay:
     cdef public int pipe_r
     cdef public int pipe_w
     cdef public bint pump_wait  # offered, or refused for now (Pumps clears it)
+    cdef int _whole_reads  # toward _PUMP_READS
     # A spliced round the rest of its route (other workers, held bytes) has
     # not had yet: (route, bytes, now), see flush_rest.
     cdef public object unsent
@@ -186,6 +195,11 @@ cdef class Relay:
             self._route_rest(self._route, chunk, nbytes, now, full)
         elif chunk is not None:
             self._queued(self._route, chunk, nbytes, now)
+        elif _offer is not None and not self.pump_wait and len(self._targets) == 1:
+            self._whole_reads += 1
+            if self._whole_reads >= _PUMP_READS:
+                self.pump_wait = True
+                self.hub.loop.call_soon(_offer, self)
         if _splice_min and nbytes >= _splice_min and not self.bulk:
             self.bulk = _receivers(self._route, self, False) is not None
         if _meter is not None:
@@ -574,22 +588,29 @@ cdef extern from *:
     #include <time.h>
     #include <unistd.h>
 
+    #define FWD_COPY_MAX 16384
+
     /* One direction of a pumped pair. The thread owns src's reading and dst's
        writing until it is stopped; the loop reads the counters it updates. */
-    typedef struct {
+    typedef struct fwd_dir {
+        struct fwd_dir *other;   /* the pair's other direction */
         int src, dst, pipe_r, pipe_w, notify;
         size_t round;
+        size_t cap;      /* a copied round's most: fits the (empty) pipe */
+        double idle;     /* both ways quiet this long: give the pair back (0: never) */
         long long *bytes_in, *bytes_out;   /* the Relays' own fields */
         double *src_active, *dst_active;
+        int sending;  /* a round is on its way to dst: not idle, however long */
         int stop;   /* set by the loop */
         int done;   /* set by the thread, last */
-        int why;    /* FWD_ASKED, FWD_EOF, FWD_FAILED, FWD_STALLED */
+        int why;    /* FWD_ASKED, FWD_EOF, FWD_FAILED, FWD_STALLED, FWD_IDLE */
         int err;
         long long left;  /* bytes in the pipe, not yet in dst */
         pthread_t tid;
+        char buf[FWD_COPY_MAX];
     } fwd_dir;
 
-    enum { FWD_ASKED, FWD_EOF, FWD_FAILED, FWD_STALLED };
+    enum { FWD_ASKED, FWD_EOF, FWD_FAILED, FWD_STALLED, FWD_IDLE };
 
     static int fwd_wake_signal(void) { return SIGRTMIN + 7; }
 
@@ -621,16 +642,56 @@ cdef extern from *:
         }
     }
 
+    /* A copied round that dst did not take goes into the pipe, which is empty
+       in copy mode and holds at least cap bytes: stop() gives it back like the
+       rest of a spliced round. */
+    static void fwd_dir_park(fwd_dir *d, int why, int err, const char *p, ssize_t n) {
+        ssize_t w = write(d->pipe_w, p, (size_t)n);
+        fwd_dir_end(d, why, err, w > 0 ? w : 0);
+    }
+
+    /* Copy mode: n bytes of buf to dst. 0 when all went, -1 when the thread
+       ended (asked to stop in the middle, dst stuck or gone). */
+    static int fwd_dir_send(fwd_dir *d, ssize_t n) {
+        ssize_t off = 0, m;
+        while (off < n) {
+            m = send(d->dst, d->buf + off, (size_t)(n - off), MSG_NOSIGNAL);
+            if (m > 0) {
+                off += m;
+            } else if (m < 0 && errno == EINTR) {
+                if (__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE)) {
+                    fwd_dir_park(d, FWD_ASKED, 0, d->buf + off, n - off);
+                    return -1;
+                }
+            } else if (m < 0 && errno == EAGAIN) {  /* SO_SNDTIMEO: dst is stuck */
+                fwd_dir_park(d, FWD_STALLED, 0, d->buf + off, n - off);
+                return -1;
+            } else {
+                fwd_dir_park(d, FWD_FAILED, m < 0 ? errno : EPIPE, d->buf + off, n - off);
+                return -1;
+            }
+        }
+        return 0;
+    }
+
+    /* Rounds are copied through buf (recv, send) while they are small, and
+       spliced through the pipe once one fills buf: for a few bytes two copies
+       cost less than splice's page references, for a bulk stream the other
+       way round. */
     static void *fwd_dir_run(void *arg) {
         fwd_dir *d = (fwd_dir *)arg;
         sigset_t set;
-        ssize_t n, m;
-        double now;
+        ssize_t n, m, got;
+        double now, last;
+        int copy = 1;
         sigfillset(&set);
         sigdelset(&set, fwd_wake_signal());
         pthread_sigmask(SIG_SETMASK, &set, NULL);
         while (!__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE)) {
-            n = splice(d->src, NULL, d->pipe_w, NULL, d->round, SPLICE_F_MOVE);
+            if (copy)
+                n = recv(d->src, d->buf, d->cap, 0);
+            else
+                n = splice(d->src, NULL, d->pipe_w, NULL, d->round, SPLICE_F_MOVE);
             if (n == 0) {
                 fwd_dir_end(d, FWD_EOF, 0, 0);
                 return NULL;
@@ -638,6 +699,14 @@ cdef extern from *:
             if (n < 0) {
                 if (errno == EINTR)
                     continue;
+                if (errno == EAGAIN) {  /* SO_RCVTIMEO: quiet this way; and the other? */
+                    __atomic_load(d->src_active, &last, __ATOMIC_RELAXED);
+                    if (fwd_clock() - last < d->idle
+                            || __atomic_load_n(&d->other->sending, __ATOMIC_ACQUIRE))
+                        continue;
+                    fwd_dir_end(d, FWD_IDLE, 0, 0);
+                    return NULL;
+                }
                 fwd_dir_end(d, FWD_FAILED, errno, 0);
                 return NULL;
             }
@@ -646,6 +715,15 @@ cdef extern from *:
             __atomic_fetch_add(d->bytes_out, (long long)n, __ATOMIC_RELAXED);
             __atomic_store(d->src_active, &now, __ATOMIC_RELAXED);
             __atomic_store(d->dst_active, &now, __ATOMIC_RELAXED);
+            __atomic_store_n(&d->sending, 1, __ATOMIC_RELEASE);
+            if (copy) {
+                if (fwd_dir_send(d, n) < 0)
+                    return NULL;
+                __atomic_store_n(&d->sending, 0, __ATOMIC_RELEASE);
+                copy = (size_t)n < d->cap;
+                continue;
+            }
+            got = n;
             while (n > 0) {
                 m = splice(d->pipe_r, NULL, d->dst, NULL, (size_t)n, SPLICE_F_MOVE);
                 if (m > 0) {
@@ -665,6 +743,8 @@ cdef extern from *:
                 fwd_dir_end(d, FWD_ASKED, 0, n);
                 return NULL;
             }
+            __atomic_store_n(&d->sending, 0, __ATOMIC_RELEASE);
+            copy = (size_t)got < d->cap;
         }
         fwd_dir_end(d, FWD_ASKED, 0, 0);
         return NULL;
@@ -709,60 +789,74 @@ cdef extern from *:
         return __atomic_load_n(&d->done, __ATOMIC_ACQUIRE);
     }
 
-    static int fwd_set_blocking(int fd, int blocking, double send_timeout) {
+    static int fwd_set_timeout(int fd, int opt, double seconds) {
         struct timeval tv;
+        tv.tv_sec = (time_t)seconds;
+        tv.tv_usec = (suseconds_t)((seconds - tv.tv_sec) * 1e6);
+        return setsockopt(fd, SOL_SOCKET, opt, &tv, sizeof tv);
+    }
+
+    /* Blocking, with send and receive timeouts (0: none), or back to the loop's
+       non-blocking socket with neither. */
+    static int fwd_set_blocking(int fd, int blocking, double send_timeout, double recv_timeout) {
         int flags = fcntl(fd, F_GETFL);
         if (flags < 0)
             return -1;
         flags = blocking ? (flags & ~O_NONBLOCK) : (flags | O_NONBLOCK);
-        tv.tv_sec = (time_t)send_timeout;
-        tv.tv_usec = (suseconds_t)((send_timeout - tv.tv_sec) * 1e6);
-        if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
+        if (fwd_set_timeout(fd, SO_SNDTIMEO, send_timeout) < 0
+                || fwd_set_timeout(fd, SO_RCVTIMEO, recv_timeout) < 0)
             return -1;
         return fcntl(fd, F_SETFL, flags);
     }
     """
     ctypedef struct fwd_dir:
+        fwd_dir *other
         int src, dst, pipe_r, pipe_w, notify
-        size_t round
+        size_t round, cap
+        double idle
         long long *bytes_in
         long long *bytes_out
         double *src_active
         double *dst_active
-        int stop, done, why, err
+        int sending, stop, done, why, err
         long long left
     enum:
         FWD_ASKED
         FWD_EOF
         FWD_FAILED
         FWD_STALLED
+        FWD_IDLE
+        FWD_COPY_MAX
     int fwd_pump_install()
     int fwd_dir_start(fwd_dir *d)
     void fwd_dirs_stop(fwd_dir *a, fwd_dir *b) nogil
     int fwd_dir_done(fwd_dir *d)
-    int fwd_set_blocking(int fd, int blocking, double send_timeout)
+    int fwd_set_blocking(int fd, int blocking, double send_timeout, double recv_timeout)
     int EAGAIN
 
 cdef bint _pumps_ready = False
 
-_WHY = {FWD_ASKED: "asked", FWD_EOF: "eof", FWD_FAILED: "failed", FWD_STALLED: "stalled"}
+_WHY = {FWD_ASKED: "asked", FWD_EOF: "eof", FWD_FAILED: "failed", FWD_STALLED: "stalled",
+        FWD_IDLE: "idle"}
 
 
 cdef class Pump:
-    """A bulk pair whose two directions each block in splice(2) in a thread of
-    their own, socket -> pipe -> socket, while the loop does not touch either
-    socket: no poll, no callback, no GIL per round (docs/ARCHITECTURE.md,
-    "Bulk pairs get threads"). The loop gets them back with ``stop()``, which
-    returns what each pipe still held; a thread that meets EOF, an error or a
-    receiver stuck for ``stall`` seconds stops by itself and says so on the
-    ``notify`` eventfd, and the loop's own reads then find out what happened."""
+    """A pair whose two directions each block in a thread of their own, in
+    recv(2) and send(2) while rounds are small, in splice(2) through a pipe
+    once they are bulk, while the loop does not touch either socket: no poll,
+    no callback, no GIL per round (docs/ARCHITECTURE.md, "Pairs get
+    threads"). The loop gets them back with ``stop()``, which returns what
+    each pipe still held; a thread that meets EOF, an error, a receiver stuck
+    for ``stall`` seconds, or a pair quiet both ways for ``idle`` seconds (if
+    not 0), stops by itself and says so on the ``notify`` eventfd, and the
+    loop's own reads then find out what happened."""
 
     cdef fwd_dir d[2]
     cdef readonly Relay a
     cdef readonly Relay b
     cdef int threads  # started, and not joined yet
 
-    def __init__(self, Relay a, Relay b, int notify, double stall):
+    def __init__(self, Relay a, Relay b, int notify, double stall, double idle=0.0):
         global _pumps_ready
         if not _pumps_ready:
             if fwd_pump_install() < 0:
@@ -771,9 +865,10 @@ cdef class Pump:
         if (a.pipe_w < 0 and not a._open_pipe()) or (b.pipe_w < 0 and not b._open_pipe()):
             raise OSError("no pipe left for a pump")
         self.a, self.b = a, b
-        self._fill(0, a, b, notify)
-        self._fill(1, b, a, notify)
-        if fwd_set_blocking(a.fd, 1, stall) < 0 or fwd_set_blocking(b.fd, 1, stall) < 0:
+        self._fill(0, a, b, notify, idle)
+        self._fill(1, b, a, notify, idle)
+        if fwd_set_blocking(a.fd, 1, stall, idle) < 0 \
+                or fwd_set_blocking(b.fd, 1, stall, idle) < 0:
             self._unblock()
             raise OSError("cannot make the pair's sockets blocking")
         if fwd_dir_start(&self.d[0]) != 0:
@@ -787,7 +882,7 @@ cdef class Pump:
             # holds, so this pump must be stopped like any other, at once.
             self.d[1].done, self.d[1].why, self.d[1].err = 1, FWD_FAILED, EAGAIN
 
-    cdef void _fill(self, int i, Relay src, Relay dst, int notify):
+    cdef void _fill(self, int i, Relay src, Relay dst, int notify, double idle):
         cdef fwd_dir *d = &self.d[i]
         d.src, d.dst = src.fd, dst.fd
         d.pipe_r, d.pipe_w = src.pipe_r, src.pipe_w
@@ -795,16 +890,21 @@ cdef class Pump:
         # A read's worth, as in the loop: what a stuck receiver leaves queued
         # when the pair goes back is one read at most (docs/PROTOCOL.md §3.4).
         d.round = <size_t>_round
+        # What a copied round leaves unsent must fit the pipe (_new_pipe
+        # guarantees _PIPE_MIN at least).
+        d.cap = <size_t>min(FWD_COPY_MAX, fcntl(src.pipe_w, F_GETPIPE_SZ))
+        d.idle = idle
         d.bytes_in = &src.bytes_in
         d.bytes_out = &dst.bytes_out
         d.src_active = &src.last_active
         d.dst_active = &dst.last_active
-        d.stop = d.done = d.why = d.err = 0
+        d.other = &self.d[1 - i]
+        d.sending = d.stop = d.done = d.why = d.err = 0
         d.left = 0
 
     cdef void _unblock(self):
-        fwd_set_blocking(self.a.fd, 0, 0.0)
-        fwd_set_blocking(self.b.fd, 0, 0.0)
+        fwd_set_blocking(self.a.fd, 0, 0.0, 0.0)
+        fwd_set_blocking(self.b.fd, 0, 0.0, 0.0)
 
     @property
     def stopped(self):

@@ -172,8 +172,9 @@ def _env_epilog(examples: str) -> str:
                    "a pipe with splice(2), without copying it; to several by tee(2), "
                    "unless the congestion control is BBR (0 = never).")
 @click.option("--pump-pairs", type=click.IntRange(min=0), default=_D.pump_pairs,
-              help="Bulk 1:1 pairs per worker that get two threads, each blocking in "
-                   "splice(2) for one direction, instead of the event loop (0 = none; "
+              help="1:1 pairs per worker that get two threads, one per direction, "
+                   "blocking in recv/send or splice(2) instead of the event loop: bulk "
+                   "pairs, and pairs past 64 reads until quiet for 2 s (0 = none; "
                    "needs --splice-min).")
 @click.option("--tcp-congestion", default=None, metavar="NAME",
               help="TCP congestion control of client connections (cubic, reno, bbr...) "

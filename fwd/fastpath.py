@@ -11,10 +11,18 @@ import os
 if os.environ.get("FWD_PURE_PYTHON") == "1":
     from ._fastcopy_py import Relay, bind, fanout, send_view
     Pump = None  # no pumps: a Python thread cannot be woken out of splice(2)
+    PUMP_READS = 0
     IMPLEMENTATION = "python"
 else:
     try:
-        from ._fastcopy import Pump, Relay, bind, fanout, send_view  # type: ignore[no-redef]
+        from ._fastcopy import (  # type: ignore[no-redef]
+            PUMP_READS,
+            Pump,
+            Relay,
+            bind,
+            fanout,
+            send_view,
+        )
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError(
             "fwd._fastcopy is not built: install fwd with 'pip install .' (needs gcc and "
@@ -22,4 +30,4 @@ else:
         ) from exc
     IMPLEMENTATION = "cython"
 
-__all__ = ["IMPLEMENTATION", "Pump", "Relay", "bind", "fanout", "send_view"]
+__all__ = ["IMPLEMENTATION", "PUMP_READS", "Pump", "Relay", "bind", "fanout", "send_view"]

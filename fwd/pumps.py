@@ -1,15 +1,18 @@
-"""Bulk pairs handed to threads, and taken back.
+"""Pairs handed to threads, and taken back.
 
-A chan pair whose stream is bulk (a splice round went whole to its one
-receiver) costs the loop an epoll wake-up, a callback and a few splices per
-round. Handed to a ``Pump``, each direction is a thread blocking in splice(2)
-outside the GIL, the shape of the cheapest relay there is (bench/README.md,
-"The ceiling"). The loop keeps the sessions, their timers and counters, and
+A chan pair costs the loop an epoll wake-up, two callbacks under the GIL and
+a read and a send (or a few splices) per round. Handed to a ``Pump``, each
+direction is a thread blocking outside the GIL, in splice(2) while the stream
+is bulk, the shape of the cheapest relay there is (bench/README.md, "The
+ceiling"), and in recv(2)/send(2) while its rounds are small, which is the
+shortest round trip (64 B ping-pong). A pair is offered after a bulk splice
+round, or after ``_PUMP_READS`` (64) reads that each went whole to the other
+half. The loop keeps the sessions, their timers and counters, and
 takes the sockets back before anything but the pair's own bytes must touch
 them: another sender's route reaching one (Router.seal), bytes from another
 worker, the end of either session, or a thread that stopped on EOF, an error
 or a stuck receiver. Its own reads then find out what happened, as if the
-pair had never left (docs/ARCHITECTURE.md, "Bulk pairs get threads").
+pair had never left (docs/ARCHITECTURE.md, "Pairs get threads").
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ STALL = 1.0
 that the loop's backpressure and --slow-timeout apply as usual. Not much
 shorter: a receiver busy elsewhere for a moment would cost the pair its
 threads (and they come back only with the next bulk round after RETRY)."""
+IDLE = 2.0
+"""A pumped pair quiet both ways for this long gives its threads back, so that
+--pump-pairs counts pairs that move bytes: an idle terminal session does not
+keep a bulk transfer that comes later out of the threads."""
 
 
 def hold_offers(loop: asyncio.AbstractEventLoop, delay: float, *relays: Any) -> None:
@@ -64,8 +71,8 @@ class Pumps:
         hub.router.on_sealed = self.release
 
     def offer(self, a: Session) -> None:
-        """``a`` had a bulk round that went whole to its one receiver
-        (Relay._splice): pump the pair if it is a quiet 1:1 pair on both sides."""
+        """``a`` had a bulk round, or many reads, that went whole to its one
+        receiver (Relay): pump the pair if it is a quiet 1:1 pair on both sides."""
         hub = self.hub
         if a in self.running:
             return
@@ -83,7 +90,7 @@ class Pumps:
         b.transport.pause_reading()
         router.seal(a, b)
         try:
-            pump = self._pump(a, b, self._efd, STALL)
+            pump = self._pump(a, b, self._efd, STALL, IDLE)
         except OSError as exc:
             router.unseal(a, b)
             a.transport.resume_reading()
@@ -137,6 +144,10 @@ class Pumps:
                     and not reset_by_peer(dst.transport):
                 dst.transport.write(rest)
                 src._spliced_rest(dst, rest, now)
+            # A pair pumped for its small rounds keeps no pipe in the loop,
+            # which splices only bulk ones: --pump-pairs bounds its pipes too.
+            if not src.bulk:
+                src.close_pipe()
 
     def _stopped(self) -> None:
         """A thread stopped on its own: its pair goes back to the loop."""

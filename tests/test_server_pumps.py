@@ -8,10 +8,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import socket
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from helpers import (
     Sender,
@@ -71,6 +74,143 @@ def test_a_bulk_pair_gets_two_threads_and_stays_byte_exact(chan_server):
     sb.close()
     wait_until(lambda: threads(worker) == before, 10, "the threads to end")
     assert pumped(chan_server) == 0
+
+
+def ping_pong(sa: socket.socket, sb: socket.socket, rounds: int, size: int = 64) -> None:
+    """``rounds`` round trips a -> b -> a of ``size``-byte messages, each checked."""
+    for i in range(rounds):
+        msg = i.to_bytes(4, "big") * (size // 4)
+        sa.sendall(msg)
+        assert recv_exact(sb, size) == msg
+        sb.sendall(msg[::-1])
+        assert recv_exact(sa, size) == msg[::-1]
+
+
+def pump_small(server, sa: socket.socket, sb: socket.socket, rounds: int = 100) -> int:
+    """Swap small messages until the server pumps the pair (an offer is
+    refused while a message is in flight on either side); the round trips made."""
+    made = 0
+    while not pumped(server):
+        assert made < 40 * rounds, "the pair was never pumped"
+        ping_pong(sa, sb, rounds)
+        made += rounds
+    return made
+
+
+def test_small_messages_get_threads_that_go_when_the_pair_is_quiet(start_server):
+    """64 B round trips: after 64 reads the pair runs in two threads that copy
+    its small rounds; quiet both ways for IDLE seconds, they end, the pipes
+    they used close, and the loop relays the pair again, every byte counted."""
+    from test_server_splice import pipes
+
+    server = start_server("--mode", "chan")
+    sa, sb = pair(server)
+    worker = server.worker_of(sa)
+    before_threads, before_pipes = threads(worker), pipes(worker)
+    made = pump_small(server, sa, sb)
+    assert threads(worker) == before_threads + 2
+    assert pipes(worker) == before_pipes + 4
+    mark = server.mark()
+    ping_pong(sa, sb, 100)  # through the threads
+    made += 100
+    server.wait_log(r"pair chid=a <-> chid=b back in the loop \(idle\)", start=mark,
+                    timeout=15)
+    wait_until(lambda: threads(worker) == before_threads, 10, "the threads to end")
+    assert pumped(server) == 0
+    assert pipes(worker) == before_pipes
+    ping_pong(sa, sb, 10)  # the loop's again
+    made += 10
+    rows = {r["chid"]: r for r in server.ctl_json("sessions")["sessions"]}
+    for chid in "ab":
+        assert rows[chid]["bytes_in"] == rows[chid]["bytes_out"] == 64 * made
+
+
+def test_a_pair_pumped_for_small_messages_that_turns_bulk_stays_exact(chan_server):
+    """Its threads copy small rounds and splice bulk ones: both, both ways,
+    back and forth, in order."""
+    sa, sb = pair(chan_server)
+    pump_small(chan_server, sa, sb)
+    for _ in range(2):
+        stream_both_ways(sa, sb, 16 * MiB)
+        ping_pong(sa, sb, 50, 1000)
+    assert pumped(chan_server) == 1
+
+
+def test_a_stuck_receiver_of_small_writes_gets_them_all_in_order(start_server):
+    """b stops reading while a writes 512 B at a time: the thread blocked in
+    its send gives the pair back after STALL, with what it had not sent, and
+    b, reading again, gets the whole stream in order."""
+    server = start_server("--mode", "chan")
+    sa, sb = pair(server)
+    pump_small(server, sa, sb)
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    mark = server.mark()
+    total = 8 * MiB
+    data = os.urandom(total)
+    sa.settimeout(60)
+
+    def write() -> None:
+        for off in range(0, total, 512):
+            sa.sendall(data[off:off + 512])
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    server.wait_log(r"pair chid=a <-> chid=b back in the loop \(stalled\)", start=mark,
+                    timeout=30)
+    sb.settimeout(30)
+    assert recv_exact(sb, total) == data
+    t.join(30)
+    assert not t.is_alive()
+
+
+def tcp_pair(rcvbuf: int = 0) -> tuple[socket.socket, socket.socket]:
+    """A loopback connection: (client, accepted); ``rcvbuf`` for the client,
+    set before the handshake so that it bounds the window."""
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        c = socket.socket()
+        if rcvbuf:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        c.connect(ls.getsockname())
+        s, _ = ls.accept()
+    return c, s
+
+
+def test_a_copied_round_a_stuck_receiver_did_not_take_comes_back_in_order():
+    """The Pump itself, on two loopback connections: a message smaller than
+    the thread's copy buffer, to a receiver whose window and send buffer
+    hold less, stalls in a copied round's send. What was not sent comes back
+    from stop(), and follows what the receiver got, byte for byte."""
+    from fwd.fastpath import Pump, Relay, bind
+
+    bind(bytearray(256 << 10), 1024, None, 65536, 4)
+    a_cli, a_srv = tcp_pair()
+    b_cli, b_srv = tcp_pair(rcvbuf=2048)
+    b_srv.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ra, rb = Relay(), Relay()
+    ra.fd, rb.fd = a_srv.fileno(), b_srv.fileno()
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    pump = Pump(ra, rb, efd, 0.3)
+    try:
+        msg = os.urandom(15000)
+        a_cli.sendall(msg)
+        assert select.select([efd], [], [], 30)[0], "the thread never stalled"
+        assert pump.stopped == "stalled"
+        ab, ba = pump.stop()
+        assert ba is None and ab, "nothing was left to give back"
+        b_cli.settimeout(30)
+        got = recv_exact(b_cli, len(msg) - len(ab))
+        assert got + ab == msg
+        b_cli.setblocking(False)
+        with pytest.raises(BlockingIOError):  # and nothing more
+            b_cli.recv(1)
+        assert ra.bytes_in == rb.bytes_out == len(msg)
+    finally:
+        pump.stop()
+        ra.close_pipe()
+        rb.close_pipe()
+        os.close(efd)
+        for s in (a_cli, a_srv, b_cli, b_srv):
+            s.close()
 
 
 def test_pump_pairs_zero_starts_no_thread(start_server):
