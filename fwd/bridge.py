@@ -14,9 +14,10 @@ bytes and lets the destination's own reads end it (``Link.peer_gone``). A side
 whose destination is above ``MAX_BUFFER`` stops reading until the destination's
 ``resume_writing``, so TCP pushes back on the fast peer and memory per bridge
 stays at about two write buffers plus one read.
-A bulk pair (a read of ``PUMP_MIN`` or more) is handed to a ``Pump`` as in
-fwd-server (fwd/pumps.py): two threads splice it both ways until a FIN, an
-error, a stuck side or the end of the pair gives it back to the loop.
+A bulk pair (a read of ``PUMP_MIN`` or more), or one that lives ``PUMP_READS``
+reads, is handed to a ``Pump`` as in fwd-server (fwd/pumps.py): two threads
+copy or splice it both ways until a FIN, an error, a stuck side or the end of
+the pair gives it back to the loop.
 
 Lazy server1. By default server1 is connected only when the first bytes arrive
 from server0 (``--connect lazy``). An idle relay session can last hours; holding
@@ -94,7 +95,7 @@ from .client import PASSWORD_HINT, refused_hint
 from .config import format_hostport
 from .crypto import REJECTED, AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
-from .fastpath import Pump, Relay, bind, send_view
+from .fastpath import PUMP_READS, Pump, Relay, bind, send_view
 from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, refusal
 from .pumps import RETRY, RETRY_SOON, STALL, hold_offers
 from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_keepalive
@@ -220,6 +221,7 @@ class Link(Relay, asyncio.BufferedProtocol):
     def __init__(self, bridge: Bridge, side: int, gen: int) -> None:
         self.fd = self.pipe_r = self.pipe_w = -1
         self.pump_wait = False
+        self.reads_sent = 0  # a pair that lives this long is offered too (PUMP_READS)
         self.bridge = bridge
         self.hub = bridge  # send_view tells hub.loop to call peer_gone
         self.side = side
@@ -474,9 +476,11 @@ class Bridge:
             assert dst.transport is not None
             # May call dst.pause_writing, and src stops reading.
             send_view(self.buffer, n, (dst,), None, self.loop.time())
-            if n >= PUMP_MIN and self._efd >= 0 and not src.pump_wait:
-                src.pump_wait = True
-                self.loop.call_soon(self._offer, src)
+            if self._efd >= 0 and not src.pump_wait:
+                src.reads_sent += 1
+                if n >= PUMP_MIN or src.reads_sent >= PUMP_READS:
+                    src.pump_wait = True
+                    self.loop.call_soon(self._offer, src)
         else:
             # Hold this one read and stop reading until the other side is back.
             if dst_side == 1 and not self.pending[1]:
@@ -491,8 +495,8 @@ class Bridge:
         return self.pump is not None and (link is self.pump.a or link is self.pump.b)
 
     def _offer(self, src: Link) -> None:
-        """A bulk read went to the other side: pump the pair if nothing of
-        either side is in flight in the loop."""
+        """A bulk read, or many reads, went to the other side: pump the pair if
+        nothing of either side is in flight in the loop."""
         a, b = self.links
         if self.pump is not None or a is None or b is None or src not in (a, b):
             hold_offers(self.loop, RETRY, src)

@@ -638,6 +638,26 @@ def test_a_bulk_pair_goes_through_two_threads_byte_exact_and_a_fin_still_passes(
     assert read_line(remote2) == h.hexdigest().encode() + b"\n"
 
 
+def test_a_pair_of_small_messages_goes_through_two_threads_too(
+        start_server, start_client, start_service):
+    """After PUMP_READS small reads the bridge pumps the pair, as fwd-server
+    does, for the shorter round trip; every answer stays exact."""
+    server = start_server("--mode", "chan", "--pump-pairs", "0")  # the bridge's threads only
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc)
+    remote, _ = server.handshake("user", ["svc"])
+    remote.settimeout(WAIT)
+    mark = br.mark()
+    for i in range(4000):
+        msg = b"%063d" % i
+        remote.sendall(msg)
+        assert recv_exact(remote, 63) == msg.translate(XOR)
+        if i >= 200 and any("pumping the pair" in ln for ln in br.lines[mark:]):
+            break
+    else:
+        raise AssertionError("the bridge never pumped the pair")
+
+
 def test_a_service_reset_reaches_the_remote_as_a_reset_after_every_byte_read(
         start_server, start_client, start_service):
     """--on-close both: a service that resets mid-answer is lost, not finished.
