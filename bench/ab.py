@@ -57,7 +57,7 @@ CASES["fanout"] = (("cpu_per_gib", "mib_s"), _with_server(
     lambda f: sc.run_stream("fwd", 10, 65536, 205 << 20, fwd=f)))
 CASES["msgs"] = (("msgs_per_s",), _with_server(
     lambda f: sc.run_stream("fwd", 1, 64, 64 * _SIZES.msgs, fwd=f)))
-CASES["pingpong"] = (("p50_us",), _with_server(
+CASES["pingpong"] = (("p50_us", "relay_cpu_us"), _with_server(
     lambda f: sc.run_pingpong("fwd", 64, 20000, 2000, fwd=f, cpu=0)))
 CASES["idle"] = (("bytes_per_session",), lambda workers: sc.run_idle(10_000, workers))
 

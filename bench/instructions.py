@@ -10,7 +10,9 @@ misses, so it ranks changes to the loop's own code, not relays.
 
 A 64-byte ping-pong runs through a chan pair on ``fwd-server --workers 1``
 started under callgrind; the counters are zeroed after a warm-up and dumped
-after ``--messages`` round trips, with the clients idle at both moments.
+after ``--messages`` round trips, with the clients idle at both moments. By
+the end of the warm-up the pair has its two threads (fwd/pumps.py), so the
+count is theirs; ``--fwd-args "--pump-pairs 0"`` counts the event loop's path.
 """
 from __future__ import annotations
 

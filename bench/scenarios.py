@@ -439,8 +439,10 @@ def run_pingpong(kind: str, size: int, count: int, warmup: int, *, fwd: Fwd | No
                       "ncat": lambda: [ncat.proc.pid] if ncat else []}.get(kind, list)()
             for p in pinned:
                 os.sched_setaffinity(p, {cpu})
+        relay_c0 = fwd.cpu() if kind == "fwd" and fwd else 0.0
         ping.send("go")
         _, rtts, ping_cpu = ping.expect("done", gen.DEADLINE)
+        relay_cpu = fwd.cpu() - relay_c0 if kind == "fwd" and fwd else None
         echo.expect("done", gen.DEADLINE)
     finally:
         for p in pinned:
@@ -458,6 +460,10 @@ def run_pingpong(kind: str, size: int, count: int, warmup: int, *, fwd: Fwd | No
         "p50_us": us[len(us) // 2],
         "p99_us": us[min(len(us) - 1, int(len(us) * 0.99))],
         "mean_us": statistics.fmean(us),
+        # The relay's CPU (all its processes) per round trip, warm-up included:
+        # with every process on one CPU, what its share of the latency is made of,
+        # and steadier than the latency from run to run.
+        "relay_cpu_us": None if relay_cpu is None else relay_cpu / (count + warmup) * 1e6,
         "workers": fwd.workers if kind == "fwd" and fwd else None, "pinned_cpu": cpu,
     }
 
