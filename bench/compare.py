@@ -194,7 +194,9 @@ def summary(case: str, s: dict[str, Any]) -> str:
     if "error" in s:
         return "ERROR " + s["error"].splitlines()[-1][:160]
     if case == "pingpong":
-        return f"p50 {s['p50_us']:.1f} us p99 {s['p99_us']:.1f} us"
+        cpu = s.get("relay_cpu_us")
+        return (f"p50 {s['p50_us']:.1f} us p99 {s['p99_us']:.1f} us"
+                + (f", relay CPU {cpu:.1f} us per round trip" if cpu is not None else ""))
     if case == "handshakes":
         return f"{s['rate']:.0f}/s (server CPU {s['relay_cpu_share']:.2f})"
     if case == "msgs64":
@@ -211,8 +213,8 @@ def median(samples: list[dict[str, Any]], key: str) -> float | None:
 
 def medians(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     keys = ("rate", "msgs_per_s", "cpu_per_gib", "relay_cpu_share", "sender_cpu_share",
-            "receiver_cpu_share", "p50_us", "p99_us", "mean_us", "client_cpu_share",
-            "bytes_per_session")
+            "receiver_cpu_share", "p50_us", "p99_us", "mean_us", "relay_cpu_us",
+            "client_cpu_share", "bytes_per_session")
     out: dict[str, Any] = {}
     for case, by_variant in samples.items():
         out[case] = {}
@@ -312,6 +314,9 @@ def targets(med: dict[str, Any], skipped: dict[str, dict[str, str]]) -> list[Row
     else:
         rows.append(Row("ping-pong p99 / p50 (fwd)", "n/a", "", "n/a", "<= 2.0x",
                         f"skipped: {why('pingpong', 'fwd')}"))
+    # Pinned to one CPU, the relay's CPU per round trip is its share of the
+    # round trip, and moves less from run to run than the latency.
+    ratio_row("ping-pong relay CPU per round trip", "pingpong", "relay_cpu_us", "us", "ncat")
 
     idle = get("idle", "fwd", "bytes_per_session")
     rows.append(Row("idle chan session, server RSS", _fmt(idle, "KiB") + "/session", "", "",

@@ -70,7 +70,7 @@ class Sizes:
     fanout_bytes: int = 2048 << 20
     """Bytes *delivered* per fan-out run (all receivers together)."""
     fanout_min_each: int = 1 << 20
-    pings: int = 5000
+    pings: int = 20000  # 5000 until 2026-11-27: too short a run on a noisy machine
     ping_warmup: int = 500
     idle_sessions: int = 10_000
     hs_procs: int = 2
@@ -439,10 +439,11 @@ def run_pingpong(kind: str, size: int, count: int, warmup: int, *, fwd: Fwd | No
                       "ncat": lambda: [ncat.proc.pid] if ncat else []}.get(kind, list)()
             for p in pinned:
                 os.sched_setaffinity(p, {cpu})
-        relay_c0 = fwd.cpu() if kind == "fwd" and fwd else 0.0
+        relay = {"fwd": fwd, "ncat": ncat}.get(kind)
+        relay_c0 = relay.cpu() if relay else 0.0
         ping.send("go")
         _, rtts, ping_cpu = ping.expect("done", gen.DEADLINE)
-        relay_cpu = fwd.cpu() - relay_c0 if kind == "fwd" and fwd else None
+        relay_cpu = relay.cpu() - relay_c0 if relay else None
         echo.expect("done", gen.DEADLINE)
     finally:
         for p in pinned:
