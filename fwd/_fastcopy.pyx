@@ -601,6 +601,7 @@ cdef extern from *:
         long long *bytes_in, *bytes_out;   /* the Relays' own fields */
         double *src_active, *dst_active;
         int sending;  /* a round is on its way to dst: not idle, however long */
+        int spliced;  /* a round went through the pipe: this way is bulk */
         int stop;   /* set by the loop */
         int done;   /* set by the thread, last */
         int why;    /* FWD_ASKED, FWD_EOF, FWD_FAILED, FWD_STALLED, FWD_IDLE */
@@ -744,6 +745,7 @@ cdef extern from *:
                 return NULL;
             }
             __atomic_store_n(&d->sending, 0, __ATOMIC_RELEASE);
+            d->spliced = 1;
             copy = (size_t)got < d->cap;
         }
         fwd_dir_end(d, FWD_ASKED, 0, 0);
@@ -818,7 +820,7 @@ cdef extern from *:
         long long *bytes_out
         double *src_active
         double *dst_active
-        int sending, stop, done, why, err
+        int sending, spliced, stop, done, why, err
         long long left
     enum:
         FWD_ASKED
@@ -890,21 +892,27 @@ cdef class Pump:
         # A read's worth, as in the loop: what a stuck receiver leaves queued
         # when the pair goes back is one read at most (docs/PROTOCOL.md §3.4).
         d.round = <size_t>_round
-        # What a copied round leaves unsent must fit the pipe (_new_pipe
-        # guarantees _PIPE_MIN at least).
-        d.cap = <size_t>min(FWD_COPY_MAX, fcntl(src.pipe_w, F_GETPIPE_SZ))
+        # What a copied round leaves unsent must fit the pipe.
+        cdef int size = fcntl(src.pipe_w, F_GETPIPE_SZ)
+        d.cap = <size_t>(size if 0 < size < FWD_COPY_MAX else FWD_COPY_MAX)
         d.idle = idle
         d.bytes_in = &src.bytes_in
         d.bytes_out = &dst.bytes_out
         d.src_active = &src.last_active
         d.dst_active = &dst.last_active
         d.other = &self.d[1 - i]
-        d.sending = d.stop = d.done = d.why = d.err = 0
+        d.sending = d.spliced = d.stop = d.done = d.why = d.err = 0
         d.left = 0
 
     cdef void _unblock(self):
         fwd_set_blocking(self.a.fd, 0, 0.0, 0.0)
         fwd_set_blocking(self.b.fd, 0, 0.0, 0.0)
+
+    @property
+    def spliced(self):
+        """Whether a -> b and b -> a each spliced a round: those ways are bulk
+        streams, which keep their pipes when the pair goes back (see stop)."""
+        return bool(self.d[0].spliced), bool(self.d[1].spliced)
 
     @property
     def stopped(self):

@@ -130,6 +130,7 @@ class Pumps:
         self.hub.router.unseal(a, b)
         why = pump.stopped
         ab, ba = pump.stop()
+        bulk = pump.spliced
         now = self.hub.loop.time()
         log.debug("pair chid=%s <-> chid=%s back in the loop (%s)", a.chid, b.chid,
                   why or "asked")
@@ -137,16 +138,16 @@ class Pumps:
         for x in (a, b):
             if x.transport is not None and not x.transport.is_closing():
                 x.transport.resume_reading()
-        for src, dst, rest in ((a, b, ab), (b, a, ba)):
+        for src, dst, rest, spliced in ((a, b, ab, bulk[0]), (b, a, ba, bulk[1])):
             # Not to a receiver whose peer reset (a thread's splice failed on
             # it): its transport would close it before we read what it holds.
             if rest is not None and dst.transport is not None \
                     and not reset_by_peer(dst.transport):
                 dst.transport.write(rest)
                 src._spliced_rest(dst, rest, now)
-            # A pair pumped for its small rounds keeps no pipe in the loop,
+            # A way that moved only small rounds keeps no pipe in the loop,
             # which splices only bulk ones: --pump-pairs bounds its pipes too.
-            if not src.bulk:
+            if not (src.bulk or spliced):
                 src.close_pipe()
 
     def _stopped(self) -> None:
