@@ -10,9 +10,10 @@ round, or after ``_PUMP_READS`` (64) reads that each went whole to the other
 half. The loop keeps the sessions, their timers and counters, and
 takes the sockets back before anything but the pair's own bytes must touch
 them: another sender's route reaching one (Router.seal), bytes from another
-worker, the end of either session, or a thread that stopped on EOF, an error
-or a stuck receiver. Its own reads then find out what happened, as if the
-pair had never left (docs/ARCHITECTURE.md, "Pairs get threads").
+worker, the end of either session, or a thread that stopped on EOF, an error,
+a stuck receiver or a pair quiet for ``IDLE``. Its own reads then find out
+what happened, as if the pair had never left (docs/ARCHITECTURE.md, "Pairs
+get threads").
 """
 from __future__ import annotations
 
