@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
-from .config import AddressFilter, Config, address_key, format_hostport
+from .config import Config, address_key, format_hostport
 from .coordinator import Coordinator
 from .protocol import refusal_line
 from .registry import Owner
@@ -105,7 +105,7 @@ class Arbiter:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.filter = AddressFilter(config.allow, config.deny)
+        self.filter = config.address_filter()
         self.loop = asyncio.get_running_loop()
         self.workers: dict[int, Worker] = {}
         self.stopping = False
@@ -484,12 +484,31 @@ class Arbiter:
             silent = [r["worker"] for r in replies if not r["ok"]]
             note = f" (workers {silent} did not answer)" if silent else ""
             return control.error(f"no session with {key} {request.args[key]!r}{note}")
+        if request.cmd == "reload":
+            return await self._reload()
         if request.cmd == "sessions":
             replies = await self.ask_workers({"cmd": "sessions"})
             rows = [row for r in replies if r["ok"] for row in r["sessions"]]
             return control.ok(sessions=rows, errors=_errors(replies))
         assert request.cmd == "status"
         return control.ok(**self._status(await self.ask_workers({"cmd": "status"})))
+
+    async def _reload(self) -> dict[str, Any]:
+        """Read --allow-file and --deny-file again: an operator blocks a network
+        without a restart, which would cut every session. Connections already
+        served stay (``kick --peer`` ends them); a file that does not read or
+        parse leaves the filter as it was, as nginx keeps its configuration."""
+        files = [f for f in (self.config.allow_file, self.config.deny_file) if f]
+        try:  # a long blocklist parses off the loop, which keeps accepting
+            new = await self.loop.run_in_executor(None, self.config.address_filter)
+        except ValueError as exc:
+            log.warning("reload failed, address filter unchanged: %s", exc)
+            return control.error(f"reload failed, nothing changed: {exc}")
+        self.filter = new
+        allow = None if new.allow is None else len(new.allow)
+        log.info("reloaded %s: allow %s, deny %d networks", " and ".join(files) or "nothing",
+                 "any" if allow is None else allow, len(new.deny))
+        return control.ok(files=files, allow=allow, deny=len(new.deny))
 
     def _status(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
         totals: collections.Counter[str] = collections.Counter()

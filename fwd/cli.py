@@ -8,7 +8,15 @@ from typing import Any
 
 import click
 
-from .config import LOG_FORMATS, MODES, Config, parse_hostport, parse_network, parse_size
+from .config import (
+    LOG_FORMATS,
+    MODES,
+    Config,
+    parse_hostport,
+    parse_network,
+    parse_size,
+    read_networks,
+)
 from .runtime import set_title, setup_logging
 
 
@@ -120,6 +128,16 @@ def _networks(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[s
     return nets
 
 
+def _network_file(ctx: click.Context, param: click.Parameter, value: str | None
+                  ) -> str | None:
+    if value is not None:
+        try:
+            read_networks(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _env_epilog(examples: str) -> str:
     return ("Every option can also be set in the environment as FWD_ and its name in "
             f"capitals, dashes as underscores: {examples}.")
@@ -163,6 +181,13 @@ def _env_epilog(examples: str) -> str:
 @click.option("--deny", multiple=True, metavar="NET", callback=_networks,
               help="Refuse clients from these addresses or networks, even if --allow "
                    "names them.")
+@click.option("--allow-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              callback=_network_file,
+              help="More --allow networks, one or more a line, # for comments; read again "
+                   "by `fwd-ctl reload`. Given, it makes an allow list even when empty.")
+@click.option("--deny-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              callback=_network_file,
+              help="More --deny networks, as --allow-file; read again by `fwd-ctl reload`.")
 @click.option("--max-rate", type=_Size(), default=str(_D.max_rate), metavar="SIZE",
               help="Bytes per second each client may send into the relay (1MiB, 64KiB...), "
                    "after a first second's worth at once; a client above it is paused, as "

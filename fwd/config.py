@@ -79,17 +79,70 @@ def parse_network(text: str) -> Network:
                          "(examples: 192.0.2.7, 10.0.0.0/8, 2001:db8::/32)") from None
 
 
+def read_networks(path: str) -> list[Network]:
+    """The networks of an ``--allow-file`` or ``--deny-file``: separated by
+    newlines, commas or blanks, ``#`` to the end of a line a comment (as
+    ncat's --allowfile). Each is checked, so a typo names its line rather
+    than letting the address through."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: "
+                         f"{getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
+    nets: list[Network] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for word in line.partition("#")[0].replace(",", " ").split():
+            try:
+                nets.append(parse_network(word))
+            except ValueError as exc:
+                raise ValueError(f"{path} line {n}: {exc}") from None
+    return nets
+
+
+class NetworkSet:
+    """Networks to test an address against in O(prefix lengths), not O(networks):
+    a blocklist may hold hundreds of thousands, and every accept asks."""
+
+    def __init__(self, nets: Iterable[Network]) -> None:
+        by_len: dict[tuple[int, int], set[int]] = {}
+        self.count = 0
+        for net in nets:
+            shift = net.max_prefixlen - net.prefixlen
+            by_len.setdefault((net.version, shift), set()).add(
+                int(net.network_address) >> shift)
+            self.count += 1
+        # Per IP version: (shift, network prefixes), longest prefixes first.
+        self._tables: dict[int, list[tuple[int, set[int]]]] = {4: [], 6: []}
+        for (version, shift), prefixes in sorted(by_len.items()):
+            self._tables[version].append((shift, prefixes))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        n = int(ip)
+        return any(n >> shift in prefixes for shift, prefixes in self._tables[ip.version])
+
+
+def _network(net: str | Network) -> Network:
+    return parse_network(net) if isinstance(net, str) else net
+
+
 class AddressFilter:
     """``--allow`` and ``--deny``: which client addresses the server takes.
-    A peer in a --deny network is refused; with --allow, so is one in none of
-    its networks. An IPv4-mapped IPv6 address counts as IPv4."""
+    A peer in a --deny network is refused; with an allow list (``allow`` not
+    None), so is one in none of its networks, even when it is empty (an
+    emptied --allow-file shuts the door rather than opening it). An
+    IPv4-mapped IPv6 address counts as IPv4."""
 
-    def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> None:
-        self.allow = [parse_network(a) for a in allow]
-        self.deny = [parse_network(d) for d in deny]
+    def __init__(self, allow: Iterable[str | Network] | None = None,
+                 deny: Iterable[str | Network] = ()) -> None:
+        self.allow = None if allow is None else NetworkSet(map(_network, allow))
+        self.deny = NetworkSet(map(_network, deny))
 
     def __bool__(self) -> bool:
-        return bool(self.allow or self.deny)
+        return self.allow is not None or bool(self.deny)
 
     def refuses(self, host: str) -> str | None:
         """Why a client from ``host`` (an address, no port) is refused, for the
@@ -100,9 +153,9 @@ class AddressFilter:
             return "not an IP address"
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if any(ip in net for net in self.deny):
+        if ip in self.deny:
             return "in --deny"
-        if self.allow and not any(ip in net for net in self.allow):
+        if self.allow is not None and ip not in self.allow:
             return "not in --allow"
         return None
 
@@ -125,9 +178,13 @@ class Config:
     max_conns_per_ip: int = 0
     """Connections from one address (address_key) at most; 0: no limit."""
     allow: tuple[str, ...] = ()
-    """Networks clients may come from (AddressFilter); empty: any."""
+    """Networks clients may come from (AddressFilter); empty: any (unless allow_file)."""
     deny: tuple[str, ...] = ()
     """Networks clients may not come from."""
+    allow_file: str | None = None
+    """More networks for ``allow`` (read_networks), read again by ``fwd-ctl reload``."""
+    deny_file: str | None = None
+    """More networks for ``deny``, read again by ``fwd-ctl reload``."""
     splice_min: int = 64 * 1024
     """A read this big for one local receiver moves that stream to splice(2); 0: never."""
     pump_pairs: int = 4
@@ -157,4 +214,13 @@ class Config:
         if self.password == "":
             raise ValueError("the password must not be empty")
         self.allow, self.deny = tuple(self.allow), tuple(self.deny)
-        AddressFilter(self.allow, self.deny)  # every entry parses
+        AddressFilter(self.allow, self.deny)  # every entry parses (files: when read)
+
+    def address_filter(self) -> AddressFilter:
+        """--allow and --deny with what their files say now; ValueError names
+        a file that cannot be read or its first bad line."""
+        allow: list[str | Network] = [
+            *self.allow, *(read_networks(self.allow_file) if self.allow_file else ())]
+        deny: list[str | Network] = [
+            *self.deny, *(read_networks(self.deny_file) if self.deny_file else ())]
+        return AddressFilter(allow if allow or self.allow_file else None, deny)

@@ -38,6 +38,7 @@ COMMANDS: Mapping[str, tuple[str, ...]] = {
     "sessions": (),
     "kick": ("chid",),
     "kick-peer": ("peer",),
+    "reload": (),
     "drain": (),
 }
 """What fwd-ctl may ask the server: command → its required string arguments."""

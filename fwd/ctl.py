@@ -232,6 +232,20 @@ def kick(ctl: _Ctl, chid: str | None, peer: str | None) -> None:
 
 
 @main.command()
+@click.pass_obj
+def reload(ctl: _Ctl) -> None:
+    """Read --allow-file and --deny-file again (new connections only; a file
+    with an error changes nothing)."""
+    reply = ctl.call({"cmd": "reload"})
+    if not reply.get("files"):
+        click.echo("nothing to reload: the server has no --allow-file or --deny-file")
+        return
+    allow = "any address" if reply["allow"] is None else f"{reply['allow']} networks"
+    click.echo(f"reloaded {' and '.join(reply['files'])}: allow {allow}, "
+               f"deny {reply['deny']} networks")
+
+
+@main.command()
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait until the server has exited.")
 @click.pass_obj

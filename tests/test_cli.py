@@ -19,3 +19,16 @@ def test_a_bad_network_is_a_usage_error() -> None:
     assert done.returncode == 2
     assert "Invalid value for '--allow': not an address or network: '10.1.2.300'" \
         in " ".join(done.stderr.split())
+
+
+def test_a_bad_network_file_is_a_usage_error_naming_its_line(tmp_path) -> None:
+    path = tmp_path / "deny"
+    path.write_text("10.0.0.0/8\n10.1.2.300\n")
+    for nets in (str(path), str(tmp_path / "missing")):
+        done = subprocess.run([sys.executable, "-m", "fwd.cli", "--deny-file", nets],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        said = " ".join(done.stderr.split())
+        assert "Invalid value for '--deny-file'" in said
+        assert ("line 2: not an address or network: '10.1.2.300'" in said
+                if nets == str(path) else "No such file" in said), said

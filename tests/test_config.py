@@ -1,5 +1,5 @@
 """The address helpers of fwd.config: what --max-conns-per-ip counts by, and
-which clients --allow and --deny take."""
+which clients --allow and --deny (and their files) take."""
 from __future__ import annotations
 
 import ipaddress
@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwd.config import AddressFilter, address_key, format_hostport
+from fwd.config import (
+    AddressFilter,
+    Config,
+    NetworkSet,
+    address_key,
+    format_hostport,
+    read_networks,
+)
 
 ports = st.integers(0, 65535)
 
@@ -81,3 +88,52 @@ def test_an_empty_filter_takes_everyone_and_bad_entries_are_named() -> None:
     for bad in ("10.0.0.256", "10.0.0.0/33", "example.org", ""):
         with pytest.raises(ValueError, match="not an address or network"):
             AddressFilter(allow=[bad])
+
+
+networks = st.one_of(
+    st.builds(lambda ip, p: ipaddress.IPv4Network((ip, p), strict=False),
+              st.ip_addresses(v=4), st.integers(0, 32)),
+    st.builds(lambda ip, p: ipaddress.IPv6Network((ip, p), strict=False),
+              st.ip_addresses(v=6), st.integers(0, 128)))
+
+
+@given(st.lists(networks, max_size=20), st.lists(st.ip_addresses(), max_size=20))
+def test_a_network_set_answers_as_a_scan_of_its_networks(nets, ips) -> None:
+    """The prefix-indexed lookup, against the obvious linear one; each
+    network's first and last addresses are probed too."""
+    table = NetworkSet(nets)
+    assert len(table) == len(nets)
+    edges = [a for n in nets for a in (n.network_address, n.broadcast_address)]
+    for ip in [*ips, *edges]:
+        assert (ip in table) == any(ip in n for n in nets), (ip, nets)
+
+
+def test_an_allow_or_deny_file_lists_networks_with_comments(tmp_path) -> None:
+    path = tmp_path / "nets"
+    path.write_text("# blocklist\n10.0.0.0/8, 192.0.2.7  # a host\n\n  2001:db8::/32\n")
+    assert read_networks(str(path)) == [ipaddress.ip_network(n) for n in (
+        "10.0.0.0/8", "192.0.2.7", "2001:db8::/32")]
+    path.write_text("10.0.0.0/8\n# fine\n10.0.0.300\n")
+    with pytest.raises(ValueError, match=r"nets line 3: not an address or network: '10.0.0.300'"):
+        read_networks(str(path))
+    with pytest.raises(ValueError, match=r"cannot read .*missing: No such file"):
+        read_networks(str(tmp_path / "missing"))
+    path.write_bytes(b"\xff")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_networks(str(path))
+
+
+def test_files_add_to_the_options_and_an_empty_allow_file_takes_nobody(tmp_path) -> None:
+    allow, deny = tmp_path / "allow", tmp_path / "deny"
+    allow.write_text("10.1.0.0/16\n")
+    deny.write_text("10.1.2.0/24\n")
+    both = Config(allow=("10.2.0.0/16",), allow_file=str(allow), deny_file=str(deny))
+    f = both.address_filter()
+    assert f.refuses("10.1.9.9") is None and f.refuses("10.2.9.9") is None
+    assert f.refuses("10.1.2.3") == "in --deny" and f.refuses("10.3.0.1") == "not in --allow"
+    allow.write_text("# nobody for now\n")
+    assert Config(allow_file=str(allow)).address_filter().refuses("10.1.9.9") == "not in --allow"
+    assert Config(deny_file=str(allow)).address_filter().refuses("10.1.9.9") is None
+    allow.write_text("nonsense\n")
+    with pytest.raises(ValueError, match="allow line 1"):
+        Config(allow_file=str(allow)).address_filter()

@@ -482,6 +482,56 @@ def test_allow_and_deny_refuse_by_address(start_server):
     sc.close()
 
 
+def test_a_deny_file_is_read_again_on_reload_and_served_sessions_stay(start_server, tmp_path):
+    """fwd-ctl reload: an operator blocks a network without a restart, which
+    would cut every session. Sessions already served keep flowing; a file
+    with an error changes nothing and says where it is wrong."""
+    deny = tmp_path / "deny"
+    deny.write_text("127.0.0.2  # the first abuser\n")
+    server = start_server("--mode", "chan", "--deny-file", str(deny))
+    assert_refused(server.connect(source="127.0.0.2"), NOT_ALLOWED)
+    sa, _ = server.handshake("a", ["b"])  # from 127.0.0.1
+    sb, _ = server.handshake("b", ["a"], source="127.0.0.3")
+
+    deny.write_text("127.0.0.1\n127.0.0.3/32\n")
+    assert server.ctl("reload").stdout == (
+        f"reloaded {deny}: allow any address, deny 2 networks\n")
+    assert_refused(server.connect(), NOT_ALLOWED)  # 127.0.0.1, from now on
+    assert_refused(server.connect(source="127.0.0.3"), NOT_ALLOWED)
+    server.handshake("c", ["a"], source="127.0.0.2")  # no longer denied
+    sa.sendall(b"still")
+    assert recv_exact(sb, 5) == b"still"
+    sb.sendall(b"here")
+    assert recv_exact(sa, 4) == b"here"
+
+    deny.write_text("127.0.0.1\n127.0.0.300\n")
+    mark = server.mark()
+    bad = server.ctl("reload", check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith(f"fwd-ctl: reload failed, nothing changed: {deny} line 2: "
+                                 "not an address or network: '127.0.0.300'")
+    server.wait_log(r"reload failed, address filter unchanged: .*line 2", start=mark)
+    assert_refused(server.connect(source="127.0.0.3"), NOT_ALLOWED)  # the filter it had
+    server.handshake("d", ["a"], source="127.0.0.2")
+
+
+def test_an_emptied_allow_file_takes_nobody_and_no_file_has_nothing_to_reload(
+        start_server, tmp_path):
+    """An allow file is an allow list even when empty: emptying it shuts the
+    door rather than opening it to everyone."""
+    allow = tmp_path / "allow"
+    allow.write_text("127.0.0.0/8\n")
+    server = start_server("--mode", "chan", "--allow-file", str(allow))
+    server.handshake("a", ["b"])
+    allow.write_text("# nobody for now\n")
+    assert "allow 0 networks" in server.ctl("reload").stdout
+    expect_refused(server, r"not in --allow", NOT_ALLOWED)
+
+    plain = start_server("--mode", "chan")
+    assert plain.ctl("reload").stdout == (
+        "nothing to reload: the server has no --allow-file or --deny-file\n")
+
+
 @pytest.mark.both_impls
 def test_max_rate_paces_a_sender_and_loses_nothing(start_server):
     """--max-rate: after a first second's worth at once, a client's bytes go
