@@ -35,7 +35,7 @@ from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
 from .config import Config, address_key, format_hostport
 from .coordinator import Coordinator
-from .protocol import refusal_line
+from .protocol import FULL, NOT_ALLOWED, PER_IP, RESTARTING, refusal_line
 from .registry import Owner
 from .sdnotify import Notifier
 
@@ -44,11 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fwd.arbiter")
 
-FULL = "server full"
-PER_IP = "too many connections from this address"
-NOT_ALLOWED = "address not allowed"
-RESTARTING = "server restarting"
-"""The FAIL ``desc`` of refused connections (docs/PROTOCOL.md §2.5)."""
 KILL_MARGIN = 3.0
 """Seconds past ``--drain-timeout`` before workers that still run are killed."""
 WORKER_ANSWER = 2.0

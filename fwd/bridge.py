@@ -96,7 +96,19 @@ from .config import format_hostport
 from .crypto import REJECTED, AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
 from .fastpath import PUMP_READS, Pump, Relay, bind, send_view
-from .protocol import NEED_DATA, PAUSED, PLAIN, Handshake, Hs1, Hs2, Hs3, Hs4, Role, refusal
+from .protocol import (
+    NEED_DATA,
+    PAUSED,
+    PLAIN,
+    REFUSAL_WAIT,
+    Handshake,
+    Hs1,
+    Hs2,
+    Hs3,
+    Hs4,
+    Role,
+    refusal,
+)
 from .pumps import RETRY, RETRY_SOON, STALL, hold_offers
 from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_keepalive
 
@@ -252,6 +264,10 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.bytes_out = 0
         self.refused: str | None = None
         """Plain mode: server0 is in chan mode and sent its hs4 FAIL (the desc)."""
+        self.suspect: asyncio.TimerHandle | None = None
+        self.suspect_line = b""
+        """Plain mode: server0's first read, a FAIL line; a refusal only if the
+        server closes next (protocol.refusal), payload if it does not."""
         self.started = loop.time()
         self.linger: asyncio.TimerHandle | ResetWhenSent | None = None
 
@@ -275,11 +291,12 @@ class Link(Relay, asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.attached:
-            if (self.side == 0 and not self.bytes_in and not self.bridge.opts.handshake
-                    and (desc := refusal(bytes(self.bridge.view[:nbytes]))) is not None):
-                self.refused = desc  # not for the service: the slot gives up
-                self.bridge.detach(self, f"refused: {desc}")
-                self.close()
+            if self.suspect is not None:
+                self._not_refused()  # bytes after the line: it was payload
+            elif (self.side == 0 and not self.bytes_in and not self.bridge.opts.handshake
+                    and refusal(first := bytes(self.bridge.view[:nbytes])) is not None):
+                self.suspect_line = first
+                self.suspect = self.bridge.loop.call_later(REFUSAL_WAIT, self._not_refused)
                 return
             self.bridge.forward(self, nbytes)
         elif self.hs is not None and not self.ready.done():
@@ -287,7 +304,26 @@ class Link(Relay, asyncio.BufferedProtocol):
             self._handshake_step()
         # else: a stale or closing connection; its bytes have nowhere to go.
 
+    def _not_refused(self) -> None:
+        if self.suspect is not None:
+            self.suspect.cancel()
+            self.suspect = None
+            self.bridge.pass_on(self, self.suspect_line)
+
+    def _refused(self) -> None:
+        """The server closed after its FAIL line: a refusal, not for the service
+        (the slot gives up)."""
+        assert self.suspect is not None
+        self.suspect.cancel()
+        self.suspect = None
+        self.refused = desc = refusal(self.suspect_line)
+        self.bridge.detach(self, f"refused: {desc}")
+        self.close()
+
     def eof_received(self) -> bool:
+        if self.suspect is not None and self.attached:
+            self._refused()
+            return False
         self.eof_in = True
         self.reading = False
         t = self.transport
@@ -318,6 +354,11 @@ class Link(Relay, asyncio.BufferedProtocol):
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
+        if self.suspect is not None:
+            if self.attached:  # reset right after the line: refused too
+                self._refused()
+            else:
+                self.suspect.cancel()
         if not self.ready.done():
             what = ("the server closed the connection during the handshake" if self.hs
                     else "connection closed")
@@ -401,6 +442,9 @@ class Link(Relay, asyncio.BufferedProtocol):
         """Close after queued bytes are flushed, or reset if that takes too long.
         ``cut``: the other side was lost, so reset, once the peer acknowledged
         what was sent to it (as fwd-server does for a pair, PROTOCOL.md §3.7)."""
+        if self.suspect is not None:
+            self.suspect.cancel()
+            self.suspect = None
         t = self.transport
         if t is None:
             return
@@ -482,12 +526,27 @@ class Bridge:
                     src.pump_wait = True
                     self.loop.call_soon(self._offer, src)
         else:
-            # Hold this one read and stop reading until the other side is back.
-            if dst_side == 1 and not self.pending[1]:
-                self.waiting_since = self.loop.time()
-            self.pending[dst_side].append(bytes(self.view[:n]))
-            src.set_reading(False)
-            self.poke[dst_side].set()
+            self._hold(src, bytes(self.view[:n]))
+
+    def _hold(self, src: Link, data: bytes) -> None:
+        """Hold ``data`` and stop reading ``src`` until the other side is back."""
+        dst_side = 1 - src.side
+        if dst_side == 1 and not self.pending[1]:
+            self.waiting_since = self.loop.time()
+        self.pending[dst_side].append(data)
+        src.set_reading(False)
+        self.poke[dst_side].set()
+
+    def pass_on(self, src: Link, data: bytes) -> None:
+        """Forward bytes that are not in the read buffer (a line held back)."""
+        src.bytes_in += len(data)
+        dst = self.links[1 - src.side]
+        if dst is None:
+            self._hold(src, data)
+        elif not dst.gone:
+            assert dst.transport is not None
+            dst.bytes_out += len(data)
+            dst.transport.write(data)
 
     # -- pumps ------------------------------------------------------------------------
 
@@ -806,11 +865,17 @@ class Bridge:
 
     def stop(self) -> None:
         """Close every connection (queued bytes get SHUTDOWN_LINGER to flush) and wake
-        every slot, so that none waits on a link that will never end."""
+        every slot, so that none waits on a link that will never end. A side
+        whose bytes are still held for the other is reset, not closed: its
+        peer must not take the FIN for delivery."""
         self.stopping = True
+        held = sum(len(c) for q in self.pending for c in q)
+        if held:
+            log.warning("dropped %d held bytes", held)
         for link in list(self.links_all):
+            cut = link.attached and bool(self.pending[1 - link.side])
             self.detach(link, "shutting down")
-            link.close(linger=SHUTDOWN_LINGER)
+            link.close(linger=SHUTDOWN_LINGER, cut=cut)
         for ev in self.poke:
             ev.set()
 

@@ -392,6 +392,9 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
     # everyone else must not land in our output (as fwd-client's --senders).
     if not senders and not from_anyone:
         senders = recvers
+    if sys.stdout is None:  # started with >&-
+        raise click.UsageError("stdout is closed: nowhere to write what the relay sends")
+    recv_only = recv_only or sys.stdin is None  # <&-: nothing to send, as -d
     host, port = address
     where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
 
@@ -412,7 +415,7 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or exc)
             return die(f"cannot connect to {where}: {reason}", CAT_EXIT_ERROR)
         try:
-            splice_stdio(conn, None if recv_only else sys.stdin.fileno(),
+            splice_stdio(conn, None if recv_only or sys.stdin is None else sys.stdin.fileno(),
                          sys.stdout.fileno(), linger)
         except HandshakeError as exc:
             return die(f"{where}: {exc}", CAT_EXIT_REJECTED)

@@ -50,6 +50,8 @@ from .protocol import (
     NEED_DATA,
     PAUSED,
     PLAIN,
+    REFUSAL_WAIT,
+    REFUSED_AT_ACCEPT,
     Handshake,
     Hs1,
     Hs2,
@@ -100,6 +102,9 @@ def refused_hint(desc: str, handshake_options: str) -> str:
     server as a client with no chid."""
     if desc.startswith(REJECTED):
         return PASSWORD_HINT
+    if desc in REFUSED_AT_ACCEPT:  # the connection itself: not a question of chan mode
+        return (f"the server refused the connection ({desc}), and it wants a handshake "
+                f"(chan mode, or a password): give {handshake_options}")
     return f"the server is in chan mode and wants a handshake ({desc}): give {handshake_options}"
 
 
@@ -730,14 +735,34 @@ def splice_stdio(conn: Connection, in_fd: int | None = 0, out_fd: int = 1,
         raise errors[0]
 
 
+def _closes_after(sock: socket.socket, n: int) -> bool:
+    """Whether the peer ends the connection after the ``n`` bytes it has sent,
+    within REFUSAL_WAIT (False as soon as more bytes come)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n + 1)
+    try:  # readable: a byte more, or the end
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLRDHUP)
+        if not poller.poll(REFUSAL_WAIT * 1000):
+            return False
+        try:
+            return len(sock.recv(n + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) <= n
+        except BlockingIOError:
+            return False
+        except OSError:  # reset right after the line
+            return True
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
 def _downstream(conn: Connection, out_fd: int) -> bool:
     """Copy the session to ``out_fd``: True when the relay ended the stream,
     False when nobody reads ``out_fd`` any more."""
     if conn.chid is None and not conn._pending:
         # No handshake: a chan server's refusal (its hs4 FAIL line, plain even
         # on an encrypted stream) must not pass for data, nor for a bad stream.
-        desc = refusal(conn.sock.recv(READ_SIZE, socket.MSG_PEEK))
-        if desc is not None:
+        first = conn.sock.recv(READ_SIZE, socket.MSG_PEEK)
+        desc = refusal(first)
+        if desc is not None and _closes_after(conn.sock, len(first)):
             raise HandshakeError(refused_hint(desc, "--chid or --to"))
     while data := conn.recv(READ_SIZE):
         view = memoryview(data)

@@ -222,7 +222,7 @@ def kick(ctl: _Ctl, chid: str | None, peer: str | None) -> None:
     """Close the session holding CHID (its receivers keep their connections, but
     the other half of a chan pair is closed with it)."""
     if (chid is None) == (peer is None):
-        raise click.UsageError("give a CHID or --peer, not both")
+        raise click.UsageError("give a CHID or --peer" + ("" if chid is None else ", not both"))
     if peer is not None:
         ctl.call({"cmd": "kick-peer", "peer": peer})
         click.echo(f"kicked {peer}")

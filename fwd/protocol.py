@@ -213,14 +213,22 @@ def decode_json_line(line: bytes) -> Any:
 
 
 _REFUSAL = b'{"rsp":"hs4","result":"FAIL"'
+REFUSAL_WAIT = 2.0
+"""How long a client that sent no handshake waits for the close that must
+follow a refusal line (see ``refusal``)."""
 
 
 def refusal(first: bytes) -> str | None:
     """What a chan-mode server said when it refused a client that sent no
     handshake (its hs4 FAIL line, which fwd writes whole, keys in this order),
     given the first bytes such a client read; None for anything else. A plain
-    client pointed at a chan server would otherwise pass that line on as data."""
-    if not first.startswith(_REFUSAL):
+    client pointed at a chan server would otherwise pass that line on as data.
+
+    Bytes after the line make it payload. So does a connection that stays
+    open: a refusing server closes right after the line, and in broadcast
+    mode any client can send the same bytes to make its peers quit. The
+    caller waits up to REFUSAL_WAIT for that close before it believes it."""
+    if not first.startswith(_REFUSAL) or first.partition(b"\n")[2]:
         return None
     try:
         obj = decode_json_line(first.split(b"\n", 1)[0])
@@ -249,6 +257,16 @@ class PlainCodec:
 
 
 PLAIN = PlainCodec()
+
+
+FULL = "server full"
+PER_IP = "too many connections from this address"
+NOT_ALLOWED = "address not allowed"
+RESTARTING = "server restarting"
+SHUTDOWN = "server shutdown"
+REFUSED_AT_ACCEPT = (FULL, PER_IP, NOT_ALLOWED, RESTARTING, SHUTDOWN)
+"""The descs of refusal lines sent before any handshake (PROTOCOL.md §2.5):
+the connection, not its handshake, was refused."""
 
 
 def refusal_line(desc: str) -> bytes:

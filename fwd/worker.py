@@ -24,7 +24,7 @@ from .crypto import derive_key
 from .fastpath import Pump, bind, fanout
 from .mesh import Mesh
 from .metrics import FLUSH_EVERY
-from .protocol import failure_reason, refusal_line
+from .protocol import FULL, SHUTDOWN, failure_reason, refusal_line
 from .pumps import Pumps
 from .ratelimit import RateMeter
 from .registry import TOKEN_BITS
@@ -590,7 +590,7 @@ class Hub:
         handshake line first (chan mode, a password); None elsewhere."""
         if self.config.mode != "chan" and self.key is None:
             return None
-        return refusal_line("server shutdown" if self.stopping else "server full")
+        return refusal_line(SHUTDOWN if self.stopping else FULL)
 
     def note_failure(self, desc: str) -> None:
         self.stats["handshake_failures"] += 1

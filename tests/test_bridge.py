@@ -197,6 +197,27 @@ def test_broadcast_remote_request_reaches_lan_service_byte_exact(
     assert svc.accepted == 1
 
 
+def test_a_fail_line_from_another_broadcast_client_is_only_data(
+        start_server, start_client, start_service):
+    """A chan server's refusal is its FAIL line and then its close. The same
+    line from another client of a broadcast server is payload: it goes to the
+    service, and the bridge stays (before, it exited 3, and any client could
+    take a service off the relay that way)."""
+    server = start_server("--mode", "broadcast")
+    svc = start_service(xor_echo)
+    mark = server.mark()
+    br = start_client("--server0", addr(server), "--server1", svc.addr)
+    server.wait_log(r"session start chid=None", start=mark)
+    remote = server.connect()
+    server.wait_log(r"session start chid=None", start=mark, count=2)
+    line = b'{"rsp":"hs4","result":"FAIL","desc":"gotcha"}\n'
+    remote.sendall(line)
+    assert recv_exact(remote, len(line)) == line.translate(XOR)  # after REFUSAL_WAIT
+    remote.sendall(b"and more")
+    assert recv_exact(remote, 8) == b"and more".translate(XOR)
+    assert br.proc.poll() is None and svc.accepted == 1
+
+
 def test_chan_handshake_round_trip_and_lazy_lan_connect(start_server, start_client,
                                                         start_service):
     server = start_server("--mode", "chan")
@@ -257,6 +278,30 @@ def test_lan_service_restart_is_recovered(start_server, start_client, start_serv
     start_service(xor_echo, port=svc.port)
     assert recv_hash(remote, 512 * 1024) == hashlib.sha256(up.data.translate(XOR)).hexdigest()
     up.finish()
+
+
+@pytest.mark.parametrize("how", ["max-retries", "sigterm"])
+def test_a_bridge_that_stops_with_a_request_held_resets_the_relay_session(
+        start_server, start_client, start_service, how):
+    """Bytes from the relay that never reached the service: when fwd-client
+    gives up (--max-retries) or is stopped, the remote gets a reset, not a FIN
+    that it would take for delivery."""
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    svc.stop()
+    extra = ("--max-retries", "1") if how == "max-retries" else ()
+    br = chan_bridge(start_client, server, svc, "--service-wait", "30", *extra)
+    m = br.mark()
+    remote, _ = server.handshake("user", ["svc"])
+    remote.sendall(b"important request")
+    remote.shutdown(socket.SHUT_WR)
+    br.wait_log(r"WARNING .*server1 \S+: cannot connect", start=m)
+    if how == "sigterm":
+        br.proc.send_signal(signal.SIGTERM)
+    remote.settimeout(WAIT)
+    assert read_until_reset(remote) == 0
+    assert br.exit_code() == (1 if how == "max-retries" else 0)
+    br.wait_log(r"dropped 17 held bytes", start=m)
 
 
 def test_a_request_the_service_cannot_take_is_reset_after_service_wait(

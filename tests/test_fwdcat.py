@@ -234,6 +234,26 @@ def test_broadcast_file_transfer_byte_exact(bcast_server, fwd_cat, big_file):
     assert listener.stdout.read() == b""  # nothing but the file
 
 
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "with-more"])
+def test_a_fail_line_from_another_broadcast_client_is_only_data(bcast_server, fwd_cat, alone):
+    """A refusal is the FAIL line and then the server's close; from a peer on
+    a broadcast server the same bytes are data, printed (before, fwd-cat
+    exited 3 on them)."""
+    mark = bcast_server.mark()
+    listener = fwd_cat(bcast_server, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    bcast_server.wait_log(r"session start chid=None ", start=mark)
+    sender = bcast_server.connect()
+    bcast_server.wait_log(r"session start chid=None ", start=mark, count=2)
+    line = b'{"rsp":"hs4","result":"FAIL","desc":"gotcha"}\n'
+    sender.sendall(line if alone else line + b"more")
+    assert listener.stdout is not None and listener.stdin is not None
+    assert read_within(listener.stdout, len(line)) == line  # alone: after REFUSAL_WAIT
+    sender.sendall(b"tail")
+    assert read_within(listener.stdout, 4 if alone else 8) == (b"tail" if alone else b"moretail")
+    listener.stdin.close()
+    assert finish(listener) == (0, "")
+
+
 def test_a_closed_stdout_ends_fwd_cat_quietly(bcast_server, fwd_cat):
     """``fwd-cat HOST:PORT | head -c 10``: when head has its bytes, fwd-cat
     stops as cat would, without an error about the relay."""
@@ -298,6 +318,43 @@ def test_no_handshake_against_a_chan_server_exits_3_not_printing_its_fail(chan_s
                         r"\([^)]+\): give --chid or --to\n", err.decode()), err
     if not e2e:
         assert "(not JSON)" in err.decode()
+
+
+@pytest.mark.parametrize("fd", [0, 1], ids=["stdin", "stdout"])
+def test_a_closed_stdin_only_receives_and_a_closed_stdout_is_a_usage_error(chan_server, fd):
+    """``fwd-cat ... <&-`` is ``-d``: nothing to send. ``>&-``: nowhere to
+    write, said before connecting (both were tracebacks)."""
+    mark = chan_server.mark()
+    proc = subprocess.Popen([*CAT_CMD, f"{chan_server.host}:{chan_server.port}", "--chid", "b",
+                             "--to", "a"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: os.close(fd))
+    try:
+        if fd == 1:
+            out, err = proc.communicate(timeout=WAIT)
+            assert proc.returncode == 2 and out == b""
+            assert "Error: stdout is closed: nowhere to write what the relay sends" in err.decode()
+            return
+        chan_server.wait_log(r"session start chid=b ", start=mark)
+        sender, _ = chan_server.handshake("a", ["b"])
+        sender.sendall(b"hello")
+        sender.shutdown(socket.SHUT_WR)
+        out, err = proc.communicate(timeout=WAIT)
+        assert (proc.returncode, out, err) == (0, b"hello", b"")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_a_full_chan_server_is_named_as_full(start_server, fwd_cat):
+    """Refused at accept: the reason is the connection, not a missing chid."""
+    server = start_server("--mode", "chan", "--max-conns", "1")
+    server.handshake("holder")
+    code, err = finish(fwd_cat(server))
+    assert code == 3
+    assert err == (f"fwd-cat: {server.host}:{server.port}: handshake rejected: the server "
+                   "refused the connection (server full), and it wants a handshake (chan "
+                   "mode, or a password): give --chid or --to\n")
 
 
 def test_usage_errors_exit_2(chan_server, fwd_cat):

@@ -168,6 +168,8 @@ def test_kick_by_peer_closes_a_client_that_has_no_chid(
     assert missing.stderr == f"fwd-ctl: no session with peer {peer!r}\n"
     usage = server.ctl("kick", "a", "--peer", peer, check=False)
     assert usage.returncode == 2 and "give a CHID or --peer, not both" in usage.stderr
+    neither = server.ctl("kick", check=False)
+    assert neither.returncode == 2 and "Error: give a CHID or --peer\n" in neither.stderr
     quiet.sendall(b"x")  # the other client is untouched
     assert server.ctl_json("status")["ok"]
 
