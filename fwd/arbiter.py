@@ -521,6 +521,7 @@ class Arbiter:
             totals["sessions"] += live
             totals["open_connections"] += r["open_connections"]
             totals["held_bytes"] += r["held_bytes"]
+            totals["held_memory"] += r["held_memory"]
             totals["buffered_bytes"] += r["buffered_bytes"]
             totals["spliced_sessions"] += r["spliced_sessions"]
             totals["pumped_pairs_now"] += r["pumped_pairs"]

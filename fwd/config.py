@@ -71,12 +71,18 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def parse_network(text: str) -> Network:
     """``"10.0.0.0/8"``, ``"192.0.2.7"``, ``"2001:db8::/32"`` → a network (host
-    bits after the prefix are ignored, as ncat's --allow does)."""
+    bits after the prefix are ignored, as ncat's --allow does). An
+    IPv4-mapped network (``::ffff:10.0.0.0/104``) is its IPv4 network, as a
+    mapped peer address counts as IPv4: else it would never match."""
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        net = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise ValueError(f"not an address or network: {text!r} "
                          "(examples: 192.0.2.7, 10.0.0.0/8, 2001:db8::/32)") from None
+    mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+    if mapped is not None and net.prefixlen >= 96:
+        return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
 
 
 def read_networks(path: str) -> list[Network]:

@@ -76,7 +76,8 @@ def format_status(st: dict[str, Any]) -> str:
         ("bytes in", human_size(t.get("bytes_in", 0))),
         ("bytes out", human_size(t.get("bytes_out", 0))),
         ("cross-worker", human_size(t.get("cross_worker_bytes", 0))),
-        ("held", human_size(t.get("held_bytes", 0))),
+        ("held", f"{human_size(t.get('held_bytes', 0))} "
+                 f"({human_size(t.get('held_memory', 0))} of memory with bookkeeping)"),
         ("queued", human_size(t.get("buffered_bytes", 0))),
         ("spliced sessions", t.get("spliced_sessions", 0)),
         ("pumped pairs", f"{t.get('pumped_pairs_now', 0)} now, "

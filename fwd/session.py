@@ -347,7 +347,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         """We just went live: sessions that half-closed while we were not here
         (_await_partner) had their bytes held for us. The one that names only
         us, if we name only it, is our pair partner now, and its FIN is ours
-        (after those bytes); for any other their FIN ends them now."""
+        (after those bytes); for any other their FIN ends them now, or a reset
+        if we do not hear them (hs3 senders): their bytes were dropped."""
         hub = self.hub
         assert self.chid is not None
         waiting = hub.awaiting.pop(self.chid, None)
@@ -358,6 +359,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             if w is partner and w.state is St.LIVE and w.partner is None:
                 self.partner, w.partner = w, self
                 self._shut_write()
+            elif not hub.router.accepts(self, w.chid):
+                w.not_heard()
             else:
                 w.no_partner()
 
@@ -367,6 +370,12 @@ class Session(Relay, asyncio.BufferedProtocol):
         ends us now, as outside a pair."""
         if self.state is St.LIVE and self.partner is None and self.read_closed:
             self.close("client closed")
+
+    def not_heard(self) -> None:
+        """The chid we wait for (_await_partner) went live here refusing our
+        bytes (its hs3 senders): they were dropped, so our stream was cut."""
+        if self.state is St.LIVE and self.partner is None and self.read_closed:
+            self.close("held bytes dropped", cut=True)
 
     def _shut_write(self) -> None:
         """Pass the partner's FIN on: nothing more will be written to us."""
@@ -881,9 +890,11 @@ class Session(Relay, asyncio.BufferedProtocol):
     def _slow_consumer(self) -> None:
         self.slow_timer = None
         self.hub.stats["slow_disconnects"] += 1
+        mark = self.hub.config.max_buffer
         log.warning(
             "slow consumer disconnected chid=%s peer=%s: above %d buffered bytes for %gs",
-            self.chid, self.peer, self.hub.config.max_buffer, self.hub.config.slow_timeout,
+            self.chid, self.peer, min(PAIR_MARK, mark) if self.tight else mark,
+            self.hub.config.slow_timeout,
         )
         self.close("slow consumer", abort=True)
 

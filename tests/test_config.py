@@ -81,6 +81,17 @@ def test_deny_refuses_its_ipv6_network_only(ip: ipaddress.IPv6Address, prefix: i
     assert deny.refuses("192.0.2.1") is None
 
 
+@given(st.ip_addresses(v=4), st.integers(0, 32))
+def test_an_ipv4_mapped_entry_is_its_ipv4_network(ip: ipaddress.IPv4Address,
+                                                  prefix: int) -> None:
+    """A mapped peer counts as IPv4, so a mapped entry must too, or a --deny
+    written that way would refuse nobody."""
+    net = ipaddress.IPv4Network((ip, prefix), strict=False)
+    mapped = f"::ffff:{net.network_address}/{prefix + 96}"
+    assert AddressFilter(deny=[mapped]).refuses(str(ip)) == "in --deny"
+    assert AddressFilter(allow=[mapped]).refuses(f"::ffff:{ip}") is None
+
+
 def test_an_empty_filter_takes_everyone_and_bad_entries_are_named() -> None:
     assert not AddressFilter() and AddressFilter(deny=["10.0.0.0/8"])
     assert AddressFilter().refuses("192.0.2.1") is None

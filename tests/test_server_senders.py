@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from helpers import recv_exact
+from helpers import read_until_reset, recv_exact
 
 pytestmark = pytest.mark.both_impls
 
@@ -35,6 +35,8 @@ def test_only_the_named_senders_reach_it(chan_server):
 
 
 def test_bytes_held_for_it_from_others_are_not_delivered(chan_server):
+    """And the stranger, which half-closed waiting for svc, is reset: a FIN
+    would tell it that its bytes were delivered."""
     stranger, _ = chan_server.handshake("stranger", ["svc"])
     user, _ = chan_server.handshake("user", ["svc"])
     mark = chan_server.mark()
@@ -44,6 +46,9 @@ def test_bytes_held_for_it_from_others_are_not_delivered(chan_server):
     user.sendall(b"good")
     svc, _ = chan_server.handshake("svc", ["user"], senders=["user"])
     assert recv_exact(svc, 4) == b"good"
+    stranger.settimeout(10)
+    assert read_until_reset(stranger) == 0
+    chan_server.wait_log(r"session end chid=stranger .*reason=held bytes dropped", start=mark)
     user.shutdown(socket.SHUT_WR)
     svc.settimeout(10)
     assert svc.recv(100) == b""
