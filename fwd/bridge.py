@@ -51,7 +51,8 @@ Close policy (``--on-close``):
 Retries. Connecting (including the chan handshake) is retried with capped
 exponential backoff (0.5 s doubling to 10 s, each delay scaled by a random
 factor in [0.5, 1) so that many bridges do not reconnect in lockstep). A
-connection that ends after carrying data, after ``HEALTHY_AFTER`` seconds, or
+connection that ends after carrying data, after ``HEALTHY_AFTER`` seconds (or
+the ``--timeout`` we asked server0 for, if shorter), or
 because we ended it when its partner went away, was healthy: the side
 reconnects at once and its failure count resets. One that dies young and
 silent counts as a failure, so a server that accepts and drops at once is not
@@ -91,7 +92,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from .client import PASSWORD_HINT, refused_hint
+from .client import PASSWORD_HINT, HandshakeTimeout, refused_hint
 from .config import format_hostport
 from .crypto import REJECTED, AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
@@ -754,7 +755,10 @@ class Bridge:
                              f"{refused_hint(link.refused, '--chid or --recvers')}",
                              EXIT_REJECTED)
             age = self.loop.time() - link.started
-            if link.by_us or link.bytes_in or age >= HEALTHY_AFTER:
+            healthy = HEALTHY_AFTER
+            if side == 0 and self.opts.timeout:  # the idle timeout we asked server0 for
+                healthy = min(healthy, self.opts.timeout)
+            if link.by_us or link.bytes_in or age >= healthy:
                 self.failures[side] = 0
             else:
                 await self._backoff(side, f"dropped after {age:.1f}s without data: {reason}",
@@ -786,7 +790,8 @@ class Bridge:
                 if not await self._backoff(side, describe(exc), gen):
                     return None
             except (OSError, asyncio.TimeoutError) as exc:
-                why = f"cannot connect: {describe(exc)}"
+                why = (str(exc) if isinstance(exc, HandshakeTimeout)
+                       else f"cannot connect: {describe(exc)}")
                 left = self._wait_left() if side == 1 else None
                 if left is not None and left <= 0:
                     self._turn_away(why)
@@ -825,7 +830,12 @@ class Bridge:
             await asyncio.wait_for(self.loop.create_connection(factory, host, port),
                                    self.opts.connect_timeout)
             link = made[-1]
-            await asyncio.wait_for(link.ready, max(deadline - self.loop.time(), 0.001))
+            try:
+                await asyncio.wait_for(link.ready, max(deadline - self.loop.time(), 0.001))
+            except asyncio.TimeoutError:
+                if link.hs is None:  # nothing to answer: no handshake sent
+                    raise
+                raise HandshakeTimeout(self.opts.connect_timeout) from None
         except asyncio.TimeoutError:
             for x in made:
                 x.close(abort=True)

@@ -375,7 +375,7 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
     Exit status: 0 done, 1 connection or I/O error, 2 usage, 3 handshake
     refused, 4 end-to-end stream not authentic or cut short.
     """
-    from .client import HandshakeError, connect, splice_stdio
+    from .client import HandshakeError, HandshakeTimeout, connect, splice_stdio
     from .e2e import E2EError
 
     password = _read_secret(password, password_file, "password")
@@ -411,6 +411,8 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
             raise click.UsageError(str(exc)) from None
         except HandshakeError as exc:
             return die(f"{where}: {exc}", CAT_EXIT_REJECTED)
+        except HandshakeTimeout as exc:
+            return die(f"{where}: {exc}", CAT_EXIT_ERROR)
         except (OSError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or exc)
             return die(f"cannot connect to {where}: {reason}", CAT_EXIT_ERROR)

@@ -26,8 +26,8 @@ chan-mode server, such a client reads the server's hs4 FAIL line as data
 Errors: ``HandshakeError`` (a ``FwdError``) when the server refuses (its
 ``desc`` is kept) or the handshake breaks; ``OSError`` for network errors;
 ``TimeoutError`` when connect plus handshake take longer than
-``connect_timeout``; ``E2EError`` from reads when the encrypted stream is not
-authentic or is truncated.
+``connect_timeout`` (``HandshakeTimeout`` if it connected); ``E2EError``
+from reads when the encrypted stream is not authentic or is truncated.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ from .sockopts import set_keepalive
 
 __all__ = [
     "Connection", "E2EError", "E2EKey", "E2EStreamReader", "E2EStreamWriter", "HandshakeError",
-    "SessionReader", "SessionWriter", "connect", "open_session", "splice_stdio",
+    "HandshakeTimeout", "SessionReader", "SessionWriter", "connect", "open_session", "splice_stdio",
 ]
 
 READ_SIZE = 64 * 1024
@@ -91,6 +91,17 @@ class HandshakeError(FwdError):
         prefix = "" if desc.startswith(REJECTED) else "handshake rejected: "
         super().__init__(prefix + desc + (f": {hint}" if hint else ""))
         self.desc = desc
+
+
+class HandshakeTimeout(TimeoutError):
+    """Connected, but the handshake got no answer in time: the address is not
+    a fwd-server, or one that does not handshake (broadcast mode without a
+    password takes an hs1 it cannot read for payload, and stays silent)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        within = "" if seconds is None else f" within {seconds:g}s"
+        super().__init__(f"connected, but the server did not answer the handshake{within} "
+                         "(is it a fwd-server, in chan mode or with a password?)")
 
 
 PASSWORD_HINT = "the server has a password: give --password or set FWD_PASSWORD"
@@ -272,8 +283,12 @@ async def open_session(
     if e2e_key is not None:
         key = await loop.run_in_executor(None, as_key, e2e_key)
 
+    connected = False
+
     async def establish() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        nonlocal connected
         reader, writer = await asyncio.open_connection(host, port)
+        connected = True
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
@@ -285,7 +300,12 @@ async def open_session(
             raise
         return reader, writer
 
-    reader, writer = await asyncio.wait_for(establish(), connect_timeout)
+    try:
+        reader, writer = await asyncio.wait_for(establish(), connect_timeout)
+    except asyncio.TimeoutError:
+        if connected:
+            raise HandshakeTimeout(connect_timeout) from None
+        raise TimeoutError(f"cannot connect within {connect_timeout:g}s") from None
     chid_out = driver.chid if driver is not None else None
     if key is None:
         return reader, writer, chid_out
@@ -639,7 +659,7 @@ def connect(
         set_keepalive(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if driver is not None:
-            _handshake_blocking(driver, sock, deadline)
+            _handshake_blocking(driver, sock, deadline, connect_timeout)
             pending = driver.trailing()
         sock.settimeout(None)
     except BaseException:
@@ -649,15 +669,19 @@ def connect(
 
 
 def _handshake_blocking(driver: _ClientHandshake, sock: socket.socket,
-                        deadline: float | None) -> None:
+                        deadline: float | None, seconds: float | None) -> None:
     sock.sendall(driver.hello())
     while not driver.done:
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError("handshake timed out")
+                raise HandshakeTimeout(seconds)
             sock.settimeout(left)
-        out = driver.receive(sock.recv(READ_SIZE))  # b"" (EOF) raises in receive
+        try:
+            data = sock.recv(READ_SIZE)
+        except TimeoutError:
+            raise HandshakeTimeout(seconds) from None
+        out = driver.receive(data)  # b"" (EOF) raises in receive
         if out:
             sock.sendall(out)
 

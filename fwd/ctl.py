@@ -10,7 +10,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -144,6 +144,15 @@ def _check_owner(path: str) -> None:
         _die(f"{path} is not a socket")
 
 
+def _formatted(fmt: Callable[[dict[str, Any]], str], reply: dict[str, Any]) -> str:
+    """A reply without the fields a fwd-server sends (another program on the
+    socket, another version) is one line on stderr, not a traceback."""
+    try:
+        return fmt(reply)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        _die(f"unexpected reply (not from this fwd-server version?): {exc!r}")
+
+
 class _Ctl:
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
@@ -201,7 +210,7 @@ def main(ctx: click.Context, path: str | None, port: int, timeout: float) -> Non
 def status(ctl: _Ctl, as_json: bool) -> None:
     """Uptime, mode, workers and totals."""
     reply = ctl.call({"cmd": "status"})
-    click.echo(json.dumps(reply, indent=2) if as_json else format_status(reply))
+    click.echo(json.dumps(reply, indent=2) if as_json else _formatted(format_status, reply))
 
 
 @main.command()
@@ -210,7 +219,7 @@ def status(ctl: _Ctl, as_json: bool) -> None:
 def sessions(ctl: _Ctl, as_json: bool) -> None:
     """One row per connection: chid, peer, worker, receivers, bytes, queue, idle time."""
     reply = ctl.call({"cmd": "sessions"})
-    click.echo(json.dumps(reply, indent=2) if as_json else format_sessions(reply))
+    click.echo(json.dumps(reply, indent=2) if as_json else _formatted(format_sessions, reply))
 
 
 @main.command()

@@ -304,6 +304,29 @@ def test_a_bridge_that_stops_with_a_request_held_resets_the_relay_session(
     br.wait_log(r"dropped 17 held bytes", start=m)
 
 
+def test_a_server0_that_does_not_answer_the_handshake_is_named_as_such(start_client):
+    lst = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers
+    try:
+        br = start_client("--server0", f"127.0.0.1:{lst.getsockname()[1]}", "--chid", "svc",
+                          "--connect-timeout", "0.5", "--max-retries", "0")
+        assert br.exit_code() == 1
+        br.wait_log(r"ERROR .*giving up on server0 \S+ after 1 failed attempts: connected, "
+                    r"but the server did not answer the handshake within 0.5s")
+    finally:
+        lst.close()
+
+
+def test_the_idle_timeout_we_asked_for_is_no_failed_attempt(start_server, start_client,
+                                                            start_service):
+    """--timeout 1 with --max-retries 0: server0 ends the quiet session after
+    1 s, as asked; that is no failure to count (fwd-client used to give up)."""
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc, "--timeout", "1", "--max-retries", "0")
+    br.wait_log(r"server0 connected \S+ chid=svc", count=3, timeout=WAIT)
+    assert br.proc.poll() is None
+
+
 def test_a_request_the_service_cannot_take_is_reset_after_service_wait(
         start_server, start_client, start_service):
     """socat or frp drop a client they cannot serve; fwd-client used to keep

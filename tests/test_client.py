@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import pytest
 
 from fwd import client as fc
-from fwd.client import HandshakeError, connect, open_session
+from fwd.client import HandshakeError, HandshakeTimeout, connect, open_session
 from fwd.e2e import (
     FINAL_BIT,
     HEADER_SIZE,
@@ -305,11 +305,12 @@ def test_connect_timeout_covers_a_silent_server():
     lst = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) but never answers
     try:
         port = lst.getsockname()[1]
-        with pytest.raises(TimeoutError):
+        said = r"connected, but the server did not answer the handshake within 0.3s \(is it"
+        with pytest.raises(HandshakeTimeout, match=said):
             connect("127.0.0.1", port, connect_timeout=0.3)
 
         async def body() -> None:
-            with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+            with pytest.raises(HandshakeTimeout, match=said):
                 await open_session("127.0.0.1", port, connect_timeout=0.3)
 
         run(body)

@@ -357,6 +357,21 @@ def test_a_full_chan_server_is_named_as_full(start_server, fwd_cat):
                    "mode, or a password): give --chid or --to\n")
 
 
+def test_a_server_that_does_not_answer_the_handshake_is_named_as_such(fwd_cat):
+    """Connected, but no hs2: not "cannot connect", which points at the network."""
+    lst = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers
+    try:
+        where = f"127.0.0.1:{lst.getsockname()[1]}"
+        code, err = finish(fwd_cat(None, "--chid", "x", "--connect-timeout", "0.5",
+                                   address=where))
+        assert code == 1
+        assert err == (f"fwd-cat: {where}: connected, but the server did not answer the "
+                       "handshake within 0.5s (is it a fwd-server, in chan mode or with a "
+                       "password?)\n")
+    finally:
+        lst.close()
+
+
 def test_usage_errors_exit_2(chan_server, fwd_cat):
     code, err = finish(fwd_cat(chan_server, "--chid", "x", "--no-handshake"))
     assert code == 2 and "need the handshake" in err

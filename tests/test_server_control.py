@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -375,3 +376,29 @@ def test_no_control_socket_when_disabled(start_server: Callable[..., Server]) ->
     server = start_server("--control", "none")
     assert server.control == "none"
     assert not os.path.exists(f"/tmp/fwd-{server.port}.ctl")
+
+
+def test_a_reply_without_the_servers_fields_is_one_line_not_a_traceback(tmp_path: Any) -> None:
+    """Another program (or version) on the socket answers {"ok": true} alone."""
+    path = str(tmp_path / "odd.ctl")
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(path)
+    lst.listen()
+
+    def answer() -> None:
+        conn, _ = lst.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'{"ok": true}\n')
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        done = subprocess.run([sys.executable, "-m", "fwd.ctl", "--control", path, "status"],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        lst.close()
+    assert done.returncode == 1
+    assert done.stderr.startswith("fwd-ctl: unexpected reply (not from this fwd-server "
+                                  "version?): KeyError("), done.stderr
+    assert len(done.stderr.splitlines()) == 1
