@@ -836,7 +836,7 @@ class Bridge:
                 if link.hs is None:  # nothing to answer: no handshake sent
                     raise
                 raise HandshakeTimeout(self.opts.connect_timeout) from None
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, TimeoutError):  # distinct classes before 3.11
             for x in made:
                 x.close(abort=True)
             raise
