@@ -250,9 +250,12 @@ def reload(ctl: _Ctl) -> None:
     if not reply.get("files"):
         click.echo("nothing to reload: the server has no --allow-file or --deny-file")
         return
-    allow = "any address" if reply["allow"] is None else f"{reply['allow']} networks"
+    def networks(n: int) -> str:
+        return f"{n} network" + ("" if n == 1 else "s")
+
+    allow = "any address" if reply["allow"] is None else networks(reply["allow"])
     click.echo(f"reloaded {' and '.join(reply['files'])}: allow {allow}, "
-               f"deny {reply['deny']} networks")
+               f"deny {networks(reply['deny'])}")
 
 
 @main.command()
