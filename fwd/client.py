@@ -581,7 +581,14 @@ class Connection:
         if self._encoder is not None:
             with self._send_lock:
                 self._send_records(self._encoder.finish())
-        self.sock.shutdown(socket.SHUT_WR)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            # The server reset the connection (a refusal at accept, a cut
+            # stream): say that, not the socket's "not connected".
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)) from None
 
     def shutdown(self, how: int) -> None:
         """``socket.shutdown``, ending the encrypted stream properly first."""

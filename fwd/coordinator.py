@@ -92,7 +92,9 @@ class Coordinator:
             notices, watches = self.registry.go_live(args[0].decode(), Owner(wid, int(args[1])),
                                                      recvers)
             for to, chid, at in notices:
-                self._to(to, mesh.LOC, chid.encode(), b"%d" % at)
+                # Where the new session lives, and whom it hears (hs3 senders).
+                senders = args[3] if chid == args[0].decode() else mesh.UNKNOWN
+                self._to(to, mesh.LOC, chid.encode(), b"%d" % at, senders)
             self._watch(watches)
         elif kind == mesh.RELEASE:
             self.release(args[0].decode(), wid, int(args[1]))
@@ -102,7 +104,7 @@ class Coordinator:
             if delta > 0:  # it may be live elsewhere already
                 where, watches = self.registry.locate(wid, (chid,))
                 for c, at in where.items():
-                    self._to(wid, mesh.LOC, c.encode(), b"%d" % at)
+                    self._to(wid, mesh.LOC, c.encode(), b"%d" % at, mesh.UNKNOWN)
                 self._watch(watches)
         elif kind == mesh.MOVE:
             chid = args[0].decode()

@@ -43,8 +43,8 @@ CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
 TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
 SLEEP, WAKE, AWAKE = b"sleep", b"wake", b"awake"
 
-ARITY = {HELLO: 0, CLAIM: 5, LIVE: 3, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 2,
-         CLAIMED: 3, INUSE: 2, PLACED: 3, EVICT: 3, LOC: 2, GONE: 2, DEAD: 1, WATCH: 2}
+ARITY = {HELLO: 0, CLAIM: 5, LIVE: 4, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 2,
+         CLAIMED: 3, INUSE: 2, PLACED: 3, EVICT: 3, LOC: 3, GONE: 2, DEAD: 1, WATCH: 2}
 """Frames after the kind, per coordinator message kind."""
 
 PIPE_HWM = 64
@@ -54,6 +54,12 @@ CONTROL_HWM = 1_000_000
 stall: small messages, so this bounds memory at tens of MB for a stuck worker."""
 BATCH = 256
 """Messages handled per wake-up before yielding to the event loop."""
+
+
+UNKNOWN = b"null"
+"""The hs3 senders in a ``loc`` the coordinator sends for a chid that did not
+just go live: it does not keep them (only a session waiting for that chid needs
+them, and it waits only while the chid is not live)."""
 
 
 def registry_address(rundir: str) -> str:
@@ -264,11 +270,15 @@ class Mesh:
         self._requests[req] = done
         self._ask(PLACE, req, (chid or "").encode(), json.dumps(list(recvers)).encode())
 
-    def live(self, chid: str, token: int, recvers: tuple[str, ...]) -> None:
+    def live(self, chid: str, token: int, recvers: tuple[str, ...],
+             senders: Iterable[str] | None = None) -> None:
         """Announce a live session (only when it names chids, or is named).
         Sent at once, with what waits before it: its client has its hs4 and may
-        start the next session now, whose placement needs to know this one."""
-        self._ask(LIVE, chid.encode(), b"%d" % token, json.dumps(list(recvers)).encode())
+        start the next session now, whose placement needs to know this one.
+        Its hs3 ``senders`` go to the workers told where it lives: a session
+        there that waits for it must know whether its bytes were heard."""
+        self._ask(LIVE, chid.encode(), b"%d" % token, json.dumps(list(recvers)).encode(),
+                  json.dumps(None if senders is None else sorted(senders)).encode())
         self._outbox.flush()
 
     def move(self, chid: str, old_worker: int, old_token: int, token: int) -> None:
@@ -305,7 +315,7 @@ class Mesh:
                 worker = int(args[1])
                 done(worker if worker >= 0 else None)
         elif kind == LOC:
-            h.remote_live(args[0].decode(), int(args[1]))
+            h.remote_live(args[0].decode(), int(args[1]), json.loads(args[2]))
         elif kind == GONE:
             h.remote_gone(args[0].decode(), int(args[1]))
         elif kind == WATCH:

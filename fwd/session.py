@@ -372,8 +372,9 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.close("client closed")
 
     def not_heard(self) -> None:
-        """The chid we wait for (_await_partner) went live here refusing our
-        bytes (its hs3 senders): they were dropped, so our stream was cut."""
+        """The chid we wait for (_await_partner) went live, here or on another
+        worker, refusing our bytes (its hs3 senders): they were dropped, so our
+        stream was cut."""
         if self.state is St.LIVE and self.partner is None and self.read_closed:
             self.close("held bytes dropped", cut=True)
 
@@ -795,7 +796,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         nothing and that nobody names skip this (one message less per handshake)."""
         assert self.hub.mesh is not None and self.chid is not None
         self.announced = True
-        self.hub.mesh.live(self.chid, self.token, self.recvers)
+        self.hub.mesh.live(self.chid, self.token, self.recvers,
+                           self.hub.router.senders_of(self))
 
     def _forward(self, chunk: bytes) -> None:
         """Route bytes the session already holds (the first bytes after hs3);

@@ -304,13 +304,19 @@ class Hub:
                 waits.append(("chid", chid))
         return waits
 
-    def remote_live(self, chid: str, worker: int) -> None:
+    def remote_live(self, chid: str, worker: int, senders: list[str] | None = None) -> None:
+        """``chid`` went live on ``worker``, hearing only ``senders`` if given
+        (hs3): sessions here that half-closed waiting for it end, with a FIN if
+        it heard them, a reset if their held bytes are dropped there."""
         assert self.mesh is not None
         for sender, chunk in self.router.set_remote(chid, worker):  # older than anything new
             self.mesh.send_to(worker, chid, chunk, sender)
         self.sync_wants()
         for session in list(self.awaiting.pop(chid, ())):  # a pair forms in one worker only
-            session.no_partner()
+            if senders is not None and session.chid not in senders:
+                session.not_heard()
+            else:
+                session.no_partner()
 
     def want_held(self, chids: Iterable[str]) -> None:
         """Bytes held here for ``chids`` must follow them to the worker where

@@ -357,6 +357,21 @@ def test_a_full_chan_server_is_named_as_full(start_server, fwd_cat):
                    "mode, or a password): give --chid or --to\n")
 
 
+def test_a_broadcast_server_refusing_at_accept_is_a_reset_not_a_socket_state(
+        start_server, fwd_cat):
+    """A plain client is refused by a close, and what it sends then meets a
+    reset: that is what fwd-cat says, whichever of its reads or writes meets
+    it first (not "Transport endpoint is not connected" from its half-close)."""
+    server = start_server("--deny", "127.0.0.1")
+    proc = fwd_cat(server, stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(b"hello\n")
+    proc.stdin.close()
+    assert finish(proc) == (1, f"fwd-cat: {server.host}:{server.port}: the server reset the "
+                            "connection; what was sent may not all have been delivered (the "
+                            "server's log says why)\n")
+
+
 def test_a_server_that_does_not_answer_the_handshake_is_named_as_such(fwd_cat):
     """Connected, but no hs2: not "cannot connect", which points at the network."""
     lst = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers

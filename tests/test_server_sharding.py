@@ -22,6 +22,7 @@ from helpers import (
     claim_again,
     pair,
     read_json,
+    read_until_reset,
     recv_exact,
     recv_hash,
     recv_skipping,
@@ -615,3 +616,31 @@ def test_everyone_bytes_from_another_worker_skip_a_session_with_senders(sharded)
     user, _ = server.handshake("user", ["svc"])
     user.sendall(b"good")
     assert recv_exact(svc, 4) == b"good"
+
+
+@pytest.mark.parametrize("heard", [False, True])
+def test_a_sender_waiting_for_a_chid_that_goes_live_elsewhere_learns_if_it_was_heard(
+        sharded, heard):
+    """stranger sends to svc and half-closes before svc comes; svc goes live on
+    another worker. If svc's hs3 senders leave stranger out, its held bytes are
+    dropped there and stranger is reset: a FIN would say they were delivered."""
+    server = sharded("--mode", "chan")
+    mark = server.mark()
+    stranger, _ = server.handshake("stranger", ["svc"])
+    pair(server, "anc1", "anc2")  # on another worker (the least-loaded one)
+    here = server.worker_of(stranger)
+    stranger.sendall(b"junk")
+    stranger.shutdown(socket.SHUT_WR)  # read (and held) before its FIN
+    server.wait_log(r"chid=stranger half-closed; waits for chid=svc", start=mark)
+    senders = ["anc1", "stranger"] if heard else ["anc1"]
+    svc, _ = server.handshake("svc", ["anc1", "anc2"], senders=senders)
+    assert server.worker_of(svc) != here
+    stranger.settimeout(10)
+    if heard:
+        assert recv_exact(svc, 4) == b"junk"
+        assert stranger.recv(1) == b""
+        server.wait_log(r"session end chid=stranger .*reason=client closed", start=mark)
+    else:
+        assert read_until_reset(stranger) == 0
+        server.wait_log(r"session end chid=stranger .*reason=held bytes dropped", start=mark)
+
