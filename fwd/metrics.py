@@ -180,9 +180,10 @@ class ParentMetrics:
 
 
 async def _reply(writer: asyncio.StreamWriter, status: str, body: bytes,
-                 ctype: str = "text/plain", head_only: bool = False) -> None:
+                 ctype: str = "text/plain", head_only: bool = False, extra: str = "") -> None:
+    """``extra``: more header lines, each ending in CRLF."""
     writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: "
-                 f"{len(body)}\r\nConnection: close\r\n\r\n".encode())
+                 f"{len(body)}\r\n{extra}Connection: close\r\n\r\n".encode())
     if not head_only:
         writer.write(body)
     await writer.drain()
@@ -253,7 +254,8 @@ class MetricsServer:
             if len(request_line) != 3 or not request_line[2].startswith(b"HTTP/1."):
                 await _reply(writer, "400 Bad Request", b"not an HTTP/1 request\n")
             elif request_line[0] not in (b"GET", b"HEAD"):
-                await _reply(writer, "405 Method Not Allowed", b"GET only\n")
+                await _reply(writer, "405 Method Not Allowed", b"GET or HEAD only\n",
+                             extra="Allow: GET, HEAD\r\n")  # RFC 9110 15.5.6
             elif (path := request_line[1].split(b"?", 1)[0]) == b"/healthz":
                 why = self.health()
                 await _reply(writer, "200 OK" if why is None else "503 Service Unavailable",

@@ -261,6 +261,7 @@ def test_only_get_metrics(start_server: Callable[..., Server]) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(urllib.request.Request(server.metrics_url, data=b"x"), timeout=10)
     assert err.value.code == 405
+    assert err.value.headers["Allow"] == "GET, HEAD"  # a 405 must say what is allowed
     # A client that never finishes its request costs nothing to the others.
     host, port = re.match(r"http://([^:]+):(\d+)", base).groups()  # type: ignore[union-attr]
     idle = socket.create_connection((host, int(port)))
