@@ -132,14 +132,22 @@ def _die(message: str) -> NoReturn:
 
 def _check_owner(path: str) -> None:
     """Talk only to a socket of our own user or root: anyone can make a file in
-    /tmp, and a stranger's socket must not receive our commands."""
+    /tmp, and a stranger's socket must not receive our commands. Root may also
+    use a service user's socket, but not in a directory others can write to:
+    there the stranger could have made it."""
     try:
         st = os.stat(path)
     except OSError:
         return  # connect reports it
     me = os.geteuid()
-    if me != 0 and st.st_uid not in (0, me):
-        _die(f"{path} belongs to uid {st.st_uid}, not to you: not using it")
+    if st.st_uid not in (0, me):
+        where = os.path.dirname(os.path.abspath(path))
+        if me != 0:
+            _die(f"{path} belongs to uid {st.st_uid}, not to you: not using it")
+        if os.stat(where).st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            _die(f"{path} belongs to uid {st.st_uid}, in {where}, which others can write "
+                 f"to: not using it (run fwd-ctl as that user, or give the server a "
+                 f"--control path in a directory of its own)")
     if not stat.S_ISSOCK(st.st_mode):
         _die(f"{path} is not a socket")
 

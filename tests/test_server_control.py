@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -402,3 +403,52 @@ def test_a_reply_without_the_servers_fields_is_one_line_not_a_traceback(tmp_path
     assert done.stderr.startswith("fwd-ctl: unexpected reply (not from this fwd-server "
                                   "version?): KeyError("), done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("shared_dir", [True, False])
+def test_root_uses_a_service_users_socket_only_where_no_stranger_could_make_it(
+        tmp_path: Path, shared_dir: bool) -> None:
+    """A socket of user nobody: in a directory anyone can write to (/tmp),
+    anyone could have made it to read root's commands and fake the replies;
+    in a directory of its own it is the socket of a server run as a service
+    user, for which `sudo fwd-ctl` is the usual way in."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act for another user")
+    where = tmp_path / "run"
+    where.mkdir(mode=0o777 if shared_dir else 0o755)
+    os.chmod(where, 0o1777 if shared_dir else 0o755)
+    path = str(where / "fwd.ctl")
+    fake = socket.socket(socket.AF_UNIX)
+    fake.bind(path)
+    fake.listen()
+    os.chown(path, NOBODY, NOBODY)
+    fake.settimeout(10)
+    heard: list[bytes] = []
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = fake.accept()
+            heard.append(conn.recv(1000))
+            conn.sendall(b'{"ok":true,"kicked":1}\n')
+            conn.recv(10)
+
+    t = threading.Thread(target=answer)
+    if not shared_dir:
+        t.start()
+    done = subprocess.run([sys.executable, "-m", "fwd.ctl", "--control", path, "kick", "victim"],
+                          capture_output=True, text=True, timeout=30)
+    if shared_dir:
+        fake.setblocking(False)
+        with pytest.raises(BlockingIOError):  # fwd-ctl did not even connect
+            fake.accept()
+    else:
+        t.join(15)
+    fake.close()
+    if shared_dir:
+        assert done.returncode == 1 and not heard
+        assert done.stderr == (f"fwd-ctl: {path} belongs to uid {NOBODY}, in {where}, which "
+                               "others can write to: not using it (run fwd-ctl as that user, or "
+                               "give the server a --control path in a directory of its own)\n")
+    else:
+        assert (done.returncode, done.stdout) == (0, "kicked victim\n"), done.stderr
+        assert heard == [b'{"cmd":"kick","chid":"victim"}\n']
