@@ -180,7 +180,10 @@ class Decoder:
     """Stream bytes in, authenticated plaintext out; raises E2EError on anything else.
 
     Plaintext is only ever returned after its record's tag has been checked,
-    so nothing forged reaches the application, even partially.
+    so nothing forged reaches the application, even partially. Records are
+    released one by one, whatever the reads: the records that verified before
+    a bad one in the same ``feed`` are returned, and the next call (``feed``,
+    ``feed_eof``, ``check``) raises the error.
     """
 
     __slots__ = ("key", "forbid_salt", "_buf", "_aead", "_counter", "_finished", "_error",
@@ -259,6 +262,9 @@ class Decoder:
                         raise self._raise("data after the end of the encrypted stream")
                     break
                 out.append(plain)
+        except E2EError:
+            if not out:
+                raise  # else the next call raises it (self._error)
         finally:
             del buf[:pos]
         return b"".join(out)

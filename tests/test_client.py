@@ -199,11 +199,23 @@ def test_a_refused_stream_stays_refused(key):
         with pytest.raises(E2EError, match="wrong key"):
             dec.check()
     dec = Decoder(key)
-    with pytest.raises(E2EError, match="after the end"):
-        dec.feed(_sample(key) + b"more")
+    assert dec.feed(_sample(key) + b"more") == b"attack at dawnbring snacks"  # authentic
     assert not dec.finished  # complete, but not clean: not "finished"
     with pytest.raises(E2EError, match="after the end"):
         dec.check()
+
+
+@pytest.mark.parametrize("call", ["feed", "feed_eof", "check"])
+def test_records_that_verified_before_a_bad_one_are_released_in_any_split(key, call):
+    """Record by record (PROTOCOL.md §8.2): a tampered second record arriving
+    in the same read as a good first one does not take the first one with it;
+    the next call raises."""
+    stream = bytearray(_sample(key))
+    stream[HEADER_SIZE + 4 + 14 + TAG_SIZE + 6] ^= 0x01  # in the second record
+    dec = Decoder(key)
+    assert dec.feed(bytes(stream)) == b"attack at dawn"
+    with pytest.raises(E2EError, match="authentication failed"):
+        getattr(dec, call)(*([b"x"] if call == "feed" else []))
 
 
 def test_writing_after_the_end_is_our_misuse_not_a_bad_stream(key):

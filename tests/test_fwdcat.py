@@ -419,6 +419,30 @@ def test_e2e_key_mismatch_exits_4(chan_server, fwd_cat, tmp_path):
 
 
 @needs_crypto
+def test_e2e_plaintext_that_verified_is_written_before_a_tampered_record_ends_it(
+        bcast_server, fwd_cat):
+    """Record by record (PROTOCOL.md §8.2), however TCP splits the stream: a
+    good record and a tampered one in one segment still give the good one."""
+    from fwd.e2e import E2EKey, Encoder
+
+    mark = bcast_server.mark()
+    receiver = fwd_cat(bcast_server, "-d", env={"FWD_E2E_KEY": "k"}, stdout=subprocess.PIPE)
+    bcast_server.wait_log(r"session start chid=None ", start=mark)
+    enc = Encoder(E2EKey.from_secret("k"))
+    good, bad = enc.encode(b"hello "), bytearray(enc.encode(b"world"))
+    bad[-1] ^= 0x01
+    mark = bcast_server.mark()
+    sender = bcast_server.connect()
+    bcast_server.wait_log(r"session start chid=None ", start=mark)
+    sender.sendall(good + bytes(bad))
+    assert receiver.stdout is not None
+    assert receiver.stdout.read() == b"hello "
+    code, err = finish(receiver)
+    assert (code, err) == (4, "fwd-cat: end-to-end decryption: authentication failed: wrong "
+                              "key or tampered data\n")
+
+
+@needs_crypto
 @pytest.mark.parametrize("mode", ["chan", "broadcast"])
 def test_no_password_for_a_password_server_is_told_to_give_one(start_server, fwd_cat, mode):
     """A stranger only hears "handshake rejected", in either mode and with or
