@@ -22,6 +22,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from .runtime import logval
 from .sockopts import reset_by_peer
 
 if TYPE_CHECKING:
@@ -97,12 +98,13 @@ class Pumps:
             a.transport.resume_reading()
             b.transport.resume_reading()
             hold_offers(hub.loop, RETRY, a, b)
-            log.debug("pair chid=%s chid=%s not pumped: %s", a.chid, b.chid, exc)
+            log.debug("pair chid=%s chid=%s not pumped: %s", logval(a.chid), logval(b.chid),
+                      exc)
             return
         self.running[a] = self.running[b] = pump
         b.pump_wait = True  # no offer from either while pumped
         hub.stats["pumped_pairs"] += 1
-        log.debug("pumping chid=%s <-> chid=%s in two threads", a.chid, b.chid)
+        log.debug("pumping chid=%s <-> chid=%s in two threads", logval(a.chid), logval(b.chid))
         if pump.stopped is not None:  # the second thread did not start
             self.release(a)
 
@@ -133,7 +135,7 @@ class Pumps:
         ab, ba = pump.stop()
         bulk = pump.spliced
         now = self.hub.loop.time()
-        log.debug("pair chid=%s <-> chid=%s back in the loop (%s)", a.chid, b.chid,
+        log.debug("pair chid=%s <-> chid=%s back in the loop (%s)", logval(a.chid), logval(b.chid),
                   why or "asked")
         hold_offers(self.hub.loop, RETRY, a, b)
         for x in (a, b):

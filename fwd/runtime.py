@@ -7,9 +7,11 @@ import datetime
 import json
 import logging
 import os
+import re
 import resource
 import select
 import sys
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 log = logging.getLogger("fwd.runtime")
@@ -21,6 +23,26 @@ LOG_WRITE = select.PIPE_BUF
 pipe write up to this size is never interleaved with another's."""
 LOG_BATCH = 256
 """Records kept back at most before they are written."""
+
+
+_BARE = re.compile(r'[^\s="\\,*]+')  # "*": recvers=* is "everyone"
+
+
+def logval(value: object) -> str:
+    """A field value for a text log line (``key=value``, logfmt-style): as is
+    if it cannot be taken for another field, else as a JSON string. Clients
+    pick their chids, which may hold spaces, ``=`` or ``,`` (the separator
+    of ``recvers``; ``*`` is everyone there): unquoted, ``chid=x peer=...``
+    would forge a field."""
+    text = str(value)
+    if _BARE.fullmatch(text) and text.isprintable() and (text != "None" or value is None):
+        return text  # None: a session without a chid (broadcast)
+    return json.dumps(text)
+
+
+def logvals(values: Iterable[object]) -> str:
+    """A list field (``recvers=a,b``), each entry as ``logval``."""
+    return ",".join(logval(v) for v in values)
 
 
 class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]

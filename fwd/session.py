@@ -31,12 +31,14 @@ from .protocol import (
     Hs2,
     Hs3,
     Hs4,
+    LineCodec,
     Role,
     Sniff,
     failure_reason,
     sniff,
     to_message,
 )
+from .runtime import logval, logvals
 from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_keepalive
 
 if TYPE_CHECKING:
@@ -168,6 +170,7 @@ class Session(Relay, asyncio.BufferedProtocol):
     named = _flag(64)  # sessions elsewhere name our chid: announce when live
     announced = _flag(128)  # the coordinator knows we are live
     told_full = _flag(256)  # the other workers know we are above our mark
+    eof_early = _flag(512)  # moved here, and its client's EOF came before its hs4
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -222,7 +225,10 @@ class Session(Relay, asyncio.BufferedProtocol):
             return
         chunk = bytes(self.hub.view[:nbytes])
         if self.state is St.HANDSHAKE:
-            self._handshake_input(chunk)
+            if self.hs is None:  # moved here, its hs4 still to come (_adopt)
+                self._keep_early(chunk)
+            else:
+                self._handshake_input(chunk)
         elif self.state is St.SNIFF:
             self._sniff_input(chunk)
 
@@ -257,6 +263,9 @@ class Session(Relay, asyncio.BufferedProtocol):
         transport = self.transport
         if transport is not None and not self.write_closed and reset_by_peer(transport):
             self._lost_to_reset(transport)
+            return True
+        if self.state is St.HANDSHAKE and self.hs is None:  # moved here (_keep_early)
+            self.eof_early = True
             return True
         if self.state is St.HANDSHAKE:
             self._fail("connection closed during handshake", drain=False)
@@ -323,7 +332,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         # too; ours may have gone to an earlier session of that chid).
         hub.awaiting.setdefault(chid, {})[self] = max(first, oldest) + hub.config.hold_seconds
         hub.watch_holds()
-        log.debug("chid=%s half-closed; waits for chid=%s", self.chid, chid)
+        log.debug("chid=%s half-closed; waits for chid=%s", logval(self.chid), logval(chid))
         return True
 
     def partner_never_came(self) -> None:
@@ -392,6 +401,11 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.close("half-closed both ways")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        transport = self.transport
+        discarded = transport.get_write_buffer_size() if transport is not None else 0
+        if discarded:  # a reset (ours) dropped what was still queued: never written
+            self.bytes_out -= discarded
+            self.hub.drop("discarded", discarded)
         if self.hub.pumps is not None:
             self.hub.pumps.release(self)
         self.flush_rest()  # what was read before the end still goes out
@@ -468,13 +482,18 @@ class Session(Relay, asyncio.BufferedProtocol):
     def _start_handshake(self) -> None:
         self._cancel_timer()
         self.state = St.HANDSHAKE
-        key = self.hub.key
-        self.hs = Handshake(Role.SERVER, PLAIN if key is None else AeadLineCodec(key, Role.SERVER))
+        self.hs = Handshake(Role.SERVER, self._codec())
         limit = self.hub.config.handshake_timeout
         if limit > 0:
             remaining = self.started + limit - self.hub.loop.time()
             self.timer = self.hub.loop.call_later(
                 max(remaining, 0), self._fail, "handshake timeout")
+
+    def _codec(self) -> LineCodec:
+        """How handshake lines are written here. A moved session (no ``hs``)
+        gets an encrypted FAIL with a password: its client was authentic."""
+        key = self.hub.key
+        return PLAIN if key is None else AeadLineCodec(key, Role.SERVER)
 
     def _handshake_input(self, chunk: bytes) -> None:
         hs = self.hs
@@ -634,15 +653,19 @@ class Session(Relay, asyncio.BufferedProtocol):
         if not self.hub.send_to_parent(sock.fileno(), meta, trailing):
             transport.resume_reading()
             return False
-        log.debug("moving chid=%s peer=%s to worker %d", self.chid, self.peer, home)
+        log.debug("moving chid=%s peer=%s to worker %d", logval(self.chid), self.peer, home)
         self.moved = True
         self._leave("moved")
         transport.abort()  # our descriptor only: the parent holds the socket now
         return True
 
     def _adopt(self, meta: dict[str, Any], first: bytes) -> None:
-        """A session another worker handshook and moved here."""
+        """A session another worker handshook and moved here. Until its hs4 it
+        is still in its handshake, whose reads were paused on its old worker:
+        what its client sends meanwhile, EOF included, waits for its hs4
+        (_keep_early), and a shutdown or a kick owes it an hs4 FAIL (end)."""
         hub = self.hub
+        self.state = St.HANDSHAKE
         chid = meta["chid"]
         self.peer = meta["peer"]
         self.timeout = meta["timeout"]
@@ -663,6 +686,16 @@ class Session(Relay, asyncio.BufferedProtocol):
             hub.mesh.place(chid, recvers, functools.partial(self._located, ok, recvers, first))
             return
         self._send_hs4(ok, recvers, first)
+
+    def _keep_early(self, chunk: bytes) -> None:
+        """A moved session's stream before its hs4 (pipelined, §2.4): kept for
+        _go_live, and reading stops (its EOF waits too: eof_early). uvloop
+        starts reading a socket after connection_made even if it was paused
+        there (asyncio did too, until CPython gh-103607), so _adopt's pause
+        does not hold: this one does."""
+        self.sniffed += chunk
+        assert self.transport is not None
+        self.transport.pause_reading()
 
     def _located(self, ok: bytes, recvers: tuple[str, ...], first: bytes,
                  _home: int | None) -> None:
@@ -695,7 +728,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             desc = REJECTED
         else:
             fail = Hs4(False, desc)
-            line = hs.send(fail) if hs else PLAIN.encode(to_message(fail))
+            line = hs.send(fail) if hs else self._codec().encode(to_message(fail))
         if count:
             self.hub.note_failure(desc)
         fields = {"event": "handshake_failed", "peer": self.peer, "chid": self.chid,
@@ -764,14 +797,16 @@ class Session(Relay, asyncio.BufferedProtocol):
                 self.bytes_out += len(chunk)
                 transport.write(chunk)
         self.pending_out = None
+        if self.sniffed:  # what a moved session's client sent before its hs4
+            first, self.sniffed = first + self.sniffed, b""
         self.last_active = hub.loop.time()
         mode = "broadcast" if self.chid is None else "chan"
         hub.stats[f"sessions_{mode}"] += 1
         allowed = hub.router.senders_of(self)
         senders = None if allowed is None else sorted(allowed)
         log.info("session start chid=%s peer=%s worker=%d mode=%s recvers=%s%s",
-                 self.chid, self.peer, hub.wid, mode, ",".join(recvers) or "*",
-                 "" if senders is None else " senders=" + ",".join(senders),
+                 logval(self.chid), self.peer, hub.wid, mode, logvals(recvers) or "*",
+                 "" if senders is None else " senders=" + logvals(senders),
                  extra={"fields": {"event": "session_start", "chid": self.chid,
                                    "peer": self.peer, "worker": hub.wid, "mode": mode,
                                    "recvers": list(recvers) or None, "senders": senders}})
@@ -781,6 +816,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             self._pair_waiting()
         if first:
             self._forward(first)
+        if self.eof_early and self.state is St.LIVE:
+            self.eof_received()
 
     def wanted(self) -> None:
         """The coordinator asks: sessions elsewhere name our chid (Hub.watch)."""
@@ -848,7 +885,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         for target in full:
             pause |= self.hub.backpressure.block(self, target)
         if pause and self.transport is not None:
-            log.debug("paused chid=%s: a receiver is above its high-water mark", self.chid)
+            log.debug("paused chid=%s: a receiver is above its high-water mark",
+                      logval(self.chid))
             self.transport.pause_reading()
 
     def _tighten(self) -> None:
@@ -875,7 +913,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         if not self.dropped:
             log.warning(
                 "dropping bytes for absent receiver chid=%s from chid=%s (hold limit reached)",
-                chid, self.chid,
+                logval(chid), logval(self.chid),
             )
         self.dropped += nbytes
 
@@ -895,7 +933,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         mark = self.hub.config.max_buffer
         log.warning(
             "slow consumer disconnected chid=%s peer=%s: above %d buffered bytes for %gs",
-            self.chid, self.peer, min(PAIR_MARK, mark) if self.tight else mark,
+            logval(self.chid), self.peer, min(PAIR_MARK, mark) if self.tight else mark,
             self.hub.config.slow_timeout,
         )
         self.close("slow consumer", abort=True)
@@ -906,7 +944,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         """End on the server's side (shutdown, fwd-ctl kick). A client still in
         its handshake is owed an hs4: it gets FAIL with the reason."""
         hs = self.hs
-        if self.state is St.HANDSHAKE and hs is not None and hs.refusable:
+        if self.state is St.HANDSHAKE and (hs is None or hs.refusable):  # None: moved here
             self._fail(reason, count=False)
         else:
             self.close(reason, linger=linger)
@@ -997,13 +1035,17 @@ class Session(Relay, asyncio.BufferedProtocol):
             hub.ends[end] += 1
         if (was_live or self.chid is not None) and not self.moved:
             secs = hub.loop.time() - self.started
+            # A cut (reset) drops what is still queued (connection_lost).
+            queued = self.transport.get_write_buffer_size() if cut and self.transport else 0
             log.info(
                 "session end chid=%s peer=%s worker=%d in=%d out=%d secs=%.3f reason=%s%s",
-                self.chid, self.peer, hub.wid, self.bytes_in, self.bytes_out, secs, reason,
+                logval(self.chid), self.peer, hub.wid, self.bytes_in, self.bytes_out - queued, secs,
+                reason,
                 f" dropped={self.dropped}" if self.dropped else "",
                 extra={"fields": {"event": "session_end", "chid": self.chid, "peer": self.peer,
                                   "worker": hub.wid, "bytes_in": self.bytes_in,
-                                  "bytes_out": self.bytes_out, "secs": round(secs, 3),
+                                  "bytes_out": self.bytes_out - queued,
+                                  "secs": round(secs, 3),
                                   "reason": reason, "end": end, "dropped": self.dropped}})
 
     def _cancel_timer(self) -> None:

@@ -53,7 +53,7 @@ WAKE_WAIT = 0.5
 """How long a session's hs4 may wait for the others to acknowledge that its
 worker is awake again (a stopped or dead worker does not answer)."""
 DROP_REASONS = ("no_receiver", "sniff_window", "hold_full", "hold_expired",
-                "receiver_closed", "worker_gone", "worker_stuck")
+                "receiver_closed", "worker_gone", "worker_stuck", "discarded")
 """Why stream bytes were dropped (Hub.drop), the labels of
 fwd_dropped_bytes_total: docs/PROTOCOL.md §9.4 says when each applies."""
 GONE_PER_NOTE = 4096
@@ -506,12 +506,13 @@ class Hub:
         live: collections.Counter[str] = collections.Counter()
         buffered = spliced = 0
         for s in self.sessions:
+            queued = s.transport.get_write_buffer_size() if s.transport is not None else 0
+            buffered += queued
             totals["bytes_in"] = totals.get("bytes_in", 0) + s.bytes_in
-            totals["bytes_out"] = totals.get("bytes_out", 0) + s.bytes_out
+            # Written: what is still queued may yet be dropped (Session.connection_lost).
+            totals["bytes_out"] = totals.get("bytes_out", 0) + s.bytes_out - queued
             if s.state is St.LIVE:
                 live["broadcast" if s.chid is None else "chan"] += 1
-            if s.transport is not None:
-                buffered += s.transport.get_write_buffer_size()
             spliced += s.pipe_r >= 0
         return {"worker": self.wid, "pid": os.getpid(),
                 "uptime": round(self.loop.time() - self.started, 3),
@@ -526,12 +527,16 @@ class Hub:
 
     def session_rows(self) -> list[dict[str, Any]]:
         now = self.loop.time()
-        return [{"chid": s.chid, "peer": s.peer, "worker": self.wid, "state": s.state.value,
-                 "recvers": list(s.recvers) if s.recvers else None,
-                 "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
-                 "buffered": s.transport.get_write_buffer_size() if s.transport else 0,
-                 "idle": round(now - s.last_active, 3), "age": round(now - s.started, 3)}
-                for s in self.sessions]
+        rows = []
+        for s in self.sessions:
+            queued = s.transport.get_write_buffer_size() if s.transport else 0
+            rows.append({"chid": s.chid, "peer": s.peer, "worker": self.wid,
+                         "state": s.state.value,
+                         "recvers": list(s.recvers) if s.recvers else None,
+                         "bytes_in": s.bytes_in, "bytes_out": s.bytes_out - queued,
+                         "buffered": queued, "idle": round(now - s.last_active, 3),
+                         "age": round(now - s.started, 3)})
+        return rows
 
     def kick(self, chid: str | None = None, peer: str | None = None) -> int:
         """Close the session holding ``chid`` here, or the one connected from

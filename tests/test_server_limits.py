@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -242,6 +243,40 @@ def test_slow_consumer_is_disconnected_and_sender_freed(start_server):
     # The sender is still live and unthrottled.
     src.sendall(b"after")
     assert recv_exact(healthy, 5) == b"after"
+
+
+def test_a_slow_consumers_discarded_queue_counts_as_dropped_not_as_written(start_server):
+    """bytes_out (log ``out``, fwd-ctl, fwd_sent_bytes_total) is what was
+    written to the client's socket: the queue a slow consumer leaves behind is
+    reset away, and counts as dropped (``discarded``)."""
+    server = start_server("--mode", "chan", "--max-buffer", "256KiB", "--slow-timeout", "5")
+    stalled, _ = server.handshake("stalled", ["nobody"])
+    healthy, _ = server.handshake("healthy", ["nobody"])
+    src, _ = server.handshake("src", [])
+    healthy.settimeout(60)
+    mark = server.mark()
+    sender = Sender(src, 32 * MiB)
+    sender.start()
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(recv_hash(healthy, 32 * MiB)))
+    reader.start()
+    seen: list[tuple[int, int]] = []
+
+    def settled() -> bool:  # the sender waits for it: nothing moves until the cut
+        rows = {r["chid"]: r for r in server.ctl_json("sessions")["sessions"]}
+        row = rows["stalled"]
+        seen.append((row["bytes_out"], row["buffered"]))
+        return row["buffered"] > 0 and seen[-2:] == [seen[-1]] * 2
+
+    wait_until(settled, 30, "the stalled receiver's queue to settle")
+    written, queued = seen[-1]
+    end = server.wait_log(r"session end chid=stalled .* out=(\d+) .*reason=slow consumer",
+                          start=mark)
+    assert int(end.group(1)) == written
+    assert server.ctl_json("status")["drops"] == {"discarded": queued}
+    reader.join(60)
+    assert got == [sender.digest]
+    sender.finish()
 
 
 # -- hold buffers --------------------------------------------------------------------------

@@ -34,6 +34,21 @@ def test_text_lines_carry_bytes_and_reason(start_server: Callable[..., Server]) 
     server.wait_log(rf"session end chid=b peer=127\.0\.0\.1:{pb} worker=\d+ in=300 out=7000 ")
 
 
+def test_a_chid_cannot_forge_fields_of_a_text_line(start_server: Callable[..., Server]) -> None:
+    """Chids may hold spaces, "=" and ","; in text lines such a chid is a JSON
+    string (logfmt), so every field a parser finds is the server's."""
+    server = start_server("--mode", "chan", log_level="info")
+    evil = "x peer=203.0.113.66:4444"
+    sock, _ = server.handshake(evil, ["a,b", "*", "c"], senders=["None", "d e"])
+    port = sock.getsockname()[1]
+    server.wait_log(rf'session start chid="x peer=203\.0\.113\.66:4444" '
+                    rf'peer=127\.0\.0\.1:{port} worker=\d+ mode=chan '
+                    r'recvers="a,b","\*",c senders="None","d e"$')
+    sock.close()
+    server.wait_log(rf'session end chid="x peer=203\.0\.113\.66:4444" '
+                    rf'peer=127\.0\.0\.1:{port} ')
+
+
 def test_json_lines(start_server: Callable[..., Server]) -> None:
     server = start_server("--mode", "chan", "--log-format", "json", log_level="info")
     pa, _ = exchange(server)

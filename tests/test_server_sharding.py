@@ -644,3 +644,36 @@ def test_a_sender_waiting_for_a_chid_that_goes_live_elsewhere_learns_if_it_was_h
         assert read_until_reset(stranger) == 0
         server.wait_log(r"session end chid=stranger .*reason=held bytes dropped", start=mark)
 
+
+def test_a_moved_session_is_in_its_handshake_until_its_new_worker_sends_hs4(sharded):
+    """Sessions naming one absent chid gather on one worker: most are moved
+    there after hs3 and wait for their hs4 (that worker may have to wake the
+    others first). What their clients send meanwhile is their stream, held
+    for "gather" like anyone's (not a plain client's bytes for everyone), and
+    a client that leaves meanwhile failed its handshake."""
+    server = sharded("--mode", "chan")
+    mark = server.mark()
+    senders, quitters = [f"p{i}" for i in range(40)], {f"q{i}": 0 for i in range(40)}
+    for chid in [c for two in zip(senders, quitters, strict=True) for c in two]:
+        sock = server.connect()
+        send_json(sock, {"req": "hs1", "chid": chid})
+        assert read_json(sock)["rsp"] == "hs2"
+        send_json(sock, {"req": "hs3", "recvers": ["gather"]})
+        if chid in quitters:
+            quitters[chid] = sock.getsockname()[1]
+        else:
+            sock.sendall(b"PAYLOAD")  # pipelined: hs4 need not be awaited (§2.4)
+        sock.close()
+    for chid in senders:
+        server.wait_log(rf"session start chid={chid} ", start=mark)
+    for chid in quitters:
+        server.wait_log(rf"session end chid={chid} ", start=mark)
+    gather, _ = server.handshake("gather", [])
+    gather.settimeout(30)
+    assert recv_exact(gather, 7 * len(senders)) == b"PAYLOAD" * len(senders)
+    with server.cond:
+        lines = server.lines[mark:]
+    assert not [ln for ln in lines if re.search(r"session start chid=p\d+ .*recvers=\*", ln)]
+    for chid, port in quitters.items():  # a start, or a failed handshake; not an end alone
+        assert any(f"session start chid={chid} " in ln
+                   or f"handshake failed peer=127.0.0.1:{port}: " in ln for ln in lines), chid
