@@ -17,6 +17,7 @@ import zmq
 from . import mesh
 from .errors import ChidInUse
 from .registry import Owner, Registry, Watch, incarnation
+from .runtime import logval
 
 log = logging.getLogger("fwd.coordinator")
 
@@ -88,6 +89,7 @@ class Coordinator:
             if len(self._questions) == 1:
                 self.reader.loop.call_soon(self._answer)
         elif kind == mesh.LIVE:
+            log.debug("chid=%s live on worker %d", logval(args[0].decode()), wid)
             recvers = tuple(json.loads(args[2]))
             notices, watches = self.registry.go_live(args[0].decode(), Owner(wid, int(args[1])),
                                                      recvers)

@@ -161,7 +161,14 @@ def test_viewers_of_one_absent_chid_gather_with_it(sharded):
     """Sessions naming the same chid before it exists go to one worker, and the
     chid joins them: its fan-out is served inside one process."""
     server = sharded("--mode", "chan")
-    viewers = [server.handshake(f"v{i}", ["cam"])[0] for i in range(6)]
+    viewers = []
+    for i in range(6):
+        # Placement goes by what the coordinator knows: each viewer's live
+        # notice must have reached it (a worker's ZeroMQ thread starved of CPU
+        # can send it after the client already opened the next session).
+        mark = server.mark()
+        viewers.append(server.handshake(f"v{i}", ["cam"])[0])
+        server.wait_log(rf"fwd.coordinator: chid=v{i} live on worker ", start=mark)
     assert len({server.worker_of(v) for v in viewers}) == 1
     cam, _ = server.handshake("cam", [])
     assert server.worker_of(cam) == server.worker_of(viewers[0])
