@@ -93,10 +93,15 @@ class Coordinator:
             recvers = tuple(json.loads(args[2]))
             notices, watches = self.registry.go_live(args[0].decode(), Owner(wid, int(args[1])),
                                                      recvers)
+            told = 0
             for to, chid, at in notices:
                 # Where the new session lives, and whom it hears (hs3 senders).
-                senders = args[3] if chid == args[0].decode() else mesh.UNKNOWN
-                self._to(to, mesh.LOC, chid.encode(), b"%d" % at, senders)
+                just_live = chid == args[0].decode()
+                told += just_live
+                self._to(to, mesh.LOC, chid.encode(), b"%d" % at,
+                         args[3] if just_live else mesh.NOT_JUST_LIVE)
+            # Each worker told answers its worker with ``sent`` behind what it held.
+            self._to(wid, mesh.EXPECT, args[0], b"%d" % told)
             self._watch(watches)
         elif kind == mesh.RELEASE:
             self.release(args[0].decode(), wid, int(args[1]))
@@ -106,7 +111,7 @@ class Coordinator:
             if delta > 0:  # it may be live elsewhere already
                 where, watches = self.registry.locate(wid, (chid,))
                 for c, at in where.items():
-                    self._to(wid, mesh.LOC, c.encode(), b"%d" % at, mesh.UNKNOWN)
+                    self._to(wid, mesh.LOC, c.encode(), b"%d" % at, mesh.NOT_JUST_LIVE)
                 self._watch(watches)
         elif kind == mesh.MOVE:
             chid = args[0].decode()

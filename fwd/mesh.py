@@ -37,14 +37,15 @@ log = logging.getLogger("fwd.mesh")
 HELLO, CLAIM, LIVE, RELEASE, MOVE, PLACE, WANT = (
     b"hello", b"claim", b"live", b"release", b"move", b"place", b"want")
 # coordinator -> worker
-CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH = (
-    b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead", b"watch")
+CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH, EXPECT = (
+    b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead", b"watch", b"expect")
 # worker -> worker
 TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
-SLEEP, WAKE, AWAKE = b"sleep", b"wake", b"awake"
+SLEEP, WAKE, AWAKE, SENT = b"sleep", b"wake", b"awake", b"sent"
 
 ARITY = {HELLO: 0, CLAIM: 5, LIVE: 4, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 2,
-         CLAIMED: 3, INUSE: 2, PLACED: 3, EVICT: 3, LOC: 3, GONE: 2, DEAD: 1, WATCH: 2}
+         CLAIMED: 3, INUSE: 2, PLACED: 3, EVICT: 3, LOC: 3, GONE: 2, DEAD: 1, WATCH: 2,
+         EXPECT: 2}
 """Frames after the kind, per coordinator message kind."""
 
 PIPE_HWM = 64
@@ -56,10 +57,11 @@ BATCH = 256
 """Messages handled per wake-up before yielding to the event loop."""
 
 
-UNKNOWN = b"null"
-"""The hs3 senders in a ``loc`` the coordinator sends for a chid that did not
-just go live: it does not keep them (only a session waiting for that chid needs
-them, and it waits only while the chid is not live)."""
+NOT_JUST_LIVE = b""
+"""The last frame of a ``loc`` for a chid that did not just go live. For one
+that did, it holds the session's hs3 senders (JSON, null for anyone): a
+session waiting for that chid must know whether its bytes were heard, and the
+worker answers ``sent`` once it has passed on what it held for it."""
 
 
 def registry_address(rundir: str) -> str:
@@ -315,7 +317,11 @@ class Mesh:
                 worker = int(args[1])
                 done(worker if worker >= 0 else None)
         elif kind == LOC:
-            h.remote_live(args[0].decode(), int(args[1]), json.loads(args[2]))
+            just_live = args[2] != NOT_JUST_LIVE
+            h.remote_live(args[0].decode(), int(args[1]), just_live,
+                          json.loads(args[2]) if just_live else None)
+        elif kind == EXPECT:
+            h.expect_sent(args[0].decode(), int(args[1]))
         elif kind == GONE:
             h.remote_gone(args[0].decode(), int(args[1]))
         elif kind == WATCH:
@@ -348,6 +354,11 @@ class Mesh:
         frames = [SLEEP if asleep else WAKE, b"%d" % self.wid]
         for w in self.peers:
             self._send(w, frames)
+
+    def sent(self, worker: int, chid: str) -> None:
+        """Tell ``worker``, where ``chid`` just went live, that what this worker
+        held for it is on its way (behind it on the same pipe)."""
+        self._send(worker, [SENT, chid.encode(), b"%d" % self.wid])
 
     def awake(self, worker: int) -> None:
         """Answer ``wake``: from now on ``worker`` gets our "everyone" bytes."""
@@ -418,6 +429,8 @@ class Mesh:
             h.peer_asleep(int(frames[1]), False)
         elif kind == AWAKE:
             h.peer_awake(int(frames[1]))
+        elif kind == SENT:
+            h.held_sent(frames[1].decode())
 
     def close(self) -> None:
         self._outbox.flush()  # the last releases, if the coordinator still listens

@@ -170,7 +170,8 @@ class Session(Relay, asyncio.BufferedProtocol):
     named = _flag(64)  # sessions elsewhere name our chid: announce when live
     announced = _flag(128)  # the coordinator knows we are live
     told_full = _flag(256)  # the other workers know we are above our mark
-    eof_early = _flag(512)  # moved here, and its client's EOF came before its hs4
+    eof_early = _flag(512)  # its client's EOF waits: for its hs4 (moved here), or held_pending
+    shut_pending = _flag(1024)  # its partner's FIN waits to be passed on (held_pending)
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -272,6 +273,9 @@ class Session(Relay, asyncio.BufferedProtocol):
             return True
         if self.state is St.CLOSED:  # the client's EOF after our hs4 FAIL
             self._discarded()
+            return True
+        if self.state is St.LIVE and self.held_pending():
+            self.eof_early = True  # our end waits for what other workers held for us
             return True
         if self.state is St.LIVE:
             partner = self.hub.router.pair_of(self)
@@ -390,6 +394,9 @@ class Session(Relay, asyncio.BufferedProtocol):
     def _shut_write(self) -> None:
         """Pass the partner's FIN on: nothing more will be written to us."""
         if self.write_closed or self.transport is None:
+            return
+        if self.held_pending():
+            self.shut_pending = True  # after what other workers held for us
             return
         self.write_closed = True
         self.hub.router.mute(self)
@@ -817,6 +824,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         if first:
             self._forward(first)
         if self.eof_early and self.state is St.LIVE:
+            self.eof_early = False
             self.eof_received()
 
     def wanted(self) -> None:
@@ -833,8 +841,27 @@ class Session(Relay, asyncio.BufferedProtocol):
         nothing and that nobody names skip this (one message less per handshake)."""
         assert self.hub.mesh is not None and self.chid is not None
         self.announced = True
+        self.hub.await_held(self)
         self.hub.mesh.live(self.chid, self.token, self.recvers,
                            self.hub.router.senders_of(self))
+
+    def held_pending(self) -> bool:
+        """Other workers are still sending what they held for us (Hub.await_held):
+        our stream must not end before it arrived."""
+        wait = self.hub.held_waits.get(self.chid) if self.chid is not None else None
+        return wait is not None and wait.session is self
+
+    def held_arrived(self) -> None:
+        """What other workers held for us is here (or HELD_WAIT passed): the
+        ends that waited for it go on."""
+        if self.state is not St.LIVE:
+            return
+        if self.shut_pending:
+            self.shut_pending = False
+            self._shut_write()
+        if self.eof_early:
+            self.eof_early = False
+            self.eof_received()
 
     def _forward(self, chunk: bytes) -> None:
         """Route bytes the session already holds (the first bytes after hs3);
@@ -996,6 +1023,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         if partner is None and self.read_closed:
             self._stop_awaiting()
         hub.held_by.pop(self, None)
+        hub.forget_held_wait(self)
         hub.meters.pop(self, None)
         hub.throttled.discard(self)
         if partner is None and was_live and not keep_pair:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -62,10 +63,23 @@ at most 64 KiB (a larger one would be cut, and its connections never counted out
 GONE_PEERS_PER_NOTE = 800
 """The same with --max-conns-per-ip, where each carries its peer and a line
 end: at most 54 bytes (``[IPv6]:port``), 70 with an interface zone."""
+HELD_WAIT = 2.0
+"""Seconds a session that just went live waits at most for what other workers
+held for it, before its stream may end (a worker that died sends nothing)."""
 BEAT = 1.0
 """Seconds between the notes that show the parent this worker's loop turns:
 it stops sending new connections to a silent worker, and kills one silent
 for --worker-timeout (arbiter.Arbiter._watch)."""
+
+
+@dataclasses.dataclass
+class HeldWait:
+    """A session waiting for the ``sent`` of the workers told it went live."""
+
+    session: Session
+    timer: asyncio.TimerHandle
+    missing: int = 0  # sent notices still to come, once counted
+    counted: bool = False  # the coordinator said how many (expect)
 
 
 class Hub:
@@ -125,6 +139,9 @@ class Hub:
         self.awaiting: dict[str, dict[Session, float]] = {}
         # When each session's bytes were first held (Session._route_rest).
         self.held_by: dict[Session, float] = {}
+        # Sessions that just announced they are live, by chid, until what other
+        # workers held for them has arrived (await_held).
+        self.held_waits: dict[str, HeldWait] = {}
         # Totals since the worker started (bytes of sessions that ended: a live
         # session counts its own until it is released).
         self.stats: collections.Counter[str] = collections.Counter()
@@ -304,10 +321,13 @@ class Hub:
                 waits.append(("chid", chid))
         return waits
 
-    def remote_live(self, chid: str, worker: int, senders: list[str] | None = None) -> None:
-        """``chid`` went live on ``worker``, hearing only ``senders`` if given
-        (hs3): sessions here that half-closed waiting for it end, with a FIN if
-        it heard them, a reset if their held bytes are dropped there."""
+    def remote_live(self, chid: str, worker: int, just_live: bool = False,
+                    senders: list[str] | None = None) -> None:
+        """``chid`` lives on ``worker``. If it ``just_live``d there, hearing only
+        ``senders`` if given (hs3): sessions here that half-closed waiting for
+        it end, with a FIN if it heard them, a reset if their held bytes are
+        dropped there; and ``sent`` follows what was held here for it, so that
+        its session does not end its stream before that arrived (held_sent)."""
         assert self.mesh is not None
         for sender, chunk in self.router.set_remote(chid, worker):  # older than anything new
             self.mesh.send_to(worker, chid, chunk, sender)
@@ -317,6 +337,53 @@ class Hub:
                 session.not_heard()
             else:
                 session.no_partner()
+        if just_live:
+            self.mesh.sent(worker, chid)
+
+    def await_held(self, session: Session) -> None:
+        """``session`` announced it is live: the workers that hold bytes for it
+        (or have sessions naming it) send them now, then ``sent``. Until the
+        coordinator has said how many (expect_sent) and they all came, or
+        HELD_WAIT passed, its stream does not end (Session.held_pending): on
+        one worker, held bytes are written right after hs4, before an EOF the
+        client sent behind its hs3 is read."""
+        assert session.chid is not None
+        old = self.held_waits.pop(session.chid, None)
+        if old is not None:
+            old.timer.cancel()
+        self.held_waits[session.chid] = HeldWait(
+            session, self.loop.call_later(HELD_WAIT, self._held_done, session.chid))
+
+    def expect_sent(self, chid: str, told: int) -> None:
+        wait = self.held_waits.get(chid)
+        if wait is not None:
+            wait.missing += told
+            wait.counted = True
+            if wait.missing <= 0:
+                self._held_done(chid)
+
+    def held_sent(self, chid: str) -> None:
+        wait = self.held_waits.get(chid)
+        if wait is not None:
+            wait.missing -= 1  # may come before expect_sent: another pipe
+            if wait.counted and wait.missing <= 0:
+                self._held_done(chid)
+
+    def _held_done(self, chid: str) -> None:
+        wait = self.held_waits.pop(chid, None)
+        if wait is not None:
+            wait.timer.cancel()
+            wait.session.held_arrived()
+
+    def forget_held_wait(self, session: Session) -> None:
+        """``session`` ended: nothing waits for its held bytes any more."""
+        chid = session.chid
+        if chid is None:
+            return
+        wait = self.held_waits.get(chid)
+        if wait is not None and wait.session is session:
+            del self.held_waits[chid]
+            wait.timer.cancel()
 
     def want_held(self, chids: Iterable[str]) -> None:
         """Bytes held here for ``chids`` must follow them to the worker where

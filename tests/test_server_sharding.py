@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import signal
@@ -684,3 +685,75 @@ def test_a_moved_session_is_in_its_handshake_until_its_new_worker_sends_hs4(shar
     for chid, port in quitters.items():  # a start, or a failed handshake; not an end alone
         assert any(f"session start chid={chid} " in ln
                    or f"handshake failed peer=127.0.0.1:{port}: " in ln for ln in lines), chid
+
+
+def hs_lines(chid: str, recvers: list[str]) -> bytes:
+    """hs1 and hs3 as one pipelined write (§2.4)."""
+    return (json.dumps({"req": "hs1", "chid": chid}) + "\n"
+            + json.dumps({"req": "hs3", "recvers": recvers}) + "\n").encode()
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """Everything until EOF (a reset fails the test), handshake lines included."""
+    sock.settimeout(30)
+    out = bytearray()
+    while chunk := sock.recv(65536):
+        out += chunk
+    return bytes(out)
+
+
+@pytest.mark.parametrize("sender_fin", [False, True])
+def test_bytes_held_on_another_worker_reach_a_receiver_that_sent_its_fin_with_hs3(
+        sharded, sender_fin):
+    """§3.3: held bytes are written right after hs4, before anything the
+    receiver's own EOF could end. S's worker holds them while B goes live on
+    the worker of the pair it names: its FIN, pipelined behind hs3, waits
+    until S's worker has sent them over. A half-closed S then gets its FIN."""
+    server = sharded("--mode", "chan")
+    pair(server, "anc1", "anc2")
+    for i in range(5):  # the race was lost in most tries: one would do
+        s, _ = server.handshake(f"s{i}", [f"b{i}"])
+        s.sendall(b"<held>")
+        if sender_fin:
+            s.shutdown(socket.SHUT_WR)
+        mark = server.mark()
+        b = server.connect()
+        b.sendall(hs_lines(f"b{i}", ["anc1", "anc2"]))
+        b.shutdown(socket.SHUT_WR)
+        got = read_to_end(b)
+        hs2, hs4, rest = got.split(b"\n", 2)
+        assert json.loads(hs2)["rsp"] == "hs2" and json.loads(hs4)["result"] == "OK"
+        assert rest == b"<held>"
+        server.wait_log(rf"session start chid=b{i} ", start=mark)
+        if sender_fin:
+            s.settimeout(30)
+            assert s.recv(10) == b""  # a FIN, not a reset: B got them
+        s.close()
+
+
+def test_a_pairs_fin_waits_for_bytes_held_for_it_on_another_worker(sharded):
+    """a1 and a2 each send to absent b and half-close, connecting at the same
+    moment (so placed apart, each before the other's live notice); b comes as
+    a1's pair partner. a1's FIN reaches b only after a2's bytes came over
+    from a2's worker, and a2, whose bytes b got, gets a FIN."""
+    server = sharded("--mode", "chan")
+    for i in range(5):  # placed apart in most tries
+        mark = server.mark()
+        a1 = server.connect()
+        a2 = server.connect()
+        a1.sendall(hs_lines(f"a1-{i}", [f"b{i}"]) + b"<one>")
+        a2.sendall(hs_lines(f"a2-{i}", [f"b{i}"]) + b"<two>")
+        for a in (a1, a2):
+            a.shutdown(socket.SHUT_WR)
+        for c in ("a1", "a2"):
+            server.wait_log(rf"chid={c}-{i} half-closed; waits for chid=b{i}", start=mark)
+        b, _ = server.handshake(f"b{i}", [f"a1-{i}"])
+        b.settimeout(30)
+        got = bytearray()
+        while chunk := b.recv(65536):  # until a1's FIN
+            got += chunk
+        assert sorted([bytes(got[:5]), bytes(got[5:])]) == [b"<one>", b"<two>"]
+        b.close()
+        for a in (a1, a2):
+            a.settimeout(30)
+            assert b"hs4" in read_to_end(a)  # hs2, hs4 OK, then a FIN: no reset
