@@ -106,7 +106,11 @@ class Reader:
         for _ in range(BATCH):
             if not events & zmq.POLLIN:
                 return
-            self.on_message(sock.recv_multipart(zmq.NOBLOCK))
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                self.on_message(frames)
+            except Exception:  # a bug: the messages behind this one still go
+                log.exception("handling a message (%r...) failed", frames[0][:16])
             events = int(sock.getsockopt(zmq.EVENTS))
         self.kick()
 
@@ -297,7 +301,10 @@ class Mesh:
 
     def _from_coordinator(self, frames: list[bytes]) -> None:
         for kind, args in unbatch(frames):
-            self._coordinator_says(kind, args)
+            try:
+                self._coordinator_says(kind, args)
+            except Exception:  # a bug: the rest of the batch still goes
+                log.exception("handling the coordinator's %r failed", kind)
 
     def _coordinator_says(self, kind: bytes, args: list[bytes]) -> None:
         h = self.handler

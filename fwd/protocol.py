@@ -335,8 +335,10 @@ def from_message(obj: Any, role: Role) -> Event:
                 raise _fail("recvers must be a list")
             check_chids(recvers, "recver")
             senders = obj.get("senders")
-            if senders is not None and not isinstance(senders, list):
-                raise _fail("senders must be a list")
+            if senders is not None:
+                if not isinstance(senders, list):
+                    raise _fail("senders must be a list")
+                check_chids(senders, "sender")  # before dict.fromkeys hashes them
             # dict.fromkeys drops repeats but keeps the order the client gave.
             return Hs3(tuple(dict.fromkeys(recvers)), obj.get("timeout"),
                        check_nonce(obj.get("nonce")),

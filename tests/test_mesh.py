@@ -117,3 +117,44 @@ def test_a_moving_session_lost_in_the_hand_off_frees_its_chid_at_once(tmp_path: 
     finally:
         coord.close()
         loop.close()
+
+
+def test_a_message_whose_handler_fails_does_not_hold_up_the_ones_behind_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug met by one message (one client's odd handshake) must not stall
+    the pipe: ZeroMQ signals input by edge, so a drain that stopped at the
+    exception would leave the rest unread, and every session waiting on them
+    (a claim's answer) would time out."""
+    import zmq
+
+    loop = asyncio.new_event_loop()
+    ctx = zmq.Context()
+    rx, tx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    rx.bind("inproc://reader-test")
+    tx.connect("inproc://reader-test")
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    def on_message(frames: list[bytes]) -> None:
+        if frames[0] == b"bad":
+            raise TypeError("a bug")
+        got.append(frames[0])
+        if len(got) == 3:
+            done.set()
+
+    async def main() -> None:
+        reader = mesh.Reader(loop, rx, on_message)
+        for m in (b"1", b"bad", b"2", b"3"):
+            tx.send(m)
+        await asyncio.wait_for(done.wait(), 10)
+        reader.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+        tx.close()
+        rx.close()
+        ctx.term()
+    assert got == [b"1", b"2", b"3"]
+    assert "handling a message (b'bad'...) failed" in caplog.text

@@ -423,6 +423,10 @@ def test_hs3_senders_absent_null_or_a_list():
         (["a\x01"], "sender contains control characters"),
         (["x" * 129], "sender longer than 128 bytes"),
         ([f"s{i}" for i in range(MAX_RECVERS + 1)], f"more than {MAX_RECVERS} senders"),
+        # Checked before repeats are dropped: as many entries, and unhashable ones.
+        ([1] * (MAX_RECVERS + 1), f"more than {MAX_RECVERS} senders"),
+        ([[]], "sender must be a string"),
+        (["a", {"b": 1}], "sender must be a string"),
     ],
 )
 def test_hs3_bad_senders_fail(senders, desc):
@@ -932,6 +936,8 @@ _messages = st.fixed_dictionaries(
         "chid": st.none() | chids | _json_values,
         "recvers": st.none() | st.lists(chids | _json_values, max_size=4) | _json_values,
         "timeout": st.none() | st.integers(-3, 2**32) | _json_values,
+        "senders": st.none() | st.lists(chids | _json_values, max_size=4) | _json_values,
+        "nonce": st.none() | st.text(max_size=40) | _json_values,
         "extra": _json_values,
     },
 )
