@@ -15,7 +15,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 from .errors import ChidInUse
 
@@ -70,7 +70,7 @@ costs this each."""
 @dataclass(slots=True)
 class _Hold:
     # (when, bytes, sender's chid): the receiver may accept only some senders.
-    chunks: deque[tuple[float, bytes, str | None]] = field(default_factory=deque)
+    chunks: deque[tuple[float, bytes | memoryview, str | None]] = field(default_factory=deque)
     # Bytes held per sender: each gets its own hold_bytes, so a stranger that
     # floods an absent chid cannot crowd out the sender it will accept.
     size: dict[str | None, int] = field(default_factory=dict)
@@ -96,7 +96,7 @@ class Router(Generic[T]):
         self.generation_cell = array("q", [0])
         self.held = 0  # bytes in memory: a chunk held for several chids counts once
         self.overhead = 0  # the holds' own memory; held + overhead <= hold_total
-        self._refs: dict[int, int] = {}  # id(held chunk) -> holds that have it
+        self._refs: dict[int, int] = {}  # id(held read) -> holds that have it, or a view of it
         self._owner: dict[str, T] = {}  # claimed chids; live ones have _recvers too
         self._muted: set[T] = set()
         self._recvers: dict[T, tuple[str, ...]] = {}
@@ -330,48 +330,63 @@ class Router(Generic[T]):
 
         Tail drop, per sender: a receiver that connects late gets the first
         bytes each sender sent it (up to the limit) and loses the rest, rather
-        than a stream with a hole at its start.
+        than a stream with a hole at its start. The part of a read that fits
+        is a view of it, not a copy: a read held for hundreds of chids, whole
+        or in part, is in memory once, and counts once, whole.
         """
         hold = self._holds.get(chid)
         cost = self.entry_cost + (self.chid_cost if hold is None else 0)
         spare = self.hold_total - self.held - self.overhead - cost  # for the bytes
         room = self.hold_bytes - (hold.size.get(sender, 0) if hold is not None else 0)
-        if not (len(chunk) <= room and id(chunk) in self._refs):
-            # Only a chunk some other chid holds already costs no more bytes.
-            room = min(room, spare)
         if room <= 0 or spare < 0:
             return len(chunk)
+        kept: bytes | memoryview
+        if len(chunk) <= room and (id(chunk) in self._refs or len(chunk) <= spare):
+            kept = base = chunk
+        elif id(chunk) in self._refs or len(chunk) + self.entry_cost <= spare:
+            kept, base = memoryview(chunk)[:room], chunk
+            cost += self.entry_cost  # the view object
+        else:  # only a part fits the total: that part alone, copied
+            kept = base = chunk[:min(room, spare)]
+            if not kept:
+                return len(chunk)
         if hold is None:
             hold = self._holds[chid] = _Hold()
         self.overhead += cost
-        kept = chunk if len(chunk) <= room else chunk[:room]
         hold.chunks.append((now, kept, sender))
         hold.size[sender] = hold.size.get(sender, 0) + len(kept)
-        refs = self._refs.get(id(kept), 0)
-        self._refs[id(kept)] = refs + 1
+        refs = self._refs.get(id(base), 0)
+        self._refs[id(base)] = refs + 1
         if not refs:
-            self.held += len(kept)
+            self.held += len(base)
         return len(chunk) - len(kept)
 
-    def _release(self, chunk: bytes) -> None:
-        """One hold lets go of ``chunk``: its memory is free with the last."""
-        key = id(chunk)
+    def _release(self, kept: bytes | memoryview) -> None:
+        """One hold lets go of ``kept``: the read's memory is free with the last."""
+        if isinstance(kept, memoryview):
+            self.overhead -= self.entry_cost * 2
+            base = cast(bytes, kept.obj)
+        else:
+            self.overhead -= self.entry_cost
+            base = kept
+        key = id(base)
         refs = self._refs[key] - 1
         if refs:
             self._refs[key] = refs
         else:
             del self._refs[key]
-            self.held -= len(chunk)
+            self.held -= len(base)
 
     def _take_hold(self, chid: str) -> list[tuple[str | None, bytes]]:
         hold = self._holds.pop(chid, None)
         if hold is None:
             return []
-        chunks = [(sender, chunk) for _, chunk, sender in hold.chunks]
-        for _, chunk in chunks:
-            self._release(chunk)
-        self.overhead -= self.chid_cost + self.entry_cost * len(chunks)
-        return chunks
+        for _, kept, _ in hold.chunks:
+            self._release(kept)
+        self.overhead -= self.chid_cost
+        # A view becomes bytes here, the one copy of its part, as it leaves.
+        return [(sender, kept if isinstance(kept, bytes) else bytes(kept))
+                for _, kept, sender in hold.chunks]
 
     def expire(self, now: float) -> int:
         """Drop held chunks older than ``hold_seconds``; return bytes dropped."""
@@ -388,7 +403,6 @@ class Router(Generic[T]):
                     del hold.size[sender]
                 dropped += len(chunk)
                 self._release(chunk)
-                self.overhead -= self.entry_cost
             if not hold.chunks:
                 del self._holds[chid]
                 self.overhead -= self.chid_cost

@@ -473,7 +473,7 @@ def test_hold_per_receiver_cap_is_tail_drop_with_partial_chunk():
     assert r.hold("x", b"ghijkl", 0.0) == 2  # keeps "ghij"
     assert r.hold("x", b"mno", 0.0) == 3
     assert r.hold("x", b"", 0.0) == 0
-    assert r.held == 10
+    assert r.held == 12  # "ghij" is a view of "ghijkl", which stays whole in memory
     assert r.hold("y", b"0123456789", 0.0) == 0, "the cap is per receiver"
     assert r.hold("y", b"!", 0.0) == 1
     a = Sess("a")
@@ -490,7 +490,7 @@ def test_each_sender_gets_its_own_hold_bytes_for_an_absent_chid():
     assert r.hold("x", b"abcdef", 1.0, "friend") == 0
     assert r.hold("x", b"ghijkl", 2.0, "friend") == 2
     assert r.hold("x", b"s", 2.0, "stranger") == 1
-    assert r.held == 20
+    assert r.held == 42  # views of a 30-byte and a 6-byte read keep them whole
     r.expire(10.5)  # the stranger's bytes go first: they are the oldest
     assert r.hold("x", b"t" * 3, 11.0, "stranger") == 0
     assert r.hold("x", b"m", 11.0, "friend") == 1
@@ -537,7 +537,7 @@ def test_hold_global_cap_accounting_is_exact():
     assert r.held == 2
     # b holds 2 bytes: its own cap leaves 6, the global cap leaves 8.
     assert r.hold("b", b"y" * 7, 0.0) == 1
-    assert r.held == 8
+    assert r.held == 9  # 6 of 7 bytes are a view: the 7 are in memory
     t = Sess("t")
     r.claim(t, "b")
     assert b"".join(r.join(t)) == b"y" * 8
@@ -562,6 +562,24 @@ def test_a_chunk_held_for_several_chids_counts_once_against_the_total():
         r.claim(t, chid)
         assert r.join(t) == [chunk]
     assert r.held == 2
+
+
+def test_a_read_held_in_part_for_many_chids_is_in_memory_once():
+    """A fast sender naming hundreds of absent chids: each chid keeps the part
+    of a read that fits its hold_bytes. Copies of that part, one per chid,
+    made one connection take hundreds of times its hold_bytes of the total."""
+    r = make_router(hold_bytes=1000, hold_total=10**9, entry_cost=10)
+    chids = [f"c{i}" for i in range(300)]
+    reads = [bytes([i]) * 300 for i in range(5)]  # the fourth fits only in part
+    for read in reads:
+        for chid in chids:
+            r.hold(chid, read, 0.0, "s")
+    assert r.held == 4 * 300  # the fourth read whole, once; the fifth not at all
+    a = Sess("a")
+    r.claim(a, "c7")
+    assert b"".join(r.join(a)) == b"".join(reads)[:1000]
+    r.expire(100.0)
+    assert (r.held, r.overhead) == (0, 0)
 
 
 def test_the_holds_own_memory_counts_against_the_total():
@@ -617,6 +635,12 @@ def test_the_hold_costs_cover_the_memory_they_stand_for():
         lambda: [r.hold("warm", i.to_bytes(2, "big"), 0.0, s) for i, s in enumerate(senders)]
         and None) / n
     assert per_read - 2 <= HOLD_ENTRY_COST
+    # A part of a read, one read for all: a view each, charged as a second entry.
+    r = Router(hold_bytes=1, hold_seconds=30, hold_total=1 << 40)
+    read = b"xy"
+    r.hold("warm", read, 0.0, "s")
+    per_view = _allocated(lambda: [r.hold(c, read, 0.0, "s") for c in chids] and None) / n
+    assert per_view <= HOLD_CHID_COST + 2 * HOLD_ENTRY_COST
 
 
 def test_zero_caps_drop_everything():
@@ -668,11 +692,12 @@ def test_expire_frees_room_under_both_caps():
     assert r.join(a) == [b"abcd"]
 
 
-Held = dict[str, list[tuple[float, bytes, str]]]  # chid -> (when, bytes, sender)
+# chid -> (when, bytes, sender, the read they are part of)
+Held = dict[str, list[tuple[float, bytes, str, bytes]]]
 
 
 def unique(model: Held) -> dict[int, bytes]:
-    return {id(b): b for v in model.values() for _, b, _ in v}
+    return {id(b): b for v in model.values() for _, _, _, b in v}
 
 
 def memory(model: Held) -> int:
@@ -705,7 +730,7 @@ def test_hold_accounting_model(ops, hold_bytes, hold_total):
         expected_old = 0
         for c in list(model):
             keep = [e for e in model[c] if now - e[0] < 2.25]
-            expected_old += sum(len(b) for t, b, _ in model[c] if now - t > 2.25)
+            expected_old += sum(len(b) for t, b, _, _ in model[c] if now - t > 2.25)
             model[c] = keep
         assert dropped_old == expected_old
         # A read routed to several absent chids is one object held by each.
@@ -714,19 +739,23 @@ def test_hold_accounting_model(ops, hold_bytes, hold_total):
         else:
             chunk = bytes([65 + size]) * size
             last = chunk, sender
-        mine = sum(len(b) for _, b, who in model.get(chid, []) if who == sender)
-        room = max(0, hold_bytes - mine)
-        if not (len(chunk) <= room and id(chunk) in unique(model)):
-            room = max(0, min(room, hold_total - memory(model)))
-        kept = chunk if len(chunk) <= room else chunk[:room]
+        mine = sum(len(b) for _, b, who, _ in model.get(chid, []) if who == sender)
+        room = hold_bytes - mine
+        spare = hold_total - memory(model)
+        # What fits of a read is the read itself, or a view of it, in memory
+        # once, whole; or, where the whole read does not fit, a copy of a part.
+        if id(chunk) in unique(model) or len(chunk) <= spare:
+            kept, base = chunk[:room], chunk
+        else:
+            kept = base = chunk[:max(0, min(room, spare))]
         assert r.hold(chid, chunk, now, sender) == len(chunk) - len(kept)
         if kept:
-            model.setdefault(chid, []).append((now, kept, sender))
+            model.setdefault(chid, []).append((now, kept, sender, base))
         assert r.held == memory(model) <= hold_total
     for chid in "abc":
         s = Sess(chid)
         r.claim(s, chid)
-        assert r.join(s) == [b for _, b, _ in model.get(chid, [])]
+        assert r.join(s) == [b for _, b, _, _ in model.get(chid, [])]
     assert r.held == 0
 
 
