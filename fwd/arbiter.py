@@ -8,9 +8,11 @@ parent sends the configuration on it first (never on the command line, where a
 password would be visible), then one message per client socket; the worker
 answers ``ready`` once it serves.
 
-A worker that dies after ``ready`` is restarted at once; one that dies before
-it ever became ready cannot boot, and the server stops with a clear message
-instead of restarting it in a loop.
+A worker that dies after ``ready`` is restarted at once. One of the first
+workers that dies before it ever became ready cannot boot, and the server
+stops with a clear message instead of restarting it in a loop; a
+replacement that does (killed too, out of memory) is started again after a
+growing pause, since stopping would cut the sessions of every other worker.
 """
 from __future__ import annotations
 
@@ -53,6 +55,10 @@ WATCH_EVERY = 1.0
 LATE = 3.0
 """Seconds of silence after which a worker gets no new connections while
 another one answers, and /healthz says so: three beats missed."""
+RESPAWN_PAUSE = 1.0
+"""Seconds before a replacement that died before ``ready`` is started again;
+doubled for each one after it, up to RESPAWN_PAUSE_MAX."""
+RESPAWN_PAUSE_MAX = 30.0
 _SUMMED = ("connections", "rejected", "bytes_in", "bytes_out", "dropped_bytes",
            "slow_disconnects", "handshake_failures", "cross_worker_bytes", "full_notices", "kicked",
            "sessions_chan", "sessions_broadcast", "pumped_pairs", "throttled")
@@ -81,7 +87,7 @@ class Worker:
     ready: bool = False
     exited: bool = False
     conns: int = 0
-    heard: float = 0.0  # loop time of its last note (worker.BEAT)
+    heard: float = 0.0  # loop time of its last note (worker.BEAT), or of its start
     late: bool = False  # silent for LATE: new connections go to the others
     killed: bool = False  # silent for --worker-timeout
     # --max-conns-per-ip: its connections by address_key; they go with it when it dies.
@@ -109,6 +115,8 @@ class Arbiter:
         self._all_exited = asyncio.Event()
         self._rr = itertools.cycle(range(config.workers))
         self._incarnations = itertools.count(1)  # every start of a worker gets the next
+        self._served: set[int] = set()  # worker slots that had a ready worker
+        self._boot_failures: collections.Counter[int] = collections.Counter()  # in a row, per slot
         self.acceptor: Acceptor | None = None
         self.refused = 0
         self._last_refusal_log = -1e9
@@ -198,6 +206,8 @@ class Arbiter:
     # -- workers ---------------------------------------------------------------
 
     async def spawn(self, wid: int) -> None:
+        if self.stopping:  # a restart that came too late
+            return
         parent, child = fdpass.channel_pair()
         try:
             transport, _ = await self.loop.subprocess_exec(
@@ -211,13 +221,17 @@ class Arbiter:
         if self.coordinator is not None:
             self.coordinator.worker_started(wid, incarnation)
         parent.send(fdpass.pack({**dataclasses.asdict(self.config), "rundir": self.rundir,
-                                 "incarnation": incarnation}))
+                                 "incarnation": incarnation, "parent": os.getpid()}))
         worker = Worker(wid, transport.get_pid(), transport, parent,
-                        fdpass.Handoff(self.loop, parent))
+                        fdpass.Handoff(self.loop, parent), heard=self.loop.time())
         worker.handoff.on_drop = functools.partial(self._handoff_failed, worker)
+        worker.handoff.on_gone = functools.partial(self._handed_back, worker)
         self.workers[wid] = worker
         self.loop.add_reader(parent, self._from_worker, worker)
         log.debug("worker %d started pid=%d", wid, worker.pid)
+        if self.stopping:  # the drain began while it started: it drains too
+            with contextlib.suppress(ProcessLookupError):
+                transport.send_signal(signal.SIGTERM)
 
     def _from_worker(self, worker: Worker, drain: bool = False) -> None:
         for _ in range(fdpass.BATCH if drain else 1):
@@ -249,6 +263,8 @@ class Arbiter:
                 worker.count_out(peer)
         elif message == b"ready":
             worker.ready = True
+            self._served.add(worker.wid)
+            self._boot_failures.pop(worker.wid, None)
             log.info("worker %d ready pid=%d", worker.wid, worker.pid)
             self._announce()
         elif not message:
@@ -300,21 +316,21 @@ class Arbiter:
         stalled, self._watched = now - self._watched > WATCH_EVERY + LATE / 2, now
         timeout = self.config.worker_timeout
         for w in self.workers.values():
-            if not w.ready or w.exited or w.killed:
+            if w.exited or w.killed:
                 continue
             self._from_worker(w, drain=True)  # their notes may wait behind ours
             if stalled:  # we did not run ourselves: their silence is ours
                 w.heard = now
             silent = now - w.heard
             if timeout and silent >= timeout:
-                log.error("worker %d (pid %d) silent for %.0f s: killing it (--worker-timeout)",
-                          w.wid, w.pid, silent)
+                log.error("worker %d (pid %d) %s for %.0f s: killing it (--worker-timeout)",
+                          w.wid, w.pid, "silent" if w.ready else "not ready", silent)
                 w.killed = True
                 if self.metrics is not None:
                     self.metrics.timeouts.inc()
                 with contextlib.suppress(ProcessLookupError):
                     w.transport.kill()
-            elif silent >= LATE and not w.late:
+            elif w.ready and silent >= LATE and not w.late:
                 w.late = True
                 log.warning("worker %d (pid %d) has not answered for %.0f s: new connections "
                             "go to the others", w.wid, w.pid, silent)
@@ -359,6 +375,34 @@ class Arbiter:
         self._refused("lost connection from %s in a hand-off with worker %d (%s)", peer,
                       worker.wid, errno.errorcode.get(exc.errno or 0, exc), peer=peer)
 
+    def _handed_back(self, worker: Worker, sock: socket.socket, meta: dict[str, Any],
+                     data: bytes) -> None:
+        """A socket that never reached ``worker``: it died (its exit may not be
+        handled yet). A new connection goes to another worker, as if just
+        accepted, instead of being reset without a word; a session that was
+        moving there is lost, as with the worker's own sessions."""
+        worker.conns = max(worker.conns - 1, 0)
+        if self.config.max_conns_per_ip:
+            worker.count_out(fdpass.peer_of(meta))
+        moved = meta.get("adopt")
+        if moved is not None:
+            sock.close()
+            if self.coordinator is not None:
+                self.coordinator.lost_on_the_way(
+                    moved["chid"], Owner(moved["from"], moved["token"]), worker.wid)
+            return
+        try:
+            peer = sock.getpeername()[:2]
+        except OSError:  # the client is gone too
+            sock.close()
+            return
+        if self.stopping:
+            sock.close()
+            return
+        log.debug("connection from %s goes to another worker: worker %d is gone",
+                  format_hostport(*peer), worker.wid)
+        self.dispatch(sock, peer)
+
     def _refused(self, line: str, *args: Any, peer: str) -> None:
         """Count a connection closed at once; log it at most once a second."""
         self.refused += 1
@@ -389,23 +433,35 @@ class Arbiter:
                 self._all_exited.set()
             return
         how = f"signal {-code}" if code is not None and code < 0 else f"status {code}"
-        if not worker.ready:
+        if not worker.ready and wid not in self._served:
             log.error("worker %d (pid %d) exited with %s before it was ready: it cannot "
                       "start, so the server stops", wid, worker.pid, how)
             self.exit_code = 1
             self.stop()
             return
-        log.warning("worker %d (pid %d) exited with %s; its sessions are gone; restarting",
-                    wid, worker.pid, how)
         if self.metrics is not None:
             self.metrics.restarts.inc()
-        self.loop.create_task(self.spawn(wid))
+        if worker.ready:
+            log.warning("worker %d (pid %d) exited with %s; its sessions are gone; restarting",
+                        wid, worker.pid, how)
+            self.loop.create_task(self.spawn(wid))
+            return
+        # A replacement that did not boot: the other workers serve meanwhile.
+        failures = self._boot_failures[wid] = self._boot_failures[wid] + 1
+        pause = min(RESPAWN_PAUSE * 2 ** (failures - 1), RESPAWN_PAUSE_MAX)
+        log.error("worker %d (pid %d) exited with %s before it was ready (%d in a row); "
+                  "starting it again in %g s", wid, worker.pid, how, failures, pause)
+        self.loop.call_later(pause, self._respawn, wid)
+
+    def _respawn(self, wid: int) -> None:
+        if not self.stopping:
+            self.loop.create_task(self.spawn(wid))
 
     # -- connections -----------------------------------------------------------
 
     def dispatch(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Hand a new client socket to the running worker with the fewest."""
-        running = [w for w in self.workers.values() if not w.exited]
+        running = [w for w in self.workers.values() if not w.exited and not w.handoff.gone]
         name = format_hostport(*peer)
         per_ip = self.config.max_conns_per_ip
         key = address_key(name) if per_ip else ""
@@ -437,8 +493,10 @@ class Arbiter:
             self._refused("refusing connection from %s: %s", name, why, peer=name)
             return
         start, n = next(self._rr), self.config.workers  # rotate among equals
-        # One that does not answer would leave the client waiting with it.
-        serving = [w for w in running if not w.late] or running
+        # One that does not answer, or still boots (a replacement), would
+        # leave the client waiting with it.
+        serving = ([w for w in running if w.ready and not w.late]
+                   or [w for w in running if not w.late] or running)
         worker = min(serving, key=lambda w: (w.conns, (w.wid - start) % n))
         worker.conns += 1
         if per_ip:
@@ -452,7 +510,8 @@ class Arbiter:
         does not answer within WORKER_ANSWER gets an ``error`` entry instead."""
         async def one(w: Worker) -> dict[str, Any]:
             if w.exited or not w.ready:
-                return {"worker": w.wid, "ok": False, "error": "restarting"}
+                return {"worker": w.wid, "pid": None if w.exited else w.pid, "ok": False,
+                        "error": "restarting"}
             try:
                 reply = await control.ask(control.worker_path(self.rundir, w.wid), request,
                                           WORKER_ANSWER)

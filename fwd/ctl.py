@@ -98,7 +98,7 @@ def format_status(st: dict[str, Any]) -> str:
     rows = []
     for w in st["workers"]:
         if "error" in w:
-            rows.append([w["worker"], w.get("pid", "-"), "-", "-", "-", "-", w["error"]])
+            rows.append([w["worker"], w.get("pid") or "-", "-", "-", "-", "-", w["error"]])
         else:
             rows.append([w["worker"], w["pid"], w["sessions"], w["connections"],
                          human_size(w["bytes_in"]), human_size(w["bytes_out"]),

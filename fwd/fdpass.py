@@ -93,18 +93,26 @@ class Handoff:
     """The sending end of a channel in an event loop: never blocks the loop.
 
     Sockets that do not fit into the channel right now wait in a queue (the
-    sender's copy of each fd stays open until it is sent); ``close`` drops them.
-    A socket the kernel refuses to pass while the receiver lives (ETOOMANYREFS:
-    too many descriptors in flight for our RLIMIT_NOFILE) is closed, and
+    sender's copy of each fd stays open until it is sent). A socket the kernel
+    refuses to pass while the receiver lives (ETOOMANYREFS: too many
+    descriptors in flight for our RLIMIT_NOFILE) is closed, and
     ``on_drop(meta, exc)`` tells the owner, which counted it as handed on.
+    Once the receiver is gone (it died, before its exit is handled), or the
+    channel is closed, every socket not passed yet, sent from now on or
+    waiting, goes to ``on_gone(sock, meta, data)``, which may hand it to
+    another process; without one it is closed.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, channel: socket.socket,
-                 on_drop: Callable[[dict[str, Any], OSError], None] | None = None) -> None:
+                 on_drop: Callable[[dict[str, Any], OSError], None] | None = None,
+                 on_gone: Callable[[socket.socket, dict[str, Any], bytes], None] | None = None,
+                 ) -> None:
         channel.setblocking(False)
         self.loop = loop
         self.channel = channel
         self.on_drop = on_drop
+        self.on_gone = on_gone
+        self.gone = False  # the receiver is: nothing goes to it any more
         self._queue: collections.deque[
             tuple[socket.socket, bytes, dict[str, Any]]] = collections.deque()
         self._writing = False
@@ -112,13 +120,16 @@ class Handoff:
     def send(self, sock: socket.socket, meta: dict[str, Any], data: bytes = b"") -> None:
         """Pass ``sock`` on; our copy is closed once it has been sent."""
         message = pack(meta, data)
+        if self.gone:
+            self._give_back(sock, message)
+            return
         if not self._queue:
             try:
                 socket.send_fds(self.channel, [message], [sock.fileno()])
             except BlockingIOError:
                 pass
             except OSError as exc:
-                self._drop(sock, meta, exc)
+                self._failed(sock, message, meta, exc)
                 return
             else:
                 sock.close()
@@ -128,10 +139,25 @@ class Handoff:
             self._writing = True
             self.loop.add_writer(self.channel, self._flush)
 
-    def _drop(self, sock: socket.socket, meta: dict[str, Any], exc: OSError) -> None:
+    def _failed(self, sock: socket.socket, message: bytes, meta: dict[str, Any],
+                exc: OSError) -> None:
+        if exc.errno in _GONE:  # the other process is gone: what waits for it goes back
+            self.gone = True
+            self._give_back(sock, message)
+            self._stop_writing()
+            while self._queue:
+                waiting, message, _ = self._queue.popleft()
+                self._give_back(waiting, message)
+            return
         sock.close()  # the client sees its connection end
-        if exc.errno not in _GONE and self.on_drop is not None:
+        if self.on_drop is not None:
             self.on_drop(meta, exc)
+
+    def _give_back(self, sock: socket.socket, message: bytes) -> None:
+        if self.on_gone is None:
+            sock.close()
+        else:
+            self.on_gone(sock, *unpack(message))
 
     def _flush(self) -> None:
         while self._queue:
@@ -142,25 +168,27 @@ class Handoff:
                 return
             except OSError as exc:
                 self._queue.popleft()
-                self._drop(sock, meta, exc)
-                if exc.errno in _GONE:  # the other process is gone: what waits for it ends
-                    while self._queue:
-                        self._queue.popleft()[0].close()
+                self._failed(sock, message, meta, exc)
                 continue
             self._queue.popleft()
             sock.close()
-        self.loop.remove_writer(self.channel)
-        self._writing = False
+        self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            self.loop.remove_writer(self.channel)
+            self._writing = False
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def close(self) -> None:
-        if self._writing:
-            self.loop.remove_writer(self.channel)
-            self._writing = False
+        """The receiver is gone for good: what still waits goes back (on_gone)."""
+        self.gone = True
+        self._stop_writing()
         while self._queue:
-            self._queue.popleft()[0].close()
+            sock, message, _ = self._queue.popleft()
+            self._give_back(sock, message)
         self.channel.close()
 
 

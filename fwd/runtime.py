@@ -1,5 +1,6 @@
 """Process-wide setup shared by the parent and the workers: log format naming
-the process role, process title, and the file descriptor limit."""
+the process role, process title, the file descriptor limit, and a worker's
+tie to its parent."""
 from __future__ import annotations
 
 import asyncio
@@ -163,3 +164,18 @@ def raise_fd_limit(max_conns: int) -> int:
         log.warning("file descriptor limit %d is below --max-conns %d + %d: connections "
                     "beyond the limit are closed at once", soft, max_conns, FD_RESERVE)
     return soft
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies.
+    A worker notices a parent that is gone on its channel once it serves;
+    before that (while it boots, waiting for its peers) nothing would stop it,
+    and it would stay behind. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -30,7 +31,7 @@ from .pumps import Pumps
 from .ratelimit import RateMeter
 from .registry import TOKEN_BITS
 from .routing import Backpressure, Route, Router
-from .runtime import FD_RESERVE, set_title, setup_logging
+from .runtime import FD_RESERVE, die_with_parent, set_title, setup_logging
 from .session import HANDSHAKE_READ, Session, St
 from .sockopts import ResetWhenSent, congestion_of_new_sockets, paces, reset
 
@@ -802,9 +803,9 @@ def pipe_budget(max_conns: int) -> int:
 
 
 async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
-                incarnation: int) -> None:
+                incarnation: int) -> bool:
     """Serve the client sockets the parent sends on ``channel`` until SIGTERM
-    (or until the parent is gone), then drain."""
+    (or until the parent is gone), then drain. True if the parent is gone."""
     loop = asyncio.get_running_loop()
     hub = Hub(config, loop)
     hub.wid, hub.channel = wid, channel
@@ -847,7 +848,11 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
         moved = (meta["adopt"], data) if "adopt" in meta else None
         loop.create_task(adopt(sock, moved, peer))
 
+    parent_gone = False
+
     def on_parent_gone() -> None:
+        nonlocal parent_gone
+        parent_gone = True
         if not stop.is_set():
             log.warning("the parent process is gone: stopping")
             stop.set()
@@ -886,6 +891,7 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     if config.metrics is not None:
         hub.start_metrics()
     fdpass.receive_into(loop, channel, on_socket, on_parent_gone, on_loss)
+    loop.add_signal_handler(PARENT_GONE, on_parent_gone)
     channel.send(b"ready")
     loop.call_later(BEAT, hub.beat)
     await stop.wait()
@@ -899,6 +905,14 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
         hub.mesh.close()
     loop.remove_writer(channel)  # a note still waiting (_send_gone): the parent is stopping
     channel.close()
+    return parent_gone
+
+
+PARENT_GONE = signal.SIGUSR2
+"""What the kernel sends a worker when its parent dies (PR_SET_PDEATHSIG).
+Not SIGTERM: the parent's own stop must not read as its death. The kernel
+sends it when the parent's thread that started the worker ends, so that
+getppid() may still name the parent then."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -906,9 +920,20 @@ def main(argv: list[str] | None = None) -> None:
     import uvloop
 
     wid, fd = (int(a) for a in (sys.argv[1:] if argv is None else argv))
+    # Until serve() serves, this ends the process through the ``finally``
+    # below; from then on it drains, as when the channel says the parent is gone.
+    signal.signal(PARENT_GONE, _parent_gone)
+    die_with_parent(PARENT_GONE)
     channel = socket.socket(fileno=fd)
-    meta, _ = fdpass.unpack(channel.recv(65536))
+    message = channel.recv(65536)
+    if not message:  # the parent died before it sent anything
+        sys.exit(1)
+    meta, _ = fdpass.unpack(message)
+    parent = meta.pop("parent")
     rundir = meta.pop("rundir")
+    if os.getppid() != parent:  # it died before we asked to hear of it
+        shutil.rmtree(rundir, ignore_errors=True)
+        sys.exit(1)
     incarnation = meta.pop("incarnation")
     meta["listen"] = [tuple(a) for a in meta["listen"]]
     if meta.get("metrics") is not None:
@@ -919,7 +944,23 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C and a closed terminal reach the parent too, which drains us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    uvloop.run(serve(config, wid, channel, rundir, incarnation))
+    gone = False
+    try:
+        gone = uvloop.run(serve(config, wid, channel, rundir, incarnation))
+    except _ParentGone:
+        gone = True
+        raise
+    finally:
+        if gone:  # killed: nobody else removes its run directory
+            shutil.rmtree(rundir, ignore_errors=True)
+
+
+class _ParentGone(SystemExit):
+    pass
+
+
+def _parent_gone(*_: object) -> None:
+    raise _ParentGone(1)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,52 @@ def test_handoff_to_a_process_that_is_gone_closes_the_sockets_and_raises_nothing
     tx.close()
 
 
+def test_sockets_for_a_process_that_is_gone_come_back_to_the_owner():
+    """The parent gives what could not reach a dead worker to another one:
+    each socket not passed yet comes back with its metadata and bytes, in
+    order, whether its send failed, it waited in the queue, it came after,
+    or the channel was closed with it still waiting."""
+    tx, rx = fdpass.channel_pair()
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = uvloop.new_event_loop()
+    pairs = [_tcp_pair() for _ in range(40)]
+    back: list[tuple[socket.socket, dict, bytes]] = []
+
+    async def main() -> None:
+        handoff = fdpass.Handoff(loop, tx, on_gone=lambda sock, meta, data: back.append(
+            (sock, meta, data)))
+        for i, (_, server_side) in enumerate(pairs[:20]):
+            handoff.send(server_side, {"i": i}, b"%d" % i)
+        queued = len(handoff)
+        assert queued > 0  # some wait in the queue
+        rx.close()  # the receiving process dies
+        for i, (_, server_side) in enumerate(pairs[20:30], 20):
+            handoff.send(server_side, {"i": i}, b"%d" % i)
+        for _ in range(10):  # the queue meets the closed channel
+            await asyncio.sleep(0)
+        assert handoff.gone and len(handoff) == 0
+        assert [m["i"] for _, m, _ in back] == list(range(20 - queued, 30))
+        del back[:]
+        tx2, rx2 = fdpass.channel_pair()
+        tx2.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        handoff2 = fdpass.Handoff(loop, tx2, on_gone=lambda *a: back.append(a))
+        for i, (_, server_side) in enumerate(pairs[30:], 30):
+            handoff2.send(server_side, {"i": i}, bytes(2000))
+        queued = len(handoff2)
+        assert queued > 0
+        handoff2.close()  # its exit is handled with some still waiting
+        assert [m["i"] for _, m, _ in back] == list(range(40 - queued, 40))
+        rx2.close()
+
+    loop.run_until_complete(main())
+    loop.close()
+    assert back and all(sock.fileno() >= 0 for sock, _, _ in back)  # open: the owner's now
+    for client, server_side in pairs:
+        client.close()
+        server_side.close()
+    tx.close()
+
+
 def test_a_socket_the_kernel_will_not_pass_is_reported_and_the_rest_still_go():
     """Besides a receiver that is gone, the kernel may refuse one message to a
     live one (ETOOMANYREFS: too many descriptors in flight; here EMSGSIZE, a

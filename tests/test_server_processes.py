@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import WORKERS
+from conftest import WORKERS, Process
 from fwd.session import CLOSE_LINGER
 from helpers import (
     TCP_ESTABLISHED,
@@ -31,6 +31,7 @@ from helpers import (
     send_json,
     socket_inodes,
     tcp_sockets,
+    wait_until,
 )
 
 MiB = 1 << 20
@@ -250,17 +251,110 @@ def test_byte_exact_through_the_worker(start_server, mode):
     up.finish()
 
 
-def test_a_worker_that_cannot_start_stops_the_server(tmp_path):
-    """A worker that dies before it is ready would die again if restarted: the
-    server says so and exits 1 instead of restarting it in a loop."""
+def _worker_hook(tmp_path, action: str) -> dict[str, str]:
+    """The environment of a server whose worker processes run ``action``
+    before anything else while the file ``tmp_path / "flag"`` exists."""
     (tmp_path / "sitecustomize.py").write_text(
-        "import os, sys\nif 'fwd.worker' in sys.orig_argv:\n    os._exit(3)\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+        "import os, sys, time\n"
+        f"if 'fwd.worker' in sys.orig_argv and os.path.exists({str(tmp_path / 'flag')!r}):\n"
+        f"    {action}\n")
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+@pytest.mark.parametrize("action, how", [("os._exit(3)", "status 3"),
+                                         ("time.sleep(3600)", "signal 9")])
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path, action, how):
+    """A worker that dies before it is ready would die again if restarted: the
+    server says so and exits 1 instead of restarting it in a loop. One that
+    hangs is killed at --worker-timeout, and is the same case."""
+    env = _worker_hook(tmp_path, action)
+    (tmp_path / "flag").touch()
     done = subprocess.run([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
-                           "--workers", str(WORKERS), "--control", "none"],
+                           "--workers", str(WORKERS), "--control", "none",
+                           "--worker-timeout", "2"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
     assert re.search(r"ERROR acceptor fwd\.arbiter: worker \d+ \(pid \d+\) exited with "
-                     r"status 3 before it was ready: it cannot start, so the server stops",
+                     rf"{how} before it was ready: it cannot start, so the server stops",
                      done.stderr), done.stderr
+    if how == "signal 9":
+        assert re.search(r"worker \d+ \(pid \d+\) not ready for \d+ s: killing it",
+                         done.stderr), done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("action, how", [("os._exit(3)", "status 3"),
+                                         ("time.sleep(3600)", "signal 9")])
+def test_a_replacement_that_cannot_start_is_started_again_later(start_server, tmp_path,
+                                                                 action, how):
+    """A worker that served and died is replaced; if the replacement dies (or
+    hangs: --worker-timeout) before it is ready, the server does not stop,
+    which would cut every other worker's sessions: it starts one again after
+    a pause that grows, and the other workers serve meanwhile."""
+    server = start_server("--mode", "chan", "--worker-timeout", "2",
+                          env=_worker_hook(tmp_path, action))
+    server.expected_errors += [r"before it was ready \(\d in a row\); starting it again",
+                               r"not ready for \d+ s: killing it"]
+    victim = server.workers()[0]
+    others = []
+    if WORKERS > 1:
+        for i in range(WORKERS):
+            sc, sd = pair(server, f"c{i}", f"d{i}")
+            if server.worker_of(sc) != victim:
+                others = [sc, sd]
+                break
+        assert others, "no pair landed on another worker"
+        up = Sender(others[0], 8 * MiB)
+        up.start()
+    (tmp_path / "flag").touch()
+    mark = server.mark()
+    os.kill(victim, signal.SIGKILL)
+    server.wait_log(rf"exited with {how} before it was ready \(1 in a row\); "
+                    r"starting it again in 1 s", start=mark)
+    server.wait_log(rf"exited with {how} before it was ready \(2 in a row\); "
+                    r"starting it again in 2 s", start=mark)
+    status = server.ctl_json("status")
+    assert [sorted(w) for w in status["workers"] if "error" in w] == [
+        ["error", "pid", "worker"]], status  # pid: null, or the one starting
+    if others:  # served all along
+        assert_pair_works(server)
+    (tmp_path / "flag").unlink()
+    server.wait_log(r"worker \d+ ready", start=mark)
+    assert server.proc.poll() is None
+    if others:
+        assert recv_hash(others[1], 8 * MiB) == up.digest
+        up.finish()
+    assert len(server.workers()) == WORKERS
+    assert_pair_works(server)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_do_not_outlive_a_parent_killed_while_they_start():
+    """Once a worker serves, its channel tells it that the parent is gone;
+    while it boots it waits for its peers, whose coordinator is in the
+    parent, and nothing else would stop it. The kernel does
+    (PR_SET_PDEATHSIG), and the run directory goes with the last of them."""
+    proc = Process([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
+                    "--workers", "2", "--log-level", "debug", "--control", "none"])
+    try:
+        proc.wait_log(r"worker 1 started pid=\d+")
+        os.kill(proc.pid, signal.SIGSTOP)  # its coordinator answers nobody now
+        rundir = proc.wait_log(r"run directory (\S+)").group(1)
+        pids = [int(p) for p in re.findall(r"worker \d started pid=(\d+)", "\n".join(proc.lines))]
+        assert len(pids) == 2
+        # Each binds its endpoint there, then waits for the others.
+        wait_until(lambda: {"w0", "w1"} <= set(os.listdir(rundir)), 30, "the workers to boot")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.proc.wait(10)
+        wait_until(lambda: not any(_running(p) for p in pids), 20, "the workers to exit")
+        wait_until(lambda: not os.path.exists(rundir), 10, "the run directory to go")
+    finally:
+        proc.stop(check=False)
