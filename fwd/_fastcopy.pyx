@@ -145,6 +145,9 @@ cdef class Relay:
     cdef public int pipe_r
     cdef public int pipe_w
     cdef public bint pump_wait  # offered, or refused for now (Pumps clears it)
+    # A send to it met its peer's reset (_gone): set at once, not when
+    # peer_gone runs, since its EOF may be read before that.
+    cdef public bint peer_reset
     cdef int _whole_reads  # toward _PUMP_READS
     # A spliced round the rest of its route (other workers, held bytes) has
     # not had yet: (route, bytes, now), see flush_rest.
@@ -417,6 +420,7 @@ cdef list _spread(int src, ssize_t n, list rx, bint keep):
                 continue
             if m < 0 and _gone(errno):
                 _discard(fd, left)
+                t.peer_reset = True
                 t.hub.loop.call_soon(t.peer_gone)
                 continue
             if left < n:
@@ -560,6 +564,7 @@ cdef object _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender
             if sent < 0:
                 if _gone(errno):
                     t.bytes_out -= n
+                    t.peer_reset = True
                     t.hub.loop.call_soon(t.peer_gone)
                     continue
                 sent = 0  # EAGAIN

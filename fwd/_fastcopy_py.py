@@ -67,7 +67,8 @@ class Relay:
     # Session.__init__ sets every one of these (the compiled class starts them
     # at zero, None and False).
     __slots__ = ("hub", "transport", "route", "fd", "last_active", "bytes_in", "bytes_out",
-                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w", "unsent", "pump_wait")
+                 "writing_paused", "live", "bulk", "pipe_r", "pipe_w", "unsent", "pump_wait",
+                 "peer_reset")
     hub: Any
     transport: Any
     route: Any
@@ -82,6 +83,7 @@ class Relay:
     pipe_w: int
     unsent: tuple[Any, bytes, float] | None
     pump_wait: bool  # no pumps here: kept for the same contract
+    peer_reset: bool  # see _fastcopy.pyx
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if not self.live:
@@ -271,6 +273,7 @@ def _spread(src: int, n: int, rx: list[Any], keep: bool
                 m = os.splice(fd, t.fd, left, flags=_FLAGS)
             except (BrokenPipeError, ConnectionResetError):
                 gone = True  # see _fastcopy.pyx _gone
+                t.peer_reset = True
                 t.hub.loop.call_soon(t.peer_gone)
                 break
             except OSError:
@@ -356,6 +359,7 @@ def send_view(buf: bytearray, n: int, targets: tuple[Any, ...], sender: Any,
                 sent = os.write(t.fd, view)
             except (BrokenPipeError, ConnectionResetError):  # see _fastcopy.pyx _gone
                 t.bytes_out -= n
+                t.peer_reset = True
                 t.hub.loop.call_soon(t.peer_gone)
                 continue
             except OSError:  # EAGAIN

@@ -259,6 +259,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.eof_out = False
         self.gone = False
         """Its peer reset it: what is forwarded to it is dropped (see _unpump)."""
+        self.peer_reset = False  # see Relay
         self.by_us = False
         """We ended it while it was fine (the other side of its pair went away)."""
         self.bytes_in = 0
@@ -328,8 +329,10 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.eof_in = True
         self.reading = False
         t = self.transport
-        if self.attached and not self.eof_out and t is not None and reset_by_peer(t):
-            # A pump's splice took the reset: it is a loss, not a FIN.
+        if self.attached and t is not None and (self.gone or self.peer_reset or (
+                not self.eof_out and reset_by_peer(t))):
+            # A send or a pump's splice took the reset: a loss, not a FIN,
+            # even after ours (reset_by_peer cannot tell then).
             self.close(abort=True)
             self.bridge.lost(self, f"connection lost: {describe(RESET_BY_PEER)}")
             return True

@@ -144,8 +144,10 @@ class Pumps:
         for src, dst, rest, spliced in ((a, b, ab, bulk[0]), (b, a, ba, bulk[1])):
             # Not to a receiver whose peer reset (a thread's splice failed on
             # it): its transport would close it before we read what it holds.
-            if rest is not None and dst.transport is not None \
-                    and not reset_by_peer(dst.transport):
+            # No FIN was passed on while pumped: CLOSE is a reset.
+            if dst.transport is not None and reset_by_peer(dst.transport):
+                dst.peer_reset = True
+            elif rest is not None and dst.transport is not None:
                 dst.transport.write(rest)
                 src._spliced_rest(dst, rest, now)
             # A way that moved only small rounds keeps no pipe in the loop,

@@ -157,6 +157,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.pipe_r = self.pipe_w = -1  # a splice pipe, once a bulk stream needs one
         self.unsent = None  # see Relay.flush_rest
         self.pump_wait = False  # see Pumps.offer
+        self.peer_reset = False  # see Relay; its EOF is a reset then, even after our FIN
         self.recvers: tuple[str, ...] = ()  # as named in hs3; () is everyone else
         self.adopted = adopted
 
@@ -262,7 +263,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         # transport closes once queued bytes are flushed.
         self.flush_rest()
         transport = self.transport
-        if transport is not None and not self.write_closed and reset_by_peer(transport):
+        if transport is not None and (self.peer_reset or (
+                not self.write_closed and reset_by_peer(transport))):
             self._lost_to_reset(transport)
             return True
         if self.state is St.HANDSHAKE and self.hs is None:  # moved here (_keep_early)
@@ -296,7 +298,11 @@ class Session(Relay, asyncio.BufferedProtocol):
         """A send to us failed: our client reset. Our reads end the session,
         after what our kernel still holds from the client (even if they wait
         for a receiver to drain), unless none will come: the client had sent
-        its FIN already."""
+        its FIN already. The send took the reset, so that the read finds an
+        EOF; after our own FIN (its partner's, passed on) that EOF would pass
+        for its client's FIN, and the partner would take a cut stream for a
+        whole one: ``peer_reset`` says it is none."""
+        self.peer_reset = True
         transport = self.transport
         if self.read_closed and transport is not None and self.state is not St.CLOSED:
             self._lost_to_reset(transport)

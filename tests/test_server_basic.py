@@ -13,6 +13,7 @@ from helpers import (
     assert_pair_works,
     claim_again,
     flood_until_stalled,
+    handshake,
     pair,
     read_until_reset,
     recv_exact,
@@ -200,6 +201,55 @@ def test_a_reset_after_a_half_close_resets_the_partner(chan_server):
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
         sb.sendall(b"x" * (64 * MiB))
     chan_server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
+
+
+def _cut_mid_stream(server: Server, n: int) -> tuple[bool, str]:
+    """B (a small window) sends A 100 KiB, which A reads last; A streams
+    12 MiB to B, then its FIN; B reads 2 MiB of it and resets. Returns
+    whether A's sending went through, and how A's stream from B ended."""
+    sa, _ = server.handshake(f"a{n}", [f"b{n}"])
+    # Set before connecting, so that B's kernel cannot take megabytes that B
+    # never reads ("acknowledged is not read": after that, B's reset would
+    # come after the server's FIN, and read as B's FIN).
+    sb = socket.socket()
+    server.sockets.append(sb)
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sb.settimeout(30)
+    sb.connect((server.host, server.port))
+    handshake(sb, f"b{n}", [f"a{n}"])
+    sb.sendall(b"b" * 100 * 1024)
+
+    def b_side() -> None:
+        recv_exact(sb, 2 * MiB)
+        reset_close(sb)
+
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(b_side)
+        try:
+            sa.settimeout(30)
+            sa.sendall(os.urandom(12 * MiB))
+            sa.shutdown(socket.SHUT_WR)
+            sent = True
+        except OSError:  # A met the reset itself
+            sent = False
+        done.result(timeout=30)
+    try:
+        while sa.recv(65536):
+            pass
+        return sent, "EOF"
+    except ConnectionResetError:
+        return sent, "reset"
+
+
+def test_a_reset_met_by_a_send_is_not_taken_for_a_fin_later(chan_server):
+    """A send to B that meets B's reset takes the socket's error, and B's
+    read then finds 0, as for a FIN. Once A's FIN was passed on to B, B's
+    socket is closed either way (reset_by_peer cannot tell), so only the
+    failed send can: A must not get a clean end for a stream B never read."""
+    for n in range(6):  # the send meets the reset first in some tries only
+        sent, end = _cut_mid_stream(chan_server, n)
+        # After a reset met while sending, A's read finds 0 too: A saw it.
+        assert end == "reset" or not sent, f"try {n}: a clean end for a cut stream"
 
 
 def test_eof_outside_a_pair_ends_the_session(chan_server):
