@@ -55,6 +55,11 @@ CONTROL_HWM = 1_000_000
 stall: small messages, so this bounds memory at tens of MB for a stuck worker."""
 BATCH = 256
 """Messages handled per wake-up before yielding to the event loop."""
+STUCK_AFTER = 3.0
+"""Seconds a peer may leave its full pipe unread before the senders here stop
+waiting for it (arbiter.LATE, after which the parent sends it no new
+connection either): a stopped or hung worker would hold up, until
+--worker-timeout, every sender that writes to everyone or to a chid of it."""
 
 
 NOT_JUST_LIVE = b""
@@ -166,7 +171,7 @@ class Mesh:
     """One worker's end of the ZeroMQ layer. The Hub decides; this moves messages."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wid: int, workers: int, rundir: str,
-                 handler: Any, overflow_max: int) -> None:
+                 handler: Any, overflow_max: int, stuck_after: float = STUCK_AFTER) -> None:
         self.loop = loop
         self.wid = wid
         self.peers = tuple(w for w in range(workers) if w != wid)
@@ -175,6 +180,9 @@ class Mesh:
         self._requests: dict[bytes, Callable[..., None]] = {}
         self._ids = itertools.count()
         self.full_pipes: set[int] = set()
+        self.stuck_after = stuck_after  # 0: wait for a peer as long as it takes
+        self.stuck: set[int] = set()  # full pipes unread for stuck_after: not waited for
+        self._progress: dict[int, float] = {}  # full pipe -> when its peer last took some
         self._overflow: dict[int, list[list[bytes]]] = {}
         self._overflow_bytes: dict[int, int] = {}
         self.overflow_max = overflow_max
@@ -387,6 +395,9 @@ class Mesh:
             except zmq.Again:
                 self.full_pipes.add(worker)
                 pipe.kick()
+                if self.stuck_after and worker not in self._progress:
+                    self._progress[worker] = self.loop.time()
+                    self.loop.call_later(self.stuck_after, self._check_stuck, worker)
         # Past the high-water mark, and nothing overtakes what already waits:
         # keep the bytes (each sender waits for the pipe after one read), up
         # to overflow_max. Beyond it the peer is stuck (stopped, overloaded):
@@ -395,14 +406,27 @@ class Mesh:
         size = sum(len(f) for f in frames)
         if frames[0] in (TO, ALL) and self._overflow_bytes.get(worker, 0) >= self.overflow_max:
             self.handler.overflow_dropped(worker, len(frames[-1]))
-            return False
+            return worker in self.stuck
         self._overflow.setdefault(worker, []).append(frames)
         self._overflow_bytes[worker] = self._overflow_bytes.get(worker, 0) + size
-        return False
+        return worker in self.stuck  # nobody waits for a stuck peer
+
+    def _check_stuck(self, worker: int) -> None:
+        since = self._progress.get(worker)
+        if since is None or worker in self.stuck:  # drained meanwhile
+            return
+        left = since + self.stuck_after - self.loop.time()
+        if left > 0:  # it took some meanwhile: look again then
+            self.loop.call_later(left, self._check_stuck, worker)
+            return
+        self.stuck.add(worker)
+        self.handler.peer_stuck(worker)
 
     def forget(self, worker: int) -> int:
         """``worker`` died: what waited for it is not for its successor. Returns
         the stream bytes dropped."""
+        self.stuck.discard(worker)
+        self._progress.pop(worker, None)
         queued = self._overflow.pop(worker, None) or []
         self._overflow_bytes.pop(worker, None)
         return sum(len(f[-1]) for f in queued if f[0] in (TO, ALL))
@@ -417,6 +441,10 @@ class Mesh:
                 return
             sent = queued.pop(0)
             self._overflow_bytes[worker] -= sum(len(f) for f in sent)
+            if worker in self._progress:
+                self._progress[worker] = self.loop.time()
+        self._progress.pop(worker, None)
+        self.stuck.discard(worker)
         if worker in self.full_pipes:
             self.full_pipes.discard(worker)
             self.handler.pipe_drained(worker)

@@ -24,7 +24,7 @@ from . import control, fdpass
 from .config import Config
 from .crypto import derive_key
 from .fastpath import Pump, bind, fanout
-from .mesh import Mesh
+from .mesh import STUCK_AFTER, Mesh
 from .metrics import FLUSH_EVERY
 from .protocol import FULL, SHUTDOWN, failure_reason, refusal_line
 from .pumps import Pumps
@@ -162,6 +162,7 @@ class Hub:
         # got OK gets what is sent after it (see when_awake).
         self.sleeping: set[int] = set()  # peers that said they sleep
         self._stuck: set[int] = set()  # peers whose bytes the mesh drops (overflow_dropped)
+        self._given_up: set[int] = set()  # peers not waited for (peer_stuck)
         self._wants: set[str] = set()  # chids asked about for bytes held here (sync_wants)
         self.asleep = False  # we said so
         self._waking: set[int] | None = None  # peers whose answer we await
@@ -309,16 +310,18 @@ class Hub:
         mesh = self.mesh
         assert mesh is not None
         waits: list[Any] = []
+        stuck = mesh.stuck
         if route.to_all:
             peers = self.awake_peers()
             self.stats["cross_worker_bytes"] += len(chunk) * len(peers)
             waits.extend(("pipe", w) for w in mesh.send_all(chunk, sender, peers))
-            waits.extend(("worker", w) for w, n in self.remote_full_count.items() if n > 0)
+            waits.extend(("worker", w) for w, n in self.remote_full_count.items()
+                         if n > 0 and w not in stuck)
         self.stats["cross_worker_bytes"] += len(chunk) * len(route.remote)
         for worker, chid in route.remote:
             if not mesh.send_to(worker, chid, chunk, sender):
                 waits.append(("pipe", worker))
-            if chid in self.remote_full_chids:
+            if chid in self.remote_full_chids and worker not in stuck:
                 waits.append(("chid", chid))
         return waits
 
@@ -412,6 +415,7 @@ class Hub:
         assert self.mesh is not None
         self.drop("worker_gone", self.mesh.forget(worker))
         self._stuck.discard(worker)
+        self._given_up.discard(worker)
         self.sleeping.discard(worker)  # its successor starts awake
         self.peer_awake(worker)
         self.router.drop_worker(worker)
@@ -482,10 +486,25 @@ class Hub:
             self.resume_senders(self.backpressure.release(("worker", worker)))
 
     def pipe_drained(self, worker: int) -> None:
-        if worker in self._stuck:
+        if worker in self._stuck or worker in self._given_up:
             self._stuck.discard(worker)
+            self._given_up.discard(worker)
             log.warning("worker %d reads again", worker)
         self.resume_senders(self.backpressure.release(("pipe", worker)))
+
+    def peer_stuck(self, worker: int) -> None:
+        """``worker`` has left its full pipe unread for mesh.STUCK_AFTER
+        (stopped, hung): the senders waiting for it, or for its receivers,
+        go on without it until it reads again."""
+        assert self.mesh is not None
+        self._given_up.add(worker)
+        log.warning("worker %d has not read for %g s: senders here no longer wait for it, and "
+                    "stream bytes for it beyond %d queued are dropped", worker,
+                    self.mesh.stuck_after, self.config.max_buffer)
+        self.resume_senders(self.backpressure.release(("pipe", worker)))
+        self.resume_senders(self.backpressure.release(("worker", worker)))
+        for chid in [c for c, w in self.remote_full_chids.items() if w == worker]:
+            self.resume_senders(self.backpressure.release(("chid", chid)))
 
     def overflow_dropped(self, worker: int, nbytes: int) -> None:
         """The mesh dropped bytes for a worker that does not read its pipe."""
@@ -811,7 +830,9 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     hub.wid, hub.channel = wid, channel
     hub.start_tokens(incarnation)
     if config.workers > 1:
-        hub.mesh = Mesh(loop, wid, config.workers, rundir, hub, config.max_buffer)
+        # --slow-timeout 0: nobody is dropped for being slow, a stuck worker neither.
+        hub.mesh = Mesh(loop, wid, config.workers, rundir, hub, config.max_buffer,
+                        STUCK_AFTER if config.slow_timeout else 0.0)
         await hub.mesh.connected()
         hub.live_changed()  # no session yet: the others may leave us out
     stop = asyncio.Event()

@@ -452,6 +452,35 @@ def test_bytes_for_a_stopped_worker_are_bounded_then_dropped(start_server):
     assert recv_exact(sb, 10) == b"still fine"
 
 
+def test_senders_stop_waiting_for_a_worker_that_does_not_read(start_server):
+    """A stopped (hung) worker would hold up every sender to everyone, and
+    its receivers on the healthy workers, until --worker-timeout killed it.
+    After mesh.STUCK_AFTER the senders go on without it: its bytes beyond
+    --max-buffer queued are dropped and counted, as before, and everyone
+    else gets every byte."""
+    server = start_server("--mode", "broadcast", "--workers", "2", "--max-buffer", "256KiB")
+    mark = server.mark()
+    clients = [server.connect() for _ in range(4)]
+    server.wait_log(r"session start chid=None", start=mark, count=4)
+    here = server.worker_of(clients[0])
+    sender = clients[0]
+    receiver = next(c for c in clients[1:] if server.worker_of(c) == here)
+    victim = next(w for w in server.workers() if w != here)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        up = Sender(sender, 16 * MiB)
+        up.start()
+        receiver.settimeout(30)  # the stop is not over before this is through
+        assert recv_hash(receiver, 16 * MiB) == up.digest
+        up.finish()
+        server.wait_log(r"worker \d+ has not read for 3 s: senders here no longer wait for it",
+                        start=mark)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    server.wait_log(r"worker \d+ reads again", start=mark)
+    assert server.ctl_json("status")["drops"]["worker_stuck"] > 0
+
+
 def _worker_ready(server, pid: int, start: int) -> None:
     """Wait until the worker that replaces ``pid`` is up."""
     server.wait_log(rf"worker \d+ ready pid=(?!{pid}\b)\d+", start=start)
