@@ -65,21 +65,26 @@ def test_process_titles_name_the_roles(chan_server):
         f"fwd-server: worker {i}" for i in range(WORKERS)]
 
 
+def _stream_elsewhere(server, victim: int) -> tuple[list[socket.socket], Sender | None]:
+    """With several workers, a pair on a worker other than ``victim`` whose
+    8 MiB stream has started: ([sender, receiver], its Sender); else ([], None)."""
+    if WORKERS == 1:
+        return [], None
+    for i in range(WORKERS):
+        sc, sd = pair(server, f"c{i}", f"d{i}")
+        if server.worker_of(sc) != victim:
+            up = Sender(sc, 8 * MiB)
+            up.start()
+            return [sc, sd], up
+    raise AssertionError("no pair landed on another worker")
+
+
 def test_killed_worker_is_replaced_and_its_chids_freed(chan_server):
     sa, sb = pair(chan_server)
     victim = chan_server.worker_of(sa)
     assert chan_server.worker_of(sb) == victim  # a pair lives on one worker
-    others = []
-    if WORKERS > 1:
-        # A pair on another worker must not lose a byte while its neighbour dies.
-        for i in range(WORKERS):
-            sc, sd = pair(chan_server, f"c{i}", f"d{i}")
-            if chan_server.worker_of(sc) != victim:
-                others = [sc, sd]
-                break
-        assert others, "no pair landed on another worker"
-        up = Sender(others[0], 8 * MiB)
-        up.start()
+    # A pair on another worker must not lose a byte while its neighbour dies.
+    others, up = _stream_elsewhere(chan_server, victim)
     mark = chan_server.mark()
     os.kill(victim, signal.SIGKILL)
     chan_server.wait_log(rf"worker \d+ \(pid {victim}\) exited with signal 9", start=mark)
@@ -90,7 +95,7 @@ def test_killed_worker_is_replaced_and_its_chids_freed(chan_server):
             assert s.recv(1) == b""
         except ConnectionResetError:
             pass
-    if others:
+    if up is not None:
         assert recv_hash(others[1], 8 * MiB) == up.digest
         up.finish()
     # ...the acceptor never stopped, and the chids are free again.
@@ -297,16 +302,7 @@ def test_a_replacement_that_cannot_start_is_started_again_later(start_server, tm
     server.expected_errors += [r"before it was ready \(\d in a row\); starting it again",
                                r"not ready for \d+ s: killing it"]
     victim = server.workers()[0]
-    others = []
-    if WORKERS > 1:
-        for i in range(WORKERS):
-            sc, sd = pair(server, f"c{i}", f"d{i}")
-            if server.worker_of(sc) != victim:
-                others = [sc, sd]
-                break
-        assert others, "no pair landed on another worker"
-        up = Sender(others[0], 8 * MiB)
-        up.start()
+    others, up = _stream_elsewhere(server, victim)
     (tmp_path / "flag").touch()
     mark = server.mark()
     os.kill(victim, signal.SIGKILL)
@@ -322,7 +318,7 @@ def test_a_replacement_that_cannot_start_is_started_again_later(start_server, tm
     (tmp_path / "flag").unlink()
     server.wait_log(r"worker \d+ ready", start=mark)
     assert server.proc.poll() is None
-    if others:
+    if up is not None:
         assert recv_hash(others[1], 8 * MiB) == up.digest
         up.finish()
     assert len(server.workers()) == WORKERS
