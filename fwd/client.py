@@ -61,7 +61,7 @@ from .protocol import (
     Role,
     refusal,
 )
-from .sockopts import set_keepalive
+from .sockopts import await_fin_answer, set_keepalive
 
 __all__ = [
     "Connection", "E2EError", "E2EKey", "E2EStreamReader", "E2EStreamWriter", "HandshakeError",
@@ -589,6 +589,9 @@ class Connection:
             # The server reset the connection (a refusal at accept, a cut
             # stream): say that, not the socket's "not connected".
             raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET)) from None
+        # The server's FIN came first: its reset of what we sent since may
+        # still be on its way.
+        await_fin_answer(self.sock)
 
     def shutdown(self, how: int) -> None:
         """``socket.shutdown``, ending the encrypted stream properly first."""

@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import termios
+import time
 
 KEEPALIVE = (30, 10, 3)
 """TCP keepalive: idle seconds, probe interval, probes. A vanished peer (or a NAT
@@ -28,6 +29,9 @@ def set_keepalive(sock: socket.socket) -> None:
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _TCP_CLOSE = 7  # tcp_info.tcpi_state, linux/tcp_states.h
+_TCP_LAST_ACK = 9
+FIN_ANSWER_WAIT = 1.0
+"""Seconds a client waits for the peer to answer its FIN sent after the peer's own."""
 
 
 def reset(transport: asyncio.WriteTransport) -> None:
@@ -51,6 +55,25 @@ RESET_BY_PEER = ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRE
 
 def _state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def await_fin_answer(sock: socket.socket, timeout: float = FIN_ANSWER_WAIT) -> None:
+    """After our FIN behind the peer's (LAST_ACK), wait for the peer's answer:
+    an ACK, or a reset if it had closed for good, which then refused what we
+    sent after its FIN. Raises ConnectionResetError for a reset, which would
+    otherwise come after we took the end for a clean one. Loopback answers at
+    once, a remote peer within a round trip; past ``timeout``, nothing is said."""
+    deadline = time.monotonic() + timeout
+    try:
+        while _state(sock) == _TCP_LAST_ACK:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.001)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError:  # not TCP, or closed meanwhile
+        return
+    if err == errno.ECONNRESET:
+        raise ConnectionResetError(err, os.strerror(err))
 
 
 def reset_by_peer(transport: asyncio.BaseTransport) -> bool:

@@ -772,3 +772,22 @@ def test_password_and_e2e_together(start_server, key):
 
     run(body)
 
+
+
+def test_bytes_sent_after_the_servers_close_end_in_a_reset_not_a_clean_end():
+    """The server closed (a refusal at accept): its FIN came first, then what
+    we send meets a reset. That reset may be processed after our own FIN went
+    out (a loaded machine); shutdown_write waits for the answer to our FIN
+    instead of taking the end for a clean one."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    try:
+        conn = connect("127.0.0.1", lst.getsockname()[1], handshake=False)
+        lst.accept()[0].close()
+        conn.sock.settimeout(10)
+        assert conn.recv(1) == b""  # its FIN
+        conn.sendall(b"hello\n")
+        with pytest.raises(ConnectionResetError):
+            conn.shutdown_write()
+        conn.close()
+    finally:
+        lst.close()
