@@ -444,10 +444,10 @@ class Mesh:
             if worker in self._progress:
                 self._progress[worker] = self.loop.time()
         self._progress.pop(worker, None)
-        self.stuck.discard(worker)
         if worker in self.full_pipes:
             self.full_pipes.discard(worker)
-            self.handler.pipe_drained(worker)
+            self.handler.pipe_drained(worker)  # it may ask whether it was stuck
+        self.stuck.discard(worker)
 
     def _from_peer(self, frames: list[bytes]) -> None:
         kind = frames[0]

@@ -343,7 +343,8 @@ class Router(Generic[T]):
         kept: bytes | memoryview
         if len(chunk) <= room and (id(chunk) in self._refs or len(chunk) <= spare):
             kept = base = chunk
-        elif id(chunk) in self._refs or len(chunk) + self.entry_cost <= spare:
+        elif (id(chunk) in self._refs and spare >= self.entry_cost) \
+                or len(chunk) + self.entry_cost <= spare:
             kept, base = memoryview(chunk)[:room], chunk
             cost += self.entry_cost  # the view object
         else:  # only a part fits the total: that part alone, copied

@@ -162,7 +162,6 @@ class Hub:
         # got OK gets what is sent after it (see when_awake).
         self.sleeping: set[int] = set()  # peers that said they sleep
         self._stuck: set[int] = set()  # peers whose bytes the mesh drops (overflow_dropped)
-        self._given_up: set[int] = set()  # peers not waited for (peer_stuck)
         self._wants: set[str] = set()  # chids asked about for bytes held here (sync_wants)
         self.asleep = False  # we said so
         self._waking: set[int] | None = None  # peers whose answer we await
@@ -415,7 +414,6 @@ class Hub:
         assert self.mesh is not None
         self.drop("worker_gone", self.mesh.forget(worker))
         self._stuck.discard(worker)
-        self._given_up.discard(worker)
         self.sleeping.discard(worker)  # its successor starts awake
         self.peer_awake(worker)
         self.router.drop_worker(worker)
@@ -486,9 +484,9 @@ class Hub:
             self.resume_senders(self.backpressure.release(("worker", worker)))
 
     def pipe_drained(self, worker: int) -> None:
-        if worker in self._stuck or worker in self._given_up:
+        assert self.mesh is not None
+        if worker in self._stuck or worker in self.mesh.stuck:
             self._stuck.discard(worker)
-            self._given_up.discard(worker)
             log.warning("worker %d reads again", worker)
         self.resume_senders(self.backpressure.release(("pipe", worker)))
 
@@ -497,7 +495,6 @@ class Hub:
         (stopped, hung): the senders waiting for it, or for its receivers,
         go on without it until it reads again."""
         assert self.mesh is not None
-        self._given_up.add(worker)
         log.warning("worker %d has not read for %g s: senders here no longer wait for it, and "
                     "stream bytes for it beyond %d queued are dropped", worker,
                     self.mesh.stuck_after, self.config.max_buffer)

@@ -580,6 +580,12 @@ def test_a_read_held_in_part_for_many_chids_is_in_memory_once():
     assert b"".join(r.join(a)) == b"".join(reads)[:1000]
     r.expire(100.0)
     assert (r.held, r.overhead) == (0, 0)
+    # A view's own cost fits the total too, or the part is copied instead.
+    r = make_router(hold_bytes=5, hold_total=60, entry_cost=10)
+    read = b"x" * 8
+    for chid in chids[:10]:
+        r.hold(chid, read, 0.0, "s")
+        assert r.held + r.overhead <= 60
 
 
 def test_the_holds_own_memory_counts_against_the_total():
