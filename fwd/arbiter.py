@@ -37,7 +37,7 @@ from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
 from .config import Config, address_key, format_hostport
 from .coordinator import Coordinator
-from .protocol import FULL, NOT_ALLOWED, PER_IP, RESTARTING, refusal_line
+from .protocol import FULL, NOT_ALLOWED, PER_IP, RESTARTING, SHUTDOWN, refusal_line
 from .registry import Owner
 from .sdnotify import Notifier
 
@@ -226,6 +226,7 @@ class Arbiter:
                         fdpass.Handoff(self.loop, parent), heard=self.loop.time())
         worker.handoff.on_drop = functools.partial(self._handoff_failed, worker)
         worker.handoff.on_gone = functools.partial(self._handed_back, worker)
+        worker.handoff.on_lost = self._lost_on_arrival
         self.workers[wid] = worker
         self.loop.add_reader(parent, self._from_worker, worker)
         log.debug("worker %d started pid=%d", wid, worker.pid)
@@ -254,6 +255,8 @@ class Arbiter:
                                  OSError(errno.EMFILE, "out of descriptors"))
         elif fds:
             self._forward_moved(worker, socket.socket(fileno=fds[0]), message)
+        elif message[:1] == fdpass.CONFIRM:  # it took these: our copies may go
+            worker.handoff.confirm(message[1:])
         elif message[:1] == b"x":  # one "x" per connection of it that ended
             worker.conns = max(worker.conns - len(message), 0)
         elif message[:1] == b"g":  # the same, one peer per line (--max-conns-per-ip)
@@ -375,6 +378,17 @@ class Arbiter:
         self._refused("lost connection from %s in a hand-off with worker %d (%s)", peer,
                       worker.wid, errno.errorcode.get(exc.errno or 0, exc), peer=peer)
 
+    def _lost_on_arrival(self, sock: socket.socket, meta: dict[str, Any]) -> None:
+        """A socket whose descriptor a worker could not take (it is out of
+        descriptors): the worker counted it out and logged it. Our copy lets
+        the client hear why, as when we are full. A session that was moving
+        waits for its hs4, which with a password only its old worker could
+        encrypt: it is only closed, as before the hand-off."""
+        if "adopt" in meta:
+            sock.close()
+        else:
+            self._refuse(sock, FULL)
+
     def _handed_back(self, worker: Worker, sock: socket.socket, meta: dict[str, Any],
                      data: bytes) -> None:
         """A socket that never reached ``worker``: it died (its exit may not be
@@ -396,12 +410,21 @@ class Arbiter:
         except OSError:  # the client is gone too
             sock.close()
             return
-        if self.stopping:
-            sock.close()
+        if self.stopping:  # never read: it may still hear why
+            self._refuse(sock, SHUTDOWN)
             return
         log.debug("connection from %s goes to another worker: worker %d is gone",
                   format_hostport(*peer), worker.wid)
         self.dispatch(sock, peer)
+
+    def _refuse(self, sock: socket.socket, desc: str) -> None:
+        """Close a connection at once that nothing read. Every client of a chan
+        server, or one with a password, expects a handshake line first: it
+        gets the FAIL line that says why."""
+        if self.config.mode == "chan" or self.config.password:
+            with contextlib.suppress(OSError):
+                sock.send(refusal_line(desc))
+        sock.close()
 
     def _refused(self, line: str, *args: Any, peer: str) -> None:
         """Count a connection closed at once; log it at most once a second."""
@@ -485,11 +508,7 @@ class Arbiter:
             refused = over() if running else ("every worker is restarting", RESTARTING)
         if refused is not None:
             why, desc = refused
-            if self.config.mode == "chan" or self.config.password:
-                # Every client there expects a handshake line first: say why.
-                with contextlib.suppress(OSError):
-                    sock.send(refusal_line(desc))
-            sock.close()  # closed at once
+            self._refuse(sock, desc)
             self._refused("refusing connection from %s: %s", name, why, peer=name)
             return
         start, n = next(self._rr), self.config.workers  # rotate among equals

@@ -5,6 +5,11 @@ The channel is a Unix SOCK_SEQPACKET pair: each message arrives whole, so a
 socket can never be separated from its metadata, and a peer that died shows as
 EOF. The sending side never blocks (a full channel queues, see ``Handoff``),
 because the acceptor must keep accepting while a worker is busy or dead.
+
+The sender keeps its copy of each socket until the receiver confirms it (one
+CONFIRM note per batch, before it touches any of them): a socket sent to a
+process that dies before reading it would otherwise die with it, reset
+without a word, though nobody had used it yet.
 """
 from __future__ import annotations
 
@@ -22,6 +27,10 @@ MAX_DATA = 60 * 1024
 default Unix socket buffer); the sender reads no more than this before a hand-off."""
 BATCH = 256
 """Messages taken from a channel per wake-up before yielding to the loop."""
+CONFIRM = b"a"
+"""Starts the receiver's note about the sockets it took: then one byte per
+message read, in order, TAKEN or LOST."""
+TAKEN, LOST = b"y", b"n"
 _HEAD = struct.Struct("!I")
 _MAX_MESSAGE = 64 * 1024
 
@@ -92,33 +101,40 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 class Handoff:
     """The sending end of a channel in an event loop: never blocks the loop.
 
-    Sockets that do not fit into the channel right now wait in a queue (the
-    sender's copy of each fd stays open until it is sent). A socket the kernel
-    refuses to pass while the receiver lives (ETOOMANYREFS: too many
+    Sockets that do not fit into the channel right now wait in a queue. Our
+    copy of a socket stays open until the receiver confirms it (``confirm``),
+    so that one the receiver never read is not lost with it. A socket the
+    kernel refuses to pass while the receiver lives (ETOOMANYREFS: too many
     descriptors in flight for our RLIMIT_NOFILE) is closed, and
     ``on_drop(meta, exc)`` tells the owner, which counted it as handed on.
-    Once the receiver is gone (it died, before its exit is handled), or the
-    channel is closed, every socket not passed yet, sent from now on or
-    waiting, goes to ``on_gone(sock, meta, data)``, which may hand it to
-    another process; without one it is closed.
+    One whose descriptor the receiver could not take (it is out of
+    descriptors) goes to ``on_lost(sock, meta)``: the receiver counted it
+    out, and the owner may still tell the client. Once the receiver is gone
+    (it died, before its exit is handled), or the channel is closed, every
+    socket it did not confirm, sent, waiting or sent from now on, goes to
+    ``on_gone(sock, meta, data)``, in order, which may hand it to another
+    process; without one it is closed.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, channel: socket.socket,
                  on_drop: Callable[[dict[str, Any], OSError], None] | None = None,
                  on_gone: Callable[[socket.socket, dict[str, Any], bytes], None] | None = None,
+                 on_lost: Callable[[socket.socket, dict[str, Any]], None] | None = None,
                  ) -> None:
         channel.setblocking(False)
         self.loop = loop
         self.channel = channel
         self.on_drop = on_drop
         self.on_gone = on_gone
+        self.on_lost = on_lost
         self.gone = False  # the receiver is: nothing goes to it any more
         self._queue: collections.deque[
             tuple[socket.socket, bytes, dict[str, Any]]] = collections.deque()
+        self._sent: collections.deque[tuple[socket.socket, bytes]] = collections.deque()
         self._writing = False
 
     def send(self, sock: socket.socket, meta: dict[str, Any], data: bytes = b"") -> None:
-        """Pass ``sock`` on; our copy is closed once it has been sent."""
+        """Pass ``sock`` on; our copy is closed once the receiver confirms it."""
         message = pack(meta, data)
         if self.gone:
             self._give_back(sock, message)
@@ -132,26 +148,43 @@ class Handoff:
                 self._failed(sock, message, meta, exc)
                 return
             else:
-                sock.close()
+                self._sent.append((sock, message))
                 return
         self._queue.append((sock, message, meta))
         if not self._writing:
             self._writing = True
             self.loop.add_writer(self.channel, self._flush)
 
+    def confirm(self, word: bytes) -> None:
+        """The receiver's note (after CONFIRM): the next ``len(word)`` sockets
+        sent reached it (TAKEN) or lost their descriptor on the way (LOST)."""
+        for taken in word:
+            if not self._sent:
+                return  # a note we cannot match: the socket is not ours to close
+            sock, message = self._sent.popleft()
+            if taken == TAKEN[0] or self.on_lost is None:
+                sock.close()
+            else:
+                self.on_lost(sock, unpack(message)[0])
+
     def _failed(self, sock: socket.socket, message: bytes, meta: dict[str, Any],
                 exc: OSError) -> None:
         if exc.errno in _GONE:  # the other process is gone: what waits for it goes back
-            self.gone = True
-            self._give_back(sock, message)
-            self._stop_writing()
-            while self._queue:
-                waiting, message, _ = self._queue.popleft()
-                self._give_back(waiting, message)
+            self._queue.appendleft((sock, message, meta))
+            self._give_all_back()
             return
         sock.close()  # the client sees its connection end
         if self.on_drop is not None:
             self.on_drop(meta, exc)
+
+    def _give_all_back(self) -> None:
+        self.gone = True
+        self._stop_writing()
+        while self._sent:
+            self._give_back(*self._sent.popleft())
+        while self._queue:
+            waiting, message, _ = self._queue.popleft()
+            self._give_back(waiting, message)
 
     def _give_back(self, sock: socket.socket, message: bytes) -> None:
         if self.on_gone is None:
@@ -171,7 +204,7 @@ class Handoff:
                 self._failed(sock, message, meta, exc)
                 continue
             self._queue.popleft()
-            sock.close()
+            self._sent.append((sock, message))
         self._stop_writing()
 
     def _stop_writing(self) -> None:
@@ -182,39 +215,55 @@ class Handoff:
     def __len__(self) -> int:
         return len(self._queue)
 
+    @property
+    def unconfirmed(self) -> int:
+        """Sockets sent and not confirmed yet: our copies are still open."""
+        return len(self._sent)
+
     def close(self) -> None:
-        """The receiver is gone for good: what still waits goes back (on_gone)."""
-        self.gone = True
-        self._stop_writing()
-        while self._queue:
-            sock, message, _ = self._queue.popleft()
-            self._give_back(sock, message)
+        """The receiver is gone for good: what it did not confirm goes back (on_gone)."""
+        self._give_all_back()
         self.channel.close()
 
 
+Received = tuple[socket.socket, dict[str, Any], bytes]
+
+
 def receive_into(loop: asyncio.AbstractEventLoop, channel: socket.socket,
-                 on_socket: Callable[[socket.socket, dict[str, Any], bytes], None],
+                 on_batch: Callable[[bytes, list[Received]], None],
                  on_eof: Callable[[], None],
                  on_error: Callable[[OSError], None]) -> None:
-    """Call ``on_socket`` for every socket that arrives on ``channel``; a socket
-    lost in transit (``on_error``) does not stop the ones behind it."""
+    """Call ``on_batch(word, sockets)`` with what each wake-up read from
+    ``channel``: ``word`` is the note for the sender (``Handoff.confirm``), to
+    send before any of ``sockets`` is used. A socket lost in transit
+    (``on_error``) does not stop the ones behind it."""
     channel.setblocking(False)
 
     def readable() -> None:
+        word = bytearray()
+        batch: list[Received] = []
+        eof = False
         while True:
             try:
                 got = recv_socket(channel)
             except BlockingIOError:
-                return
-            except OSError as exc:
-                # Typically out of descriptors: the kernel dropped the socket
-                # (closing it), and the channel itself is fine.
+                break
+            except LostSocket as exc:  # out of descriptors: the kernel closed it
+                word += LOST
                 on_error(exc)
-                return  # the loop calls us again for what is left
+                continue
+            except OSError as exc:
+                on_error(exc)
+                break  # the loop calls us again for what is left
             if got is None:
-                loop.remove_reader(channel)
-                on_eof()
-                return
-            on_socket(*got)
+                eof = True
+                break
+            word += TAKEN
+            batch.append(got)
+        if word:
+            on_batch(bytes(word), batch)
+        if eof:
+            loop.remove_reader(channel)
+            on_eof()
 
     loop.add_reader(channel, readable)

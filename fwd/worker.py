@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -105,6 +106,9 @@ class Hub:
         self.channel: socket.socket | None = None
         self._gone = 0  # connections ended, not yet told to the parent
         self._gone_peers: list[str] = []  # their peers, with --max-conns-per-ip
+        self._confirm = bytearray()  # fdpass.Handoff.confirm's note, not sent yet
+        self._adopting: list[fdpass.Received] = []  # sockets waiting for that note to leave
+        self._adopt: Callable[[socket.socket, dict[str, Any], bytes], None] = lambda *_: None
         self._tokens = itertools.count(1)
         self.remote_full_chids: dict[str, int] = {}
         self.remote_full_count: collections.Counter[int] = collections.Counter()
@@ -187,18 +191,46 @@ class Hub:
             peer = session.peer
         if self.channel is not None:
             if not self._gone:
-                self.loop.call_soon(self._send_gone)
+                self.loop.call_soon(self._send_notes)
             self._gone += 1
             if self.config.max_conns_per_ip:
                 self._gone_peers.append(peer)
 
-    def _send_gone(self) -> None:
-        """One note for every connection that ended since the last note. A full
-        channel (the parent is behind: its send buffer holds about 270 notes)
-        keeps the count for when it drains, since a lost note would hold a
-        --max-conns slot for good. A note is one packet the parent reads
-        whole, so a large count goes in several."""
+    def took(self, word: bytes, batch: list[fdpass.Received],
+             adopt: Callable[[socket.socket, dict[str, Any], bytes], None]) -> None:
+        """Tell the parent which sockets arrived before using any of them:
+        until it knows, it keeps its copies, and gives them to another worker
+        if this one dies. Were one used first, a worker dying before its note
+        left would have the same connection start over elsewhere mid-session.
+        So a full channel holds the sockets back with the note."""
+        self._confirm += word
+        self._adopting.extend(batch)
+        self._adopt = adopt
+        self._send_notes()
+
+    def _send_notes(self) -> None:
+        """Send what the parent waits for: first the note about sockets taken
+        (then they are adopted), then one note for every connection that ended
+        since the last note. A full channel (the parent is behind: its send
+        buffer holds about 270 notes) keeps them for when it drains, since a
+        lost note would hold a --max-conns slot for good. A note is one
+        packet the parent reads whole, so a large count goes in several."""
         channel = self.channel
+        while channel is not None and self._confirm:
+            note = fdpass.CONFIRM + self._confirm[:GONE_PER_NOTE]
+            try:
+                channel.send(note)
+            except BlockingIOError:
+                self.loop.add_writer(channel, self._writable)
+                return
+            except OSError:  # the parent is gone: we stop
+                self._confirm.clear()
+                break
+            del self._confirm[:GONE_PER_NOTE]
+        if self._adopting:
+            adopting, self._adopting = self._adopting, []
+            for received in adopting:
+                self._adopt(*received)
         peers = self._gone_peers
         while channel is not None and self._gone:
             if peers:  # one per line, so that the parent can count each address down
@@ -210,7 +242,7 @@ class Hub:
             try:
                 channel.send(note)
             except BlockingIOError:
-                self.loop.add_writer(channel, self._gone_writable)
+                self.loop.add_writer(channel, self._writable)
                 return
             except OSError:  # the parent is gone
                 self._gone = 0
@@ -219,10 +251,10 @@ class Hub:
             self._gone -= n
             del peers[:n]
 
-    def _gone_writable(self) -> None:
+    def _writable(self) -> None:
         assert self.channel is not None
         self.loop.remove_writer(self.channel)
-        self._send_gone()
+        self._send_notes()
 
     def beat(self) -> None:
         """Show the parent that the event loop runs, once a BEAT until the drain
@@ -231,8 +263,8 @@ class Hub:
         if self.stopping or self.channel is None:
             return
         self.loop.call_later(BEAT, self.beat)
-        if self._gone:
-            return  # a note about ended connections is on its way: it counts too
+        if self._gone or self._confirm:
+            return  # a note is on its way: it counts too
         try:
             self.channel.send(b"b")
         except OSError:  # full, or the parent is gone (receive_into sees that)
@@ -860,6 +892,10 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     def on_socket(sock: socket.socket, meta: dict[str, Any], data: bytes) -> None:
         peer = fdpass.peer_of(meta)
         if hub.stopping:
+            line = hub.refusal()
+            if line is not None and "adopt" not in meta:
+                with contextlib.suppress(OSError):
+                    sock.send(line)
             sock.close()
             hub.connection_gone(peer=peer)
             return
@@ -908,7 +944,8 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     await ctl.start()
     if config.metrics is not None:
         hub.start_metrics()
-    fdpass.receive_into(loop, channel, on_socket, on_parent_gone, on_loss)
+    fdpass.receive_into(loop, channel, lambda word, batch: hub.took(word, batch, on_socket),
+                        on_parent_gone, on_loss)
     loop.add_signal_handler(PARENT_GONE, on_parent_gone)
     channel.send(b"ready")
     loop.call_later(BEAT, hub.beat)

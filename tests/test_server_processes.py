@@ -52,11 +52,14 @@ def test_client_sockets_live_in_the_worker_not_the_acceptor(chan_server):
     assert recv_exact(sb, 1) == b"x"
     established = _tcp_inodes(chan_server.port, TCP_ESTABLISHED)
     assert len(established) >= 2
-    acceptor = socket_inodes(chan_server.pid)
+    # The acceptor keeps its copy until the worker's note that it took the
+    # socket, which the acceptor may read a moment after the session started.
+    wait_until(lambda: not socket_inodes(chan_server.pid) & established, 10,
+               "the acceptor closing its copies once the worker took them")
     in_workers = set().union(*(socket_inodes(w) for w in chan_server.workers()))
-    assert not acceptor & established, "the acceptor kept a client socket"
     assert established <= in_workers
-    assert acceptor & _tcp_inodes(chan_server.port, TCP_LISTEN), "the acceptor owns the listener"
+    assert socket_inodes(chan_server.pid) & _tcp_inodes(chan_server.port, TCP_LISTEN), \
+        "the acceptor owns the listener"
 
 
 def test_process_titles_name_the_roles(chan_server):
@@ -103,6 +106,52 @@ def test_killed_worker_is_replaced_and_its_chids_freed(chan_server):
     assert len(chan_server.workers()) == WORKERS
     pair(chan_server, "a", "b")
     assert_pair_works(chan_server)
+
+
+def _inode(server, sock: socket.socket) -> str:
+    port = sock.getsockname()[1]
+    (inode,) = {t.inode for t in tcp_sockets()
+                if t.remote_port == port and t.local_port == server.port}
+    return inode
+
+
+def test_a_connection_a_dying_worker_never_read_goes_to_another(start_server):
+    """A worker that dies (here stopped, then killed) had sockets handed to it
+    that it never read: the parent kept its copies until the worker's word, so
+    they go to another worker, whose handshake the client gets, instead of
+    dying unused with the worker."""
+    server = start_server("--mode", "chan", "--workers", "2")
+    victim, other = server.workers()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        # The parent places each on the worker with fewest: one on each.
+        a, b = server.connect(), server.connect()
+        held: list[socket.socket] = []
+
+        def one_held_by_the_parent() -> bool:
+            parent = socket_inodes(server.pid)
+            held[:] = [s for s in (a, b) if _inode(server, s) in parent]
+            return len(held) == 1 and _inode(server, ({a, b} - {held[0]}).pop()) in \
+                socket_inodes(other)
+
+        wait_until(one_held_by_the_parent, 10,
+                   "the parent keeping the copy the stopped worker has not confirmed")
+        mark = server.mark()
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    server.wait_log(rf"worker \d+ \(pid {victim}\) exited with signal 9", start=mark)
+    for sock, chid, peer in ((a, "a", "b"), (b, "b", "a")):
+        send_json(sock, {"req": "hs1", "chid": chid})
+        assert read_json(sock)["chid"] == chid
+        send_json(sock, {"req": "hs3", "recvers": [peer]})
+    for sock in (a, b):
+        assert read_json(sock) == {"rsp": "hs4", "result": "OK"}
+    a.sendall(b"saved")
+    assert recv_exact(b, 5) == b"saved"
+    assert victim not in (server.worker_of(a), server.worker_of(b))
+    a.close()
+    b.close()
 
 
 def test_sigterm_drains_queued_bytes_then_leaves_no_process(start_server):
@@ -225,6 +274,25 @@ def test_shutdown_answers_a_handshake_in_progress_with_a_fail(start_server):
     send_json(sock, {"req": "hs1", "chid": "early"})
     assert read_json(sock)["rsp"] == "hs2"
     server.proc.send_signal(signal.SIGTERM)
+    assert expect_fail(sock) == "server shutdown"
+    assert server.proc.wait(30) == 0
+
+
+def test_shutdown_answers_a_connection_its_worker_never_read(start_server):
+    """A connection handed to a worker that stops before it reads it (here
+    the worker was stopped) is never served: the parent, which kept its copy,
+    or the worker says `server shutdown`, as to one that arrives during the
+    drain, not a bare close."""
+    server = start_server("--mode", "chan", "--workers", "1")
+    (worker,) = server.workers()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        sock = server.connect()
+        wait_until(lambda: _inode(server, sock) in socket_inodes(server.pid), 10,
+                   "the parent handing the connection on")
+        server.proc.send_signal(signal.SIGTERM)
+    finally:
+        os.kill(worker, signal.SIGCONT)
     assert expect_fail(sock) == "server shutdown"
     assert server.proc.wait(30) == 0
 
