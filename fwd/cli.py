@@ -151,7 +151,8 @@ def _env_epilog(examples: str) -> str:
 @click.option("--mode", type=click.Choice(MODES), default=_D.mode,
               help="chan: clients handshake and name receivers; broadcast: all to all.")
 @click.option("--workers", type=click.IntRange(min=1), default=_D.workers,
-              help="Worker processes that forward bytes.")
+              help="Worker processes that forward bytes (default: the CPUs it may run "
+              "on, as nproc counts them).")
 @click.option("--handshake-timeout", type=_SECONDS, default=_D.handshake_timeout,
               help="Seconds a client has to finish the handshake (0 = no limit).")
 @click.option("--idle-timeout", type=_SECONDS, default=_D.idle_timeout,

@@ -166,13 +166,23 @@ class AddressFilter:
         return None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on, as ``nproc`` counts them: a server
+    started under ``taskset`` or in a cpuset gets that many workers, not one
+    per CPU of the machine, which would only take turns on the same cores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class Config:
     """Every knob of one fwd-server; defaults match the CLI's."""
 
     listen: list[tuple[str, int]] = field(default_factory=lambda: [("0.0.0.0", 8601)])
     mode: str = "broadcast"
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=usable_cpus)
     handshake_timeout: float = 30.0
     idle_timeout: float = 0.0
     max_buffer: int = 4 * 1024**2
