@@ -74,9 +74,13 @@ END_REASONS: tuple[tuple[str, str], ...] = (
     ("taken over by", "taken_over"),
     ("kicked by fwd-ctl", "kicked"),
     ("server shutdown", "shutdown"),
+    ("handshake failed", "handshake_failed"),
 )
 """Session end reason prefix → the label metrics and fwd-ctl count it under."""
-END_LABELS = tuple(dict.fromkeys(label for _, label in END_REASONS)) + ("other",)
+END_LABELS = tuple(dict.fromkeys(label for _, label in END_REASONS
+                                 if label != "handshake_failed")) + ("other",)
+"""What ends are counted under: a session that failed its handshake never
+went live, and its end line alone has ``end=handshake_failed``."""
 
 
 def end_reason(reason: str) -> str:
@@ -748,10 +752,11 @@ class Session(Relay, asyncio.BufferedProtocol):
                   "desc": desc, "reason": failure_reason(desc)}
         if rejected and rejected != desc:
             fields["why"] = rejected
-            log.info("handshake failed peer=%s: %s (%s)", self.peer, desc, rejected,
-                     extra={"fields": fields})
+            log.info("handshake failed peer=%s desc=%s why=%s", self.peer, logval(desc),
+                     logval(rejected), extra={"fields": fields})
         else:
-            log.info("handshake failed peer=%s: %s", self.peer, desc, extra={"fields": fields})
+            log.info("handshake failed peer=%s desc=%s", self.peer, logval(desc),
+                     extra={"fields": fields})
         self.transport.write(line)
         if count and drain:
             self._close_failed(f"handshake failed: {desc}")
@@ -1074,7 +1079,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             log.info(
                 "session end chid=%s peer=%s worker=%d in=%d out=%d secs=%.3f reason=%s%s",
                 logval(self.chid), self.peer, hub.wid, self.bytes_in, self.bytes_out - queued, secs,
-                reason,
+                logval(reason),
                 f" dropped={self.dropped}" if self.dropped else "",
                 extra={"fields": {"event": "session_end", "chid": self.chid, "peer": self.peer,
                                   "worker": hub.wid, "bytes_in": self.bytes_in,

@@ -344,7 +344,7 @@ def test_a_request_the_service_cannot_take_is_reset_after_service_wait(
     assert read_until_reset(remote) == 0
     br.wait_log(r"WARNING .*server1 \S+: cannot connect: .*; resetting the relay session "
                 r"that waited \d", start=m)
-    server.wait_log(r"session end chid=user .*reason=pair partner lost", start=sm)
+    server.wait_log(r"session end chid=user .*reason=\"pair partner lost", start=sm)
     br.wait_log(r"server0 connected \S+ chid=svc", start=m)
     start_service(xor_echo, port=svc.port)
     remote = claim_again(server, "user", ["svc"])
@@ -473,7 +473,7 @@ def test_half_close_crosses_a_real_chan_server(start_server, start_client, start
     while chunk := remote.recv(65536):
         reply += chunk
     assert bytes(reply) == hashlib.sha256(data).hexdigest().encode() + b"\n"
-    server.wait_log(r"session end chid=user .*reason=half-closed both ways")
+    server.wait_log(r"session end chid=user .*reason=\"half-closed both ways")
 
 
 def test_chid_in_use_is_retried_until_free(start_server, start_client, start_service):

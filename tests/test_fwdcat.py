@@ -98,7 +98,7 @@ def test_chan_file_transfer_byte_exact_both_exit_0(chan_server, fwd_cat, big_fil
     assert finish(receiver) == (0, "")
     assert finish(sender) == (0, "")
     assert file_sha(out) == digest
-    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways", start=mark)
+    chan_server.wait_log(r"session end chid=a .*reason=\"half-closed both ways", start=mark)
 
 
 @pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
@@ -119,7 +119,7 @@ def test_a_recv_only_receiver_with_no_stdin_gets_the_file(chan_server, fwd_cat, 
     assert finish(sender) == (0, "")
     assert finish(receiver) == (0, "")
     assert file_sha(out) == digest
-    chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways", start=mark)
+    chan_server.wait_log(r"session end chid=b .*reason=\"half-closed both ways", start=mark)
 
 
 @pytest.mark.parametrize("given, heard", [
@@ -192,7 +192,7 @@ def test_a_partner_that_ends_its_stream_first_still_gets_all_of_ours(chan_server
     assert finish(a) == (0, "")
     assert finish(b) == (0, "")
     assert out_b.read_bytes() == data
-    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways", start=mark)
+    chan_server.wait_log(r"session end chid=a .*reason=\"half-closed both ways", start=mark)
 
 
 def test_a_sender_that_finished_before_the_receiver_came_exits_0_once_it_read(

@@ -62,8 +62,8 @@ def test_chan_pair_passes_half_close_on_both_ways(chan_server):
     sb.shutdown(socket.SHUT_WR)
     assert recv_exact(sa, 18) == b"response after EOF"
     assert sa.recv(1) == b""
-    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways")
-    chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways")
+    chan_server.wait_log(r"session end chid=a .*reason=\"half-closed both ways")
+    chan_server.wait_log(r"session end chid=b .*reason=\"half-closed both ways")
 
 
 def half_closed_before_b(server: Server, data: bytes) -> socket.socket:
@@ -89,15 +89,15 @@ def test_a_fin_sent_before_the_partner_came_reaches_it_after_the_held_bytes(chan
     sb.shutdown(socket.SHUT_WR)
     assert recv_exact(sa, 6) == b"answer"
     assert sa.recv(1) == b""
-    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways", start=mark)
-    chan_server.wait_log(r"session end chid=b .*reason=half-closed both ways", start=mark)
+    chan_server.wait_log(r"session end chid=a .*reason=\"half-closed both ways", start=mark)
+    chan_server.wait_log(r"session end chid=b .*reason=\"half-closed both ways", start=mark)
 
 
 def test_a_half_closed_session_whose_partner_never_comes_is_reset(start_server):
     """Its bytes expired unread (--hold-seconds): its stream was cut."""
     server = start_server("--mode", "chan", "--hold-seconds", "1")
     assert read_until_reset(half_closed_before_b(server, b"lost")) == 0
-    server.wait_log(r"session end chid=a .*reason=pair partner never came")
+    server.wait_log(r"session end chid=a .*reason=\"pair partner never came")
 
 
 def test_a_half_closed_session_waits_as_long_as_its_own_bytes_are_held(start_server):
@@ -136,7 +136,7 @@ def test_a_half_closed_session_whose_held_bytes_were_dropped_is_reset(start_serv
     would get a cut stream, so the sender learns it at its FIN."""
     server = start_server("--mode", "chan", "--hold-bytes", "1000")
     assert read_until_reset(half_closed_before_b(server, os.urandom(5000))) == 0
-    server.wait_log(r"session end chid=a .*reason=held bytes dropped dropped=4000")
+    server.wait_log(r"session end chid=a .*reason=\"held bytes dropped\" dropped=4000")
 
 
 def test_a_half_closed_session_ends_when_its_receiver_comes_but_is_no_partner(chan_server):
@@ -148,7 +148,7 @@ def test_a_half_closed_session_ends_when_its_receiver_comes_but_is_no_partner(ch
     sb, _ = chan_server.handshake("b", ["c"])
     assert recv_exact(sb, 5) == b"early"
     assert sa.recv(1) == b""  # the server closed a
-    chan_server.wait_log(r"session end chid=a .*reason=client closed", start=mark)
+    chan_server.wait_log(r"session end chid=a .*reason=\"client closed", start=mark)
     sc, _ = chan_server.handshake("c", ["b"])
     sc.sendall(b"more")
     assert recv_exact(sb, 4) == b"more"
@@ -162,7 +162,7 @@ def test_half_closed_side_is_closed_when_its_partner_leaves(chan_server):
     # now, and B's stream to A was cut, so A is reset too.
     reset_close(sb)
     assert read_until_reset(sa) == 0
-    chan_server.wait_log(r"session end chid=a .*reason=pair partner lost")
+    chan_server.wait_log(r"session end chid=a .*reason=\"pair partner lost")
 
 
 def test_a_reset_in_a_pair_resets_the_partner_after_what_got_through(chan_server):
@@ -178,8 +178,8 @@ def test_a_reset_in_a_pair_resets_the_partner_after_what_got_through(chan_server
         sa.sendall(os.urandom(8 * MiB))
         reset_close(sa)  # what is still in a's kernel is lost with it
         got_a = chan_server.wait_log(
-            r"session end chid=a .* in=(\d+) .*reason=connection lost", start=mark)
-        chan_server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
+            r"session end chid=a .* in=(\d+) .*reason=\"connection lost", start=mark)
+        chan_server.wait_log(r"session end chid=b .*reason=\"pair partner lost", start=mark)
         assert got_b.result(timeout=30) == int(got_a.group(1))
     again = claim_again(chan_server, "b", ["a"])  # b's chid is free
     new_a = claim_again(chan_server, "a", ["b"])
@@ -200,7 +200,7 @@ def test_a_reset_after_a_half_close_resets_the_partner(chan_server):
     sb.settimeout(30)
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
         sb.sendall(b"x" * (64 * MiB))
-    chan_server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
+    chan_server.wait_log(r"session end chid=b .*reason=\"pair partner lost", start=mark)
 
 
 def _cut_mid_stream(server: Server, n: int) -> tuple[bool, str]:
@@ -259,7 +259,7 @@ def test_eof_outside_a_pair_ends_the_session(chan_server):
     sb, _ = chan_server.handshake("b", [])
     sa.shutdown(socket.SHUT_WR)
     assert sa.recv(1) == b""
-    chan_server.wait_log(r"session end chid=a .*reason=client closed")
+    chan_server.wait_log(r"session end chid=a .*reason=\"client closed")
     claim_again(chan_server, "a", ["b"])
 
 
@@ -291,5 +291,5 @@ def test_a_reset_client_is_read_to_its_last_acknowledged_byte(start_server):
     sa.sendall(b"to b")  # meets b's reset
     sa.settimeout(30)
     assert read_until_reset(sa) == acked
-    m = server.wait_log(r"session end chid=b .* in=(\d+) .*reason=connection lost", start=mark)
+    m = server.wait_log(r"session end chid=b .* in=(\d+) .*reason=\"connection lost", start=mark)
     assert int(m.group(1)) == acked

@@ -121,8 +121,8 @@ def test_bytes_are_dropped_when_nobody_else_is_connected(start_server):
     port = port_of(alone)
     alone.close()
     # Its EOF is handled after its bytes: once the session ended they were dealt with.
-    bcast_server.wait_log(rf"session end chid=None peer=127\.0\.0\.1:{port} .*reason=client closed",
-                          start=mark)
+    bcast_server.wait_log(
+        rf"session end chid=None peer=127\.0\.0\.1:{port} .*reason=\"client closed", start=mark)
     late = raw_client(bcast_server)
     other = raw_client(bcast_server)
     other.sendall(b"first")
@@ -270,7 +270,7 @@ def test_eof_while_undecided_forwards_what_was_sent(bcast_server, first):
     sender.shutdown(socket.SHUT_WR)
     assert recv_exact(recv, len(first)) == first
     bcast_server.wait_log(
-        rf"session end chid=None peer=127\.0\.0\.1:{port_of(sender)} .*reason=client closed",
+        rf"session end chid=None peer=127\.0\.0\.1:{port_of(sender)} .*reason=\"client closed",
         start=mark)
     sender.settimeout(10)
     assert sender.recv(100) == b""
@@ -283,7 +283,7 @@ def test_idle_timeout_applies_to_plain_clients(start_server):
     silent.settimeout(10)
     assert silent.recv(100) == b""
     server.wait_log(
-        rf"session end chid=None peer=127\.0\.0\.1:{port_of(silent)} .*reason=idle timeout",
+        rf"session end chid=None peer=127\.0\.0\.1:{port_of(silent)} .*reason=\"idle timeout",
         start=mark)
 
 

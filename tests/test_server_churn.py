@@ -145,7 +145,7 @@ def test_churn_leaks_no_fds_sockets_or_memory(start_server):
     expected, clean = churn(server, WARMUP, seed=1)
     sink.wait_for(expected)
     wait_until(settled, 30, "fd count back to idle after warm-up")
-    server.wait_log(r"reason=client closed", start=mark, count=clean, timeout=60)
+    server.wait_log(r"reason=\"client closed", start=mark, count=clean, timeout=60)
     rss_warm = server.rss()
 
     mark = server.mark()
@@ -154,7 +154,7 @@ def test_churn_leaks_no_fds_sockets_or_memory(start_server):
     # Every byte sent by a session that finished its handshake reached the sink.
     sink.wait_for(expected)
     # Every such session ended as a clean client close (and was logged so).
-    server.wait_log(r"reason=client closed", start=mark, count=clean, timeout=60)
+    server.wait_log(r"reason=\"client closed", start=mark, count=clean, timeout=60)
     wait_until(settled, 30, "fd count back to idle after churn")
     assert server.fd_count() == fds_idle, server.pids()
     # The last clients may have closed before the parent accepted them: such a

@@ -136,8 +136,8 @@ def test_kick_closes_the_session_and_its_pair_partner(
     assert server.ctl("kick", "a").stdout == "kicked a\n"
     assert sa.recv(10) == b""
     assert sb.recv(10) == b""
-    server.wait_log(r"session end chid=a .*reason=kicked by fwd-ctl", start=mark)
-    server.wait_log(r"session end chid=b .*reason=pair partner left", start=mark)
+    server.wait_log(r"session end chid=a .*reason=\"kicked by fwd-ctl", start=mark)
+    server.wait_log(r"session end chid=b .*reason=\"pair partner left", start=mark)
     sc.sendall(b"still here")  # other sessions are untouched
     assert recv_exact(sd, 10) == b"still here"
     claim_again(server, "a", ["b"])  # the chids are free again
@@ -162,7 +162,7 @@ def test_kick_by_peer_closes_a_client_that_has_no_chid(
     assert server.ctl("kick", "--peer", peer).stdout == f"kicked {peer}\n"
     noisy.settimeout(10)
     assert noisy.recv(10) == b""
-    server.wait_log(rf"session end chid=None peer={re.escape(peer)} .*reason=kicked by fwd-ctl",
+    server.wait_log(rf"session end chid=None peer={re.escape(peer)} .*reason=\"kicked by fwd-ctl",
                     start=mark)
     assert server.ctl_json("status")["totals"]["kicked"] == 1
     missing = server.ctl("kick", "--peer", peer, check=False)

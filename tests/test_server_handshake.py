@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from conftest import WORKERS
+from fwd.runtime import logval
 from helpers import (
     assert_closed,
     assert_pair_works,
@@ -160,7 +161,8 @@ def test_bad_input_gets_one_fail_line_then_close(chan_server, after_hs1, data, d
     mark = chan_server.mark()
     got = run_bad_input(chan_server, after_hs1, data)
     assert re.search(desc, got), got
-    chan_server.wait_log(r"handshake failed peer=127\.0\.0\.1:\d+: " + re.escape(got), start=mark)
+    chan_server.wait_log(r"handshake failed peer=127\.0\.0\.1:\d+ desc=" + re.escape(logval(got)),
+                         start=mark)
 
 
 @pytest.mark.parametrize("after_hs1", [False, True], ids=["bad-hs1", "bad-hs3"])
@@ -253,7 +255,7 @@ def test_eof_mid_handshake_is_a_handshake_failure(chan_server, before):
         assert json.loads(read_line(sock))["rsp"] == "hs2"
     sock.shutdown(socket.SHUT_WR)
     chan_server.wait_log(
-        rf"handshake failed peer=127\.0\.0\.1:{port}: connection closed during handshake",
+        rf'handshake failed peer=127\.0\.0\.1:{port} desc="connection closed during handshake"',
         start=mark)
     assert expect_fail(sock) == "connection closed during handshake"
 
@@ -401,7 +403,7 @@ def test_chid_free_again_right_after_close(chan_server):
         else:
             a = claim_again(chan_server, "again", [])
         a.close()
-        chan_server.wait_log(r"session end chid=again peer=\S+ .*reason=client closed",
+        chan_server.wait_log(r"session end chid=again peer=\S+ .*reason=\"client closed",
                              start=mark)
 
 
@@ -415,7 +417,7 @@ def test_takeover_replaces_the_old_session(start_server):
     new, chid = server.handshake("t", ["src"])
     assert chid == "t"
     read_eof(old)
-    server.wait_log(r"session end chid=t peer=\S+ .*reason=taken over by 127\.0\.0\.1:"
+    server.wait_log(r"session end chid=t peer=\S+ .*reason=\"taken over by 127\.0\.0\.1:"
                     + str(port_of(new)) + r"\b", start=mark)
     src.sendall(b"2")
     assert recv_exact(new, 1) == b"2"
@@ -469,7 +471,7 @@ def test_hs3_timeout_closes_idle_session_but_not_busy_one(chan_server):
     keep_busy(busy, peer, 3.0)
     # idle went live after busy, with the same timeout: it is gone, busy is not.
     read_eof(idle)
-    chan_server.wait_log(r"session end chid=idle .*reason=idle timeout", start=mark)
+    chan_server.wait_log(r"session end chid=idle .*reason=\"idle timeout", start=mark)
     peer.sendall(b"still open")
     assert recv_exact(busy, 10) == b"still open"
     busy.sendall(b"yes")
@@ -483,7 +485,7 @@ def test_idle_timeout_default_and_timeout_zero(start_server):
     mark = server.mark()
     dflt, _ = server.handshake("dflt", ["peer"])  # no timeout in hs3: --idle-timeout
     read_eof(dflt)
-    server.wait_log(r"session end chid=dflt .*reason=idle timeout", start=mark)
+    server.wait_log(r"session end chid=dflt .*reason=\"idle timeout", start=mark)
     # never and peer were idle longer than dflt, but timeout 0 switched it off.
     never.sendall(b"alive")
     assert recv_exact(peer, 5) == b"alive"
@@ -496,7 +498,7 @@ def test_hs3_timeout_overrides_idle_timeout_default(start_server):
     mark = server.mark()
     short, _ = server.handshake("short", timeout=1)
     read_eof(short)
-    server.wait_log(r"session end chid=short .*reason=idle timeout", start=mark)
+    server.wait_log(r"session end chid=short .*reason=\"idle timeout", start=mark)
 
 
 def test_startup_log_line(chan_server):
@@ -583,7 +585,7 @@ def test_server_still_serves_a_fresh_pair_after_all_bad_inputs(start_server):
     mark = server.mark()
     port = port_of(rst)
     rst.close()
-    server.wait_log(rf"session end chid=\S+ peer=127\.0\.0\.1:{port} .*reason=connection lost",
+    server.wait_log(rf"session end chid=\S+ peer=127\.0\.0\.1:{port} .*reason=\"connection lost",
                     start=mark)
     # handshake timeout (last: the others must finish well within it)
     slow = server.connect()

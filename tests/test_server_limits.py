@@ -232,7 +232,7 @@ def test_slow_consumer_is_disconnected_and_sender_freed(start_server):
     assert recv_hash(healthy, total) == sender.digest
     sender.finish()
     server.wait_log(rf"slow consumer disconnected chid={stalled_chid} ", start=mark)
-    server.wait_log(rf"session end chid={stalled_chid} .*reason=slow consumer", start=mark)
+    server.wait_log(rf"session end chid={stalled_chid} .*reason=\"slow consumer", start=mark)
     # The stalled receiver got a prefix of the stream, then a reset: an EOF would
     # pass for the stream's end.
     got = bytearray()
@@ -271,7 +271,7 @@ def test_a_slow_consumers_discarded_queue_counts_as_dropped_not_as_written(start
 
     wait_until(settled, 30, "the stalled receiver's queue to settle")
     written, queued = seen[-1]
-    end = server.wait_log(r"session end chid=stalled .* out=(\d+) .*reason=slow consumer",
+    end = server.wait_log(r"session end chid=stalled .* out=(\d+) .*reason=\"slow consumer",
                           start=mark)
     assert int(end.group(1)) == written
     assert server.ctl_json("status")["drops"] == {"discarded": queued}

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from conftest import Server
 from fwd.session import end_reason
-from helpers import pair, recv_exact
+from helpers import pair, read_json, recv_exact, send_json
 
 
 def exchange(server: Server) -> tuple[int, int]:
@@ -28,7 +28,7 @@ def test_text_lines_carry_bytes_and_reason(start_server: Callable[..., Server]) 
     start = server.wait_log(rf"session start chid=a peer=127\.0\.0\.1:{pa} worker=(\d+) "
                             r"mode=chan recvers=b$")
     end = server.wait_log(rf"session end chid=a peer=127\.0\.0\.1:{pa} worker=(\d+) in=7000 "
-                          r"out=300 secs=[\d.]+ reason=(.+)$")
+                          r'out=300 secs=[\d.]+ reason="([^"]+)"$')
     assert start.group(1) == end.group(1)
     assert end.group(2) in ("half-closed both ways", "pair partner left", "client closed")
     server.wait_log(rf"session end chid=b peer=127\.0\.0\.1:{pb} worker=\d+ in=300 out=7000 ")
@@ -47,6 +47,25 @@ def test_a_chid_cannot_forge_fields_of_a_text_line(start_server: Callable[..., S
     sock.close()
     server.wait_log(rf'session end chid="x peer=203\.0\.113\.66:4444" '
                     rf'peer=127\.0\.0\.1:{port} ')
+
+
+def test_a_chid_cannot_forge_fields_of_a_failure_or_end_line(
+        start_server: Callable[..., Server]) -> None:
+    """A FAIL desc and an end reason may carry the client's chid: they are
+    JSON strings in text lines too, and so is a reason of several words."""
+    server = start_server("--mode", "chan", log_level="info")
+    evil = "x peer=203.0.113.66:4444 reason=spoof"
+    first, _ = server.handshake(evil, ["y"])
+    again = server.connect()
+    port = again.getsockname()[1]
+    send_json(again, {"req": "hs1", "chid": evil})
+    assert read_json(again)["desc"] == f"chid in use: {evil}"
+    server.wait_log(rf'handshake failed peer=127\.0\.0\.1:{port} '
+                    r'desc="chid in use: x peer=203\.0\.113\.66:4444 reason=spoof"$')
+    first.close()
+    server.wait_log(r'session end chid="x peer=203\.0\.113\.66:4444 reason=spoof" peer=\S+ '
+                    r'worker=\d+ in=0 out=0 secs=[\d.]+ reason="client closed"$')
+    again.close()
 
 
 def test_json_lines(start_server: Callable[..., Server]) -> None:

@@ -99,6 +99,7 @@ def test_counters_move_with_traffic(start_server: Callable[..., Server]) -> None
     ("taken over by 127.0.0.1:5000", "taken_over"),
     ("pair partner lost", "partner_lost"),
     ("kicked by fwd-ctl", "kicked"),
+    ("handshake failed: chid in use: a", "handshake_failed"),
     ("something new", "other"),
 ])
 def test_end_reason_labels(reason: str, label: str) -> None:

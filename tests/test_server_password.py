@@ -24,7 +24,7 @@ from helpers import assert_closed, read_line, recv_exact, send_json
 
 PW = "fwd-test correct horse \u00e9"
 REJECTED_LINE = b'{"rsp":"hs4","result":"FAIL","desc":"handshake rejected"}\n'
-FAIL_LOG = r"handshake failed peer=127\.0\.0\.1:{port}: handshake rejected \({why}\)"
+FAIL_LOG = r'handshake failed peer=127\.0\.0\.1:{port} desc="handshake rejected" why="{why}"'
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_replayed_handshake_is_refused(pw_server, key):
     recorded = list(victim.sent)
     assert len(recorded) == 2
     victim.sock.close()
-    pw_server.wait_log(r"session end chid=victim .*reason=client closed", start=mark)
+    pw_server.wait_log(r"session end chid=victim .*reason=\"client closed", start=mark)
     # An eavesdropper replays the client's lines on a new connection. hs1 still
     # authenticates (it claims the chid until the handshake ends), but hs2
     # carries a new nonce, so the recorded hs3 no longer matches.
@@ -196,8 +196,8 @@ def test_replayed_handshake_is_refused(pw_server, key):
     assert_closed(sock)
     assert reader.decode(fail_line[:-1]) == {
         "rsp": "hs4", "result": "FAIL", "desc": "hs3 nonce does not match hs2"}
-    pw_server.wait_log(rf"handshake failed peer=127\.0\.0\.1:{port_of(sock)}: "
-                       r"hs3 nonce does not match hs2$", start=mark)
+    pw_server.wait_log(rf"handshake failed peer=127\.0\.0\.1:{port_of(sock)} "
+                       r'desc="hs3 nonce does not match hs2"$', start=mark)
     # The chid is free again, and nobody got the replayed bytes.
     enc_claim_again(pw_server, key, "victim")
 

@@ -261,7 +261,7 @@ def test_a_stopping_server_still_resets_a_cut_pairs_partner(start_server):
     sa.sendall(os.urandom(32 * 1024))  # under PAIR_MARK: the server reads it all
     mark = server.mark()
     reset_close(sa)
-    server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
+    server.wait_log(r"session end chid=b .*reason=\"pair partner lost", start=mark)
     server.proc.send_signal(signal.SIGTERM)
     sb.settimeout(30)
     read_until_reset(sb)

@@ -317,8 +317,8 @@ def test_kick_ends_a_pumped_pair_and_its_threads(chan_server):
     assert sb.recv(1) == b""  # its partner goes too (docs/PROTOCOL.md §3.7)
     wait_until(lambda: threads(worker) == before[worker], 10, "the threads to end")
     assert pumped(chan_server) == 0
-    chan_server.wait_log(r"session end chid=a .*reason=kicked by fwd-ctl", start=mark)
-    chan_server.wait_log(r"session end chid=b .*reason=pair partner left", start=mark)
+    chan_server.wait_log(r"session end chid=a .*reason=\"kicked by fwd-ctl", start=mark)
+    chan_server.wait_log(r"session end chid=b .*reason=\"pair partner left", start=mark)
     sa2 = claim_again(chan_server, "a", ["b"])
     sb2 = claim_again(chan_server, "b", ["a"])
     sb2.sendall(b"fresh")
@@ -335,9 +335,9 @@ def test_a_reset_while_pumped_reaches_the_partner_as_a_reset(chan_server):
         got_b = pool.submit(read_until_reset, sb)
         sa.sendall(os.urandom(8 * MiB))
         reset_close(sa)
-        m = chan_server.wait_log(r"session end chid=a .* in=(\d+) .*reason=connection lost: "
+        m = chan_server.wait_log(r"session end chid=a .* in=(\d+) .*reason=\"connection lost: "
                                  r"\[Errno 104\]", start=mark)
-        chan_server.wait_log(r"session end chid=b .*reason=pair partner lost", start=mark)
+        chan_server.wait_log(r"session end chid=b .*reason=\"pair partner lost", start=mark)
         assert got_b.result(timeout=30) == int(m.group(1)) - rows["a"]["bytes_in"]
 
 

@@ -48,7 +48,7 @@ def test_bytes_held_for_it_from_others_are_not_delivered(chan_server):
     assert recv_exact(svc, 4) == b"good"
     stranger.settimeout(10)
     assert read_until_reset(stranger) == 0
-    chan_server.wait_log(r"session end chid=stranger .*reason=held bytes dropped", start=mark)
+    chan_server.wait_log(r"session end chid=stranger .*reason=\"held bytes dropped", start=mark)
     user.shutdown(socket.SHUT_WR)
     svc.settimeout(10)
     assert svc.recv(100) == b""
@@ -80,7 +80,7 @@ def test_no_pair_with_a_session_that_does_not_hear_us(chan_server):
     mark = chan_server.mark()
     user.sendall(b"bad")
     user.shutdown(socket.SHUT_WR)
-    chan_server.wait_log(r"session end chid=user .*reason=client closed", start=mark)
+    chan_server.wait_log(r"session end chid=user .*reason=\"client closed", start=mark)
     other.sendall(b"ok!")
     assert recv_exact(svc, 3) == b"ok!"
 

@@ -131,4 +131,4 @@ def test_a_fin_after_spliced_bytes_arrives_behind_them(chan_server):
     assert chan_server.ctl_json("status")["totals"]["spliced_sessions"] == 2
     sb.shutdown(socket.SHUT_WR)
     assert sa.recv(1) == b""
-    chan_server.wait_log(r"session end chid=a .*reason=half-closed both ways")
+    chan_server.wait_log(r"session end chid=a .*reason=\"half-closed both ways")
