@@ -420,6 +420,8 @@ cdef list _spread(int src, ssize_t n, list rx, bint keep):
                 continue
             if m < 0 and _gone(errno):
                 _discard(fd, left)
+                t.bytes_out -= left  # the caller counts the whole round as sent
+                t.hub.drop("discarded", left)
                 t.peer_reset = True
                 t.hub.loop.call_soon(t.peer_gone)
                 continue
@@ -564,6 +566,7 @@ cdef object _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender
             if sent < 0:
                 if _gone(errno):
                     t.bytes_out -= n
+                    t.hub.drop("discarded", n)
                     t.peer_reset = True
                     t.hub.loop.call_soon(t.peer_gone)
                     continue

@@ -285,6 +285,8 @@ def _spread(src: int, n: int, rx: list[Any], keep: bool
             continue
         if gone:
             _read_exactly(fd, left)
+            t.bytes_out -= left  # the caller counts the whole round as sent
+            t.hub.drop("discarded", left)
             continue
         if left < n:
             rest = _read_exactly(fd, left)
@@ -359,6 +361,7 @@ def send_view(buf: bytearray, n: int, targets: tuple[Any, ...], sender: Any,
                 sent = os.write(t.fd, view)
             except (BrokenPipeError, ConnectionResetError):  # see _fastcopy.pyx _gone
                 t.bytes_out -= n
+                t.hub.drop("discarded", n)
                 t.peer_reset = True
                 t.hub.loop.call_soon(t.peer_gone)
                 continue

@@ -510,6 +510,10 @@ class Bridge:
 
     # -- data -----------------------------------------------------------------------
 
+    def drop(self, reason: str, nbytes: int) -> None:
+        """What send_view tells the server's hub (bytes a reset peer never
+        got): fwd-client counts no drops; its end line's in and out tell."""
+
     def forward(self, src: Link, n: int) -> None:
         """Pass on the ``n`` bytes just read into the buffer. A send that fails
         because the other side's peer reset drops them (send_view calls its

@@ -147,6 +147,9 @@ class Pumps:
             # No FIN was passed on while pumped: CLOSE is a reset.
             if dst.transport is not None and reset_by_peer(dst.transport):
                 dst.peer_reset = True
+                if rest:  # the thread counted them as sent
+                    dst.bytes_out -= len(rest)
+                    self.hub.drop("discarded", len(rest))
             elif rest is not None and dst.transport is not None:
                 dst.transport.write(rest)
                 src._spliced_rest(dst, rest, now)

@@ -19,6 +19,7 @@ from helpers import (
     recv_exact,
     reset_close,
     stream_both_ways,
+    wait_until,
 )
 
 pytestmark = pytest.mark.both_impls
@@ -250,6 +251,25 @@ def test_a_reset_met_by_a_send_is_not_taken_for_a_fin_later(chan_server):
         sent, end = _cut_mid_stream(chan_server, n)
         # After a reset met while sending, A's read finds 0 too: A saw it.
         assert end == "reset" or not sent, f"try {n}: a clean end for a cut stream"
+
+
+@pytest.mark.parametrize("opts", [(), ("--pump-pairs", "0"), ("--splice-min", "0")],
+                         ids=["default", "no-pumps", "no-splice"])
+def test_what_a_reset_receiver_missed_is_counted_as_dropped(start_server, opts):
+    """Once every session ended, each byte read from a client was written to
+    a socket (bytes_out) or dropped (dropped_bytes), once, whichever way B's
+    reset met A's stream: a send that met it counted its bytes as neither."""
+    server = start_server("--mode", "chan", "--hold-bytes", "0", *opts)
+    for n in range(4):
+        _cut_mid_stream(server, n)
+
+    def settled() -> bool:
+        totals = server.ctl_json("status")["totals"]
+        return totals["open_connections"] == 0 and totals["buffered_bytes"] == 0
+
+    wait_until(settled, 30, "every connection closed")
+    totals = server.ctl_json("status")["totals"]
+    assert totals["bytes_in"] == totals["bytes_out"] + totals["dropped_bytes"], totals
 
 
 def test_eof_outside_a_pair_ends_the_session(chan_server):
