@@ -15,6 +15,7 @@ import enum
 import functools
 import hmac
 import logging
+import os
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -192,10 +193,11 @@ class Session(Relay, asyncio.BufferedProtocol):
         if not hub.admit(self, limit=self.adopted is None):
             self.state = St.CLOSED
             line = hub.refusal()
-            sock = transport.get_extra_info("socket") if line is not None else None
-            if sock is not None:
+            if line is not None:
+                # uvloop's socket object has no send(): write to the descriptor.
+                fd = self.fd if self.fd >= 0 else transport.get_extra_info("socket").fileno()
                 with contextlib.suppress(OSError):
-                    sock.send(line)
+                    os.write(fd, line)
             transport.abort()
             return
         if self.fd < 0:

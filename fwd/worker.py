@@ -705,9 +705,10 @@ class Hub:
             now = self.loop.time()
             if now - self._last_reject_log >= 1.0:
                 self._last_reject_log = now
-                log.warning("refusing connection from %s: %d connections (--max-conns), "
-                            "%d refused so far", session.peer, len(self.sessions),
-                            self.stats["rejected"])
+                why = ("the server stops" if self.stopping
+                       else f"{len(self.sessions)} connections (--max-conns)")
+                log.warning("refusing connection from %s: %s, %d refused so far", session.peer,
+                            why, self.stats["rejected"])
             return False
         self.sessions[session] = None
         if limit:  # a moved session was counted where it connected
