@@ -442,6 +442,11 @@ class Arbiter:
         worker = self.workers.get(wid)
         if worker is None or worker.exited:
             return
+        # What it sent before it died still counts, first of all its notes
+        # about sockets it took: one it used must not go to another worker.
+        worker.late = False  # its last notes are no sign of life
+        while self._one_from_worker(worker):
+            pass
         worker.exited = True
         if self.coordinator is not None:
             self.coordinator.worker_lost(wid)

@@ -154,6 +154,48 @@ def test_a_connection_a_dying_worker_never_read_goes_to_another(start_server):
     b.close()
 
 
+def test_a_connection_a_worker_took_before_dying_is_not_served_twice(start_server):
+    """The worker's note that it took a socket may still wait, unread, in the
+    parent's channel when the worker dies (here the parent is stopped): the
+    parent reads it first, so that the connection, which the dead worker may
+    have begun to serve, ends with it instead of starting over elsewhere.
+    (uvloop reports the exit two callbacks late, so the note's one read
+    usually comes first anyway; a parent behind on its channel, one message
+    per wake-up, would hand the socket on.)"""
+    server = start_server("--mode", "chan", "--workers", "2")
+    victim, _ = server.workers()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        a, b = server.connect(), server.connect()  # one on each worker
+        held: list[socket.socket] = []
+
+        def one_held_by_the_parent() -> bool:
+            parent = socket_inodes(server.pid)
+            held[:] = [s for s in (a, b) if _inode(server, s) in parent]
+            return len(held) == 1
+
+        wait_until(one_held_by_the_parent, 10, "the parent keeping the unconfirmed copy")
+        sock = held[0]
+        os.kill(server.pid, signal.SIGSTOP)  # it will not read the worker's note in time
+        try:
+            os.kill(victim, signal.SIGCONT)
+            # It took the socket, and said so (before it uses one, always).
+            wait_until(lambda: _inode(server, sock) in socket_inodes(victim), 10,
+                       "the victim taking the socket")
+            mark = server.mark()
+            os.kill(victim, signal.SIGKILL)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    server.wait_log(rf"worker \d+ \(pid {victim}\) exited with signal 9", start=mark)
+    sock.settimeout(10)
+    try:
+        assert sock.recv(100) == b"", "the connection started over on another worker"
+    except ConnectionResetError:
+        pass
+
+
 def test_sigterm_drains_queued_bytes_then_leaves_no_process(start_server):
     server = start_server("--mode", "chan", "--drain-timeout", "20", "--max-buffer", "2MiB")
     # a sends to b and to c, which reads nothing and is dropped at once: a 1->2
