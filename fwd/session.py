@@ -10,12 +10,10 @@ here. Timers and closing live here too, because they act on the transport.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import hmac
 import logging
-import os
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -192,12 +190,8 @@ class Session(Relay, asyncio.BufferedProtocol):
         # refusing it here would strand that chid).
         if not hub.admit(self, limit=self.adopted is None):
             self.state = St.CLOSED
-            line = hub.refusal()
-            if line is not None:
-                # uvloop's socket object has no send(): write to the descriptor.
-                fd = self.fd if self.fd >= 0 else transport.get_extra_info("socket").fileno()
-                with contextlib.suppress(OSError):
-                    os.write(fd, line)
+            hub.tell_refused(self.fd if self.fd >= 0
+                             else transport.get_extra_info("socket").fileno())
             transport.abort()
             return
         if self.fd < 0:

@@ -108,7 +108,8 @@ class Hub:
         self._gone_peers: list[str] = []  # their peers, with --max-conns-per-ip
         self._confirm = bytearray()  # fdpass.Handoff.confirm's note, not sent yet
         self._adopting: list[fdpass.Received] = []  # sockets waiting for that note to leave
-        self._adopt: Callable[[socket.socket, dict[str, Any], bytes], None] = lambda *_: None
+        # What takes a socket from the parent once the note about it left (serve).
+        self.adopt: Callable[[socket.socket, dict[str, Any], bytes], None] = lambda *_: None
         self._tokens = itertools.count(1)
         self.remote_full_chids: dict[str, int] = {}
         self.remote_full_count: collections.Counter[int] = collections.Counter()
@@ -196,8 +197,7 @@ class Hub:
             if self.config.max_conns_per_ip:
                 self._gone_peers.append(peer)
 
-    def took(self, word: bytes, batch: list[fdpass.Received],
-             adopt: Callable[[socket.socket, dict[str, Any], bytes], None]) -> None:
+    def took(self, word: bytes, batch: list[fdpass.Received]) -> None:
         """Tell the parent which sockets arrived before using any of them:
         until it knows, it keeps its copies, and gives them to another worker
         if this one dies. Were one used first, a worker dying before its note
@@ -205,7 +205,6 @@ class Hub:
         So a full channel holds the sockets back with the note."""
         self._confirm += word
         self._adopting.extend(batch)
-        self._adopt = adopt
         self._send_notes()
 
     def _send_notes(self) -> None:
@@ -230,7 +229,7 @@ class Hub:
         if self._adopting:
             adopting, self._adopting = self._adopting, []
             for received in adopting:
-                self._adopt(*received)
+                self.adopt(*received)
         peers = self._gone_peers
         while channel is not None and self._gone:
             if peers:  # one per line, so that the parent can count each address down
@@ -715,12 +714,14 @@ class Hub:
             self.stats["connections"] += 1
         return True
 
-    def refusal(self) -> bytes | None:
-        """The line a refused connection gets, where clients expect a
-        handshake line first (chan mode, a password); None elsewhere."""
+    def tell_refused(self, fd: int) -> None:
+        """Write the line a refused connection gets, where clients expect a
+        handshake line first (chan mode, a password); nothing elsewhere. To
+        the descriptor: uvloop's socket object has no send()."""
         if self.config.mode != "chan" and self.key is None:
-            return None
-        return refusal_line(SHUTDOWN if self.stopping else FULL)
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, refusal_line(SHUTDOWN if self.stopping else FULL))
 
     def note_failure(self, desc: str) -> None:
         self.stats["handshake_failures"] += 1
@@ -893,10 +894,8 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     def on_socket(sock: socket.socket, meta: dict[str, Any], data: bytes) -> None:
         peer = fdpass.peer_of(meta)
         if hub.stopping:
-            line = hub.refusal()
-            if line is not None and "adopt" not in meta:
-                with contextlib.suppress(OSError):
-                    sock.send(line)
+            if "adopt" not in meta:
+                hub.tell_refused(sock.fileno())
             sock.close()
             hub.connection_gone(peer=peer)
             return
@@ -945,8 +944,8 @@ async def serve(config: Config, wid: int, channel: socket.socket, rundir: str,
     await ctl.start()
     if config.metrics is not None:
         hub.start_metrics()
-    fdpass.receive_into(loop, channel, lambda word, batch: hub.took(word, batch, on_socket),
-                        on_parent_gone, on_loss)
+    hub.adopt = on_socket
+    fdpass.receive_into(loop, channel, hub.took, on_parent_gone, on_loss)
     loop.add_signal_handler(PARENT_GONE, on_parent_gone)
     channel.send(b"ready")
     loop.call_later(BEAT, hub.beat)
