@@ -344,9 +344,12 @@ def assert_stalls(server, up: Sender, base_rss: int) -> None:
     must not have buffered it meanwhile."""
     sent_before = -1
     while True:
-        sent_now = sum(t.tx_queue for t in tcp_sockets())  # any movement at all
+        sent_now = sum(t.tx_queue for t in tcp_sockets()  # any movement at all
+                       if server.port in (t.local_port, t.remote_port))  # not others' traffic
         time.sleep(0.5)  # a window to see that nothing moves; not a synchronisation
         if not up.is_alive():
+            if up.error is not None:
+                pytest.fail(f"the sender failed before it stalled: {up.error!r}")
             pytest.fail("the whole stream got through a receiver that reads nothing")
         if sent_now == sent_before:
             break
@@ -606,6 +609,7 @@ def test_a_pair_receiver_pushed_past_max_buffer_from_another_worker_throttles_it
     assert server.ctl_json("status")["totals"]["full_notices"] == 0  # PAIR_MARK: nothing told
     src, _ = server.handshake("src", [])
     assert server.worker_of(src) != server.worker_of(r)
+    src.settimeout(None)  # it blocks while stalled: a loaded machine takes >10 s to see that
     base = server.rss()
     size = 128 * MiB
     up = Sender(src, size)
