@@ -916,6 +916,12 @@ cdef class Pump:
         fwd_set_blocking(self.a.fd, 0, 0.0, 0.0)
         fwd_set_blocking(self.b.fd, 0, 0.0, 0.0)
 
+    def sending(self, Relay src):
+        """Whether ``src``'s thread is in the middle of a round to the other
+        side: ``src`` is not idle, it waits for its receiver (which, if stuck,
+        sends the pair back to the loop within ``stall`` seconds)."""
+        return bool(self.d[0 if src is self.a else 1].sending)
+
     @property
     def spliced(self):
         """Whether a -> b and b -> a each spliced a round: those ways are bulk

@@ -953,13 +953,23 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     def _idle_check(self) -> None:
         remaining = self.last_active + self.timeout - self.hub.loop.time()
-        if remaining <= 0 and self._awaiting():
+        if remaining <= 0 and (self._awaiting() or self._held_back()):
             remaining = self.timeout  # waiting is no idling: the hold bounds it
         if remaining > 0:
             self.timer = self.hub.loop.call_later(remaining, self._idle_check)
         else:
             self.timer = None
             self.close("idle timeout")
+
+    def _held_back(self) -> bool:
+        """We do not read what our client sends, for its receivers (whose
+        --slow-timeout bounds that) or --max-rate: its bytes wait in our
+        socket, so it is not idle."""
+        hub = self.hub
+        if hub.backpressure.is_paused(self) or self in hub.throttled:
+            return True
+        pump = hub.pumps.running.get(self) if hub.pumps is not None else None
+        return pump is not None and pump.sending(self)
 
     def _slow_consumer(self) -> None:
         self.slow_timer = None

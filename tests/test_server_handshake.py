@@ -2,7 +2,8 @@
 pipelining, late receivers, chid reuse and takeover, idle timeouts, startup.
 
 Synchronisation is by events only: bytes on sockets and the server's log lines.
-The only sleeps are in the traffic that keeps a session busy, never to wait.
+The only sleeps pace the traffic that keeps a session busy, or let a timeout
+pass (the subject of the test), never stand in for an event.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from conftest import WORKERS
 from fwd.runtime import logval
 from helpers import (
+    Sender,
     assert_closed,
     assert_pair_works,
     claim_again,
@@ -27,9 +29,11 @@ from helpers import (
     read_json,
     read_line,
     recv_exact,
+    recv_hash,
     send_json,
 )
 
+MiB = 1 << 20
 EOF_WAIT = 10.0
 """Generous bound for a close the server is expected to make on its own."""
 
@@ -476,6 +480,38 @@ def test_hs3_timeout_closes_idle_session_but_not_busy_one(chan_server):
     assert recv_exact(busy, 10) == b"still open"
     busy.sendall(b"yes")
     assert recv_exact(peer, 3) == b"yes"
+
+
+def test_a_sender_held_back_by_a_stuck_receiver_outlives_its_idle_timeout(start_server):
+    """It has bytes to send: we stopped reading them, so it is not idle. Its
+    receiver's --slow-timeout (off here) bounds that wait, not its own timeout."""
+    server = start_server("--mode", "chan", "--slow-timeout", "0")
+    sb, _ = server.handshake("b", ["a"], timeout=0)
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    mark = server.mark()
+    sa, _ = server.handshake("a", ["b"], timeout=1)
+    sa.settimeout(None)
+    up = Sender(sa, 8 * MiB)
+    up.start()
+    server.wait_log(r"paused chid=a\b", start=mark)
+    time.sleep(2.5)  # the subject: outlast a's idle timeout while held back
+    assert recv_hash(sb, 8 * MiB) == up.digest
+    up.finish()
+    sb.sendall(b"still there?")
+    assert recv_exact(sa, 12) == b"still there?"
+
+
+def test_a_sender_paused_by_max_rate_outlives_its_idle_timeout(start_server):
+    """Below the rate's next read it waits 2 s, twice its idle timeout: its
+    bytes wait in our socket, so it is not idle."""
+    server = start_server("--mode", "chan", "--max-rate", "2KiB")
+    sb, _ = server.handshake("b", ["a"], timeout=0)
+    sa, _ = server.handshake("a", ["b"], timeout=1)
+    data = os.urandom(8 * 1024)  # a second's worth (2 KiB), then reads of 4 KiB
+    sa.sendall(data)
+    assert recv_exact(sb, len(data)) == data
+    sb.sendall(b"still there?")
+    assert recv_exact(sa, 12) == b"still there?"
 
 
 def test_idle_timeout_default_and_timeout_zero(start_server):
