@@ -10,6 +10,7 @@ here. Timers and closing live here too, because they act on the transport.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import functools
 import hmac
@@ -137,7 +138,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.chid: str | None = None
         self.hs: Handshake | None = None
         self.sniffed = b""
-        self.pending_out: list[bytes] | None = None
+        self.pending_out: collections.deque[bytes | memoryview] | None = None
         self.pending_size = 0
         self.timeout = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -214,7 +215,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             # With a password there is no sniffing: everyone must handshake.
             self._start_handshake()
         else:
-            self.pending_out = []
+            self.pending_out = collections.deque()
             hub.pending.add(self)
             self.timer = loop.call_later(SNIFF_CONNECT_WINDOW, self._sniff_expired)
 
@@ -933,14 +934,25 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.transport.set_write_buffer_limits(high=min(PAIR_MARK, self.hub.config.max_buffer))
 
     def _queue_pending(self, chunk: bytes) -> None:
-        """Broadcast bytes for a connection still in its sniff window."""
-        if self.pending_out is None:
+        """Broadcast bytes for a connection still in its sniff window: the last
+        --max-buffer of them. Dropping the oldest, cut inside a read if need
+        be, leaves one piece of the stream that runs on into what comes live
+        after, as if the client had connected a little later; dropping the
+        newest would leave a hole between the queue and the live bytes."""
+        out = self.pending_out
+        if out is None:
             return
-        if self.pending_size + len(chunk) > self.hub.config.max_buffer:
-            self.hub.drop("sniff_window", len(chunk))
-            return
-        self.pending_out.append(chunk)
+        out.append(chunk)
         self.pending_size += len(chunk)
+        over = self.pending_size - self.hub.config.max_buffer
+        if over <= 0:
+            return
+        self.hub.drop("sniff_window", over)
+        self.pending_size -= over
+        while over >= len(out[0]):
+            over -= len(out.popleft())
+        if over:
+            out[0] = memoryview(out[0])[over:]  # no copy
 
     def _note_dropped(self, chid: str, nbytes: int) -> None:
         self.hub.drop("hold_full", nbytes)

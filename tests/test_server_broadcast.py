@@ -316,6 +316,37 @@ def test_bytes_sent_during_a_new_clients_sniff_window_are_queued(start_server):
     assert sent_at < live_at, bcast_server.lines[mark:]
 
 
+def test_an_undecided_connection_keeps_the_newest_bytes_its_queue_can_hold(start_server):
+    """--max-buffer bounds what is queued for a connection in its sniff window:
+    the oldest bytes go (cut inside a write), so that the queue runs on into
+    the live bytes: one piece of the stream, never one with a hole."""
+    server = start_server("--mode", "broadcast", "--workers", "1", "--max-buffer", "64KiB")
+    parts = [os.urandom(3000), os.urandom(100_000), os.urandom(3000), b"+later"]
+    stream = b"".join(parts)
+    for _attempt in range(5):
+        before = server.ctl_json("status")["drops"].get("sniff_window", 0)
+        mark = server.mark()
+        listener = server.connect()  # never sends
+        sender = server.connect()  # accepted after it: handled once it exists
+        for part in parts[:3]:
+            sender.sendall(part)
+        server.wait_log(live_pattern(listener), start=mark)
+        sender.sendall(parts[3])
+        got = b""
+        while not got.endswith(parts[3]):
+            chunk = listener.recv(1 << 16)
+            assert chunk, "closed"
+            got += chunk
+        assert stream.endswith(got), "not one piece of the stream"
+        dropped = server.ctl_json("status")["drops"].get("sniff_window", 0) - before
+        if dropped:  # else its window ended before the queue was full: again
+            assert len(got) == len(stream) - dropped >= 64 * 1024 + len(parts[3])
+            return
+        listener.close()
+        sender.close()
+    pytest.fail("the listener never was in its sniff window when the bytes came")
+
+
 def test_bytes_queued_in_the_sniff_window_are_dropped_when_it_handshakes(bcast_server):
     # h is accepted before the sender (FIFO accept queue), so the sender's bytes
     # are handled while h sniffs and are queued for it; h's hs1 then makes it a
