@@ -420,6 +420,9 @@ class Session(Relay, asyncio.BufferedProtocol):
         if discarded:  # a reset (ours) dropped what was still queued: never written
             self.bytes_out -= discarded
             self.hub.drop("discarded", discarded)
+        ending = self.hub.flushing.pop(self, None)
+        if ending is not None:  # its flush is over
+            self._log_end(*ending)
         if self.hub.pumps is not None:
             self.hub.pumps.release(self)
         self.flush_rest()  # what was read before the end still goes out
@@ -1091,19 +1094,27 @@ class Session(Relay, asyncio.BufferedProtocol):
         if was_live and not self.moved:
             hub.ends[end] += 1
         if (was_live or self.chid is not None) and not self.moved:
-            secs = hub.loop.time() - self.started
-            # A cut (reset) drops what is still queued (connection_lost).
-            queued = self.transport.get_write_buffer_size() if cut and self.transport else 0
-            log.info(
-                "session end chid=%s peer=%s worker=%d in=%d out=%d secs=%.3f reason=%s%s",
-                logval(self.chid), self.peer, hub.wid, self.bytes_in, self.bytes_out - queued, secs,
-                logval(reason),
-                f" dropped={self.dropped}" if self.dropped else "",
-                extra={"fields": {"event": "session_end", "chid": self.chid, "peer": self.peer,
-                                  "worker": hub.wid, "bytes_in": self.bytes_in,
-                                  "bytes_out": self.bytes_out - queued,
-                                  "secs": round(secs, 3),
-                                  "reason": reason, "end": end, "dropped": self.dropped}})
+            queued = self.transport.get_write_buffer_size() if self.transport else 0
+            if queued and was_live and not cut:
+                # Its out= is what the flush writes: a linger's or a drain's
+                # reset may still discard some (connection_lost).
+                hub.flushing[self] = (reason, end)
+            else:
+                self._log_end(reason, end, queued if cut else 0)
+
+    def _log_end(self, reason: str, end: str, discarding: int = 0) -> None:
+        """The end line. ``discarding``: still queued, but a reset drops it."""
+        hub = self.hub
+        secs = hub.loop.time() - self.started
+        out = self.bytes_out - discarding
+        log.info(
+            "session end chid=%s peer=%s worker=%d in=%d out=%d secs=%.3f reason=%s%s",
+            logval(self.chid), self.peer, hub.wid, self.bytes_in, out, secs, logval(reason),
+            f" dropped={self.dropped}" if self.dropped else "",
+            extra={"fields": {"event": "session_end", "chid": self.chid, "peer": self.peer,
+                              "worker": hub.wid, "bytes_in": self.bytes_in, "bytes_out": out,
+                              "secs": round(secs, 3), "reason": reason, "end": end,
+                              "dropped": self.dropped}})
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

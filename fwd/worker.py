@@ -153,6 +153,9 @@ class Hub:
         self.stats: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[str] = collections.Counter()  # by reason
         self.ends: collections.Counter[str] = collections.Counter()  # live sessions, by reason
+        # Ended sessions still flushing to their clients: their end lines wait
+        # for what that flush wrote (Session.connection_lost).
+        self.flushing: dict[Session, tuple[str, str]] = {}
         self.drops: collections.Counter[str] = collections.Counter()  # bytes, by DROP_REASONS
         self.started = loop.time()
         self.closed = asyncio.Event()
@@ -833,6 +836,7 @@ class Hub:
                 for s in list(self.sessions):
                     if s.transport is not None:
                         reset(s.transport)
+                await asyncio.sleep(0)  # their connection_lost: end lines and counts
 
 
 def read_size(max_rate: int) -> int:

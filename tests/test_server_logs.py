@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 
 from conftest import Server
-from fwd.session import end_reason
-from helpers import pair, read_json, recv_exact, send_json
+from fwd.session import CLOSE_LINGER, end_reason
+from helpers import Sender, pair, read_json, recv_exact, send_json, wait_until
+
+MiB = 1 << 20
 
 
 def exchange(server: Server) -> tuple[int, int]:
@@ -93,3 +96,26 @@ def test_json_lines(start_server: Callable[..., Server]) -> None:
     assert (fail["chid"], fail["desc"], fail["reason"]) == ("c", "recvers must be a list",
                                                            "malformed")
     assert fail["peer"] == f"127.0.0.1:{bad.getsockname()[1]}"
+
+
+def test_an_end_line_counts_what_its_flush_wrote_not_what_a_reset_discarded(chan_server):
+    """b ends (its FIN, outside a pair) with bytes queued that it never reads:
+    the close linger resets it after CLOSE_LINGER, dropping them. Its end line
+    waits for that, so its out= is what was written (status counts the same
+    way); logged at the close, it counted the dropped bytes too."""
+    sb, _ = chan_server.handshake("b", ["x"])
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sa, _ = chan_server.handshake("a", ["b"])
+    sa.settimeout(None)
+    up = Sender(sa, 64 * MiB)  # after b left its bytes are held, then dropped
+    mark = chan_server.mark()
+    up.start()
+    chan_server.wait_log(r"paused chid=a\b", start=mark)
+    sb.shutdown(socket.SHUT_WR)
+    end = chan_server.wait_log(r"session end chid=b .* out=(\d+)", start=mark,
+                               timeout=CLOSE_LINGER + 15)
+    wait_until(lambda: chan_server.ctl_json("status")["drops"].get("discarded", 0) > 0,
+               CLOSE_LINGER + 15, "the linger's reset dropping what b did not take")
+    ended = chan_server.ctl_json("status")["totals"]["bytes_out"]  # b's, the one session ended
+    assert int(end.group(1)) == ended
+    up.finish()
