@@ -171,16 +171,19 @@ class Arbiter:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._signalled)
         for wid in range(self.config.workers):
+            if self._stop.is_set():  # a signal while they start: stop at once
+                break
             await self.spawn(wid)
-        self.acceptor = Acceptor(self.loop, listeners, self.dispatch)
-        self.acceptor.start()
-        self._announce()  # the workers may all be ready already
-        self._watched = self.loop.time()
-        self.loop.call_later(WATCH_EVERY, self._watch)
-        log.info("listening on %s mode=%s workers=%d password=%s control=%s",
-                 describe(listeners), self.config.mode, self.config.workers,
-                 "on" if getattr(self.config, "password", None) else "off",
-                 self.control.path if self.control is not None else "none")
+        if not self._stop.is_set():
+            self.acceptor = Acceptor(self.loop, listeners, self.dispatch)
+            self.acceptor.start()
+            self._announce()  # the workers may all be ready already
+            self._watched = self.loop.time()
+            self.loop.call_later(WATCH_EVERY, self._watch)
+            log.info("listening on %s mode=%s workers=%d password=%s control=%s",
+                     describe(listeners), self.config.mode, self.config.workers,
+                     "on" if getattr(self.config, "password", None) else "off",
+                     self.control.path if self.control is not None else "none")
         await self._stop.wait()
         await self._shutdown()
         return self.exit_code

@@ -1,15 +1,19 @@
 """Command-line entry points: parse options, build a Config, call the pieces."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from .config import (
     LOG_FORMATS,
+    MAX_WORKERS,
+    MIN_WORKER_TIMEOUT,
     MODES,
     Config,
     parse_hostport,
@@ -19,31 +23,66 @@ from .config import (
 )
 from .runtime import set_title, setup_logging
 
+GiB = 1 << 30
+TiB = 1 << 40
 
-def _refuse_empty_env(what: str) -> None:
+
+def _envvars(ctx: click.Context, param: click.Parameter) -> list[str]:
+    """The environment variables ``param`` is read from."""
+    env = param.envvar
+    if env is None and ctx.auto_envvar_prefix and param.name:
+        env = f"{ctx.auto_envvar_prefix}_{param.name.upper()}"
+    return [env] if isinstance(env, str) else list(env or ())
+
+
+def _refuse_empty_env(what: str, give: str | None = None) -> None:
     """click reads a variable set to "" as unset: for a secret (a template that
-    left FWD_PASSWORD empty) that would turn encryption off without a word."""
+    left FWD_PASSWORD empty) that would turn encryption off without a word, and
+    for an allow list, let everyone in."""
     ctx = click.get_current_context()
     names = {what.replace("-", "_"), what.replace("-", "_") + "_file"}
     for param in ctx.command.params:
         if param.name not in names:
             continue
-        env = param.envvar
-        if env is None and ctx.auto_envvar_prefix:
-            env = f"{ctx.auto_envvar_prefix}_{param.name.upper()}"
-        for name in [env] if isinstance(env, str) else env or ():
+        for name in _envvars(ctx, param):
             if os.environ.get(name) == "":
-                raise click.UsageError(f"{name} is set but empty: unset it or give the {what}")
+                raise click.UsageError(f"{name} is set but empty: unset it or give "
+                                       f"{give or 'the ' + what}")
+
+
+class _Option(click.Option):
+    """An error about a value from the environment names the variable: the
+    command line had no --max-buffer when FWD_MAX_BUFFER was wrong."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        hint = super().get_error_hint(ctx)
+        if ctx is not None and self.name is not None \
+                and ctx.get_parameter_source(self.name) is ParameterSource.ENVIRONMENT:
+            found = [n for n in _envvars(ctx, self) if os.environ.get(n)]
+            hint += f" (from {found[0]})" if found else ""
+        return hint
+
+
+option = functools.partial(click.option, cls=_Option)
 
 
 class _Size(click.ParamType):
+    """Bytes, at most ``most``: past it a value would overflow the C types it
+    reaches (uvloop's write buffer limits are C ints) or mean nothing."""
+
     name = "SIZE"
+
+    def __init__(self, most: int = TiB) -> None:
+        self.most = most
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         try:
-            return parse_size(value)
+            size = parse_size(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if size > self.most:
+            self.fail(f"{value!r} is more than {self.most // GiB}GiB", param, ctx)
+        return size
 
 
 class _HostPort(click.ParamType):
@@ -86,10 +125,10 @@ _D = Config()
 
 def _password_options(f: Any) -> Any:
     """--password / --password-file (also FWD_PASSWORD / FWD_PASSWORD_FILE)."""
-    f = click.option("--password-file", type=click.Path(exists=True, dir_okay=False),
+    f = option("--password-file", type=click.Path(exists=True, dir_okay=False),
                      default=None, help="Read the handshake password from this file "
                      "(its first line; the rest is ignored).")(f)
-    return click.option("--password", default=None, show_default=False,
+    return option("--password", default=None, show_default=False,
                         help="Encrypt the handshake with this password (visible in the "
                         "process list: prefer --password-file or FWD_PASSWORD).")(f)
 
@@ -117,8 +156,18 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
     return value
 
 
+def _worker_timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if 0 < value < MIN_WORKER_TIMEOUT:
+        raise click.BadParameter(f"{value:g} is less than {MIN_WORKER_TIMEOUT:g} (workers "
+                                 "report once a second; 0 = never kill)")
+    return value
+
+
 def _networks(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[str, ...]:
-    # "--allow a,b --allow c" and FWD_ALLOW="a,b c" both mean a, b, c.
+    # "--allow a,b --allow c" and FWD_ALLOW="a,b c" both mean a, b, c. An
+    # empty one is refused: an empty allow list would let everyone in.
+    if any(not v.replace(",", "").strip() for v in value or ()):
+        raise click.BadParameter("names no network")
     nets = tuple(n for v in value or () for n in v.split(",") if n)
     for n in nets:
         try:
@@ -146,89 +195,93 @@ def _env_epilog(examples: str) -> str:
 @click.command(context_settings={"auto_envvar_prefix": "FWD", "show_default": True,
                                  "help_option_names": ["-h", "--help"]},
                epilog=_env_epilog("FWD_MODE=chan, FWD_MAX_CONNS=1000"))
-@click.option("--listen", type=_HostPort(), multiple=True, default=["0.0.0.0:8601"],
+@option("--listen", type=_HostPort(), multiple=True, default=["0.0.0.0:8601"],
               help="Address to listen on; repeat for several ([::]:8601 for IPv6).")
-@click.option("--mode", type=click.Choice(MODES), default=_D.mode,
+@option("--mode", type=click.Choice(MODES), default=_D.mode,
               help="chan: clients handshake and name receivers; broadcast: all to all.")
-@click.option("--workers", type=click.IntRange(min=1), default=_D.workers,
+@option("--workers", type=click.IntRange(min=1, max=MAX_WORKERS), default=_D.workers,
               help="Worker processes that forward bytes (default: the CPUs it may run "
               "on, as nproc counts them).")
-@click.option("--handshake-timeout", type=_SECONDS, default=_D.handshake_timeout,
+@option("--handshake-timeout", type=_SECONDS, default=_D.handshake_timeout,
               help="Seconds a client has to finish the handshake (0 = no limit).")
-@click.option("--idle-timeout", type=_SECONDS, default=_D.idle_timeout,
+@option("--idle-timeout", type=_SECONDS, default=_D.idle_timeout,
               help="Close sessions idle this many seconds, unless hs3 sets its own (0 = off).")
-@click.option("--max-buffer", type=_Size(), default=str(_D.max_buffer),
+@option("--max-buffer", type=_Size(GiB), default=str(_D.max_buffer),
               help="High-water mark of each session's outgoing buffer; senders wait above it.")
-@click.option("--slow-timeout", type=_SECONDS, default=_D.slow_timeout,
+@option("--slow-timeout", type=_SECONDS, default=_D.slow_timeout,
               help="Disconnect a receiver that stays above its high-water mark (--max-buffer; "
                    "64 KiB for the one receiver of a 1:1 route) this long (0 = never).")
-@click.option("--hold-bytes", type=_Size(), default=str(_D.hold_bytes),
+@option("--hold-bytes", type=_Size(), default=str(_D.hold_bytes),
               help="Bytes held per absent chan receiver, from each sender, until it "
                    "connects.")
-@click.option("--hold-seconds", type=_SECONDS, default=_D.hold_seconds,
+@option("--hold-seconds", type=_SECONDS, default=_D.hold_seconds,
               help="How long held bytes wait for their receiver.")
-@click.option("--hold-total", type=_Size(), default=str(_D.hold_total),
+@option("--hold-total", type=_Size(), default=str(_D.hold_total),
               help="Cap on the memory held bytes take, over all absent receivers "
               "and workers.")
-@click.option("--max-conns", type=click.IntRange(min=1), default=_D.max_conns,
+@option("--max-conns", type=click.IntRange(min=1), default=_D.max_conns,
               help="Connections beyond this are closed at once.")
-@click.option("--max-conns-per-ip", type=click.IntRange(min=0), default=_D.max_conns_per_ip,
+@option("--max-conns-per-ip", type=click.IntRange(min=0), default=_D.max_conns_per_ip,
               help="Connections from one address beyond this are closed at once; IPv6 "
                    "counts by /64. Clients behind one NAT share an address (0 = no limit).")
-@click.option("--allow", multiple=True, metavar="NET", callback=_networks,
+@option("--allow", multiple=True, metavar="NET", callback=_networks,
               help="Take clients only from these addresses or networks (192.0.2.7, "
                    "10.0.0.0/8, 2001:db8::/32; repeat or comma-separate) [default: any].",
               show_default=False)
-@click.option("--deny", multiple=True, metavar="NET", callback=_networks,
+@option("--deny", multiple=True, metavar="NET", callback=_networks,
               help="Refuse clients from these addresses or networks, even if --allow "
                    "names them.")
-@click.option("--allow-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+@option("--allow-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               callback=_network_file,
               help="More --allow networks, one or more a line, # for comments; read again "
                    "by `fwd-ctl reload`. Given, it makes an allow list even when empty.")
-@click.option("--deny-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+@option("--deny-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               callback=_network_file,
               help="More --deny networks, as --allow-file; read again by `fwd-ctl reload`.")
-@click.option("--max-rate", type=_Size(), default=str(_D.max_rate), metavar="SIZE",
+@option("--max-rate", type=_Size(), default=str(_D.max_rate), metavar="SIZE",
               help="Bytes per second each client may send into the relay (1MiB, 64KiB...), "
                    "after a first second's worth at once; a client above it is paused, as "
                    "by a slow receiver (0 = no limit; turns off pumps).")
-@click.option("--splice-min", type=_Size(), default=str(_D.splice_min),
+@option("--splice-min", type=_Size(), default=str(_D.splice_min),
               help="A read this big sends that stream to its local receivers through "
                    "a pipe with splice(2), without copying it; to several by tee(2), "
                    "unless the congestion control is BBR (0 = never).")
-@click.option("--pump-pairs", type=click.IntRange(min=0), default=_D.pump_pairs,
+@option("--pump-pairs", type=click.IntRange(min=0), default=_D.pump_pairs,
               help="1:1 pairs per worker that get two threads, one per direction, "
                    "blocking in recv/send or splice(2) instead of the event loop: bulk "
                    "pairs, and pairs past 64 reads until quiet for 2 s (0 = none; "
                    "needs --splice-min).")
-@click.option("--tcp-congestion", default=None, metavar="NAME",
+@option("--tcp-congestion", default=None, metavar="NAME",
               help="TCP congestion control of client connections (cubic, reno, bbr...) "
               "[default: the system's].")
-@click.option("--takeover/--no-takeover", default=_D.takeover,
+@option("--takeover/--no-takeover", default=_D.takeover,
               help="A new session claiming a held chid replaces the old one.")
-@click.option("--drain-timeout", type=_SECONDS, default=_D.drain_timeout,
+@option("--drain-timeout", type=_SECONDS, default=_D.drain_timeout,
               help="On SIGTERM/SIGINT/SIGHUP, how long queued bytes may take to reach "
               "receivers.")
-@click.option("--worker-timeout", type=_SECONDS, default=_D.worker_timeout,
+@option("--worker-timeout", type=_SECONDS, default=_D.worker_timeout,
+              callback=_worker_timeout,
               help="Kill and restart a worker that has not answered for this long (hung, "
-                   "or stopped); one silent for 3 s already gets no new connections "
-                   "(0 = never kill).")
+                   "or stopped), 2 s at least; one silent for 3 s already gets no new "
+                   "connections (0 = never kill).")
 @_password_options
-@click.option("--control", default=None, metavar="PATH", callback=_nonempty,
+@option("--control", default=None, metavar="PATH", callback=_nonempty,
               help="Unix socket for fwd-ctl (mode 0600); 'none' for no control socket  "
                    "[default: $XDG_RUNTIME_DIR or /tmp, fwd-PORT.ctl, PORT the first listen "
                    "port].")
-@click.option("--metrics", type=_HostPort(), default=None,
+@option("--metrics", type=_HostPort(), default=None,
               help="Serve Prometheus metrics at http://HOST:PORT/metrics, and /healthz "
                    "[default: off].")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+@option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=_D.log_level)
-@click.option("--log-format", type=click.Choice(LOG_FORMATS), default=_D.log_format,
+@option("--log-format", type=click.Choice(LOG_FORMATS), default=_D.log_format,
               help="text: one readable line per record; json: one JSON object per line.")
 def server(**options: Any) -> None:
     """Relay raw TCP bytes between clients that connect to it."""
     options["listen"] = list(options["listen"])
+    for what in ("allow", "deny"):
+        if not options[what] and options[f"{what}_file"] is None:
+            _refuse_empty_env(what, "a network")
     options["password"] = _take_password(options)
     config = Config(**options)
     setup_logging(config.log_level, "acceptor", config.log_format)
@@ -250,42 +303,42 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
 @click.command(context_settings={"auto_envvar_prefix": "FWD", "show_default": True,
                                  "help_option_names": ["-h", "--help"]},
                epilog=_env_epilog("FWD_SERVER0=relay:8601, FWD_RECVERS=user"))
-@click.option("--server0", type=_HostPort(), default="127.0.0.1:8601",
+@option("--server0", type=_HostPort(), default="127.0.0.1:8601",
               help="The fwd-server to join (the public side).")
-@click.option("--server1", type=_HostPort(), default="127.0.0.1:8080",
+@option("--server1", type=_HostPort(), default="127.0.0.1:8080",
               help="The service to expose (usually on the LAN).")
-@click.option("--chid", default=None, help="Chan handshake on server0: the chid to claim.")
-@click.option("--recvers", multiple=True, callback=_split_recvers,
+@option("--chid", default=None, help="Chan handshake on server0: the chid to claim.")
+@option("--recvers", multiple=True, callback=_split_recvers,
               help="Chan handshake: receivers of our bytes (repeat or comma-separate).")
-@click.option("--senders", multiple=True, callback=_split_recvers,
+@option("--senders", multiple=True, callback=_split_recvers,
               help="Chan handshake: the only chids whose bytes reach the service (repeat or "
                    "comma-separate) [default: the --recvers, if any].", show_default=False)
-@click.option("--any-sender", is_flag=True,
+@option("--any-sender", is_flag=True,
               help="Chan handshake: let every chid's bytes reach the service, also those "
                    "sent to everyone, even with --recvers.")
-@click.option("--timeout", type=click.IntRange(min=0), default=None,
+@option("--timeout", type=click.IntRange(min=0), default=None,
               help="Chan handshake: idle timeout (seconds) the server applies to our session.")
-@click.option("--handshake/--no-handshake", default=None,
+@option("--handshake/--no-handshake", default=None,
               help="Force the chan handshake on or off [default: on if --chid, --recvers, "
                    "--senders, --timeout or a password is given].", show_default=False)
-@click.option("--on-close", type=click.Choice(["both", "one"]), default="both",
+@option("--on-close", type=click.Choice(["both", "one"]), default="both",
               help="When one side closes: both = end the pair and start a fresh one; "
                    "one = reconnect only that side.")
-@click.option("--connect", type=click.Choice(["lazy", "eager"]), default="lazy",
+@option("--connect", type=click.Choice(["lazy", "eager"]), default="lazy",
               help="lazy: connect server1 when server0 first sends bytes; eager: right after "
                    "server0 (for services that speak first).")
-@click.option("--max-retries", type=click.IntRange(min=0), default=None,
+@option("--max-retries", type=click.IntRange(min=0), default=None,
               help="Give up when a side fails again after this many retries in a row "
                    "(0: at its first failure) [default: never].")
-@click.option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
+@option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
               help="Seconds allowed for a connect plus handshake.")
-@click.option("--service-wait", type=_SECONDS, default=5.0,
+@option("--service-wait", type=_SECONDS, default=5.0,
               help="With --on-close both: seconds bytes from the relay wait for the service "
                    "to accept a connection before the relay session is reset (0: at once).")
 @_password_options
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+@option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info")
-@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text",
+@option("--log-format", type=click.Choice(LOG_FORMATS), default="text",
               help="text: one readable line per record; json: one JSON object per line.")
 def client(**options: Any) -> None:
     """Connect out to a fwd-server (server0) and a service (server1), and copy bytes
@@ -326,39 +379,39 @@ CAT_EXIT_E2E = 4
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("address", type=_HostPort(), metavar="HOST:PORT")
-@click.option("--chid", default=None, help="Handshake: the chid to claim [default: server picks].")
-@click.option("--to", "recvers", multiple=True, callback=_split_recvers,
+@option("--chid", default=None, help="Handshake: the chid to claim [default: server picks].")
+@option("--to", "recvers", multiple=True, callback=_split_recvers,
               help="Handshake: a receiver of our bytes (repeat or comma-separate) "
                    "[default: everyone else].")
-@click.option("--from", "senders", multiple=True, callback=_split_recvers,
+@option("--from", "senders", multiple=True, callback=_split_recvers,
               help="Handshake: receive only from this chid (repeat or comma-separate) "
                    "[default: the --to chids, if any; else anyone].")
-@click.option("--from-anyone", is_flag=True,
+@option("--from-anyone", is_flag=True,
               help="Handshake: receive from every chid, also those sending to everyone, "
                    "even with --to.")
-@click.option("--timeout", type=click.IntRange(min=0), default=None,
+@option("--timeout", type=click.IntRange(min=0), default=None,
               help="Handshake: idle timeout (seconds) the server applies to our session.")
-@click.option("--handshake/--no-handshake", default=None,
+@option("--handshake/--no-handshake", default=None,
               help="Force the handshake on or off [default: on if --chid, --to, --from, "
                    "--timeout or a password is given; off is a plain broadcast client].")
-@click.option("--password", envvar="FWD_PASSWORD", default=None,
+@option("--password", envvar="FWD_PASSWORD", default=None,
               help="Handshake password (server --password); visible in the process list, "
                    "prefer FWD_PASSWORD or --password-file.")
-@click.option("--password-file", type=click.Path(dir_okay=False), default=None,
+@option("--password-file", type=click.Path(dir_okay=False), default=None,
               envvar="FWD_PASSWORD_FILE",
               help="Read the handshake password from this file's first line.")
-@click.option("--e2e-key", envvar="FWD_E2E_KEY", default=None,
+@option("--e2e-key", envvar="FWD_E2E_KEY", default=None,
               help="Shared secret: encrypt the stream end to end (every peer needs it); "
                    "prefer FWD_E2E_KEY or --e2e-key-file.")
-@click.option("--e2e-key-file", type=click.Path(dir_okay=False), default=None,
+@option("--e2e-key-file", type=click.Path(dir_okay=False), default=None,
               envvar="FWD_E2E_KEY_FILE",
               help="Read the end-to-end secret from this file's first line.")
-@click.option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
+@option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
               show_default=True, help="Seconds allowed for connect plus handshake.")
-@click.option("--linger", type=_SECONDS, default=0.5, show_default=True,
+@option("--linger", type=_SECONDS, default=0.5, show_default=True,
               help="Once the relay ended the stream toward us, end ours when stdin has "
                    "been quiet this long (a file is always sent to its end).")
-@click.option("--recv-only", "-d", is_flag=True,
+@option("--recv-only", "-d", is_flag=True,
               help="Do not read stdin (nc -d): only receive; our direction ends when the "
                    "relay's does. For a receiver whose stdin is not a terminal.")
 def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],

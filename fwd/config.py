@@ -166,14 +166,23 @@ class AddressFilter:
         return None
 
 
+MAX_WORKERS = 256
+"""Every worker keeps a ZeroMQ pipe to every other, and a ZeroMQ context has
+at most 1023 sockets by default: some hundreds is the ceiling of this design."""
+MIN_WORKER_TIMEOUT = 2.0
+"""Workers report every second (worker.BEAT), and the parent looks every
+second: a healthy worker may seem silent for almost two."""
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on, as ``nproc`` counts them: a server
     started under ``taskset`` or in a cpuset gets that many workers, not one
     per CPU of the machine, which would only take turns on the same cores."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cpus = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_WORKERS)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from .config import format_hostport
 from .control import close_connections, tracked
 from .protocol import FAILURE_REASONS
 
@@ -221,8 +222,14 @@ class MetricsServer:
         self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
     async def start(self) -> tuple[str, int]:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                  limit=MAX_HEAD)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port,
+                                                      limit=MAX_HEAD)
+        except OSError as exc:  # say which address, as --listen does
+            where = format_hostport(self.host, self.port)
+            code = exc.errno or 0  # uvloop's own strerror is a sentence
+            why = os.strerror(code) if code > 0 else exc.strerror or exc
+            raise OSError(f"--metrics {where}: {why}") from None
         addr = self._server.sockets[0].getsockname()
         return addr[0], addr[1]
 

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+
+import pytest
 
 
 def test_server_help_names_the_environment_variables() -> None:
@@ -43,4 +48,83 @@ def test_the_default_worker_count_is_the_cpus_the_server_may_run_on() -> None:
                           text=True, check=True, timeout=60,
                           preexec_fn=lambda: os.sched_setaffinity(0, {one}))
     text = " ".join(done.stdout.split())
-    assert "counts them). [default: 1; x>=1]" in text
+    assert "counts them). [default: 1; 1<=x<=256]" in text
+
+
+def refused(*args: str, env: dict[str, str] | None = None) -> str:
+    """Start a server that must refuse to start (exit 2): what it said."""
+    done = subprocess.run([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
+                           "--control", "none", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+    assert done.returncode == 2, done.stderr
+    return " ".join(done.stderr.split())
+
+
+@pytest.mark.parametrize("args, said", [
+    # uvloop takes write buffer limits as C ints: every client failed with
+    # OverflowError, and never got a byte.
+    (["--max-buffer", "2GiB"], "Invalid value for '--max-buffer': '2GiB' is more than 1GiB"),
+    (["--splice-min", str(1 << 63)], "Invalid value for '--splice-min'"),
+    # A million workers: each ran out of ZeroMQ sockets and was restarted, and
+    # the parent never got to hear SIGTERM.
+    (["--workers", "257"], "'--workers': 257 is not in the range 1<=x<=256"),
+    # Workers report every second: healthy ones were killed every second.
+    (["--worker-timeout", "0.5"], "'--worker-timeout': 0.5 is less than 2"),
+])
+def test_values_that_would_overflow_or_cannot_work_are_refused(args, said) -> None:
+    assert said in refused(*args)
+
+
+@pytest.mark.parametrize("args, env, said", [
+    (["--allow", ""], {}, "Invalid value for '--allow': names no network"),
+    (["--deny", ","], {}, "Invalid value for '--deny': names no network"),
+    # click reads a variable set to "" as unset: a template that left it
+    # empty let every client in.
+    ([], {"FWD_ALLOW": ""}, "FWD_ALLOW is set but empty"),
+    ([], {"FWD_ALLOW_FILE": ""}, "FWD_ALLOW_FILE is set but empty"),
+    ([], {"FWD_DENY": ""}, "FWD_DENY is set but empty"),
+])
+def test_an_empty_allow_or_deny_list_is_refused(args, env, said) -> None:
+    assert said in refused(*args, env=env)
+
+
+def test_a_bad_value_from_the_environment_names_its_variable() -> None:
+    """The command line had no --max-buffer: the error must say where it came from."""
+    said = refused(env={"FWD_MAX_BUFFER": "1XB"})
+    assert "Invalid value for '--max-buffer' (from FWD_MAX_BUFFER): not a size: '1XB'" in said
+    assert "(from" not in refused("--max-buffer", "1XB")
+
+
+def test_a_metrics_address_that_cannot_be_bound_is_named() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
+                               "--control", "none", "--workers", "1",
+                               "--metrics", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"cannot start: --metrics 127.0.0.1:{port}: Address already in use" in done.stderr
+
+
+def test_a_stop_signal_while_the_workers_start_stops_at_once() -> None:
+    """It waited until every worker had started (with a million, never)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
+                             "--control", "none", "--workers", "64", "--log-level", "debug"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "worker 0 started" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines.extend(proc.stderr)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    started = [ln for ln in lines if re.search(r"worker \d+ started", ln)]
+    assert len(started) < 64, "every worker started before the signal was heard"
+    assert not any("listening on" in ln for ln in lines)
