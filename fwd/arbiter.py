@@ -59,6 +59,10 @@ RESPAWN_PAUSE = 1.0
 """Seconds before a replacement that died before ``ready`` is started again;
 doubled for each one after it, up to RESPAWN_PAUSE_MAX."""
 RESPAWN_PAUSE_MAX = 30.0
+PARK_WAIT = 10.0
+"""Seconds a connection waits for a worker while every worker is being
+restarted (a replacement starts in milliseconds); then it gets ``server
+restarting``."""
 _SUMMED = ("connections", "rejected", "bytes_in", "bytes_out", "dropped_bytes",
            "slow_disconnects", "handshake_failures", "cross_worker_bytes", "full_notices", "kicked",
            "sessions_chan", "sessions_broadcast", "pumped_pairs", "throttled")
@@ -118,6 +122,9 @@ class Arbiter:
         self._served: set[int] = set()  # worker slots that had a ready worker
         self._boot_failures: collections.Counter[int] = collections.Counter()  # in a row, per slot
         self.acceptor: Acceptor | None = None
+        # Connections waiting while every worker restarts (_park).
+        self._parked: list[tuple[socket.socket, tuple[str, int]]] = []
+        self._park_timer: asyncio.TimerHandle | None = None
         self.refused = 0
         self._last_refusal_log = -1e9
         # ZeroMQ ipc endpoints live here, private to this server, removed at exit.
@@ -233,6 +240,8 @@ class Arbiter:
         self.workers[wid] = worker
         self.loop.add_reader(parent, self._from_worker, worker)
         log.debug("worker %d started pid=%d", wid, worker.pid)
+        if self._parked:
+            self._unpark()
         if self.stopping:  # the drain began while it started: it drains too
             with contextlib.suppress(ProcessLookupError):
                 transport.send_signal(signal.SIGTERM)
@@ -420,6 +429,34 @@ class Arbiter:
                   format_hostport(*peer), worker.wid)
         self.dispatch(sock, peer)
 
+    def _park(self, sock: socket.socket, peer: tuple[str, int]) -> bool:
+        """No worker runs, but one is on its way (every worker died, or hung,
+        at once): the connection waits for it, as it would in a listen
+        backlog, up to PARK_WAIT and --max-conns of them. False: refuse it."""
+        if self.stopping or len(self._parked) >= self.config.max_conns:
+            return False
+        self._parked.append((sock, peer))
+        if self._park_timer is None:
+            self._park_timer = self.loop.call_later(PARK_WAIT, self._unpark, True)
+        return True
+
+    def _unpark(self, expired: bool = False) -> None:
+        """A worker runs again: the waiting connections go to it. ``expired``,
+        or at shutdown, they are told why not."""
+        if self._park_timer is not None:
+            self._park_timer.cancel()
+            self._park_timer = None
+        parked, self._parked = self._parked, []
+        for sock, peer in parked:
+            if expired or self.stopping:
+                name = format_hostport(*peer)
+                self._refuse(sock, SHUTDOWN if self.stopping else RESTARTING)
+                self._refused("refusing connection from %s: %s", name,
+                              "the server stops" if self.stopping else
+                              f"no worker came back within {PARK_WAIT:g}s", peer=name)
+            else:
+                self.dispatch(sock, peer)
+
     def _refuse(self, sock: socket.socket, desc: str) -> None:
         """Close a connection at once that nothing read. Every client of a chan
         server, or one with a password, expects a handshake line first: it
@@ -509,11 +546,15 @@ class Arbiter:
         denied = self.filter.refuses(peer[0]) if self.filter else None
         if denied is not None:
             refused: tuple[str, str] | None = (denied, NOT_ALLOWED)
+        elif not running:
+            if self._park(sock, peer):
+                return
+            refused = ("every worker is restarting", RESTARTING)
         else:
             if over():
                 for w in running:  # take in the "gone" notes already waiting, then decide
                     self._from_worker(w, drain=True)
-            refused = over() if running else ("every worker is restarting", RESTARTING)
+            refused = over()
         if refused is not None:
             why, desc = refused
             self._refuse(sock, desc)
@@ -660,6 +701,7 @@ class Arbiter:
         self.stopping = True
         if self.acceptor is not None:
             self.acceptor.stop()
+        self._unpark()  # told: the server stops
         live = [w for w in self.workers.values() if not w.exited]
         self.notifier.send("STOPPING=1", f"STATUS=draining {len(live)} workers")
         log.info("stopping: draining %d workers (up to %gs)", len(live),

@@ -154,6 +154,26 @@ def test_a_connection_a_dying_worker_never_read_goes_to_another(start_server):
     b.close()
 
 
+def test_a_connection_the_only_worker_never_read_waits_for_its_replacement(start_server):
+    """No other worker to give it to: it waits for the one that takes the dead
+    one's place (as in a listen backlog), instead of `server restarting`."""
+    server = start_server("--mode", "chan", "--workers", "1")
+    (victim,) = server.workers()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        sock = server.connect()
+        wait_until(lambda: _inode(server, sock) in socket_inodes(server.pid), 10,
+                   "the parent keeping the copy the stopped worker has not confirmed")
+        mark = server.mark()
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    server.wait_log(rf"worker 0 \(pid {victim}\) exited with signal 9", start=mark)
+    send_json(sock, {"req": "hs1", "chid": "waited"})
+    assert read_json(sock) == {"rsp": "hs2", "chid": "waited"}
+    assert server.worker_of(sock) != victim
+
+
 def test_a_connection_a_worker_took_before_dying_is_not_served_twice(start_server):
     """The worker's note that it took a socket may still wait, unread, in the
     parent's channel when the worker dies (here the parent is stopped): the
