@@ -740,9 +740,11 @@ class Hub:
             self.closed.set()
 
     def resume_senders(self, senders: list[Session]) -> None:
+        now = self.loop.time()
         for s in senders:
             if s.state is St.LIVE and s.transport is not None and s not in self.throttled \
                     and (self.pumps is None or s not in self.pumps.running):
+                s.last_active = now  # held back until now: its idle time starts here
                 s.transport.resume_reading()
 
     def meter(self, s: Session, nbytes: int, now: float, inside: bool = False) -> bool:
@@ -782,6 +784,7 @@ class Hub:
         self.throttled.discard(s)
         if s.state is St.LIVE and s.transport is not None \
                 and not self.backpressure.is_paused(s):
+            s.last_active = self.loop.time()  # as in resume_senders
             s.transport.resume_reading()
 
     def drop(self, reason: str, nbytes: int) -> None:
