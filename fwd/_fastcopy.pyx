@@ -606,6 +606,8 @@ cdef extern from *:
         size_t round;
         size_t cap;      /* a copied round's most: fits the (empty) pipe */
         double idle;     /* both ways quiet this long: give the pair back (0: never) */
+        double stall;    /* dst's SO_SNDTIMEO */
+        double full_t;   /* dst full since (a send it took only part of, or none); 0: not */
         long long *bytes_in, *bytes_out;   /* the Relays' own fields */
         double *src_active, *dst_active;
         int sending;  /* a round is on its way to dst: not idle, however long */
@@ -659,20 +661,41 @@ cdef extern from *:
         fwd_dir_end(d, why, err, w > 0 ? w : 0);
     }
 
+    /* A send begun at t0 returned, ``partial`` if dst took only part of it.
+       1 if dst is stuck: it has been full for ``stall`` seconds. A zero
+       window takes a few bytes at each probe, and one splice waits out
+       SO_SNDTIMEO more than once, so the timeout alone took seconds more. */
+    static int fwd_dir_full(fwd_dir *d, int partial, double t0) {
+        if (!partial) {
+            d->full_t = 0;
+            return 0;
+        }
+        if (d->full_t == 0)
+            d->full_t = t0;
+        return fwd_clock() - d->full_t >= d->stall;
+    }
+
     /* Copy mode: n bytes of buf to dst. 0 when all went, -1 when the thread
        ended (asked to stop in the middle, dst stuck or gone). */
     static int fwd_dir_send(fwd_dir *d, ssize_t n) {
         ssize_t off = 0, m;
+        double t0;
         while (off < n) {
+            t0 = fwd_clock();
             m = send(d->dst, d->buf + off, (size_t)(n - off), MSG_NOSIGNAL);
             if (m > 0) {
                 off += m;
+                if (fwd_dir_full(d, off < n, t0)) {
+                    fwd_dir_park(d, FWD_STALLED, 0, d->buf + off, n - off);
+                    return -1;
+                }
             } else if (m < 0 && errno == EINTR) {
                 if (__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE)) {
                     fwd_dir_park(d, FWD_ASKED, 0, d->buf + off, n - off);
                     return -1;
                 }
             } else if (m < 0 && errno == EAGAIN) {  /* SO_SNDTIMEO: dst is stuck */
+                fwd_dir_full(d, 1, t0);
                 fwd_dir_park(d, FWD_STALLED, 0, d->buf + off, n - off);
                 return -1;
             } else {
@@ -734,13 +757,19 @@ cdef extern from *:
             }
             got = n;
             while (n > 0) {
+                now = fwd_clock();
                 m = splice(d->pipe_r, NULL, d->dst, NULL, (size_t)n, SPLICE_F_MOVE);
                 if (m > 0) {
                     n -= m;
+                    if (fwd_dir_full(d, n > 0, now)) {
+                        fwd_dir_end(d, FWD_STALLED, 0, n);
+                        return NULL;
+                    }
                 } else if (m < 0 && errno == EINTR) {
                     if (__atomic_load_n(&d->stop, __ATOMIC_ACQUIRE))
                         break;
                 } else if (m < 0 && errno == EAGAIN) {  /* SO_SNDTIMEO: dst is stuck */
+                    fwd_dir_full(d, 1, now);
                     fwd_dir_end(d, FWD_STALLED, 0, n);
                     return NULL;
                 } else {
@@ -823,7 +852,7 @@ cdef extern from *:
         fwd_dir *other
         int src, dst, pipe_r, pipe_w, notify
         size_t round, cap
-        double idle
+        double idle, stall, full_t
         long long *bytes_in
         long long *bytes_out
         double *src_active
@@ -875,8 +904,8 @@ cdef class Pump:
         if (a.pipe_w < 0 and not a._open_pipe()) or (b.pipe_w < 0 and not b._open_pipe()):
             raise OSError("no pipe left for a pump")
         self.a, self.b = a, b
-        self._fill(0, a, b, notify, idle)
-        self._fill(1, b, a, notify, idle)
+        self._fill(0, a, b, notify, stall, idle)
+        self._fill(1, b, a, notify, stall, idle)
         if fwd_set_blocking(a.fd, 1, stall, idle) < 0 \
                 or fwd_set_blocking(b.fd, 1, stall, idle) < 0:
             self._unblock()
@@ -892,7 +921,7 @@ cdef class Pump:
             # holds, so this pump must be stopped like any other, at once.
             self.d[1].done, self.d[1].why, self.d[1].err = 1, FWD_FAILED, EAGAIN
 
-    cdef void _fill(self, int i, Relay src, Relay dst, int notify, double idle):
+    cdef void _fill(self, int i, Relay src, Relay dst, int notify, double stall, double idle):
         cdef fwd_dir *d = &self.d[i]
         d.src, d.dst = src.fd, dst.fd
         d.pipe_r, d.pipe_w = src.pipe_r, src.pipe_w
@@ -904,6 +933,8 @@ cdef class Pump:
         cdef int size = fcntl(src.pipe_w, F_GETPIPE_SZ)
         d.cap = <size_t>(size if 0 < size < FWD_COPY_MAX else FWD_COPY_MAX)
         d.idle = idle
+        d.stall = stall
+        d.full_t = 0
         d.bytes_in = &src.bytes_in
         d.bytes_out = &dst.bytes_out
         d.src_active = &src.last_active
@@ -921,6 +952,14 @@ cdef class Pump:
         side: ``src`` is not idle, it waits for its receiver (which, if stuck,
         sends the pair back to the loop within ``stall`` seconds)."""
         return bool(self.d[0 if src is self.a else 1].sending)
+
+    @property
+    def stalled(self):
+        """For a -> b and b -> a: since when (time.monotonic()) the receiver
+        was full, if that way stopped because it stayed so for ``stall``
+        seconds; else None."""
+        return tuple(self.d[i].full_t if fwd_dir_done(&self.d[i])
+                     and self.d[i].why == FWD_STALLED else None for i in range(2))
 
     @property
     def spliced(self):

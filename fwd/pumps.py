@@ -37,8 +37,9 @@ RETRY_SOON = 0.01
 """The same for a pair refused for what it has in flight now (a queue, a wait):
 that passes, and a 1 GiB stream lasts a quarter of a second."""
 STALL = 1.0
-"""A pump whose receiver takes nothing for this long gives the pair back, so
-that the loop's backpressure and --slow-timeout apply as usual. Not much
+"""A pump whose receiver stays full this long (takes only part of each send,
+or nothing) gives the pair back, so that the loop's backpressure and
+--slow-timeout apply as usual. Not much
 shorter: a receiver busy elsewhere for a moment would cost the pair its
 threads (and they come back only with the next bulk round after RETRY)."""
 IDLE = 2.0
@@ -68,6 +69,8 @@ class Pumps:
         self._pump = pump  # the compiled Pump class
         self.limit = pairs
         self.running: dict[Session, Any] = {}  # both sessions of a pair -> its Pump
+        # Receivers a thread gave up on -> (full since, when it gave up).
+        self._stuck: dict[Session, tuple[float, float]] = {}
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         hub.loop.add_reader(self._efd, self._stopped)
         hub.router.on_sealed = self.release
@@ -125,6 +128,7 @@ class Pumps:
     def release(self, s: Session) -> None:
         """Take ``s``'s pair back (a no-op if it is not pumped): join the
         threads, then send what their pipes held before anything else."""
+        self._stuck.pop(s, None)
         pump = self.running.pop(s, None)
         if pump is None:
             return
@@ -133,7 +137,7 @@ class Pumps:
         self.hub.router.unseal(a, b)
         why = pump.stopped
         ab, ba = pump.stop()
-        bulk = pump.spliced
+        bulk, stalled = pump.spliced, pump.stalled
         now = self.hub.loop.time()
         log.debug("pair chid=%s <-> chid=%s back in the loop (%s)", logval(a.chid), logval(b.chid),
                   why or "asked")
@@ -141,7 +145,8 @@ class Pumps:
         for x in (a, b):
             if x.transport is not None and not x.transport.is_closing():
                 x.transport.resume_reading()
-        for src, dst, rest, spliced in ((a, b, ab, bulk[0]), (b, a, ba, bulk[1])):
+        for src, dst, rest, spliced, stuck in ((a, b, ab, bulk[0], stalled[0]),
+                                               (b, a, ba, bulk[1], stalled[1])):
             # Not to a receiver whose peer reset (a thread's splice failed on
             # it): its transport would close it before we read what it holds.
             # No FIN was passed on while pumped: CLOSE is a reset.
@@ -151,12 +156,21 @@ class Pumps:
                     dst.bytes_out -= len(rest)
                     self.hub.drop("discarded", len(rest))
             elif rest is not None and dst.transport is not None:
+                if stuck is not None:  # --slow-timeout counts from then (pause_writing)
+                    self._stuck[dst] = (stuck, now)
                 dst.transport.write(rest)
                 src._spliced_rest(dst, rest, now)
             # A way that moved only small rounds keeps no pipe in the loop,
             # which splices only bulk ones: --pump-pairs bounds its pipes too.
             if not (src.bulk or spliced):
                 src.close_pipe()
+
+    def full_since(self, s: Session) -> float | None:
+        """When ``s`` became full, if a thread gave up on it (its queue in the
+        loop is not the start of its wait, if it fills up at once); None
+        otherwise."""
+        since, when = self._stuck.pop(s, (None, 0.0))
+        return since if since is not None and self.hub.loop.time() - when < STALL else None
 
     def _stopped(self) -> None:
         """A thread stopped on its own: its pair goes back to the loop."""

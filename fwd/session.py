@@ -437,9 +437,13 @@ class Session(Relay, asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         if self.state is St.LIVE:
-            slow = self.hub.config.slow_timeout
+            hub = self.hub
+            slow = hub.config.slow_timeout
             if slow > 0:
-                self.slow_timer = self.hub.loop.call_later(slow, self._slow_consumer)
+                since = hub.pumps.full_since(self) if hub.pumps is not None else None
+                if since is not None:  # a pump thread waited on us first
+                    slow = max(since + slow - hub.loop.time(), 0.0)
+                self.slow_timer = hub.loop.call_later(slow, self._slow_consumer)
             self.tell_full()
 
     def tell_full(self) -> None:

@@ -12,6 +12,7 @@ import select
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -179,7 +180,8 @@ def test_a_copied_round_a_stuck_receiver_did_not_take_comes_back_in_order():
     """The Pump itself, on two loopback connections: a message smaller than
     the thread's copy buffer, to a receiver whose window and send buffer
     hold less, stalls in a copied round's send. What was not sent comes back
-    from stop(), and follows what the receiver got, byte for byte."""
+    from stop(), and follows what the receiver got, byte for byte; ``stalled``
+    says since when the receiver was full (--slow-timeout counts from then)."""
     from fwd.fastpath import Pump, Relay, bind
 
     bind(bytearray(256 << 10), 1024, None, 65536, 4)
@@ -192,9 +194,13 @@ def test_a_copied_round_a_stuck_receiver_did_not_take_comes_back_in_order():
     pump = Pump(ra, rb, efd, 0.3)
     try:
         msg = os.urandom(15000)
+        sent = time.monotonic()
         a_cli.sendall(msg)
         assert select.select([efd], [], [], 30)[0], "the thread never stalled"
         assert pump.stopped == "stalled"
+        full_since, other_way = pump.stalled
+        assert other_way is None
+        assert sent <= full_since <= time.monotonic() - 0.3  # full for the whole stall
         ab, ba = pump.stop()
         assert ba is None and ab, "nothing was left to give back"
         b_cli.settimeout(30)
