@@ -338,7 +338,7 @@ class Arbiter:
                 w.heard = now
             silent = now - w.heard
             if timeout and silent >= timeout:
-                log.error("worker %d (pid %d) %s for %.0f s: killing it (--worker-timeout)",
+                log.error("worker %d (pid %d) %s for %.1f s: killing it (--worker-timeout)",
                           w.wid, w.pid, "silent" if w.ready else "not ready", silent)
                 w.killed = True
                 if self.metrics is not None:
@@ -347,7 +347,7 @@ class Arbiter:
                     w.transport.kill()
             elif w.ready and silent >= LATE and not w.late:
                 w.late = True
-                log.warning("worker %d (pid %d) has not answered for %.0f s: new connections "
+                log.warning("worker %d (pid %d) has not answered for %.1f s: new connections "
                             "go to the others", w.wid, w.pid, silent)
 
     def _forward_moved(self, source: Worker, sock: socket.socket, message: bytes) -> None:

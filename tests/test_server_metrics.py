@@ -226,19 +226,19 @@ def test_a_worker_that_stops_answering_is_avoided_then_restarted(
     and /healthz names it; silent for --worker-timeout, it is killed and
     restarted, as gunicorn's --timeout does."""
     server = metrics_server(start_server, "--mode", "chan", "--worker-timeout", "10")
-    server.expected_errors.append(r"silent for \d+ s: killing it \(--worker-timeout\)")
+    server.expected_errors.append(r"silent for [\d.]+ s: killing it \(--worker-timeout\)")
     victim = server.workers()[0]
     mark = server.mark()
     os.kill(victim, signal.SIGSTOP)
     try:
-        m = server.wait_log(rf"worker (\d+) \(pid {victim}\) has not answered for \d+ s: new "
+        m = server.wait_log(rf"worker (\d+) \(pid {victim}\) has not answered for [\d.]+ s: new "
                             r"connections go to the others", start=mark)
         wid = m.group(1)
         assert healthz(server) == (
             503, f"{N - 1} of {N} workers ready (not answering: worker {wid})\n".encode())
         socks = [server.handshake(f"c{i}", [])[0] for i in range(2 * N)]
         assert victim not in {server.worker_of(s) for s in socks}
-        server.wait_log(rf"worker {wid} \(pid {victim}\) silent for 1\d s: killing it",
+        server.wait_log(rf"worker {wid} \(pid {victim}\) silent for 1\d\.\d s: killing it",
                         start=mark)
     finally:
         try:

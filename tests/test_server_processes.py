@@ -414,7 +414,7 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path, action, how):
                      rf"{how} before it was ready: it cannot start, so the server stops",
                      done.stderr), done.stderr
     if how == "signal 9":
-        assert re.search(r"worker \d+ \(pid \d+\) not ready for \d+ s: killing it",
+        assert re.search(r"worker \d+ \(pid \d+\) not ready for [\d.]+ s: killing it",
                          done.stderr), done.stderr
     assert "Traceback" not in done.stderr
 
@@ -430,7 +430,7 @@ def test_a_replacement_that_cannot_start_is_started_again_later(start_server, tm
     server = start_server("--mode", "chan", "--worker-timeout", "2",
                           env=_worker_hook(tmp_path, action))
     server.expected_errors += [r"before it was ready \(\d in a row\); starting it again",
-                               r"not ready for \d+ s: killing it"]
+                               r"not ready for [\d.]+ s: killing it"]
     victim = server.workers()[0]
     others, up = _stream_elsewhere(server, victim)
     (tmp_path / "flag").touch()
