@@ -750,10 +750,13 @@ class Session(Relay, asyncio.BufferedProtocol):
         else:
             fail = Hs4(False, desc)
             line = hs.send(fail) if hs else self._codec().encode(to_message(fail))
+        reason = failure_reason(desc)
+        if rejected and failure_reason(rejected) in ("timeout", "closed"):
+            reason = failure_reason(rejected)  # the client's silence, not its password
         if count:
-            self.hub.note_failure(desc)
+            self.hub.note_failure(reason)
         fields = {"event": "handshake_failed", "peer": self.peer, "chid": self.chid,
-                  "desc": desc, "reason": failure_reason(desc)}
+                  "desc": desc, "reason": reason}
         if rejected and rejected != desc:
             fields["why"] = rejected
             log.info("handshake failed peer=%s desc=%s why=%s", self.peer, logval(desc),

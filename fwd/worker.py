@@ -27,7 +27,7 @@ from .crypto import derive_key
 from .fastpath import Pump, bind, fanout
 from .mesh import STUCK_AFTER, Mesh
 from .metrics import FLUSH_EVERY
-from .protocol import FULL, SHUTDOWN, failure_reason, refusal_line
+from .protocol import FULL, SHUTDOWN, refusal_line
 from .pumps import Pumps
 from .ratelimit import RateMeter
 from .registry import TOKEN_BITS
@@ -726,9 +726,10 @@ class Hub:
         with contextlib.suppress(OSError):
             os.write(fd, refusal_line(SHUTDOWN if self.stopping else FULL))
 
-    def note_failure(self, desc: str) -> None:
+    def note_failure(self, reason: str) -> None:
+        """Count a failed handshake under its label (protocol.FAILURE_REASONS)."""
         self.stats["handshake_failures"] += 1
-        self.failures[failure_reason(desc)] += 1
+        self.failures[reason] += 1
 
     def release(self, session: Session) -> None:
         self.connection_gone(session)

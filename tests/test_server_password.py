@@ -144,6 +144,7 @@ def test_wrong_password_gets_the_plain_refusal(pw_server, wrong_key):
     expect_rejected(sock)
     pw_server.wait_log(FAIL_LOG.format(port=port_of(sock), why="authentication failed"),
                        start=mark)
+    assert pw_server.ctl_json("status")["failures"] == {"rejected": 1}
 
 
 @pytest.mark.parametrize("data", [
@@ -283,6 +284,8 @@ def test_handshake_timeout_plain_for_strangers_encrypted_for_key_holders(start_s
     expect_rejected(silent)
     assert stalled.expect_fail() == "handshake timeout"
     server.wait_log(FAIL_LOG.format(port=port_of(silent), why="handshake timeout"))
+    # Counted as what happened: the stranger's silence is no wrong password.
+    assert server.ctl_json("status")["failures"] == {"timeout": 2}
 
 
 def test_eof_after_hs1_is_an_encrypted_fail(pw_server, key):
