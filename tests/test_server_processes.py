@@ -2,6 +2,7 @@
 and clean stops. Real processes, signals and /proc; no mocks."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -115,6 +117,25 @@ def _inode(server, sock: socket.socket) -> str:
     return inode
 
 
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """``pid`` stopped (SIGSTOP) inside the block, and continued after it."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _unconfirmed(server) -> socket.socket:
+    """A new connection whose worker (the one, stopped) has not confirmed it:
+    the parent still holds its copy."""
+    sock = server.connect()
+    wait_until(lambda: _inode(server, sock) in socket_inodes(server.pid), 10,
+               "the parent keeping the copy the stopped worker has not confirmed")
+    return sock
+
+
 def test_a_connection_a_dying_worker_never_read_goes_to_another(start_server):
     """A worker that dies (here stopped, then killed) had sockets handed to it
     that it never read: the parent kept its copies until the worker's word, so
@@ -159,15 +180,10 @@ def test_a_connection_the_only_worker_never_read_waits_for_its_replacement(start
     one's place (as in a listen backlog), instead of `server restarting`."""
     server = start_server("--mode", "chan", "--workers", "1")
     (victim,) = server.workers()
-    os.kill(victim, signal.SIGSTOP)
-    try:
-        sock = server.connect()
-        wait_until(lambda: _inode(server, sock) in socket_inodes(server.pid), 10,
-                   "the parent keeping the copy the stopped worker has not confirmed")
+    with stopped(victim):
+        sock = _unconfirmed(server)
         mark = server.mark()
         os.kill(victim, signal.SIGKILL)
-    finally:
-        os.kill(victim, signal.SIGCONT)
     server.wait_log(rf"worker 0 \(pid {victim}\) exited with signal 9", start=mark)
     send_json(sock, {"req": "hs1", "chid": "waited"})
     assert read_json(sock) == {"rsp": "hs2", "chid": "waited"}
@@ -347,14 +363,9 @@ def test_shutdown_answers_a_connection_its_worker_never_read(start_server):
     drain, not a bare close."""
     server = start_server("--mode", "chan", "--workers", "1")
     (worker,) = server.workers()
-    os.kill(worker, signal.SIGSTOP)
-    try:
-        sock = server.connect()
-        wait_until(lambda: _inode(server, sock) in socket_inodes(server.pid), 10,
-                   "the parent handing the connection on")
+    with stopped(worker):
+        sock = _unconfirmed(server)
         server.proc.send_signal(signal.SIGTERM)
-    finally:
-        os.kill(worker, signal.SIGCONT)
     assert expect_fail(sock) == "server shutdown"
     assert server.proc.wait(30) == 0
 
