@@ -126,11 +126,11 @@ _D = Config()
 def _password_options(f: Any) -> Any:
     """--password / --password-file (also FWD_PASSWORD / FWD_PASSWORD_FILE)."""
     f = option("--password-file", type=click.Path(exists=True, dir_okay=False),
-                     default=None, help="Read the handshake password from this file "
-                     "(its first line; the rest is ignored).")(f)
+               default=None, help="Read the handshake password from this file "
+               "(its first line; the rest is ignored).")(f)
     return option("--password", default=None, show_default=False,
-                        help="Encrypt the handshake with this password (visible in the "
-                        "process list: prefer --password-file or FWD_PASSWORD).")(f)
+                  help="Encrypt the handshake with this password (visible in the "
+                  "process list: prefer --password-file or FWD_PASSWORD).")(f)
 
 
 def _take_password(options: dict[str, Any]) -> str | None:
@@ -196,86 +196,86 @@ def _env_epilog(examples: str) -> str:
                                  "help_option_names": ["-h", "--help"]},
                epilog=_env_epilog("FWD_MODE=chan, FWD_MAX_CONNS=1000"))
 @option("--listen", type=_HostPort(), multiple=True, default=["0.0.0.0:8601"],
-              help="Address to listen on; repeat for several ([::]:8601 for IPv6).")
+        help="Address to listen on; repeat for several ([::]:8601 for IPv6).")
 @option("--mode", type=click.Choice(MODES), default=_D.mode,
-              help="chan: clients handshake and name receivers; broadcast: all to all.")
+        help="chan: clients handshake and name receivers; broadcast: all to all.")
 @option("--workers", type=click.IntRange(min=1, max=MAX_WORKERS), default=_D.workers,
-              help="Worker processes that forward bytes (default: the CPUs it may run "
-              "on, as nproc counts them).")
+        help="Worker processes that forward bytes (default: the CPUs it may run "
+        "on, as nproc counts them).")
 @option("--handshake-timeout", type=_SECONDS, default=_D.handshake_timeout,
-              help="Seconds a client has to finish the handshake (0 = no limit).")
+        help="Seconds a client has to finish the handshake (0 = no limit).")
 @option("--idle-timeout", type=_SECONDS, default=_D.idle_timeout,
-              help="Close sessions idle this many seconds, unless hs3 sets its own (0 = off).")
+        help="Close sessions idle this many seconds, unless hs3 sets its own (0 = off).")
 @option("--max-buffer", type=_Size(GiB), default=str(_D.max_buffer),
-              help="High-water mark of each session's outgoing buffer; senders wait above it.")
+        help="High-water mark of each session's outgoing buffer; senders wait above it.")
 @option("--slow-timeout", type=_SECONDS, default=_D.slow_timeout,
-              help="Disconnect a receiver that stays above its high-water mark (--max-buffer; "
-                   "64 KiB for the one receiver of a 1:1 route) this long (0 = never).")
+        help="Disconnect a receiver that stays above its high-water mark (--max-buffer; "
+             "64 KiB for the one receiver of a 1:1 route) this long (0 = never).")
 @option("--hold-bytes", type=_Size(), default=str(_D.hold_bytes),
-              help="Bytes held per absent chan receiver, from each sender, until it "
-                   "connects.")
+        help="Bytes held per absent chan receiver, from each sender, until it "
+             "connects.")
 @option("--hold-seconds", type=_SECONDS, default=_D.hold_seconds,
-              help="How long held bytes wait for their receiver.")
+        help="How long held bytes wait for their receiver.")
 @option("--hold-total", type=_Size(), default=str(_D.hold_total),
-              help="Cap on the memory held bytes take, over all absent receivers "
-              "and workers.")
+        help="Cap on the memory held bytes take, over all absent receivers "
+        "and workers.")
 @option("--max-conns", type=click.IntRange(min=1), default=_D.max_conns,
-              help="Connections beyond this are closed at once.")
+        help="Connections beyond this are closed at once.")
 @option("--max-conns-per-ip", type=click.IntRange(min=0), default=_D.max_conns_per_ip,
-              help="Connections from one address beyond this are closed at once; IPv6 "
-                   "counts by /64. Clients behind one NAT share an address (0 = no limit).")
+        help="Connections from one address beyond this are closed at once; IPv6 "
+             "counts by /64. Clients behind one NAT share an address (0 = no limit).")
 @option("--allow", multiple=True, metavar="NET", callback=_networks,
-              help="Take clients only from these addresses or networks (192.0.2.7, "
-                   "10.0.0.0/8, 2001:db8::/32; repeat or comma-separate) [default: any].",
-              show_default=False)
+        help="Take clients only from these addresses or networks (192.0.2.7, "
+             "10.0.0.0/8, 2001:db8::/32; repeat or comma-separate) [default: any].",
+        show_default=False)
 @option("--deny", multiple=True, metavar="NET", callback=_networks,
-              help="Refuse clients from these addresses or networks, even if --allow "
-                   "names them.")
+        help="Refuse clients from these addresses or networks, even if --allow "
+             "names them.")
 @option("--allow-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
-              callback=_network_file,
-              help="More --allow networks, one or more a line, # for comments; read again "
-                   "by `fwd-ctl reload`. Given, it makes an allow list even when empty.")
+        callback=_network_file,
+        help="More --allow networks, one or more a line, # for comments; read again "
+             "by `fwd-ctl reload`. Given, it makes an allow list even when empty.")
 @option("--deny-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
-              callback=_network_file,
-              help="More --deny networks, as --allow-file; read again by `fwd-ctl reload`.")
+        callback=_network_file,
+        help="More --deny networks, as --allow-file; read again by `fwd-ctl reload`.")
 @option("--max-rate", type=_Size(), default=str(_D.max_rate), metavar="SIZE",
-              help="Bytes per second each client may send into the relay (1MiB, 64KiB...), "
-                   "after a first second's worth at once; a client above it is paused, as "
-                   "by a slow receiver (0 = no limit; turns off pumps).")
+        help="Bytes per second each client may send into the relay (1MiB, 64KiB...), "
+             "after a first second's worth at once; a client above it is paused, as "
+             "by a slow receiver (0 = no limit; turns off pumps).")
 @option("--splice-min", type=_Size(), default=str(_D.splice_min),
-              help="A read this big sends that stream to its local receivers through "
-                   "a pipe with splice(2), without copying it; to several by tee(2), "
-                   "unless the congestion control is BBR (0 = never).")
+        help="A read this big sends that stream to its local receivers through "
+             "a pipe with splice(2), without copying it; to several by tee(2), "
+             "unless the congestion control is BBR (0 = never).")
 @option("--pump-pairs", type=click.IntRange(min=0), default=_D.pump_pairs,
-              help="1:1 pairs per worker that get two threads, one per direction, "
-                   "blocking in recv/send or splice(2) instead of the event loop: bulk "
-                   "pairs, and pairs past 64 reads until quiet for 2 s (0 = none; "
-                   "needs --splice-min).")
+        help="1:1 pairs per worker that get two threads, one per direction, "
+             "blocking in recv/send or splice(2) instead of the event loop: bulk "
+             "pairs, and pairs past 64 reads until quiet for 2 s (0 = none; "
+             "needs --splice-min).")
 @option("--tcp-congestion", default=None, metavar="NAME",
-              help="TCP congestion control of client connections (cubic, reno, bbr...) "
-              "[default: the system's].")
+        help="TCP congestion control of client connections (cubic, reno, bbr...) "
+        "[default: the system's].")
 @option("--takeover/--no-takeover", default=_D.takeover,
-              help="A new session claiming a held chid replaces the old one.")
+        help="A new session claiming a held chid replaces the old one.")
 @option("--drain-timeout", type=_SECONDS, default=_D.drain_timeout,
-              help="On SIGTERM/SIGINT/SIGHUP, how long queued bytes may take to reach "
-              "receivers.")
+        help="On SIGTERM/SIGINT/SIGHUP, how long queued bytes may take to reach "
+        "receivers.")
 @option("--worker-timeout", type=_SECONDS, default=_D.worker_timeout,
-              callback=_worker_timeout,
-              help="Kill and restart a worker that has not answered for this long (hung, "
-                   "or stopped), 2 s at least; one silent for 3 s already gets no new "
-                   "connections (0 = never kill).")
+        callback=_worker_timeout,
+        help="Kill and restart a worker that has not answered for this long (hung, "
+             "or stopped), 2 s at least; one silent for 3 s already gets no new "
+             "connections (0 = never kill).")
 @_password_options
 @option("--control", default=None, metavar="PATH", callback=_nonempty,
-              help="Unix socket for fwd-ctl (mode 0600); 'none' for no control socket  "
-                   "[default: $XDG_RUNTIME_DIR or /tmp, fwd-PORT.ctl, PORT the first listen "
-                   "port].")
+        help="Unix socket for fwd-ctl (mode 0600); 'none' for no control socket  "
+             "[default: $XDG_RUNTIME_DIR or /tmp, fwd-PORT.ctl, PORT the first listen "
+             "port].")
 @option("--metrics", type=_HostPort(), default=None,
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics, and /healthz "
-                   "[default: off].")
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics, and /healthz "
+             "[default: off].")
 @option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default=_D.log_level)
+        default=_D.log_level)
 @option("--log-format", type=click.Choice(LOG_FORMATS), default=_D.log_format,
-              help="text: one readable line per record; json: one JSON object per line.")
+        help="text: one readable line per record; json: one JSON object per line.")
 def server(**options: Any) -> None:
     """Relay raw TCP bytes between clients that connect to it."""
     options["listen"] = list(options["listen"])
@@ -304,42 +304,42 @@ def _split_recvers(ctx: click.Context, param: click.Parameter, value: Any) -> tu
                                  "help_option_names": ["-h", "--help"]},
                epilog=_env_epilog("FWD_SERVER0=relay:8601, FWD_RECVERS=user"))
 @option("--server0", type=_HostPort(), default="127.0.0.1:8601",
-              help="The fwd-server to join (the public side).")
+        help="The fwd-server to join (the public side).")
 @option("--server1", type=_HostPort(), default="127.0.0.1:8080",
-              help="The service to expose (usually on the LAN).")
+        help="The service to expose (usually on the LAN).")
 @option("--chid", default=None, help="Chan handshake on server0: the chid to claim.")
 @option("--recvers", multiple=True, callback=_split_recvers,
-              help="Chan handshake: receivers of our bytes (repeat or comma-separate).")
+        help="Chan handshake: receivers of our bytes (repeat or comma-separate).")
 @option("--senders", multiple=True, callback=_split_recvers,
-              help="Chan handshake: the only chids whose bytes reach the service (repeat or "
-                   "comma-separate) [default: the --recvers, if any].", show_default=False)
+        help="Chan handshake: the only chids whose bytes reach the service (repeat or "
+             "comma-separate) [default: the --recvers, if any].", show_default=False)
 @option("--any-sender", is_flag=True,
-              help="Chan handshake: let every chid's bytes reach the service, also those "
-                   "sent to everyone, even with --recvers.")
+        help="Chan handshake: let every chid's bytes reach the service, also those "
+             "sent to everyone, even with --recvers.")
 @option("--timeout", type=click.IntRange(min=0), default=None,
-              help="Chan handshake: idle timeout (seconds) the server applies to our session.")
+        help="Chan handshake: idle timeout (seconds) the server applies to our session.")
 @option("--handshake/--no-handshake", default=None,
-              help="Force the chan handshake on or off [default: on if --chid, --recvers, "
-                   "--senders, --timeout or a password is given].", show_default=False)
+        help="Force the chan handshake on or off [default: on if --chid, --recvers, "
+             "--senders, --timeout or a password is given].", show_default=False)
 @option("--on-close", type=click.Choice(["both", "one"]), default="both",
-              help="When one side closes: both = end the pair and start a fresh one; "
-                   "one = reconnect only that side.")
+        help="When one side closes: both = end the pair and start a fresh one; "
+             "one = reconnect only that side.")
 @option("--connect", type=click.Choice(["lazy", "eager"]), default="lazy",
-              help="lazy: connect server1 when server0 first sends bytes; eager: right after "
-                   "server0 (for services that speak first).")
+        help="lazy: connect server1 when server0 first sends bytes; eager: right after "
+             "server0 (for services that speak first).")
 @option("--max-retries", type=click.IntRange(min=0), default=None,
-              help="Give up when a side fails again after this many retries in a row "
-                   "(0: at its first failure) [default: never].")
+        help="Give up when a side fails again after this many retries in a row "
+             "(0: at its first failure) [default: never].")
 @option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
-              help="Seconds allowed for a connect plus handshake.")
+        help="Seconds allowed for a connect plus handshake.")
 @option("--service-wait", type=_SECONDS, default=5.0,
-              help="With --on-close both: seconds bytes from the relay wait for the service "
-                   "to accept a connection before the relay session is reset (0: at once).")
+        help="With --on-close both: seconds bytes from the relay wait for the service "
+             "to accept a connection before the relay session is reset (0: at once).")
 @_password_options
 @option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info")
+        default="info")
 @option("--log-format", type=click.Choice(LOG_FORMATS), default="text",
-              help="text: one readable line per record; json: one JSON object per line.")
+        help="text: one readable line per record; json: one JSON object per line.")
 def client(**options: Any) -> None:
     """Connect out to a fwd-server (server0) and a service (server1), and copy bytes
     between them; listens on nothing."""
@@ -381,39 +381,39 @@ CAT_EXIT_E2E = 4
 @click.argument("address", type=_HostPort(), metavar="HOST:PORT")
 @option("--chid", default=None, help="Handshake: the chid to claim [default: server picks].")
 @option("--to", "recvers", multiple=True, callback=_split_recvers,
-              help="Handshake: a receiver of our bytes (repeat or comma-separate) "
-                   "[default: everyone else].")
+        help="Handshake: a receiver of our bytes (repeat or comma-separate) "
+             "[default: everyone else].")
 @option("--from", "senders", multiple=True, callback=_split_recvers,
-              help="Handshake: receive only from this chid (repeat or comma-separate) "
-                   "[default: the --to chids, if any; else anyone].")
+        help="Handshake: receive only from this chid (repeat or comma-separate) "
+             "[default: the --to chids, if any; else anyone].")
 @option("--from-anyone", is_flag=True,
-              help="Handshake: receive from every chid, also those sending to everyone, "
-                   "even with --to.")
+        help="Handshake: receive from every chid, also those sending to everyone, "
+             "even with --to.")
 @option("--timeout", type=click.IntRange(min=0), default=None,
-              help="Handshake: idle timeout (seconds) the server applies to our session.")
+        help="Handshake: idle timeout (seconds) the server applies to our session.")
 @option("--handshake/--no-handshake", default=None,
-              help="Force the handshake on or off [default: on if --chid, --to, --from, "
-                   "--timeout or a password is given; off is a plain broadcast client].")
+        help="Force the handshake on or off [default: on if --chid, --to, --from, "
+             "--timeout or a password is given; off is a plain broadcast client].")
 @option("--password", envvar="FWD_PASSWORD", default=None,
-              help="Handshake password (server --password); visible in the process list, "
-                   "prefer FWD_PASSWORD or --password-file.")
+        help="Handshake password (server --password); visible in the process list, "
+             "prefer FWD_PASSWORD or --password-file.")
 @option("--password-file", type=click.Path(dir_okay=False), default=None,
-              envvar="FWD_PASSWORD_FILE",
-              help="Read the handshake password from this file's first line.")
+        envvar="FWD_PASSWORD_FILE",
+        help="Read the handshake password from this file's first line.")
 @option("--e2e-key", envvar="FWD_E2E_KEY", default=None,
-              help="Shared secret: encrypt the stream end to end (every peer needs it); "
-                   "prefer FWD_E2E_KEY or --e2e-key-file.")
+        help="Shared secret: encrypt the stream end to end (every peer needs it); "
+             "prefer FWD_E2E_KEY or --e2e-key-file.")
 @option("--e2e-key-file", type=click.Path(dir_okay=False), default=None,
-              envvar="FWD_E2E_KEY_FILE",
-              help="Read the end-to-end secret from this file's first line.")
+        envvar="FWD_E2E_KEY_FILE",
+        help="Read the end-to-end secret from this file's first line.")
 @option("--connect-timeout", type=_POSITIVE_SECONDS, default=10.0,
-              show_default=True, help="Seconds allowed for connect plus handshake.")
+        show_default=True, help="Seconds allowed for connect plus handshake.")
 @option("--linger", type=_SECONDS, default=0.5, show_default=True,
-              help="Once the relay ended the stream toward us, end ours when stdin has "
-                   "been quiet this long (a file is always sent to its end).")
+        help="Once the relay ended the stream toward us, end ours when stdin has "
+             "been quiet this long (a file is always sent to its end).")
 @option("--recv-only", "-d", is_flag=True,
-              help="Do not read stdin (nc -d): only receive; our direction ends when the "
-                   "relay's does. For a receiver whose stdin is not a terminal.")
+        help="Do not read stdin (nc -d): only receive; our direction ends when the "
+             "relay's does. For a receiver whose stdin is not a terminal.")
 def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
         senders: tuple[str, ...], from_anyone: bool, timeout: int | None,
         handshake: bool | None, password: str | None,
