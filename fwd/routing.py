@@ -41,8 +41,10 @@ class Route(Generic[T]):
     true for "everyone else" routes (which also reach every other worker);
     ``remote`` names receivers live on other workers, as (worker, chid);
     ``missing`` lists named receivers that are not live anywhere, whose bytes
-    are to be held. ``local`` says the targets are all there is (no holds,
-    no other workers, not "everyone"): the writer then has nothing else to do.
+    are to be held. ``closed`` counts named receivers live here whose write
+    side is shut (§3.7): their share of each chunk is dropped, and counted.
+    ``local`` says the targets are all there is (no holds, no other workers,
+    not "everyone", nothing to count): the writer then has nothing else to do.
     """
 
     generation: int
@@ -50,10 +52,12 @@ class Route(Generic[T]):
     missing: tuple[str, ...]
     to_all: bool
     remote: tuple[tuple[int, str], ...] = ()
+    closed: int = 0
     local: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "local", not (self.to_all or self.missing or self.remote))
+        object.__setattr__(self, "local", not (self.to_all or self.missing or self.remote
+                                               or self.closed))
 
 
 HOLD_CHID_COST = 1024
@@ -262,13 +266,14 @@ class Router(Generic[T]):
                     for c in recvers]
             targets = tuple(s for s in here
                             if s is not None and s is not sender and s not in muted)
+            closed = sum(1 for s in here if s is not None and s is not sender and s in muted)
             if self._senders:
                 targets = tuple(t for t in targets if self.accepts(t, sender.chid))
             remote_of = self._remote
             elsewhere = [c for c, s in zip(recvers, here, strict=True) if s is None]
             remote = tuple((remote_of[c], c) for c in elsewhere if c in remote_of)
             missing = tuple(c for c in elsewhere if c not in remote_of)
-            route = Route(self.generation, targets, missing, False, remote)
+            route = Route(self.generation, targets, missing, False, remote, closed)
         else:
             route = Route(self.generation, self.everyone(sender.chid), (), True)
         if self._sealed and sender not in self._sealed:

@@ -906,6 +906,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             waits = hub.forward_remote(route, chunk, self.chid)
             if waits:
                 full = (full or []) + waits
+        if route.closed:  # named, but they sent their FIN: nothing reaches them
+            hub.drop("receiver_closed", n * route.closed)
         if route.to_all:
             if hub.pending:
                 assert chunk is not None

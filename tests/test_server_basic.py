@@ -295,6 +295,9 @@ def test_muted_receiver_gets_nothing_more_from_third_parties(chan_server):
     assert recv_exact(sw, 4) == b"late"  # c's bytes were routed
     sb.sendall(b"still")
     assert recv_exact(sa, 5) == b"still"
+    # b's share is counted as dropped (it was only when c lived on another worker)
+    wait_until(lambda: chan_server.ctl_json("status")["drops"].get("receiver_closed") == 4,
+               10, "c's bytes for b counted as dropped")
 
 
 def test_a_reset_client_is_read_to_its_last_acknowledged_byte(start_server):
