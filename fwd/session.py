@@ -417,7 +417,8 @@ class Session(Relay, asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         transport = self.transport
         discarded = transport.get_write_buffer_size() if transport is not None else 0
-        if discarded:  # a reset (ours) dropped what was still queued: never written
+        discarded += self.hub.reset_lost.pop(self, 0)
+        if discarded:  # a reset (ours) dropped what was still queued: never delivered
             self.bytes_out -= discarded
             self.hub.drop("discarded", discarded)
         ending = self.hub.flushing.pop(self, None)
@@ -427,7 +428,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.hub.pumps.release(self)
         self.flush_rest()  # what was read before the end still goes out
         self.close_pipe()
-        self._leave("connection lost" if exc is None else f"connection lost: {exc}", cut=True)
+        self._leave("connection lost" if exc is None else f"connection lost: {exc}", cut=True,
+                    lost=True)
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -1025,20 +1027,28 @@ class Session(Relay, asyncio.BufferedProtocol):
         stream it was reading was cut (its pair partner was reset), so it is
         reset too, but only once its client acknowledged what was queued."""
         transport = self.transport
-        self._leave(reason, cut=abort)
+        self._leave(reason, cut=abort, resets=cut)
         if transport is None:
             return
         if abort:
-            reset(transport)
+            self.reset_connection(transport)
         elif isinstance(self.linger, ResetWhenSent):
             pass  # its stream was cut: it still ends with the reset
         elif not transport.is_closing():
             if cut:
-                self.linger = ResetWhenSent(self.hub.loop, transport, linger or CLOSE_LINGER)
+                self.linger = ResetWhenSent(self.hub.loop, transport, linger or CLOSE_LINGER,
+                                            self.reset_connection)
                 return
             transport.close()
             if linger is not None:
-                self.linger = self.hub.loop.call_later(linger, reset, transport)
+                self.linger = self.hub.loop.call_later(linger, self.reset_connection, transport)
+
+    def reset_connection(self, transport: asyncio.Transport) -> None:
+        """Reset our connection. What its kernel still held for the client
+        dies with it: counted as discarded, not sent (connection_lost)."""
+        lost = reset(transport)
+        if lost:
+            self.hub.reset_lost[self] = self.hub.reset_lost.get(self, 0) + lost
 
     def evict(self, by: str) -> None:
         """Another session took our chid (--takeover): it is the same client
@@ -1047,12 +1057,14 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.close(f"taken over by {by}")
 
     def _leave(self, reason: str, cut: bool = False, keep_pair: bool = False,
-               gone: bool = True) -> None:
+               gone: bool = True, lost: bool = False, resets: bool = False) -> None:
         """Leave every route at once. ``cut``: the connection was reset or
         aborted, not closed. A chan pair is one stream, so its other half ends
         too (reset if this end was a cut, §3.7), unless the chid lives on:
         ``keep_pair`` (takeover), a move, or a server shutdown. ``gone``: the
-        parent may count the connection out now; else when it closes."""
+        parent may count the connection out now; else when it closes.
+        ``lost``: the connection is gone already (connection_lost); ``resets``:
+        it will end with a reset (ResetWhenSent)."""
         if self.state is St.CLOSED:
             return
         hub = self.hub
@@ -1103,19 +1115,20 @@ class Session(Relay, asyncio.BufferedProtocol):
         if was_live and not self.moved:
             hub.ends[end] += 1
         if (was_live or self.chid is not None) and not self.moved:
-            queued = self.transport.get_write_buffer_size() if self.transport else 0
-            if queued and was_live and not cut:
-                # Its out= is what the flush writes: a linger's or a drain's
-                # reset may still discard some (connection_lost).
+            transport = None if lost else self.transport
+            if was_live and transport is not None \
+                    and (cut or resets or transport.get_write_buffer_size()):
+                # Its out= is what reaches the client: what is queued may
+                # still go, and a reset (this cut, a linger's, a drain's)
+                # destroys what is left, here and in the kernel (connection_lost).
                 hub.flushing[self] = (reason, end)
             else:
-                self._log_end(reason, end, queued if cut else 0)
+                self._log_end(reason, end)
 
-    def _log_end(self, reason: str, end: str, discarding: int = 0) -> None:
-        """The end line. ``discarding``: still queued, but a reset drops it."""
+    def _log_end(self, reason: str, end: str) -> None:
         hub = self.hub
         secs = hub.loop.time() - self.started
-        out = self.bytes_out - discarding
+        out = self.bytes_out
         log.info(
             "session end chid=%s peer=%s worker=%d in=%d out=%d secs=%.3f reason=%s%s",
             logval(self.chid), self.peer, hub.wid, self.bytes_in, out, secs, logval(reason),

@@ -10,6 +10,8 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Callable
+from typing import Any
 
 KEEPALIVE = (30, 10, 3)
 """TCP keepalive: idle seconds, probe interval, probes. A vanished peer (or a NAT
@@ -34,20 +36,25 @@ FIN_ANSWER_WAIT = 1.0
 """Seconds a client waits for the peer to answer its FIN sent after the peer's own."""
 
 
-def reset(transport: asyncio.WriteTransport) -> None:
+def reset(transport: asyncio.WriteTransport) -> int:
     """Abort with a TCP reset. A plain close, even transport.abort(), lets the
     kernel send what it holds and then a FIN, so a receiver whose queued bytes
     were dropped (slow consumer, expired linger) would take the cut stream for
-    a finished one; a reset says it was cut, as RFC 793's ABORT does."""
+    a finished one; a reset says it was cut, as RFC 793's ABORT does. Returns
+    what the reset destroys in the kernel: bytes written, not acknowledged
+    (the transport's own buffer the caller can read itself)."""
     sock = transport.get_extra_info("socket")
+    lost = 0
     # uvloop's transport socket reads fileno -1 once the handle is closed, so
     # this cannot reach a reused descriptor.
     if sock is not None and sock.fileno() >= 0:
+        lost = _outq(sock)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         except OSError:  # already closed by the peer: nothing to tell it
             pass
     transport.abort()
+    return lost
 
 
 RESET_BY_PEER = ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
@@ -101,10 +108,21 @@ def unacked(transport: asyncio.WriteTransport) -> int:
     try:
         if _state(sock) == _TCP_CLOSE:
             return 0  # reset by the peer: nothing more will be acknowledged
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # = SIOCOUTQ
     except OSError:
         return queued
-    return queued + struct.unpack("i", raw)[0]
+    return queued + _outq(sock)
+
+
+def _outq(sock: socket.socket) -> int:
+    """The kernel's send queue (SIOCOUTQ): written, not acknowledged; 0 once
+    the peer reset."""
+    try:
+        if _state(sock) == _TCP_CLOSE:
+            return 0
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # = SIOCOUTQ
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 class ResetWhenSent:
@@ -116,9 +134,10 @@ class ResetWhenSent:
     stream. Reading is paused meanwhile. ``cancel`` stops it, like a timer."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
-                 limit: float) -> None:
+                 limit: float, abort: Callable[[asyncio.Transport], Any] = reset) -> None:
         self.loop = loop
         self.transport = transport
+        self.abort = abort  # the reset, by whoever counts what it destroys
         self.deadline = loop.time() + limit
         self.delay = 0.001
         transport.pause_reading()
@@ -129,7 +148,7 @@ class ResetWhenSent:
         if t.is_closing():
             return
         if not unacked(t) or self.loop.time() >= self.deadline:
-            reset(t)
+            self.abort(t)
             return
         self.delay = min(self.delay * 2, 0.05)  # loopback acks in microseconds, a WAN in ms
         self.handle = self.loop.call_later(self.delay, self._check)

@@ -34,7 +34,7 @@ from .registry import TOKEN_BITS
 from .routing import Backpressure, Route, Router
 from .runtime import FD_RESERVE, die_with_parent, set_title, setup_logging
 from .session import HANDSHAKE_READ, Session, St
-from .sockopts import ResetWhenSent, congestion_of_new_sockets, paces, reset
+from .sockopts import ResetWhenSent, congestion_of_new_sockets, paces
 
 if TYPE_CHECKING:
     from .metrics import WorkerMetrics
@@ -156,6 +156,9 @@ class Hub:
         # Ended sessions still flushing to their clients: their end lines wait
         # for what that flush wrote (Session.connection_lost).
         self.flushing: dict[Session, tuple[str, str]] = {}
+        # Bytes our resets destroyed in the kernel, per session, until its
+        # connection_lost counts them as discarded (Session.reset_connection).
+        self.reset_lost: dict[Session, int] = {}
         self.drops: collections.Counter[str] = collections.Counter()  # bytes, by DROP_REASONS
         self.started = loop.time()
         self.closed = asyncio.Event()
@@ -839,7 +842,7 @@ class Hub:
                             " (told twice to stop)" if self.hurry.is_set() else "")
                 for s in list(self.sessions):
                     if s.transport is not None:
-                        reset(s.transport)
+                        s.reset_connection(s.transport)
                 await asyncio.sleep(0)  # their connection_lost: end lines and counts
 
 
