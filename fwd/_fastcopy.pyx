@@ -608,7 +608,7 @@ cdef extern from *:
         double idle;     /* both ways quiet this long: give the pair back (0: never) */
         double stall;    /* dst's SO_SNDTIMEO */
         double full_t;   /* dst full since (a send it took only part of, or none); 0: not */
-        long long *bytes_in, *bytes_out;   /* the Relays' own fields */
+        long long *bytes_in, *bytes_out;   /* the Relays' own fields; out: as dst takes them */
         double *src_active, *dst_active;
         int sending;  /* a round is on its way to dst: not idle, however long */
         int spliced;  /* a round went through the pipe: this way is bulk */
@@ -685,6 +685,7 @@ cdef extern from *:
             m = send(d->dst, d->buf + off, (size_t)(n - off), MSG_NOSIGNAL);
             if (m > 0) {
                 off += m;
+                __atomic_fetch_add(d->bytes_out, (long long)m, __ATOMIC_RELAXED);
                 if (fwd_dir_full(d, off < n, t0)) {
                     fwd_dir_park(d, FWD_STALLED, 0, d->buf + off, n - off);
                     return -1;
@@ -744,7 +745,6 @@ cdef extern from *:
             }
             now = fwd_clock();
             __atomic_fetch_add(d->bytes_in, (long long)n, __ATOMIC_RELAXED);
-            __atomic_fetch_add(d->bytes_out, (long long)n, __ATOMIC_RELAXED);
             __atomic_store(d->src_active, &now, __ATOMIC_RELAXED);
             __atomic_store(d->dst_active, &now, __ATOMIC_RELAXED);
             __atomic_store_n(&d->sending, 1, __ATOMIC_RELEASE);
@@ -761,6 +761,7 @@ cdef extern from *:
                 m = splice(d->pipe_r, NULL, d->dst, NULL, (size_t)n, SPLICE_F_MOVE);
                 if (m > 0) {
                     n -= m;
+                    __atomic_fetch_add(d->bytes_out, (long long)m, __ATOMIC_RELAXED);
                     if (fwd_dir_full(d, n > 0, now)) {
                         fwd_dir_end(d, FWD_STALLED, 0, n);
                         return NULL;

@@ -150,15 +150,18 @@ class Pumps:
             # Not to a receiver whose peer reset (a thread's splice failed on
             # it): its transport would close it before we read what it holds.
             # No FIN was passed on while pumped: CLOSE is a reset.
-            if dst.transport is not None and reset_by_peer(dst.transport):
+            transport = dst.transport
+            if transport is not None and reset_by_peer(transport):
                 dst.peer_reset = True
-                if rest:  # the thread counted them as sent
-                    dst.bytes_out -= len(rest)
+                transport = None
+            if transport is None:
+                if rest:
                     self.hub.drop("discarded", len(rest))
-            elif rest is not None and dst.transport is not None:
+            elif rest is not None:
                 if stuck is not None:  # --slow-timeout counts from then (pause_writing)
                     self._stuck[dst] = (stuck, now)
-                dst.transport.write(rest)
+                dst.bytes_out += len(rest)  # the threads count only what dst took
+                transport.write(rest)
                 src._spliced_rest(dst, rest, now)
             # A way that moved only small rounds keeps no pipe in the loop,
             # which splices only bulk ones: --pump-pairs bounds its pipes too.
