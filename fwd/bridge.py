@@ -552,7 +552,7 @@ class Bridge:
         if dst is None:
             self._hold(src, data)
         elif not dst.gone:
-            assert dst.transport is not None
+            assert dst.transport is not None and not self.pumping(dst)
             dst.bytes_out += len(data)
             dst.transport.write(data)
 
@@ -592,7 +592,8 @@ class Bridge:
         t = link.transport
         return (link.attached and link.fd >= 0 and t is not None and not t.is_closing()
                 and not t.get_write_buffer_size() and not link.writing_paused
-                and link.reading and not link.eof_in)
+                and link.reading and not link.eof_in
+                and link.suspect is None)  # its next bytes must wait behind that line
 
     def _unpump(self) -> None:
         """Take the pair back from its threads: what their pipes held goes out
@@ -615,6 +616,7 @@ class Bridge:
             # holds (a reset is read as EOF after that: Link.eof_received).
             dst.gone = dst.transport is not None and reset_by_peer(dst.transport)
             if rest is not None and dst.transport is not None and not dst.gone:
+                dst.bytes_out += len(rest)  # the threads count only what dst took
                 dst.transport.write(rest)
 
     def _pump_stopped(self) -> None:

@@ -784,3 +784,80 @@ def test_a_reset_service_is_read_to_its_last_acknowledged_byte_when_copying(
     m = br.wait_log(r"pair end after \S+: server1 connection lost: .* server1 in=(\d+) ",
                     start=mark)
     assert int(m.group(1)) == acked[0]
+
+
+def test_a_line_held_as_a_possible_refusal_is_not_overtaken_by_pumped_bytes(start_client):
+    """server0's first line looks like a refusal, so it waits REFUSAL_WAIT for
+    server0's close. A bulk answer from server1 meanwhile may not hand the
+    pair to threads: server0's next bytes would go through them, ahead of the
+    held line (seen in a review: server1 got them first)."""
+    relay = socket.create_server(("127.0.0.1", 0))
+    lan = socket.create_server(("127.0.0.1", 0))
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}", "--connect", "eager")
+        relay.settimeout(WAIT)
+        lan.settimeout(WAIT)
+        c0, _ = relay.accept()
+        c1, _ = lan.accept()
+        c0.settimeout(WAIT)
+        c1.settimeout(WAIT)
+        line = b'{"rsp":"hs4","result":"FAIL","desc":"only data"}\n'
+        mark = br.mark()
+        c0.sendall(line)
+        for _ in range(16):  # server1's bulk answer: the pair is offered to threads
+            up = Sender(c1, 1 * MiB)
+            up.start()
+            assert recv_hash(c0, 1 * MiB) == up.digest
+            up.finish()
+            if any("pumping the pair" in ln for ln in br.lines[mark:]):
+                break
+        c0.sendall(b"after the line")
+        assert recv_exact(c1, len(line) + 14) == line + b"after the line"
+    finally:
+        relay.close()
+        lan.close()
+
+
+def test_a_round_a_stalled_thread_gave_back_counts_in_out(start_client):
+    """A pump thread counts only what its receiver took; the round it gives
+    back when the receiver stalls is counted when the loop writes it, so the
+    end line's out= is what server1 got (it was short by that round)."""
+    relay = socket.create_server(("127.0.0.1", 0))
+    lan = socket.socket()
+    lan.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # fills early
+    lan.bind(("127.0.0.1", 0))
+    lan.listen()
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}", "--connect", "eager")
+        relay.settimeout(WAIT)
+        lan.settimeout(WAIT)
+        c0, _ = relay.accept()
+        c1, _ = lan.accept()
+        c1.settimeout(WAIT)
+        mark = br.mark()
+        got = 0
+        for _ in range(40):
+            up = Sender(c0, 4 * MiB)
+            up.start()
+            assert recv_hash(c1, 4 * MiB) == up.digest
+            up.finish()
+            got += 4 * MiB
+            if any("pumping the pair" in ln for ln in br.lines[mark:]):
+                break
+        else:
+            raise AssertionError("the bridge never pumped the pair")
+        acked = flood_until_stalled(c0)  # server1 reads nothing meanwhile
+        br.wait_log(r"back in the loop \(stalled\)", start=mark)
+        c0.shutdown(socket.SHUT_WR)
+        while chunk := c1.recv(1 << 20):
+            got += len(chunk)
+        assert got >= 4 * MiB + acked
+        c1.close()
+        end = br.wait_log(r"pair end .*server1 in=\d+ out=(\d+)", start=mark)
+        c0.close()
+        assert int(end.group(1)) == got
+    finally:
+        relay.close()
+        lan.close()
