@@ -66,7 +66,8 @@ GAUGES: Mapping[str, tuple[str, str]] = {
     "open_connections": ("fwd_open_connections", "Client connections open now."),
     "held_bytes": ("fwd_held_bytes", "Bytes held now for absent chan receivers."),
     "held_memory": ("fwd_held_memory_bytes", "Memory of the holds now, their bytes and "
-                    "bookkeeping: what --hold-total caps."),
+                    "bookkeeping, and held bytes queued for a receiver and not written "
+                    "yet: what --hold-total caps."),
     "buffered_bytes": ("fwd_buffered_bytes", "Bytes queued now towards receivers."),
     "spliced_sessions": ("fwd_spliced_sessions", "Sessions holding a splice(2) pipe now."),
     "pumped_pairs": ("fwd_pumped_pairs", "Bulk pairs whose bytes two threads move now."),

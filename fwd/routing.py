@@ -99,7 +99,8 @@ class Router(Generic[T]):
         # on every read: a C load, where an attribute would be a dict lookup.
         self.generation_cell = array("q", [0])
         self.held = 0  # bytes in memory: a chunk held for several chids counts once
-        self.overhead = 0  # the holds' own memory; held + overhead <= hold_total
+        self.overhead = 0  # the holds' own memory; held + overhead + queued <= hold_total
+        self.queued = 0  # held bytes join() gave a receiver, not written out yet (written_held)
         self._refs: dict[int, int] = {}  # id(held read) -> holds that have it, or a view of it
         self._owner: dict[str, T] = {}  # claimed chids; live ones have _recvers too
         self._muted: set[T] = set()
@@ -164,14 +165,23 @@ class Router(Generic[T]):
 
     def join(self, session: T, recvers: Iterable[str] = ()) -> list[bytes]:
         """Make ``session`` live; return the bytes held for its chid that it
-        accepts, oldest first."""
+        accepts, oldest first. They go into its queue whole, so they still
+        count against hold_total until the caller says they were written
+        (written_held): else a receiver that does not read could keep a full
+        hold_total queued, and the holds fill up again behind it."""
         self._recvers[session] = tuple(recvers)
         self.generation += 1
         chid = session.chid
         if chid is None or self._owner.get(chid) is not session:
             return []
-        return [chunk for sender, chunk in self._take_hold(chid)
-                if self.accepts(session, sender)]
+        chunks = [chunk for sender, chunk in self._take_hold(chid)
+                  if self.accepts(session, sender)]
+        self.queued += sum(map(len, chunks))
+        return chunks
+
+    def written_held(self, nbytes: int) -> None:
+        """``nbytes`` of what join() returned have left their receiver's queue."""
+        self.queued -= nbytes
 
     def accept_only(self, session: T, senders: Iterable[str] | None) -> None:
         """``session`` receives only from these chids (None: from anyone)."""
@@ -341,7 +351,7 @@ class Router(Generic[T]):
         """
         hold = self._holds.get(chid)
         cost = self.entry_cost + (self.chid_cost if hold is None else 0)
-        spare = self.hold_total - self.held - self.overhead - cost  # for the bytes
+        spare = self.hold_total - self.held - self.overhead - self.queued - cost  # for the bytes
         room = self.hold_bytes - (hold.size.get(sender, 0) if hold is not None else 0)
         if room <= 0 or spare < 0:
             return len(chunk)

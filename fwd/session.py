@@ -435,6 +435,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.linger = None
         self.hub.release(self)
         self.transport = None
+        self.hub.settle_held(self)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -466,6 +467,7 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self.hub.settle_held(self)
         if self.slow_timer is not None:
             self.slow_timer.cancel()
             self.slow_timer = None
@@ -810,9 +812,11 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.hs = None
         self.recvers = recvers
         hub.pending.discard(self)
-        for chunk in hub.router.join(self, recvers):
+        held = hub.router.join(self, recvers)
+        for chunk in held:
             self.bytes_out += len(chunk)
             transport.write(chunk)
+        hub.queued_held(self, sum(map(len, held)))
         if hub.mesh is not None:
             hub.went_live()
             hub.sync_wants()  # what was held for it here is its now

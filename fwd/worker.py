@@ -145,6 +145,9 @@ class Hub:
         self.awaiting: dict[str, dict[Session, float]] = {}
         # When each session's bytes were first held (Session._route_rest).
         self.held_by: dict[Session, float] = {}
+        # Live sessions whose queue starts with held bytes (Router.join): where
+        # they end in its stream (bytes_out), and how many still count (settle_held).
+        self.held_queued: dict[Session, tuple[int, int]] = {}
         # Sessions that just announced they are live, by chid, until what other
         # workers held for them has arrived (await_held).
         self.held_waits: dict[str, HeldWait] = {}
@@ -639,7 +642,7 @@ class Hub:
                 "uptime": round(self.loop.time() - self.started, 3),
                 "open_connections": len(self.sessions), "live": dict(live),
                 "held_bytes": self.router.held,
-                "held_memory": self.router.held + self.router.overhead,
+                "held_memory": self.router.held + self.router.overhead + self.router.queued,
                 "buffered_bytes": buffered,
                 "spliced_sessions": spliced,
                 "pumped_pairs": 0 if self.pumps is None else len(self.pumps),
@@ -798,12 +801,40 @@ class Hub:
             self.drops[reason] += nbytes
 
     def watch_holds(self) -> None:
-        if self._hold_timer is None and (self.router.has_holds() or self.awaiting):
+        if self._hold_timer is None and (self.router.has_holds() or self.awaiting
+                                         or self.held_queued):
             self._hold_timer = self.loop.call_later(HOLD_TICK, self._expire_holds)
+
+    def queued_held(self, session: Session, nbytes: int) -> None:
+        """``session`` just queued ``nbytes`` of held bytes, first in its stream."""
+        if nbytes:
+            self.held_queued[session] = (session.bytes_out, nbytes)
+            self.watch_holds()
+
+    def settle_held(self, session: Session) -> None:
+        """What of ``session``'s held bytes has left its queue no longer counts
+        against --hold-total (all of it once the connection is gone)."""
+        entry = self.held_queued.get(session)
+        if entry is None:
+            return
+        end, charged = entry
+        transport = session.transport
+        left = 0
+        if transport is not None:
+            written = session.bytes_out - transport.get_write_buffer_size()
+            left = min(charged, max(end - written, 0))
+        if left < charged:
+            self.router.written_held(charged - left)
+            if left:
+                self.held_queued[session] = (end, left)
+            else:
+                del self.held_queued[session]
 
     def _expire_holds(self) -> None:
         self._hold_timer = None
         now = self.loop.time()
+        for session in list(self.held_queued):
+            self.settle_held(session)
         dropped = self.router.expire(now)
         if dropped:
             self.drop("hold_expired", dropped)

@@ -518,8 +518,10 @@ def test_hold_global_cap():
     assert r.held == 10
     s = Sess("s")
     r.claim(s, "a")
-    r.join(s)  # releases 8 bytes of global room
+    r.join(s)  # its 8 bytes leave the holds, for its queue
     assert r.held == 2
+    assert r.hold("c", b"z", 0.0) == 1  # and count until they are written
+    r.written_held(8)
     assert r.hold("c", b"z" * 5, 0.0) == 0
     # b may take 6 more under its own cap but only 3 under the global one.
     assert r.hold("b", b"y" * 8, 0.0) == 5
@@ -535,12 +537,33 @@ def test_hold_global_cap_accounting_is_exact():
     r.claim(s, "a")
     assert r.join(s) == [b"x" * 8]
     assert r.held == 2
+    r.written_held(8)
     # b holds 2 bytes: its own cap leaves 6, the global cap leaves 8.
     assert r.hold("b", b"y" * 7, 0.0) == 1
     assert r.held == 9  # 6 of 7 bytes are a view: the 7 are in memory
     t = Sess("t")
     r.claim(t, "b")
     assert b"".join(r.join(t)) == b"y" * 8
+
+
+def test_held_bytes_count_against_the_total_until_written_out():
+    """join() hands a receiver every byte held for it, into its queue at
+    once: until the caller says they were written, they still count, so a
+    receiver that never reads cannot let the holds fill up again behind it
+    (a helper's run grew by --hold-total per such receiver)."""
+    r = make_router(hold_bytes=8, hold_total=10)
+    assert r.hold("a", b"x" * 8, 0.0) == 0
+    s = Sess("s")
+    r.claim(s, "a")
+    assert r.join(s) == [b"x" * 8]
+    assert (r.held, r.queued) == (0, 8)
+    assert r.hold("b", b"y" * 8, 0.0) == 6
+    r.written_held(5)
+    assert r.hold("b", b"y" * 8, 0.0) == 3  # room for 5 of them now
+    r.written_held(3)
+    assert r.queued == 0
+    assert r.hold("c", b"z" * 3, 0.0) == 0
+    assert r.held == 10
 
 
 def test_a_chunk_held_for_several_chids_counts_once_against_the_total():

@@ -32,6 +32,7 @@ from helpers import (
     assert_closed,
     assert_pair_works,
     claim_again,
+    handshake,
     pair,
     read_json,
     read_until_reset,
@@ -366,6 +367,41 @@ def test_a_sender_naming_many_absent_chids_leaves_the_hold_total_to_others(start
     assert totals["held_bytes"] == len(data)  # 98 hold it
     # What --hold-total counts: the bytes, and 1 KiB and more per absent chid.
     assert totals["held_memory"] > len(data) + 98 * 1024
+
+
+def test_held_bytes_a_receiver_has_not_read_still_count_against_the_hold_total(start_server):
+    """A receiver that goes live gets what was held for it queued at once.
+    Until that is written out it still counts against --hold-total: else a
+    receiver that does not read lets the holds fill up again behind it, and
+    a helper's run grew the server by --hold-total per such receiver."""
+    server = start_server("--mode", "chan", "--workers", "1", "--hold-bytes", "16MiB",
+                          "--hold-total", "16MiB", "--hold-seconds", "60",
+                          "--slow-timeout", "0")
+    witness, _ = server.handshake("w", ["nobody"])
+    src, _ = server.handshake("src", ["late", "w"])
+    up = Sender(src, 16 * MiB - 256 * KiB)  # the holds' bookkeeping takes some
+    up.start()
+    assert recv_hash(witness, len(up.data)) == up.digest
+    up.finish()
+    late = socket.socket()
+    late.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    late.connect((server.host, server.port))
+    server.sockets.append(late)
+    handshake(late, "late", ["nobody"])  # and it reads nothing yet
+    # The kernel's buffers take a few MiB of it; the rest waits in the queue.
+    totals = server.ctl_json("status")["totals"]
+    assert totals["held_bytes"] == 0 and totals["held_memory"] >= 8 * MiB, totals
+    other, _ = server.handshake("other", ["late2", "w"])
+    more = Sender(other, 8 * MiB)
+    more.start()
+    assert recv_hash(witness, len(more.data)) == more.digest
+    more.finish()
+    assert server.ctl_json("status")["drops"].get("hold_full", 0) >= 2 * MiB
+    # Once late has read it all, the room is back.
+    late.settimeout(30)
+    assert recv_exact(late, len(up.data)) == up.data
+    wait_until(lambda: server.ctl_json("status")["totals"]["held_memory"] < 8 * MiB + 512 * KiB,
+               10, "the queued held bytes to stop counting")
 
 
 def test_held_bytes_expire_after_hold_seconds(start_server):
