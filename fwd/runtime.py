@@ -4,6 +4,7 @@ tie to its parent."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import json
 import logging
@@ -24,6 +25,12 @@ LOG_WRITE = select.PIPE_BUF
 pipe write up to this size is never interleaved with another's."""
 LOG_BATCH = 256
 """Records kept back at most before they are written."""
+LOG_BACKLOG = 1 << 20
+"""Bytes of log lines kept, in a running event loop, while stderr takes
+nothing (a stuck log collector); further lines are dropped and counted.
+Writing them regardless would block the loop, and with it every session."""
+LOG_RETRY = 0.05
+"""How often a backlog tries stderr again."""
 
 
 _BARE = re.compile(r'[^\s="\\,*]+')  # "*": recvers=* is "everyone"
@@ -50,12 +57,20 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes records at the end of the event loop's current iteration, many
     lines per write(): two lines per session cost a system call each otherwise,
     which showed in the handshake rate. Warnings and errors are written at once;
-    outside a running loop every record is."""
+    outside a running loop every record is. In a running loop a write waits
+    until stderr can take it without blocking (LOG_BACKLOG), and lines past
+    that are dropped, then counted in a line of their own: a log reader that
+    stalls must not stall the relay (clients can make lines: bad handshakes)."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._lines: list[bytes] = []
         self._scheduled = False
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog_size = 0
+        self._dropped = 0
+        self._retry: asyncio.TimerHandle | None = None
+        self._poll: select.poll | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -82,20 +97,66 @@ class LoopBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _write(self) -> None:
         self._scheduled = False
         lines, self._lines = self._lines, []
-        if not lines:
-            return
-        fd = self.stream.fileno()
-        self.stream.flush()  # anything written to the stream directly goes first
-        batch = b""
+        for line in lines:
+            if self._backlog_size + len(line) > LOG_BACKLOG:
+                self._dropped += 1
+            else:
+                self._backlog.append(line)
+                self._backlog_size += len(line)
+        if self._retry is not None:
+            if _running_loop() is not None:
+                return  # it drains the backlog, in order
+            self._retry.cancel()  # the loop is over: block rather than lose lines
+            self._retry = None
+        self._drain()
+
+    def _drain(self) -> None:
+        loop = _running_loop()  # none at start and exit: block rather than lose lines
+        backlog = self._backlog
         try:
-            for line in lines:
-                if batch and len(batch) + len(line) > LOG_WRITE:
-                    _write_all(fd, batch)
-                    batch = b""
-                batch += line
-            _write_all(fd, batch)
-        except OSError:  # stderr gone: nothing sensible to do with a log line
-            pass
+            fd = self.stream.fileno()
+            self.stream.flush()  # anything written to the stream directly goes first
+            while backlog:
+                if loop is not None and not self._writable(fd):
+                    self._retry = loop.call_later(LOG_RETRY, self._again)
+                    return
+                batch = backlog.popleft()
+                while backlog and len(batch) + len(backlog[0]) <= LOG_WRITE:
+                    batch += backlog.popleft()
+                self._backlog_size -= len(batch)
+                _write_all(fd, batch)
+                if not backlog and self._dropped:
+                    note = logging.makeLogRecord({
+                        "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+                        "msg": "%d log lines dropped: stderr took nothing for a while",
+                        "args": (self._dropped,)})
+                    self._dropped = 0
+                    line = (self.format(note) + "\n").encode()
+                    backlog.append(line)
+                    self._backlog_size += len(line)
+        except (OSError, ValueError):  # stderr gone: nothing sensible to do with a log line
+            backlog.clear()
+            self._backlog_size = 0
+
+    def _again(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._retry = None
+            self._drain()
+
+    def _writable(self, fd: int) -> bool:
+        """Whether a write of LOG_WRITE bytes at most would not block: a pipe
+        that polls writable has a free page, and a file always is."""
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLOUT)
+        return bool(self._poll.poll(0))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -50,6 +50,8 @@ class Process:
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             env=full_env, preexec_fn=preexec, text=True,
         )
+        self.reading = threading.Event()  # clear it to play a log reader that stalls
+        self.reading.set()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -59,7 +61,7 @@ class Process:
         assert self.proc.stderr is not None
         fd = self.proc.stderr.fileno()
         rest = b""
-        while data := os.read(fd, 1 << 16):
+        while self.reading.wait() and (data := os.read(fd, 1 << 16)):
             *lines, rest = (rest + data).split(b"\n")
             if lines:
                 with self.cond:
@@ -128,6 +130,7 @@ class Process:
         return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self, check: bool = True) -> None:
+        self.reading.set()
         for s in self.sockets:
             s.close()
         self.sockets.clear()

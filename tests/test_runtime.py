@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
+import re
+import threading
 from collections.abc import Iterator
 
 import pytest
 
+from fwd import runtime
 from fwd.runtime import JsonFormatter, LoopBufferedHandler
 
 
@@ -78,6 +82,43 @@ def test_many_lines_arrive_whole_and_in_order(piped: tuple[logging.Logger, int])
         got += chunk
     lines = got.decode().splitlines()
     assert lines == [f"INFO line {i:04d} {'x' * 90}" for i in range(500)]
+
+
+def test_a_stderr_nobody_reads_does_not_block_the_loop(
+        piped: tuple[logging.Logger, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines stderr cannot take wait (LOG_BACKLOG bytes of them) and the rest
+    are dropped, then counted: a stalled log reader must not stall the relay,
+    whose clients can make it log (a helper froze a server with 500 bad
+    handshakes). Once stderr reads again, what waited follows in order."""
+    logger, r = piped
+    monkeypatch.setattr(runtime, "LOG_BACKLOG", 32 * 1024)
+    size = fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+    line = "x" * 99  # 100 bytes a line with its newline, 106 with "INFO "
+    count = (size + 64 * 1024) // 100
+    out: list[bytes] = []
+
+    async def main() -> None:
+        for i in range(count):
+            logger.info("%05d %s", i, line[6:])
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # the end of an iteration: a write
+        while True:  # the reader comes back
+            chunk = pending(r)
+            out.append(chunk)
+            if b"log lines dropped" in chunk:
+                return
+            await asyncio.sleep(runtime.LOG_RETRY)
+
+    done = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    done.start()
+    done.join(30)
+    assert not done.is_alive(), "the loop blocked on stderr"
+    lines = b"".join(out).decode().splitlines()
+    note = lines.pop()
+    numbers = [int(ln.split()[1]) for ln in lines]
+    assert numbers == list(range(len(numbers)))  # whole lines, in order, no hole
+    dropped = int(re.search(r"WARNING (\d+) log lines dropped", note).group(1))
+    assert len(numbers) + dropped == count and dropped > 0
 
 
 def test_json_lines_carry_fields_as_keys() -> None:

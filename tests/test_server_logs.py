@@ -1,13 +1,24 @@
 """Session start and end log lines, in text and in JSON (--log-format json)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import socket
+import struct
+import termios
 from collections.abc import Callable
 
 from conftest import Server
 from fwd.session import CLOSE_LINGER, end_reason
-from helpers import Sender, pair, read_json, recv_exact, send_json, wait_until
+from helpers import (
+    Sender,
+    assert_pair_works,
+    pair,
+    read_json,
+    recv_exact,
+    send_json,
+    wait_until,
+)
 
 MiB = 1 << 20
 
@@ -119,3 +130,37 @@ def test_an_end_line_counts_what_its_flush_wrote_not_what_a_reset_discarded(chan
     ended = chan_server.ctl_json("status")["totals"]["bytes_out"]  # b's, the one session ended
     assert int(end.group(1)) == ended
     up.finish()
+
+
+def test_a_log_reader_that_stalls_does_not_stall_the_server(
+        start_server: Callable[..., Server]) -> None:
+    """stderr is a pipe, and a log collector that stops reading it leaves the
+    server's lines nowhere to go. Writing them anyway blocked the event loop:
+    a helper froze every worker and the parent with about 500 bad
+    handshakes, and then a pair could not connect. The lines now wait (past
+    runtime.LOG_BACKLOG they are dropped and counted), and the relay goes on."""
+    server = start_server("--mode", "chan", log_level="info")
+    assert server.proc.stderr is not None
+    fd = server.proc.stderr.fileno()
+    size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    server.reading.clear()  # its reader may take one more pipe-full first
+
+    def bad_handshake() -> None:
+        sock = server.connect()
+        send_json(sock, {"req": "hs1", "chid": 5})
+        assert read_json(sock)["result"] == "FAIL"
+        sock.close()
+
+    for _ in range(20000):
+        bad_handshake()
+        queued = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+        if queued >= size - 8192:
+            break
+    else:
+        raise AssertionError("the server's lines never filled its stderr")
+    for _ in range(200):  # their lines find stderr full
+        bad_handshake()
+    assert_pair_works(server)
+    mark = len(server.lines)
+    server.reading.set()
+    server.wait_log(r"session end chid=ok-", start=mark)  # what waited comes after all
