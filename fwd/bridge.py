@@ -459,6 +459,10 @@ class Link(Relay, asyncio.BufferedProtocol):
             self.linger.hurry(linger)  # a cut stream still ends with its reset
             return
         if t.is_closing():
+            timer = self.linger  # flushing already: a shorter linger wins (stop)
+            if timer is not None and timer.when() - self.bridge.loop.time() > linger:
+                timer.cancel()
+                self.linger = self.bridge.loop.call_later(linger, reset, t)
             return
         if cut:
             self.linger = ResetWhenSent(self.bridge.loop, t, linger)
@@ -903,8 +907,12 @@ class Bridge:
             self.gone.clear()
             try:
                 await asyncio.wait_for(self.gone.wait(), SHUTDOWN_LINGER + 1)
-            except asyncio.TimeoutError:  # pragma: no cover - the linger aborts first
-                pass
+            except asyncio.TimeoutError:
+                # What is still queued dies with the process: a reset says
+                # so, where the kernel's close would send a FIN after it.
+                for link in list(self.links_all):
+                    if link.transport is not None:
+                        reset(link.transport)
 
 
 async def bridge_main(opts: BridgeOptions) -> int:

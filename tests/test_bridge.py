@@ -861,3 +861,42 @@ def test_a_round_a_stalled_thread_gave_back_counts_in_out(start_client):
     finally:
         relay.close()
         lan.close()
+
+
+def test_a_stop_cuts_a_stream_still_flushing_with_a_reset(start_client):
+    """A side that closed after its peer's FIN (--on-close one) flushes what
+    is queued for it for CLOSE_LINGER. A stop meanwhile used to leave that
+    timer alone and exit with bytes still queued: the kernel then sent a FIN
+    after what it had, and the service took a cut stream for a whole one."""
+    relay = socket.create_server(("127.0.0.1", 0))
+    lan = socket.socket()
+    lan.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    lan.bind(("127.0.0.1", 0))
+    lan.listen()
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}",
+                          "--no-handshake", "--on-close", "one", "--connect", "eager")
+        relay.settimeout(WAIT)
+        lan.settimeout(WAIT)
+        c0, _ = relay.accept()
+        c1, _ = lan.accept()
+        flood_until_stalled(c0)  # the service reads nothing: fwd-client queues for it
+        mark = br.mark()
+        c1.shutdown(socket.SHUT_WR)
+        out = int(br.wait_log(r"server1 closed after .*server1 in=0 out=(\d+)", start=mark)
+                  .group(1))
+        br.proc.send_signal(signal.SIGTERM)
+        assert br.exit_code() == 0
+        c1.settimeout(WAIT)
+        got = 0
+        with pytest.raises(ConnectionResetError):
+            while chunk := c1.recv(1 << 16):
+                got += len(chunk)
+            raise AssertionError(f"EOF after {got} of the {out} bytes counted as sent")
+        assert got < out
+        c0.close()
+        c1.close()
+    finally:
+        relay.close()
+        lan.close()
