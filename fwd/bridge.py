@@ -272,6 +272,9 @@ class Link(Relay, asyncio.BufferedProtocol):
         server closes next (protocol.refusal), payload if it does not."""
         self.started = loop.time()
         self.linger: asyncio.TimerHandle | ResetWhenSent | None = None
+        self.refusal_until: float | None = None
+        """Plain mode, server0: a refusal comes soon after our first bytes,
+        before anything else from it; until then no thread may read it."""
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -575,6 +578,14 @@ class Bridge:
         if self.pending[0] or self.pending[1] or not (self._quiet(a) and self._quiet(b)):
             hold_offers(self.loop, RETRY_SOON, src)
             return
+        if not self.opts.handshake and not a.bytes_in:  # server0 may still refuse us
+            now = self.loop.time()
+            if a.refusal_until is None and a.bytes_out:
+                a.refusal_until = now + REFUSAL_WAIT
+            if a.refusal_until is None or now < a.refusal_until:
+                hold_offers(self.loop, RETRY if a.refusal_until is None
+                            else a.refusal_until - now, src)
+                return
         assert a.transport is not None and b.transport is not None
         a.transport.pause_reading()
         b.transport.pause_reading()

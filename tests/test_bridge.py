@@ -503,6 +503,31 @@ def test_plain_mode_against_a_chan_server_exits_3_and_passes_nothing_on(
     assert svc.conns == []
 
 
+def test_a_chan_servers_refusal_of_a_bulk_greeting_is_not_read_by_threads(
+        start_server, start_client, start_service):
+    """A service that speaks first with a bulk greeting (a banner, a dump)
+    used to get the pair pumped before server0 said anything: its threads
+    then passed the chan server's refusal on as data, and the bridge
+    reconnected at once, in a loop, since both sides had carried bytes."""
+    received: list[bytes] = []
+
+    def greet(conn: socket.socket) -> None:
+        conn.sendall(b"G" * MiB)
+        data = b""
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+        received.append(data)
+
+    server = start_server("--mode", "chan")
+    svc = start_service(greet)
+    br = start_client("--server0", addr(server), "--server1", svc.addr, "--no-handshake",
+                      "--connect", "eager")
+    assert br.exit_code() == 3
+    br.wait_log(r"ERROR .*refused us without a handshake")
+    assert svc.accepted == 1
+    assert not any(b"FAIL" in data for data in received)
+
+
 def test_handshake_options_without_the_handshake_are_a_usage_error():
     done = subprocess.run([*CLIENT_CMD, "--no-handshake", "--chid", "x"],
                           capture_output=True, text=True, timeout=WAIT)
