@@ -51,9 +51,10 @@ Close policy (``--on-close``):
 Retries. Connecting (including the chan handshake) is retried with capped
 exponential backoff (0.5 s doubling to 10 s, each delay scaled by a random
 factor in [0.5, 1) so that many bridges do not reconnect in lockstep). A
-connection that ends after carrying data, after ``HEALTHY_AFTER`` seconds (or
-the ``--timeout`` we asked server0 for, if shorter), or
-because we ended it when its partner went away, was healthy: the side
+connection that ends after carrying data (either way), after a handshake
+server0 answered OK, after ``HEALTHY_AFTER`` seconds (or the ``--timeout``
+we asked server0 for, if shorter), or because we ended it when its partner
+went away, was healthy: the side
 reconnects at once and its failure count resets. One that dies young and
 silent counts as a failure, so a server that accepts and drops at once is not
 hammered. ``--max-retries N`` gives up when
@@ -272,6 +273,8 @@ class Link(Relay, asyncio.BufferedProtocol):
         server closes next (protocol.refusal), payload if it does not."""
         self.started = loop.time()
         self.linger: asyncio.TimerHandle | ResetWhenSent | None = None
+        self.welcomed = False
+        """server0 answered our handshake OK: what ends it later is no failed attempt."""
         self.refusal_until: float | None = None
         """Plain mode, server0: a refusal comes soon after our first bytes,
         before anything else from it; until then no thread may read it."""
@@ -412,6 +415,7 @@ class Link(Relay, asyncio.BufferedProtocol):
                         return
                     trailing = hs.trailing_data
                     self.hs = None
+                    self.welcomed = True
                     self.bridge.attach(self)
                     view = self.bridge.view  # free again: what it held is in hs
                     for i in range(0, len(trailing), READ_SIZE):
@@ -782,7 +786,7 @@ class Bridge:
             healthy = HEALTHY_AFTER
             if side == 0 and self.opts.timeout:  # the idle timeout we asked server0 for
                 healthy = min(healthy, self.opts.timeout)
-            if link.by_us or link.bytes_in or age >= healthy:
+            if link.by_us or link.bytes_in or link.bytes_out or link.welcomed or age >= healthy:
                 self.failures[side] = 0
             else:
                 await self._backoff(side, f"dropped after {age:.1f}s without data: {reason}",

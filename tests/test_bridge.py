@@ -925,3 +925,42 @@ def test_a_stop_cuts_a_stream_still_flushing_with_a_reset(start_client):
     finally:
         relay.close()
         lan.close()
+
+
+def test_a_service_that_answers_nothing_is_no_failed_attempt(start_client, start_service):
+    """A sink (it takes a request, answers nothing, closes) used to count as
+    a failed attempt each time, since it sent no byte: the next request
+    waited out a growing backoff, and --max-retries 0 gave up after the
+    first good session. So did a chan session that ended without data."""
+    got: list[bytes] = []
+    arrived = threading.Condition()
+
+    def sink(conn: socket.socket) -> None:
+        data = b""
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+        with arrived:
+            got.append(data)
+            arrived.notify_all()
+
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(WAIT)
+    svc = start_service(sink)
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", svc.addr, "--no-handshake", "--max-retries", "0")
+        for i in range(3):
+            conn, _ = relay.accept()
+            conn.settimeout(WAIT)
+            conn.sendall(b"event %d\n" % i)
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(1) == b""  # the service's FIN, passed on
+            conn.close()
+            with arrived:
+                assert arrived.wait_for(lambda n=i + 1: len(got) >= n, WAIT)
+        assert got == [b"event 0\n", b"event 1\n", b"event 2\n"]
+        assert br.proc.poll() is None
+        assert not any("dropped after" in ln for ln in br.lines)
+        br.stop()  # while server0 is still there to reconnect to
+    finally:
+        relay.close()
