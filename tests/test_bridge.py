@@ -964,3 +964,22 @@ def test_a_service_that_answers_nothing_is_no_failed_attempt(start_client, start
         br.stop()  # while server0 is still there to reconnect to
     finally:
         relay.close()
+
+
+def test_a_partner_that_leaves_without_a_word_is_no_failed_attempt(
+        start_server, start_client, start_service):
+    """The remote connects and leaves without sending (a health check):
+    fwd-server ends our session with its partner's. Our handshake was
+    answered OK, so that is no failure of server0 (three such visits made
+    --max-retries 2 give up)."""
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc, "--max-retries", "0")
+    for _ in range(3):
+        mark = br.mark()
+        remote, _ = server.handshake("user", ["svc"])
+        remote.close()
+        br.wait_log(r"server0 connected \S+ chid=svc", start=mark)
+    remote, _ = server.handshake("user", ["svc"])
+    round_trip(remote, 64 * 1024)
+    assert not any("dropped after" in ln for ln in br.lines)
