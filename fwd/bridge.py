@@ -60,13 +60,16 @@ silent counts as a failure, so a server that accepts and drops at once is not
 hammered. ``--max-retries N`` gives up when
 a side fails again after N retries in a row, so at its N+1st consecutive
 failure (exit status 1). In ``both`` mode, bytes from the relay wait for
-server1 at most ``--service-wait`` seconds: then the relay session is reset,
+server1 at most ``--service-wait`` seconds (server1 is tried at once, then
+after delays that start short again, each attempt bounded by what is left
+of that wait): then the relay session is reset,
 so that the remote client learns the service is not there instead of
 hanging, and the next request tries again.
 
 Handshake failures. An hs4 FAIL saying ``chid in use`` is retried: the session
 holding the chid is often our own previous one, still being torn down by the
-server (or a peer that will go away). So are a handshake timeout, a
+server (or a peer that will go away); within CLOSE_LINGER of our own
+session's end it is not counted as a failure. So are a handshake timeout, a
 connection closed during the handshake, and a refusal (``server full``,
 ``server restarting``, ``server shutdown``, ``too many connections from this
 address``).
@@ -503,6 +506,8 @@ class Bridge:
         # pending[i]: bytes read from the other side while side i was absent.
         self.pending: list[list[bytes]] = [[], []]
         self.pending_eof = [False, False]
+        self.ended = [-1e9, -1e9]  # when each side's last connection ended
+        self._tries: tuple[float | None, int] = (None, 0)  # server1 tries since waiting_since
         self.failures = [0, 0]
         self.waiting_since: float | None = None  # when bytes began to wait for server1
         self.gen = 0
@@ -777,6 +782,7 @@ class Bridge:
             if link is None:
                 continue
             reason = await link.done
+            self.ended[side] = self.loop.time()
             if link.refused is not None:
                 raise GiveUp(f"{SIDES[side]} {format_hostport(*self.addrs[side])} refused us "
                              f"without a handshake: "
@@ -815,7 +821,10 @@ class Bridge:
                             else "")
                     raise GiveUp(f"{SIDES[side]} {format_hostport(*self.addrs[side])} rejected "
                                  f"the handshake: {exc.desc}{hint}", EXIT_REJECTED) from None
-                if not await self._backoff(side, describe(exc), gen):
+                # Our own session, the server still tearing it down: no failure.
+                ours = (exc.desc.startswith("chid in use")
+                        and self.loop.time() - self.ended[side] < CLOSE_LINGER)
+                if not await self._backoff(side, describe(exc), gen, count=not ours):
                     return None
             except (OSError, asyncio.TimeoutError) as exc:
                 why = (str(exc) if isinstance(exc, HandshakeTimeout)
@@ -853,10 +862,13 @@ class Bridge:
             made.append(Link(self, side, gen))
             return made[-1]
 
-        deadline = self.loop.time() + self.opts.connect_timeout
+        timeout = self.opts.connect_timeout
+        left = self._wait_left() if side == 1 else None
+        if left is not None:  # a request waits: --service-wait bounds the attempt
+            timeout = max(min(timeout, left), 0.001)
+        deadline = self.loop.time() + timeout
         try:
-            await asyncio.wait_for(self.loop.create_connection(factory, host, port),
-                                   self.opts.connect_timeout)
+            await asyncio.wait_for(self.loop.create_connection(factory, host, port), timeout)
             link = made[-1]
             try:
                 await asyncio.wait_for(link.ready, max(deadline - self.loop.time(), 0.001))
@@ -880,14 +892,25 @@ class Bridge:
             raise GiveUp(f"giving up on {where} after {n} failed attempts: {why}", EXIT_GAVE_UP)
         return n
 
-    async def _backoff(self, side: int, why: str, gen: int, cap: float | None = None) -> bool:
-        """Count a failure, give up past --max-retries, else wait (at most
-        ``cap`` seconds); False if the wait became moot."""
+    async def _backoff(self, side: int, why: str, gen: int, cap: float | None = None,
+                       count: bool = True) -> bool:
+        """Count a failure (unless not ``count``), give up past --max-retries,
+        else wait (at most ``cap`` seconds); False if the wait became moot.
+        Bytes that start waiting for server1 meanwhile end the wait: the
+        service gets one try at once, and --service-wait bounds the rest."""
         if self.stopping:
             return False
-        n = self._count_failure(side, why)
+        n = self._count_failure(side, why) if count else max(self.failures[side], 1)
+        waited = side == 1 and self.waiting_since is not None
         where = f"{SIDES[side]} {format_hostport(*self.addrs[side])}"
-        delay = backoff_delay(n) if cap is None else min(backoff_delay(n), max(cap, 0.0))
+        delay = backoff_delay(n)
+        if waited:  # a request waits: the delays start short again, within --service-wait
+            if self._tries[0] != self.waiting_since:
+                self._tries = (self.waiting_since, 0)
+            self._tries = (self.waiting_since, self._tries[1] + 1)
+            delay = backoff_delay(self._tries[1])
+        if cap is not None:
+            delay = min(delay, max(cap, 0.0))
         log.warning("%s: %s (retry %d in %.1fs)", where, why, n, delay)
         deadline = self.loop.time() + delay
         ev = self.poke[side]
@@ -899,6 +922,8 @@ class Bridge:
                 break
             if gen != self.gen or self.stopping:
                 return False
+            if side == 1 and not waited and self.waiting_since is not None:
+                return True
         return True
 
     def stop(self) -> None:

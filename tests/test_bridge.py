@@ -8,6 +8,7 @@ listening socket owned by the test stands in for server0.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -983,3 +984,74 @@ def test_a_partner_that_leaves_without_a_word_is_no_failed_attempt(
     remote, _ = server.handshake("user", ["svc"])
     round_trip(remote, 64 * 1024)
     assert not any("dropped after" in ln for ln in br.lines)
+
+
+def test_chid_in_use_right_after_our_own_session_is_no_failed_attempt(start_client):
+    """Our session ended and we reconnect at once: the server may not have
+    torn the old one down yet and answers "chid in use". That is retried
+    without counting (--max-retries 0 used to give up on it)."""
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(WAIT)
+
+    def welcome(conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        assert json.loads(read_line(conn)) == {"req": "hs1", "chid": "svc"}
+        send_json(conn, {"rsp": "hs2", "chid": "svc"})
+        assert json.loads(read_line(conn))["req"] == "hs3"
+        send_json(conn, {"rsp": "hs4", "result": "OK"})
+
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", "127.0.0.1:9", "--chid", "svc", "--max-retries", "0")
+        first, _ = relay.accept()
+        welcome(first)
+        br.wait_log(r"server0 connected \S+ chid=svc")
+        reset_close(first)
+        again, _ = relay.accept()
+        again.settimeout(WAIT)
+        read_line(again)
+        send_json(again, {"rsp": "hs4", "result": "FAIL", "desc": "chid in use: svc"})
+        again.close()
+        third, _ = relay.accept()
+        welcome(third)
+        br.wait_log(r"server0 connected \S+ chid=svc", count=2)
+        assert br.proc.poll() is None
+        br.stop()
+        third.close()
+    finally:
+        relay.close()
+
+
+def test_a_request_tries_a_service_in_backoff_at_once(start_client, start_service):
+    """--connect eager keeps retrying a service that is down, with delays up
+    to 10 s. A request that arrived meanwhile waited out the delay, past
+    --service-wait: it now tries the service at once, long before the retry
+    that was due."""
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there yet
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(WAIT)
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", f"127.0.0.1:{port}", "--no-handshake",
+                          "--connect", "eager")
+        conn, _ = relay.accept()
+        conn.settimeout(WAIT)
+        n = 1
+        while True:
+            retry = br.wait_log(r"^(\S+ \S+) .*server1 .*\(retry \d+ in ([\d.]+)s\)", count=n)
+            if float(retry.group(2)) >= 3:
+                break
+            n += 1
+        mark = br.mark()
+        start_service(xor_echo, port)
+        conn.sendall(b"ping")
+        assert recv_exact(conn, 4) == b"ping".translate(XOR)
+        connected = br.wait_log(r"^(\S+ \S+) .*server1 connected", start=mark)
+        stamp = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                 for m in (retry, connected)]
+        assert (stamp[1] - stamp[0]).total_seconds() < float(retry.group(2))
+        conn.close()
+    finally:
+        relay.close()
