@@ -307,7 +307,10 @@ class Link(Relay, asyncio.BufferedProtocol):
             elif (self.side == 0 and not self.bytes_in and not self.bridge.opts.handshake
                     and refusal(first := bytes(self.bridge.view[:nbytes])) is not None):
                 self.suspect_line = first
+                self.bytes_in += nbytes
                 self.suspect = self.bridge.loop.call_later(REFUSAL_WAIT, self._not_refused)
+                log.debug("server0's first line reads as a refusal: held for %gs, in case "
+                          "it closes", REFUSAL_WAIT)
                 return
             self.bridge.forward(self, nbytes)
         elif self.hs is not None and not self.ready.done():
@@ -562,8 +565,8 @@ class Bridge:
         self.poke[dst_side].set()
 
     def pass_on(self, src: Link, data: bytes) -> None:
-        """Forward bytes that are not in the read buffer (a line held back)."""
-        src.bytes_in += len(data)
+        """Forward bytes that are not in the read buffer (a line held back,
+        counted in ``src.bytes_in`` when it was read)."""
         dst = self.links[1 - src.side]
         if dst is None:
             self._hold(src, data)
@@ -749,6 +752,7 @@ class Bridge:
         if not links:
             return
         held = sum(len(c) for q in self.pending for c in q)
+        held += sum(len(x.suspect_line) for x in links if x.suspect is not None)
         log.info("pair end after %.1fs: %s; %s%s", self.loop.time() - self.pair_started, reason,
                  ", ".join(x.stats() for x in links),
                  f"; dropped {held} held bytes" if held else "")
@@ -933,10 +937,12 @@ class Bridge:
         peer must not take the FIN for delivery."""
         self.stopping = True
         held = sum(len(c) for q in self.pending for c in q)
+        held += sum(len(x.suspect_line) for x in self.links_all if x.suspect is not None)
         if held:
             log.warning("dropped %d held bytes", held)
         for link in list(self.links_all):
-            cut = link.attached and bool(self.pending[1 - link.side])
+            cut = link.attached and (bool(self.pending[1 - link.side])
+                                     or link.suspect is not None)  # its line is dropped
             self.detach(link, "shutting down")
             link.close(linger=SHUTDOWN_LINGER, cut=cut)
         for ev in self.poke:

@@ -1055,3 +1055,34 @@ def test_a_request_tries_a_service_in_backoff_at_once(start_client, start_servic
         conn.close()
     finally:
         relay.close()
+
+
+def test_a_line_held_as_a_possible_refusal_is_counted_and_cut_at_a_stop(start_client):
+    """A stop while server0's first line waits (it may be a refusal) drops
+    that line: server0's side is reset, as any side whose bytes are held for
+    the other, and the line counts in its in= and in the dropped bytes (it
+    used to vanish, with a FIN both ways and in=0)."""
+    line = b'{"rsp":"hs4","result":"FAIL","desc":"only data"}\n'
+    relay = socket.create_server(("127.0.0.1", 0))
+    lan = socket.create_server(("127.0.0.1", 0))
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}", "--connect", "eager")
+        relay.settimeout(WAIT)
+        lan.settimeout(WAIT)
+        c0, _ = relay.accept()
+        c1, _ = lan.accept()
+        c0.sendall(line)
+        br.wait_log(r"server0's first line reads as a refusal")
+        br.proc.send_signal(signal.SIGTERM)
+        assert br.exit_code() == 0
+        c0.settimeout(WAIT)
+        with pytest.raises(ConnectionResetError):
+            c0.recv(1)
+        br.wait_log(rf"dropped {len(line)} held bytes")
+        br.wait_log(rf"server0 closed after .* \(server0 in={len(line)} out=0\)")
+        c0.close()
+        c1.close()
+    finally:
+        relay.close()
+        lan.close()
