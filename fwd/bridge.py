@@ -89,6 +89,7 @@ it (as they share the chid).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -277,6 +278,8 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.started = loop.time()
         self.linger: asyncio.TimerHandle | ResetWhenSent | None = None
         self.welcomed = False
+        self.reset_lost = 0  # what our resets destroyed in the kernel (reset_now)
+        self.closing: tuple[str, float] | None = None  # why it was detached, and when
         """server0 answered our handshake OK: what ends it later is no failed attempt."""
         self.refusal_until: float | None = None
         """Plain mode, server0: a refusal comes soon after our first bytes,
@@ -367,6 +370,11 @@ class Link(Relay, asyncio.BufferedProtocol):
             self.bridge.lost(self, f"connection lost: {describe(RESET_BY_PEER)}")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # What was still queued, and what a reset of ours destroyed, never
+        # reached the peer: the closed line counts what did.
+        queued = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self.bytes_out -= queued + self.reset_lost
+        self.reset_lost = 0
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -388,7 +396,17 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.transport = None
         if not self.done.done():
             self.done.set_result("closed")
+        if self.closing is not None:
+            self.log_closed()
         self.bridge.on_link_gone()
+
+    def log_closed(self) -> None:
+        """The closed line, once the counts are final: a side detached with
+        bytes still queued logs it when its flush (or the reset) is over."""
+        assert self.closing is not None
+        reason, since = self.closing
+        log.info("%s closed after %.1fs: %s (%s)", self.name, since - self.started, reason,
+                 self.stats())
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -466,7 +484,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         if t is None:
             return
         if abort:
-            reset(t)
+            self.reset_now(t)
             return
         if isinstance(self.linger, ResetWhenSent):
             self.linger.hurry(linger)  # a cut stream still ends with its reset
@@ -475,13 +493,18 @@ class Link(Relay, asyncio.BufferedProtocol):
             timer = self.linger  # flushing already: a shorter linger wins (stop)
             if timer is not None and timer.when() - self.bridge.loop.time() > linger:
                 timer.cancel()
-                self.linger = self.bridge.loop.call_later(linger, reset, t)
+                self.linger = self.bridge.loop.call_later(linger, self.reset_now, t)
             return
         if cut:
-            self.linger = ResetWhenSent(self.bridge.loop, t, linger)
+            self.linger = ResetWhenSent(self.bridge.loop, t, linger, self.reset_now)
             return
         t.close()
-        self.linger = self.bridge.loop.call_later(linger, reset, t)
+        self.linger = self.bridge.loop.call_later(linger, self.reset_now, t)
+
+    def reset_now(self, transport: asyncio.Transport) -> None:
+        """Reset; what the kernel still held for the peer dies with it, and
+        is not counted as sent (connection_lost)."""
+        self.reset_lost += reset(transport)
 
     def write_eof(self) -> None:
         assert self.transport is not None
@@ -738,8 +761,9 @@ class Bridge:
             self._unpump()
         link.attached = False
         self.links[link.side] = None
-        log.info("%s closed after %.1fs: %s (%s)", link.name,
-                 self.loop.time() - link.started, reason, link.stats())
+        link.closing = (reason, self.loop.time())
+        if link.transport is None:  # already gone: the counts are final
+            link.log_closed()
         if not link.done.done():
             link.done.set_result(reason)
         self.update_reading(1 - link.side)
@@ -958,7 +982,10 @@ class Bridge:
                 # so, where the kernel's close would send a FIN after it.
                 for link in list(self.links_all):
                     if link.transport is not None:
-                        reset(link.transport)
+                        link.reset_now(link.transport)
+                if self.links_all:  # their connection_lost logs their closed lines
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.gone.wait(), 1)
 
 
 async def bridge_main(opts: BridgeOptions) -> int:
