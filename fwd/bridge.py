@@ -107,6 +107,7 @@ from .protocol import (
     PAUSED,
     PLAIN,
     REFUSAL_WAIT,
+    SERVER_CLOSED,
     Handshake,
     Hs1,
     Hs2,
@@ -384,8 +385,7 @@ class Link(Relay, asyncio.BufferedProtocol):
             else:
                 self.suspect.cancel()
         if not self.ready.done():
-            what = ("the server closed the connection during the handshake" if self.hs
-                    else "connection closed")
+            what = SERVER_CLOSED if self.hs else "connection closed"
             self.ready.set_exception(
                 HandshakeFailed(f"{what}: {describe(exc)}" if exc else what, retryable=True))
         if self.attached:
@@ -451,7 +451,7 @@ class Link(Relay, asyncio.BufferedProtocol):
                     return
         except RemoteProtocolError as exc:
             # EOF mid-handshake is a server going away; anything else is not a fwd-server.
-            closed = exc.desc.startswith("connection closed")
+            closed = exc.desc == SERVER_CLOSED
             self._fail(HandshakeFailed(exc.desc if closed else f"bad reply: {exc.desc}", closed))
 
     def _fail(self, exc: HandshakeFailed) -> None:

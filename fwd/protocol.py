@@ -213,6 +213,9 @@ def decode_json_line(line: bytes) -> Any:
 
 
 _REFUSAL = b'{"rsp":"hs4","result":"FAIL"'
+SERVER_CLOSED = "the server closed the connection during the handshake"
+"""What a client's Handshake reports for the server's close (FIN) before
+hs4: a server going away, to be retried, not a reply that is wrong."""
 REFUSAL_WAIT = 2.0
 """How long a client that sent no handshake waits for the close that must
 follow a refusal line (see ``refusal``)."""
@@ -407,7 +410,7 @@ class Handshake:
             if self._eof:
                 # A client reads the server's close: its own would be a local error.
                 raise _fail("connection closed during handshake" if self.role is Role.SERVER
-                            else "the server closed the connection during the handshake")
+                            else SERVER_CLOSED)
             return NEED_DATA
         line = bytes(self._buf[:nl])
         del self._buf[: nl + 1]

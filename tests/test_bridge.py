@@ -1088,3 +1088,28 @@ def test_a_line_held_as_a_possible_refusal_is_counted_and_cut_at_a_stop(start_cl
     finally:
         relay.close()
         lan.close()
+
+
+def test_a_server_that_closes_during_the_handshake_is_retried(start_client):
+    """A FIN before hs4 (a server going away, a --takeover eviction) is
+    retried, as the docs say; since its text changed it read as a bad reply,
+    and the bridge exited 3 for good."""
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(WAIT)
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", "127.0.0.1:9", "--chid", "svc")
+        first, _ = relay.accept()
+        first.settimeout(WAIT)
+        read_line(first)
+        first.close()  # a FIN, not a reset
+        again, _ = relay.accept()
+        again.settimeout(WAIT)
+        assert json.loads(read_line(again)) == {"req": "hs1", "chid": "svc"}
+        br.wait_log(r"server0 \S+: handshake failed: the server closed the connection "
+                    r"during the handshake \(retry 1 ")
+        assert br.proc.poll() is None
+        br.stop()
+        again.close()
+    finally:
+        relay.close()
