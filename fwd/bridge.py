@@ -519,11 +519,11 @@ class Link(Relay, asyncio.BufferedProtocol):
 class Bridge:
     """The two slots, the bytes waiting for an absent side, and the close policy."""
 
-    def __init__(self, opts: BridgeOptions, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, opts: BridgeOptions, loop: asyncio.AbstractEventLoop,
+                 key: bytes | None = None) -> None:
         self.opts = opts
         self.loop = loop
-        # scrypt is slow on purpose: once per process, not per connection.
-        self.key = None if opts.password is None else derive_key(opts.password)
+        self.key = key  # derived from opts.password (bridge_main)
         self.addrs = (opts.server0, opts.server1)
         self.buffer = bytearray(READ_SIZE)
         self.view = memoryview(self.buffer)
@@ -991,14 +991,22 @@ class Bridge:
 async def bridge_main(opts: BridgeOptions) -> int:
     """Run until a signal (0) or a reason to give up (non-zero)."""
     loop = asyncio.get_running_loop()
-    bridge = Bridge(opts, loop)
+    # First: a signal while the Bridge is built (scrypt takes a while) must
+    # find our handler, not Python's, which left the loop deaf to signals.
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    key = None
+    if opts.password is not None:
+        # scrypt is slow on purpose: once per process, not per connection,
+        # and in a thread, so that a signal meanwhile is heard.
+        log.debug("deriving the key from the password (scrypt)")
+        key = await loop.run_in_executor(None, derive_key, opts.password)
+    bridge = Bridge(opts, loop, key)
     log.info("fwd-client starting server0=%s server1=%s handshake=%s on-close=%s connect=%s "
              "max-retries=%s", format_hostport(*opts.server0), format_hostport(*opts.server1),
              opts.describe_handshake(), opts.on_close, opts.connect,
              "forever" if opts.max_retries is None else opts.max_retries)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
     tasks: list[asyncio.Task[None]] = [loop.create_task(bridge.slot(i)) for i in (0, 1)]
     stopper: asyncio.Task[Any] = loop.create_task(stop.wait())
     waiting: list[asyncio.Task[Any]] = [*tasks, stopper]

@@ -1113,3 +1113,16 @@ def test_a_server_that_closes_during_the_handshake_is_retried(start_client):
         again.close()
     finally:
         relay.close()
+
+
+def test_a_signal_while_the_key_is_derived_stops_the_bridge():
+    """scrypt blocks the loop for a while at start: a SIGINT then found
+    Python's own handler, and the bridge went on deaf to every signal."""
+    br = Process([*CLIENT_CMD, "--log-level", "debug", "--server0", "127.0.0.1:9",
+                  "--server1", "127.0.0.1:9", "--chid", "svc", "--password", "secret"])
+    try:
+        br.wait_log(r"deriving the key from the password")
+        br.proc.send_signal(signal.SIGINT)
+        assert br.proc.wait(WAIT) == 0
+    finally:
+        br.stop(check=False)
