@@ -55,7 +55,9 @@ connection that ends after carrying data (either way), after a handshake
 server0 answered OK, after ``HEALTHY_AFTER`` seconds (or the ``--timeout``
 we asked server0 for, if shorter), or because we ended it when its partner
 went away, was healthy: the side
-reconnects at once and its failure count resets. One that dies young and
+reconnects at once and its failure count resets, unless it ended within
+``QUICK_END`` with nothing asked of it (server0 sent nothing, or nothing was
+sent to server1): then the next attempt waits as after a failure. One that dies young and
 silent counts as a failure, so a server that accepts and drops at once is not
 hammered. ``--max-retries N`` gives up when
 a side fails again after N retries in a row, so at its N+1st consecutive
@@ -131,6 +133,9 @@ MAX_BUFFER = 1024 * 1024
 BACKOFF_START = 0.5
 BACKOFF_CAP = 10.0
 HEALTHY_AFTER = 10.0
+QUICK_END = 1.0
+"""A connection that ended sooner with nothing asked of it waits before the
+next, as after a failure, though it counts as none."""
 """A connection that lived this long was not a failed attempt, even if it carried nothing."""
 CLOSE_LINGER = 5.0
 """How long a closing side may take to flush before it is aborted."""
@@ -533,6 +538,7 @@ class Bridge:
         self.pending: list[list[bytes]] = [[], []]
         self.pending_eof = [False, False]
         self.ended = [-1e9, -1e9]  # when each side's last connection ended
+        self.quick = [0, 0]  # connections in a row that ended young, unasked (slot)
         self._tries: tuple[float | None, int] = (None, 0)  # server1 tries since waiting_since
         self.failures = [0, 0]
         self.waiting_since: float | None = None  # when bytes began to wait for server1
@@ -822,6 +828,17 @@ class Bridge:
                 healthy = min(healthy, self.opts.timeout)
             if link.by_us or link.bytes_in or link.bytes_out or link.welcomed or age >= healthy:
                 self.failures[side] = 0
+                # No failure, but ended young with nothing asked of it (a
+                # service that greets and closes, a chid taken over back and
+                # forth): not a reconnect at once either, or it runs hot.
+                if age < QUICK_END and not (link.bytes_in if side == 0 else link.bytes_out):
+                    self.quick[side] += 1
+                    await self._backoff(side, f"ended after {age:.1f}s before "
+                                        + ("the relay sent anything" if side == 0
+                                           else "anything was sent to it") + f": {reason}",
+                                        self.gen, count=False, tries=self.quick[side])
+                else:
+                    self.quick[side] = 0
             else:
                 await self._backoff(side, f"dropped after {age:.1f}s without data: {reason}",
                                     self.gen)
@@ -921,14 +938,15 @@ class Bridge:
         return n
 
     async def _backoff(self, side: int, why: str, gen: int, cap: float | None = None,
-                       count: bool = True) -> bool:
-        """Count a failure (unless not ``count``), give up past --max-retries,
-        else wait (at most ``cap`` seconds); False if the wait became moot.
+                       count: bool = True, tries: int = 0) -> bool:
+        """Count a failure (unless not ``count``: then wait as after ``tries``
+        failures), give up past --max-retries, else wait (at most ``cap``
+        seconds); False if the wait became moot.
         Bytes that start waiting for server1 meanwhile end the wait: the
         service gets one try at once, and --service-wait bounds the rest."""
         if self.stopping:
             return False
-        n = self._count_failure(side, why) if count else max(self.failures[side], 1)
+        n = self._count_failure(side, why) if count else max(self.failures[side], tries, 1)
         waited = side == 1 and self.waiting_since is not None
         where = f"{SIDES[side]} {format_hostport(*self.addrs[side])}"
         delay = backoff_delay(n)
@@ -939,7 +957,8 @@ class Bridge:
             delay = backoff_delay(self._tries[1])
         if cap is not None:
             delay = min(delay, max(cap, 0.0))
-        log.warning("%s: %s (retry %d in %.1fs)", where, why, n, delay)
+        log.log(logging.WARNING if count else logging.INFO, "%s: %s (retry %d in %.1fs)",
+                where, why, n, delay)
         deadline = self.loop.time() + delay
         ev = self.poke[side]
         while (left := deadline - self.loop.time()) > 0:

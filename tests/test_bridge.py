@@ -1126,3 +1126,32 @@ def test_a_signal_while_the_key_is_derived_stops_the_bridge():
         assert br.proc.wait(WAIT) == 0
     finally:
         br.stop(check=False)
+
+
+def test_a_service_that_greets_and_closes_is_retried_with_growing_delays(
+        start_client, start_service):
+    """It carried bytes, so it is no failure (--max-retries stays), but with
+    --connect eager a reconnect at once made a hot loop: 8,000 connections
+    in 3 s in a review. Ending young with nothing asked of it now waits as
+    after a failure, with the same growing delays."""
+    def busy(conn: socket.socket) -> None:
+        conn.sendall(b"421 busy\r\n")
+
+    relay = socket.create_server(("127.0.0.1", 0))
+    relay.settimeout(WAIT)
+    svc = start_service(busy)
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", svc.addr, "--no-handshake", "--connect", "eager",
+                          "--on-close", "one", "--max-retries", "0")
+        conn, _ = relay.accept()
+        for n in range(1, 4):
+            br.wait_log(rf"server1 \S+: ended after [\d.]+s before anything was sent to it: "
+                        rf".*\(retry {n} in ")
+        assert svc.accepted <= 4
+        conn.settimeout(WAIT)
+        assert recv_exact(conn, 30) == b"421 busy\r\n" * 3
+        br.stop()
+        conn.close()
+    finally:
+        relay.close()
