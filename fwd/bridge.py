@@ -287,9 +287,6 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.reset_lost = 0  # what our resets destroyed in the kernel (reset_now)
         self.closing: tuple[str, float] | None = None  # why it was detached, and when
         """server0 answered our handshake OK: what ends it later is no failed attempt."""
-        self.refusal_until: float | None = None
-        """Plain mode, server0: a refusal comes soon after our first bytes,
-        before anything else from it; until then no thread may read it."""
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -619,14 +616,13 @@ class Bridge:
         if self.pending[0] or self.pending[1] or not (self._quiet(a) and self._quiet(b)):
             hold_offers(self.loop, RETRY_SOON, src)
             return
-        if not self.opts.handshake and not a.bytes_in:  # server0 may still refuse us
-            now = self.loop.time()
-            if a.refusal_until is None and a.bytes_out:
-                a.refusal_until = now + REFUSAL_WAIT
-            if a.refusal_until is None or now < a.refusal_until:
-                hold_offers(self.loop, RETRY if a.refusal_until is None
-                            else a.refusal_until - now, src)
-                return
+        if not self.opts.handshake and not a.bytes_in:
+            # server0 may still refuse us: right after our first bytes, or
+            # at its handshake timeout (30 s by default) if they hold no line.
+            # The loop must read that line; a feed only from the service is
+            # copied by the loop, never pumped.
+            hold_offers(self.loop, RETRY, src)
+            return
         assert a.transport is not None and b.transport is not None
         a.transport.pause_reading()
         b.transport.pause_reading()

@@ -529,6 +529,35 @@ def test_a_chan_servers_refusal_of_a_bulk_greeting_is_not_read_by_threads(
     assert not any(b"FAIL" in data for data in received)
 
 
+def test_a_refusal_at_the_servers_handshake_timeout_is_not_read_by_threads(
+        start_server, start_client, start_service):
+    """A chan server refuses bytes that hold no line only at its handshake
+    timeout. Threads that took the pair 2 s after our first bytes passed
+    that refusal on to the service, and the bridge kept reconnecting:
+    in plain mode no thread reads server0 before it has sent something."""
+    received: list[bytes] = []
+
+    def dribble(conn: socket.socket) -> None:
+        # 2,000 bytes and no line: 64 reads soon (the pair is offered), then
+        # more until past the server's handshake timeout.
+        for i in range(100):
+            conn.sendall(b"d" * 20)
+            time.sleep(0.005 if i < 64 else 0.1)
+        data = b""
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+        received.append(data)
+
+    server = start_server("--mode", "chan", "--handshake-timeout", "3")
+    svc = start_service(dribble)
+    br = start_client("--server0", addr(server), "--server1", svc.addr, "--no-handshake",
+                      "--connect", "eager")
+    assert br.exit_code() == 3
+    br.wait_log(r"ERROR .*refused us without a handshake")
+    assert not any("pumping the pair" in ln for ln in br.lines)
+    assert not any(b"FAIL" in data for data in received)
+
+
 def test_handshake_options_without_the_handshake_are_a_usage_error():
     done = subprocess.run([*CLIENT_CMD, "--no-handshake", "--chid", "x"],
                           capture_output=True, text=True, timeout=WAIT)
