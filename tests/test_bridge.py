@@ -8,6 +8,7 @@ listening socket owned by the test stands in for server0.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -841,23 +842,42 @@ def test_a_reset_service_is_read_to_its_last_acknowledged_byte_when_copying(
     assert int(m.group(1)) == acked[0]
 
 
-def test_a_line_held_as_a_possible_refusal_is_not_overtaken_by_pumped_bytes(start_client):
-    """server0's first line looks like a refusal, so it waits REFUSAL_WAIT for
-    server0's close. A bulk answer from server1 meanwhile may not hand the
-    pair to threads: server0's next bytes would go through them, ahead of the
-    held line (seen in a review: server1 got them first)."""
+@contextlib.contextmanager
+def stand_ins(start_client: Callable[..., Client], *args: str,
+              rcvbuf: int = 0) -> Iterator[tuple[Client, socket.socket, socket.socket]]:
+    """fwd-client (--connect eager) between two listeners the test owns, in
+    place of server0 and the service, with rcvbuf for the service's socket;
+    its two connections, accepted."""
     relay = socket.create_server(("127.0.0.1", 0))
-    lan = socket.create_server(("127.0.0.1", 0))
+    lan = socket.socket()
+    if rcvbuf:
+        lan.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # set before accept
+    lan.bind(("127.0.0.1", 0))
+    lan.listen()
     try:
         br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
-                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}", "--connect", "eager")
+                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}",
+                          "--connect", "eager", *args)
         relay.settimeout(WAIT)
         lan.settimeout(WAIT)
         c0, _ = relay.accept()
         c1, _ = lan.accept()
         c0.settimeout(WAIT)
         c1.settimeout(WAIT)
-        line = b'{"rsp":"hs4","result":"FAIL","desc":"only data"}\n'
+        with c0, c1:
+            yield br, c0, c1
+    finally:
+        relay.close()
+        lan.close()
+
+
+def test_a_line_held_as_a_possible_refusal_is_not_overtaken_by_pumped_bytes(start_client):
+    """server0's first line looks like a refusal, so it waits REFUSAL_WAIT for
+    server0's close. A bulk answer from server1 meanwhile may not hand the
+    pair to threads: server0's next bytes would go through them, ahead of the
+    held line (seen in a review: server1 got them first)."""
+    line = b'{"rsp":"hs4","result":"FAIL","desc":"only data"}\n'
+    with stand_ins(start_client) as (br, c0, c1):
         mark = br.mark()
         c0.sendall(line)
         for _ in range(16):  # server1's bulk answer: the pair is offered to threads
@@ -869,28 +889,13 @@ def test_a_line_held_as_a_possible_refusal_is_not_overtaken_by_pumped_bytes(star
                 break
         c0.sendall(b"after the line")
         assert recv_exact(c1, len(line) + 14) == line + b"after the line"
-    finally:
-        relay.close()
-        lan.close()
 
 
 def test_a_round_a_stalled_thread_gave_back_counts_in_out(start_client):
     """A pump thread counts only what its receiver took; the round it gives
     back when the receiver stalls is counted when the loop writes it, so the
     end line's out= is what server1 got (it was short by that round)."""
-    relay = socket.create_server(("127.0.0.1", 0))
-    lan = socket.socket()
-    lan.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # fills early
-    lan.bind(("127.0.0.1", 0))
-    lan.listen()
-    try:
-        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
-                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}", "--connect", "eager")
-        relay.settimeout(WAIT)
-        lan.settimeout(WAIT)
-        c0, _ = relay.accept()
-        c1, _ = lan.accept()
-        c1.settimeout(WAIT)
+    with stand_ins(start_client, rcvbuf=65536) as (br, c0, c1):  # fills early
         mark = br.mark()
         got = 0
         for _ in range(40):
@@ -909,13 +914,9 @@ def test_a_round_a_stalled_thread_gave_back_counts_in_out(start_client):
         while chunk := c1.recv(1 << 20):
             got += len(chunk)
         assert got >= 4 * MiB + acked
-        c1.close()
+        c1.shutdown(socket.SHUT_WR)
         end = br.wait_log(r"pair end .*server1 in=\d+ out=(\d+)", start=mark)
-        c0.close()
         assert int(end.group(1)) == got
-    finally:
-        relay.close()
-        lan.close()
 
 
 def test_a_stop_cuts_a_stream_still_flushing_with_a_reset(start_client):
@@ -923,19 +924,8 @@ def test_a_stop_cuts_a_stream_still_flushing_with_a_reset(start_client):
     is queued for it for CLOSE_LINGER. A stop meanwhile used to leave that
     timer alone and exit with bytes still queued: the kernel then sent a FIN
     after what it had, and the service took a cut stream for a whole one."""
-    relay = socket.create_server(("127.0.0.1", 0))
-    lan = socket.socket()
-    lan.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    lan.bind(("127.0.0.1", 0))
-    lan.listen()
-    try:
-        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
-                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}",
-                          "--no-handshake", "--on-close", "one", "--connect", "eager")
-        relay.settimeout(WAIT)
-        lan.settimeout(WAIT)
-        c0, _ = relay.accept()
-        c1, _ = lan.accept()
+    with stand_ins(start_client, "--no-handshake", "--on-close", "one",
+                   rcvbuf=8192) as (br, c0, c1):
         flood_until_stalled(c0)  # the service reads nothing: fwd-client queues for it
         mark = br.mark()
         c1.shutdown(socket.SHUT_WR)
@@ -945,18 +935,12 @@ def test_a_stop_cuts_a_stream_still_flushing_with_a_reset(start_client):
         # Logged once the reset is done: out= is what reached the service.
         out = int(br.wait_log(r"server1 closed after .*server1 in=0 out=(\d+)", start=mark)
                   .group(1))
-        c1.settimeout(WAIT)
         got = 0
         with pytest.raises(ConnectionResetError):
             while chunk := c1.recv(1 << 16):
                 got += len(chunk)
             raise AssertionError(f"EOF after {got} of the {out} bytes counted as sent")
         assert got == out
-        c0.close()
-        c1.close()
-    finally:
-        relay.close()
-        lan.close()
 
 
 def test_a_service_that_answers_nothing_is_no_failed_attempt(start_client, start_service):
@@ -1094,29 +1078,15 @@ def test_a_line_held_as_a_possible_refusal_is_counted_and_cut_at_a_stop(start_cl
     the other, and the line counts in its in= and in the dropped bytes (it
     used to vanish, with a FIN both ways and in=0)."""
     line = b'{"rsp":"hs4","result":"FAIL","desc":"only data"}\n'
-    relay = socket.create_server(("127.0.0.1", 0))
-    lan = socket.create_server(("127.0.0.1", 0))
-    try:
-        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
-                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}", "--connect", "eager")
-        relay.settimeout(WAIT)
-        lan.settimeout(WAIT)
-        c0, _ = relay.accept()
-        c1, _ = lan.accept()
+    with stand_ins(start_client) as (br, c0, _):
         c0.sendall(line)
         br.wait_log(r"server0's first line reads as a refusal")
         br.proc.send_signal(signal.SIGTERM)
         assert br.exit_code() == 0
-        c0.settimeout(WAIT)
         with pytest.raises(ConnectionResetError):
             c0.recv(1)
         br.wait_log(rf"dropped {len(line)} held bytes")
         br.wait_log(rf"server0 closed after .* \(server0 in={len(line)} out=0\)")
-        c0.close()
-        c1.close()
-    finally:
-        relay.close()
-        lan.close()
 
 
 def test_a_server_that_closes_during_the_handshake_is_retried(start_client):
