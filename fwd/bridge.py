@@ -947,10 +947,10 @@ class Bridge:
         where = f"{SIDES[side]} {format_hostport(*self.addrs[side])}"
         delay = backoff_delay(n)
         if waited:  # a request waits: the delays start short again, within --service-wait
-            if self._tries[0] != self.waiting_since:
-                self._tries = (self.waiting_since, 0)
-            self._tries = (self.waiting_since, self._tries[1] + 1)
-            delay = backoff_delay(self._tries[1])
+            since, tries = self._tries
+            tries = tries + 1 if since == self.waiting_since else 1
+            self._tries = (self.waiting_since, tries)
+            delay = backoff_delay(tries)
         if cap is not None:
             delay = min(delay, max(cap, 0.0))
         log.log(logging.WARNING if count else logging.INFO, "%s: %s (retry %d in %.1fs)",
