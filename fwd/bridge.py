@@ -99,9 +99,9 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from .client import PASSWORD_HINT, HandshakeTimeout, refused_hint
+from .client import HandshakeTimeout, password_hint, refused_hint
 from .config import format_hostport
-from .crypto import REJECTED, AeadLineCodec, derive_key
+from .crypto import AeadLineCodec, derive_key
 from .errors import FwdError, RemoteProtocolError
 from .fastpath import PUMP_READS, Pump, Relay, bind, send_view
 from .protocol import (
@@ -858,10 +858,10 @@ class Bridge:
                 return None
             except HandshakeFailed as exc:
                 if not exc.retryable:
-                    hint = (f": {PASSWORD_HINT}" if exc.desc == REJECTED and self.key is None
-                            else "")
+                    hint = password_hint(exc.desc, encrypted=self.key is not None)
                     raise GiveUp(f"{SIDES[side]} {format_hostport(*self.addrs[side])} rejected "
-                                 f"the handshake: {exc.desc}{hint}", EXIT_REJECTED) from None
+                                 f"the handshake: {exc.desc}" + (f": {hint}" if hint else ""),
+                                 EXIT_REJECTED) from None
                 # Our own session, the server still tearing it down: no failure.
                 ours = (exc.desc.startswith("chid in use")
                         and self.loop.time() - self.ended[side] < CLOSE_LINGER)

@@ -105,6 +105,17 @@ class HandshakeTimeout(TimeoutError):
 
 
 PASSWORD_HINT = "the server has a password: give --password or set FWD_PASSWORD"
+NO_PASSWORD_HINT = "our handshake is encrypted: the server may have no password, or another one"
+"""A server without a password reads an encrypted hs1 as a line that is not JSON."""
+
+
+def password_hint(desc: str, encrypted: bool) -> str | None:
+    """The likely password mismatch behind an hs4 FAIL, if any."""
+    if not encrypted and desc == REJECTED:  # what a password server tells a stranger
+        return PASSWORD_HINT
+    if encrypted and desc == "not JSON":
+        return NO_PASSWORD_HINT
+    return None
 
 
 def refused_hint(desc: str, handshake_options: str) -> str:
@@ -188,8 +199,7 @@ class _ClientHandshake:
                     out += hs.send(Hs3(self.recvers, self.timeout, event.nonce, self.senders))
                 elif isinstance(event, Hs4):
                     if not event.ok:
-                        # A stranger to a password server hears only this.
-                        hint = PASSWORD_HINT if self.plain and event.desc == REJECTED else None
+                        hint = password_hint(event.desc or "", encrypted=not self.plain)
                         raise HandshakeError(event.desc or "(no reason given)", hint)
                     self.done = True
                     return out

@@ -692,6 +692,13 @@ def test_password_handshake_with_a_password_server(start_server, start_client, s
     assert none.exit_code() == 3
     none.wait_log(r"ERROR .*rejected the handshake: handshake rejected: the server has a "
                   r"password: give --password or set FWD_PASSWORD$")
+    # A password the server does not have: told so, not just "not JSON".
+    plain = start_server("--mode", "chan")
+    extra = start_client("--server0", addr(plain), "--server1", svc.addr, "--chid", "svc",
+                         "--recvers", "user", env={"FWD_PASSWORD": "not needed"})
+    assert extra.exit_code() == 3
+    extra.wait_log(r"ERROR .*rejected the handshake: not JSON: our handshake is encrypted: "
+                   r"the server may have no password, or another one$")
     # The right one (from a file; --password implies the handshake) gets through.
     path = tmp_path / "pw"
     path.write_text(password + "\n", encoding="utf-8")

@@ -756,6 +756,16 @@ def test_password_right_one_works_wrong_one_is_rejected(start_server):
 
 
 @needs_crypto
+def test_a_password_the_server_does_not_have_is_named_as_the_likely_cause(start_server):
+    """A server without a password reads our encrypted hs1 as a line that is
+    not JSON; "not JSON" alone sent users looking at their data."""
+    server = start_server("--mode", "chan")
+    with pytest.raises(HandshakeError, match="not JSON: our handshake is encrypted: the "
+                                             "server may have no password, or another one"):
+        connect(server.host, server.port, "pg", password="unneeded")
+
+
+@needs_crypto
 def test_password_and_e2e_together(start_server, key):
     server = start_server("--mode", "chan", "--password", "pw")
 
