@@ -71,7 +71,8 @@ hanging, and the next request tries again.
 Handshake failures. An hs4 FAIL saying ``chid in use`` is retried: the session
 holding the chid is often our own previous one, still being torn down by the
 server (or a peer that will go away); within CLOSE_LINGER of our own
-session's end it is not counted as a failure. So are a handshake timeout, a
+session's end (its detach, or its connection's close, which may come up to
+CLOSE_LINGER later while it flushes) it is not counted as a failure. So are a handshake timeout, a
 connection closed during the handshake, and a refusal (``server full``,
 ``server restarting``, ``server shutdown``, ``too many connections from this
 address``).
@@ -285,7 +286,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.linger: asyncio.TimerHandle | ResetWhenSent | None = None
         self.welcomed = False
         self.reset_lost = 0  # what our resets destroyed in the kernel (reset_now)
-        self.closing: tuple[str, float] | None = None  # why it was detached, and when
+        self.closing: str | None = None  # why it was detached
         """server0 answered our handshake OK: what ends it later is no failed attempt."""
 
     # -- asyncio callbacks --------------------------------------------------------
@@ -396,6 +397,8 @@ class Link(Relay, asyncio.BufferedProtocol):
             self.close_pipe()
         self.bridge.links_all.discard(self)
         self.transport = None
+        if self.welcomed:  # the server frees our chid only now ("chid in use")
+            self.bridge.ended[self.side] = self.bridge.loop.time()
         if not self.done.done():
             self.done.set_result("closed")
         if self.closing is not None:
@@ -406,9 +409,8 @@ class Link(Relay, asyncio.BufferedProtocol):
         """The closed line, once the counts are final: a side detached with
         bytes still queued logs it when its flush (or the reset) is over."""
         assert self.closing is not None
-        reason, since = self.closing
-        log.info("%s closed after %.1fs: %s (%s)", self.name, since - self.started, reason,
-                 self.stats())
+        log.info("%s closed after %.1fs: %s (%s)", self.name,
+                 self.bridge.loop.time() - self.started, self.closing, self.stats())
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -763,7 +765,7 @@ class Bridge:
             self._unpump()
         link.attached = False
         self.links[link.side] = None
-        link.closing = (reason, self.loop.time())
+        link.closing = reason
         if link.transport is None:  # already gone: the counts are final
             link.log_closed()
         if not link.done.done():

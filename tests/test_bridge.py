@@ -1008,20 +1008,28 @@ def test_a_partner_that_leaves_without_a_word_is_no_failed_attempt(
     assert not any("dropped after" in ln for ln in br.lines)
 
 
+def welcome(conn: socket.socket) -> None:
+    """Answer fwd-client's handshake for chid svc as a fwd-server would."""
+    conn.settimeout(WAIT)
+    assert json.loads(read_line(conn)) == {"req": "hs1", "chid": "svc"}
+    send_json(conn, {"rsp": "hs2", "chid": "svc"})
+    assert json.loads(read_line(conn))["req"] == "hs3"
+    send_json(conn, {"rsp": "hs4", "result": "OK"})
+
+
+def chid_in_use(conn: socket.socket) -> None:
+    conn.settimeout(WAIT)
+    read_line(conn)
+    send_json(conn, {"rsp": "hs4", "result": "FAIL", "desc": "chid in use: svc"})
+    conn.close()
+
+
 def test_chid_in_use_right_after_our_own_session_is_no_failed_attempt(start_client):
     """Our session ended and we reconnect at once: the server may not have
     torn the old one down yet and answers "chid in use". That is retried
     without counting (--max-retries 0 used to give up on it)."""
     relay = socket.create_server(("127.0.0.1", 0))
     relay.settimeout(WAIT)
-
-    def welcome(conn: socket.socket) -> None:
-        conn.settimeout(WAIT)
-        assert json.loads(read_line(conn)) == {"req": "hs1", "chid": "svc"}
-        send_json(conn, {"rsp": "hs2", "chid": "svc"})
-        assert json.loads(read_line(conn))["req"] == "hs3"
-        send_json(conn, {"rsp": "hs4", "result": "OK"})
-
     try:
         br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
                           "--server1", "127.0.0.1:9", "--chid", "svc", "--max-retries", "0")
@@ -1030,10 +1038,7 @@ def test_chid_in_use_right_after_our_own_session_is_no_failed_attempt(start_clie
         br.wait_log(r"server0 connected \S+ chid=svc")
         reset_close(first)
         again, _ = relay.accept()
-        again.settimeout(WAIT)
-        read_line(again)
-        send_json(again, {"rsp": "hs4", "result": "FAIL", "desc": "chid in use: svc"})
-        again.close()
+        chid_in_use(again)
         third, _ = relay.accept()
         welcome(third)
         br.wait_log(r"server0 connected \S+ chid=svc", count=2)
@@ -1042,6 +1047,50 @@ def test_chid_in_use_right_after_our_own_session_is_no_failed_attempt(start_clie
         third.close()
     finally:
         relay.close()
+
+
+def test_chid_in_use_while_our_old_connection_still_flushes_is_no_failed_attempt(
+        start_client):
+    """The old session's connection may flush (and so hold the chid) for
+    CLOSE_LINGER after the pair ended, and the server frees the chid only
+    once it is gone. The window for "our own chid" used to start at the
+    pair's end, so a "chid in use" just after the linger's reset counted as
+    a failure (--max-retries 0 gave up); it now starts at the close."""
+    relay = socket.socket()
+    relay.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # set before accept
+    relay.bind(("127.0.0.1", 0))
+    relay.listen()
+    relay.settimeout(WAIT)
+    lan = socket.create_server(("127.0.0.1", 0))
+    lan.settimeout(WAIT)
+    try:
+        br = start_client("--server0", f"127.0.0.1:{relay.getsockname()[1]}",
+                          "--server1", f"127.0.0.1:{lan.getsockname()[1]}",
+                          "--chid", "svc", "--connect", "eager", "--max-retries", "0")
+        old, _ = relay.accept()
+        welcome(old)
+        svc, _ = lan.accept()
+        # server0 reads nothing, so this waits in fwd-client (under the 1 MiB
+        # at which it would stop reading the service, and see no reset).
+        svc.sendall(os.urandom(256 * 1024))
+        mark = br.mark()
+        reset_close(svc)  # the pair ends; the old connection lingers, then is reset
+        while True:
+            conn, _ = relay.accept()
+            gone = any("server0 closed after" in ln for ln in br.lines[mark:])
+            chid_in_use(conn)  # as the server answers until it saw the reset
+            if gone:
+                break
+        again, _ = relay.accept()
+        welcome(again)
+        br.wait_log(r"server0 connected \S+ chid=svc", start=mark)
+        assert br.proc.poll() is None
+        br.stop()
+        old.close()
+        again.close()
+    finally:
+        relay.close()
+        lan.close()
 
 
 def test_a_request_tries_a_service_in_backoff_at_once(start_client, start_service):
