@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 import sys
 from typing import Any
 
@@ -153,6 +154,11 @@ def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
                                    f"{getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
     if value == "":
         raise click.UsageError(f"the {what} must not be empty")
+    if value is not None:
+        try:
+            value.encode("utf-8")  # argv and environment may carry undecodable bytes
+        except UnicodeEncodeError:
+            raise click.UsageError(f"the {what} is not valid UTF-8") from None
     return value
 
 
@@ -429,7 +435,7 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
     Exit status: 0 done, 1 connection or I/O error, 2 usage, 3 handshake
     refused, 4 end-to-end stream not authentic or cut short.
     """
-    from .client import HandshakeError, HandshakeTimeout, connect, splice_stdio
+    from .client import HandshakeError, HandshakeTimeout, StdioError, connect, splice_stdio
     from .e2e import E2EError
 
     password = _read_secret(password, password_file, "password")
@@ -456,6 +462,10 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
         click.echo(f"fwd-cat: {message}", err=True)
         sys.exit(code)
 
+    # SIGTERM and SIGHUP cut the stream as Ctrl-C does: with a reset, never
+    # the FIN (or FINAL record) that would tell the peer it got everything.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on_signal)
     try:
         try:
             conn = connect(host, port, chid, recvers, timeout, password, secret,
@@ -473,6 +483,8 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
         try:
             splice_stdio(conn, None if recv_only or sys.stdin is None else sys.stdin.fileno(),
                          sys.stdout.fileno(), linger)
+        except StdioError as exc:
+            return die(str(exc.strerror), CAT_EXIT_ERROR)
         except HandshakeError as exc:
             return die(f"{where}: {exc}", CAT_EXIT_REJECTED)
         except E2EError as exc:
@@ -483,9 +495,28 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
         except OSError as exc:
             return die(f"{where}: {exc.strerror or exc}", CAT_EXIT_ERROR)
         finally:
-            conn.close()
+            # Ended on purpose, or cut (an error, Ctrl-C, stdout gone): then a
+            # reset, so the peer cannot take what it got for the whole stream.
+            if conn.write_closed:
+                conn.close()
+            else:
+                conn.abort()
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
+    except _Stopped as exc:
+        sys.exit(128 + exc.signum)
+
+
+class _Stopped(BaseException):
+    """A signal that ends fwd-cat (as KeyboardInterrupt does for SIGINT)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ Two entry points:
   asyncio ``StreamReader``/``StreamWriter`` (or, with ``e2e_key``, objects with
   the same methods that encrypt and decrypt transparently).
 * ``connect(host, port, ...)`` returns a ``Connection``: a socket-like object
-  (``sendall``, ``recv``, ``shutdown_write``, ``close``, ``chid``) for plain
+  (``sendall``, ``recv``, ``shutdown_write``, ``close``, ``abort``, ``chid``) for plain
   scripts and threads. ``splice_stdio(conn)`` copies stdin/stdout through it
   (the core of fwd-cat).
 
@@ -32,11 +32,13 @@ from reads when the encrypted stream is not authentic or is truncated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -65,7 +67,8 @@ from .sockopts import await_fin_answer, set_keepalive
 
 __all__ = [
     "Connection", "E2EError", "E2EKey", "E2EStreamReader", "E2EStreamWriter", "HandshakeError",
-    "HandshakeTimeout", "SessionReader", "SessionWriter", "connect", "open_session", "splice_stdio",
+    "HandshakeTimeout", "SessionReader", "SessionWriter", "StdioError", "connect", "open_session",
+    "splice_stdio",
 ]
 
 READ_SIZE = 64 * 1024
@@ -75,6 +78,12 @@ STDIN_LINGER = 0.5
 """splice_stdio: once the relay ended the stream toward us, how long stdin may
 stay quiet before our direction ends too (socat's ``-t`` is 0.5 s as well)."""
 _DRAIN = b"d"
+_MAX_POLL_MS = 2**31 - 1  # poll()'s timeout is a C int
+
+
+class StdioError(OSError):
+    """splice_stdio could not read its input or write its output: a local
+    failure (a full disk, a bad descriptor), not the connection's."""
 
 
 class HandshakeError(FwdError):
@@ -508,7 +517,14 @@ class Connection:
     then reads the socket; with end-to-end encryption it returns only
     authenticated plaintext, ``b""`` after the peer's FINAL record, and raises
     E2EError for a truncated or altered stream. ``sendall`` from one thread
-    while another ``recv``s is fine (as with a socket).
+    while another ``recv``s is fine (as with a socket). Since those bytes wait
+    here, not in the socket, a program that polls ``fileno()`` checks
+    ``pending()`` first, as with ``ssl.SSLSocket``.
+
+    ``close()`` (and leaving a ``with`` block normally) ends the session as
+    finished: with encryption it sends the FINAL record first. ``abort()``
+    (and leaving a ``with`` block by an exception) resets it instead, so the
+    peer cannot take a cut stream for a whole one.
     """
 
     def __init__(self, sock: socket.socket, chid: str | None, pending: bytes = b"",
@@ -573,7 +589,9 @@ class Connection:
             else:
                 try:
                     raw = self.sock.recv(max(bufsize, READ_SIZE))
-                except ConnectionResetError:  # a reset before FINAL is a truncation too
+                except ConnectionResetError:  # a reset before FINAL is a truncation too,
+                    if not dec.started:       # but before any stream byte, just a reset
+                        raise
                     raw = b""
                 if not raw:
                     dec.feed_eof()  # raises unless the stream ended with its FINAL record
@@ -583,14 +601,29 @@ class Connection:
         del plain[:bufsize]
         return data
 
-    def shutdown_write(self) -> None:
-        """Half-close: no more data from us (in a chan pair the partner gets the FIN)."""
+    @property
+    def write_closed(self) -> bool:
+        """Our direction has ended (``shutdown_write``)."""
+        return self._write_closed
+
+    def pending(self) -> int:
+        """Stream bytes ``recv`` can return at once, held here rather than in
+        the socket (those that came with the hs4 line; decrypted plaintext)."""
+        return len(self._plain) if self._decoder is not None else len(self._pending)
+
+    def shutdown_write(self, final: bool = True) -> None:
+        """Half-close: no more data from us (in a chan pair the partner gets the FIN).
+
+        With encryption the FINAL record goes first; ``final=False`` sends no
+        stream at all if nothing was sent yet (a receive-only session in a
+        one-sender room must not add a second encrypted sender)."""
         if self._write_closed:
             return
         self._write_closed = True
-        if self._encoder is not None:
+        enc = self._encoder
+        if enc is not None and (final or enc.started):
             with self._send_lock:
-                self._send_records(self._encoder.finish())
+                self._send_records(enc.finish())
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -611,7 +644,8 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RD)
 
     def close(self) -> None:
-        """Close; an encrypted stream gets its FINAL record first if it can be sent now.
+        """Close as finished; an encrypted stream gets its FINAL record first if
+        it can be sent now (after a failure, ``abort``).
 
         If another thread is stuck sending (the peer is not reading), the FINAL
         record is skipped rather than waiting: the peer then reports truncation.
@@ -629,11 +663,22 @@ class Connection:
         except OSError:
             pass
         finally:
-            try:  # wakes a thread blocked in recv() and ends the session at once
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.sock.close()
+            self._close()
+
+    def abort(self) -> None:
+        """Reset the session (RST): what we sent may be cut, and the peer
+        must not take it for a finished stream, as a FIN (or the FINAL
+        record) would say. For every exit that is not a normal end."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._close()
+
+    def _close(self) -> None:
+        # SHUT_RD wakes a thread blocked in recv() and sends nothing: a FIN
+        # (SHUT_WR) ahead of a reset would pass for the end of our stream.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+        self.sock.close()
 
     def settimeout(self, value: float | None) -> None:
         self.sock.settimeout(value)
@@ -644,8 +689,11 @@ class Connection:
     def __enter__(self) -> Connection:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def connect(
@@ -721,10 +769,16 @@ def splice_stdio(conn: Connection, in_fd: int | None = 0, out_fd: int = 1,
     thread that reads it stops). It also returns when nobody reads ``out_fd``
     any more (``fwd-cat ... | head -c 10``), as cat would stop. With
     ``in_fd`` None nothing is sent, and our direction ends only when the
-    relay's does (``nc -d``: a receiver whose stdin is not a terminal). Raises the
-    first error of either direction (OSError, E2EError), or HandshakeError
-    when a connection made without a handshake meets a chan-mode server that
-    refuses it.
+    relay's does (``nc -d``: a receiver whose stdin is not a terminal), and
+    with encryption it sends no stream of its own (in a one-sender room that
+    would be a second sender) but requires one: an end with no stream byte is
+    a truncation. A reader of ``in_fd`` takes such an end for a peer that sent
+    no stream (a ``-d`` receiver, a room). Raises the first error of either
+    direction (OSError, StdioError for ``in_fd`` or ``out_fd``, E2EError), or
+    HandshakeError when a connection made without a handshake meets a
+    chan-mode server that refuses it. Returns normally with our direction
+    ended (``write_closed``) unless nobody read ``out_fd``: a caller then
+    ``abort()``s, as after an error, since our stream was cut.
     """
     errors: list[BaseException] = []
     wake_r, wake_w = os.pipe()  # tells the stdin thread to finish (_DRAIN) or stop
@@ -739,30 +793,33 @@ def splice_stdio(conn: Connection, in_fd: int | None = 0, out_fd: int = 1,
             while True:
                 events = poller.poll(quiet)
                 if not events:  # draining, and in_fd has nothing more for now
-                    conn.shutdown_write()
+                    conn.shutdown_write(final=in_fd is not None)
                     return
                 if any(fd == wake_r for fd, _ in events):
                     if os.read(wake_r, 1) != _DRAIN:
                         return
-                    quiet = max(0, round(linger * 1000))
+                    quiet = min(max(0, round(linger * 1000)), _MAX_POLL_MS)
                     continue
                 assert in_fd is not None  # only in_fd and wake_r are polled
-                data = os.read(in_fd, READ_SIZE)
+                try:
+                    data = os.read(in_fd, READ_SIZE)
+                except OSError as exc:
+                    raise StdioError(exc.errno, f"reading stdin: {exc.strerror}") from None
                 if not data:
                     conn.shutdown_write()
                     return
                 conn.sendall(data)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
-            try:  # wake the reader: nothing more will be sent
-                conn.sock.shutdown(socket.SHUT_RDWR)
+            try:  # wake the reader; no FIN: our stream is cut (the caller aborts)
+                conn.sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
 
     thread = threading.Thread(target=upstream, name="fwd-stdin", daemon=True)
     thread.start()
     try:
-        if _downstream(conn, out_fd) and not errors:
+        if _downstream(conn, out_fd, need_stream=in_fd is None) and not errors:
             os.write(wake_w, _DRAIN)
             thread.join()  # ended by in_fd's EOF, its quiet, or an error
     except (OSError, E2EError):
@@ -798,9 +855,10 @@ def _closes_after(sock: socket.socket, n: int) -> bool:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
-def _downstream(conn: Connection, out_fd: int) -> bool:
+def _downstream(conn: Connection, out_fd: int, need_stream: bool) -> bool:
     """Copy the session to ``out_fd``: True when the relay ended the stream,
-    False when nobody reads ``out_fd`` any more."""
+    False when nobody reads ``out_fd`` any more. Without ``need_stream`` an
+    end before any byte of an encrypted stream is no error (splice_stdio)."""
     if conn.chid is None and not conn._pending:
         # No handshake: a chan server's refusal (its hs4 FAIL line, plain even
         # on an encrypted stream) must not pass for data, nor for a bad stream.
@@ -808,11 +866,21 @@ def _downstream(conn: Connection, out_fd: int) -> bool:
         desc = refusal(first)
         if desc is not None and _closes_after(conn.sock, len(first)):
             raise HandshakeError(refused_hint(desc, "--chid or --to"))
-    while data := conn.recv(READ_SIZE):
+    while True:
+        try:
+            data = conn.recv(READ_SIZE)
+        except E2EError:
+            dec = conn._decoder
+            if need_stream or dec is None or dec.started:
+                raise
+            return True  # the peer sent no stream: a receive-only session, a room
+        if not data:
+            return True
         view = memoryview(data)
         try:
             while view:
                 view = view[os.write(out_fd, view):]
         except BrokenPipeError:  # the reader of out_fd is gone: not an error of ours
             return False
-    return True
+        except OSError as exc:
+            raise StdioError(exc.errno, f"writing stdout: {exc.strerror}") from None

@@ -141,6 +141,11 @@ class Encoder:
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def started(self) -> bool:
+        """Some of the stream went out (its header with a first record)."""
+        return self._header_sent
+
     def _header(self) -> bytes:
         if self._header_sent:
             return b""
@@ -204,6 +209,12 @@ class Decoder:
     def finished(self) -> bool:
         """The FINAL record has arrived: the stream is complete and authentic."""
         return self._finished and self._error is None
+
+    @property
+    def started(self) -> bool:
+        """Some of a stream has arrived: an end now is a truncation, not a
+        peer that sent no stream at all (which only the reader can judge)."""
+        return self._aead is not None or bool(self._buf)
 
     def check(self) -> None:
         """Raise the error the stream met, if any: once refused, always refused."""

@@ -128,3 +128,21 @@ def test_a_stop_signal_while_the_workers_start_stops_at_once() -> None:
     started = [ln for ln in lines if re.search(r"worker \d+ started", ln)]
     assert len(started) < 64, "every worker started before the signal was heard"
     assert not any("listening on" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["-m", "fwd.cli", "--password", os.fsdecode(b"pw\xe9x")], {}),
+    (["-c", "from fwd.cli import cat; cat()", "127.0.0.1:9", "--e2e-key",
+      os.fsdecode(b"k\xe9y")], {}),
+    (["-c", "from fwd.cli import cat; cat()", "127.0.0.1:9"],
+     {"FWD_E2E_KEY": os.fsdecode(b"k\xe9y")}),
+], ids=["server-password", "cat-e2e-key", "cat-env"])
+def test_a_secret_that_is_not_utf8_is_a_usage_error_that_does_not_show_it(argv, env) -> None:
+    """Bytes that are not UTF-8 (argv, environment) reached the key
+    derivation: fwd-server's worker died with a traceback, and fwd-cat's
+    error quoted a character of the secret and where it was."""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+    assert done.returncode == 2, done.stderr
+    assert "is not valid UTF-8" in done.stderr
+    assert "\\udce9" not in done.stderr and "position" not in done.stderr

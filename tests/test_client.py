@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import select
 import socket
 import sys
 import threading
@@ -313,6 +314,22 @@ def test_encrypted_bytes_in_the_hs4_segment_are_decrypted(fake_server, key):
         assert conn.recv(100) == b""
 
 
+@pytest.mark.parametrize("e2e", [False, True], ids=["plain", "e2e"])
+def test_pending_tells_what_recv_has_that_the_socket_does_not(fake_server, key, e2e):
+    """Bytes that came with hs4 (and, encrypted, a record's rest after a small
+    recv) wait in the Connection: select() on fileno() cannot see them, so a
+    select loop asks pending() first, as with ssl.SSLSocket."""
+    enc = Encoder(key)
+    data = enc.encode(b"0123456789") + enc.finish() if e2e else b"0123456789"
+    host, port = fake_server(data)
+    with connect(host, port, e2e_key=key if e2e else None) as conn:
+        assert conn.recv(4) == b"0123"
+        assert conn.pending() == 6
+        assert select.select([conn], [], [], 0)[0] == []  # all of it is in conn already
+        assert conn.recv(100) == b"456789"
+        assert conn.pending() == 0
+
+
 def test_connect_timeout_covers_a_silent_server():
     lst = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) but never answers
     try:
@@ -461,6 +478,23 @@ def test_an_e2e_send_cut_by_a_timeout_breaks_the_stream_for_good(chan_server, ke
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("e2e", [False, True], ids=["plain", "e2e"])
+def test_a_with_block_left_by_an_exception_cuts_the_stream(chan_server, key, e2e):
+    """Leaving ``with connect(...)`` by an exception resets the session: its
+    partner must not take what it got for the whole stream. close() used to
+    send the FINAL record and a FIN (shutdown) first, so the partner read a
+    clean, authentic end."""
+    secret = key if e2e else None
+    b = connect(chan_server.host, chan_server.port, "wb", ["wa"], e2e_key=secret)
+    with pytest.raises(RuntimeError), connect(chan_server.host, chan_server.port, "wa", ["wb"],
+                                              e2e_key=secret) as a:
+        a.sendall(b"part 1 of 3")
+        assert recv_exact(b, 11) == b"part 1 of 3"
+        raise RuntimeError("the writer failed")
+    with b, pytest.raises(E2EError if e2e else ConnectionResetError):
+        b.recv(100)
 
 
 def test_close_from_another_thread_wakes_its_recv_and_ends_the_session(chan_server):

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from helpers import recv_exact, recv_hash
+from helpers import read_line, recv_exact, recv_hash
 
 MiB = 1 << 20
 WAIT = 60.0
@@ -215,6 +216,117 @@ def test_a_sender_that_finished_before_the_receiver_came_exits_0_once_it_read(
     assert finish(receiver) == (0, "")
     assert finish(sender) == (0, "")
     assert out.read_bytes() == data
+
+
+RESET = "the server reset the connection"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
+def test_a_sender_stopped_by_a_signal_cuts_its_stream(chan_server, fwd_cat, e2e, sig):
+    """Ctrl-C used to close with the FINAL record and a FIN, and SIGTERM with
+    the kernel's FIN: the receiver took the part it got for the whole
+    stream (exit 0). A stop is a reset now: exit 4 (truncated) with
+    encryption, 1 without."""
+    env = {"FWD_E2E_KEY": e2e} if e2e else None
+    mark = chan_server.mark()
+    receiver = fwd_cat(chan_server, "--chid", "b", "--to", "a", "-d", stdout=subprocess.PIPE,
+                       env=env)
+    chan_server.wait_log(r"session start chid=b ", start=mark)
+    sender = fwd_cat(chan_server, "--chid", "a", "--to", "b", stdin=subprocess.PIPE, env=env)
+    assert sender.stdin is not None and receiver.stdout is not None
+    sender.stdin.write(b"part 1 of 2\n")
+    sender.stdin.flush()
+    assert read_within(receiver.stdout, 12) == b"part 1 of 2\n"
+    sender.send_signal(sig)
+    assert finish(sender)[0] == 128 + sig
+    code, err = finish(receiver)
+    assert receiver.stdout.read() == b""
+    if e2e:
+        assert (code, err) == (4, "fwd-cat: end-to-end decryption: encrypted stream truncated "
+                                  "(connection ended before its final record)\n")
+    else:
+        assert code == 1 and RESET in err
+
+
+@pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
+def test_a_receiver_that_cannot_write_its_output_resets_the_sender(chan_server, fwd_cat,
+                                                                   big_file, e2e):
+    """A receiver whose stdout fails (a full disk) names stdout, not the
+    server, and resets: its sender exits 1. It used to send a FIN first,
+    which the server passed on, and the sender exited 0."""
+    src, _, _ = big_file
+    env = {"FWD_E2E_KEY": e2e} if e2e else None
+    mark = chan_server.mark()
+    with open("/dev/full", "wb") as full:
+        receiver = fwd_cat(chan_server, "--chid", "b", "--to", "a", "-d", stdout=full, env=env)
+    chan_server.wait_log(r"session start chid=b ", start=mark)
+    with open(src, "rb") as fin:
+        sender = fwd_cat(chan_server, "--chid", "a", "--to", "b", stdin=fin, env=env)
+    assert finish(receiver) == (1, "fwd-cat: writing stdout: No space left on device\n")
+    code, err = finish(sender)
+    assert code == 1 and RESET in err
+
+
+def test_a_receive_only_session_adds_no_stream_to_a_one_sender_room(bcast_server, fwd_cat,
+                                                                    big_file):
+    """Every fwd-cat sent an encrypted stream of its own at its end, -d ones
+    too: in a room that is a second sender, and a receiver still reading the
+    first one got "data after the end of the encrypted stream" (exit 4). A
+    -d session sends nothing now, and the sender, which hears no stream,
+    exits 0."""
+    src, digest, _ = big_file
+    env = {"FWD_E2E_KEY": "pass phrase"}
+    mark = bcast_server.mark()
+    fast = fwd_cat(bcast_server, "-d", stdout=subprocess.PIPE, env=env)
+    slow = fwd_cat(bcast_server, "-d", stdout=subprocess.PIPE, env=env)
+    bcast_server.wait_log(r"session start chid=None ", start=mark, count=2)
+    with open(src, "rb") as fin:
+        sender = fwd_cat(bcast_server, stdin=fin, env=env)
+    assert fast.stdout is not None and slow.stdout is not None
+    assert hashlib.sha256(fast.stdout.read()).hexdigest() == digest
+    assert finish(fast) == (0, "")  # its end reaches slow, which has not read yet
+    assert finish(sender) == (0, "")
+    assert hashlib.sha256(slow.stdout.read()).hexdigest() == digest
+    assert finish(slow) == (0, "")
+
+
+@pytest.mark.parametrize("e2e", [None, "pass phrase"], ids=["plain", "e2e"])
+def test_a_stream_the_hold_could_not_keep_is_a_reset_also_encrypted(start_server, fwd_cat,
+                                                                    e2e):
+    """Nobody came for a's bytes and they did not fit the hold: the server
+    resets a at its FIN. With encryption that read as a truncated stream of
+    the receiver's (exit 4), though a never got a byte from anyone."""
+    server = start_server("--mode", "chan", "--hold-bytes", "1000")
+    env = {"FWD_E2E_KEY": e2e} if e2e else None
+    sender = fwd_cat(server, "--chid", "a", "--to", "b", stdin=subprocess.PIPE, env=env)
+    assert sender.stdin is not None
+    sender.stdin.write(os.urandom(5000))
+    sender.stdin.close()
+    code, err = finish(sender)
+    assert code == 1 and RESET in err
+
+
+def test_a_huge_linger_is_a_long_wait_not_a_crash(chan_server, fwd_cat):
+    """--linger is poll()'s timeout in ms, a C int: 3,000,000 s overflowed it
+    and the stdin thread died, cutting the stream."""
+    mark = chan_server.mark()
+    a = fwd_cat(chan_server, "--chid", "a", "--to", "b", "--linger", "3000000",
+                stdin=subprocess.PIPE)
+    chan_server.wait_log(r"session start chid=a ", start=mark)
+    b = chan_server.connect()
+    b.sendall(b'{"req":"hs1","chid":"b"}\n')
+    read_line(b)
+    b.sendall(b'{"req":"hs3","recvers":["a"]}\n')
+    read_line(b)
+    b.shutdown(socket.SHUT_WR)  # a now drains its stdin until it is quiet
+    assert a.stdin is not None
+    a.stdin.write(b"still sent")
+    a.stdin.flush()
+    assert recv_exact(b, 10) == b"still sent"
+    a.stdin.close()
+    assert b.recv(1) == b""
+    assert finish(a) == (0, "")
 
 
 def test_broadcast_file_transfer_byte_exact(bcast_server, fwd_cat, big_file):
@@ -415,7 +527,8 @@ def test_e2e_key_mismatch_exits_4(chan_server, fwd_cat, tmp_path):
     assert code == 4
     assert err.startswith("fwd-cat: end-to-end decryption: authentication failed")
     assert err.count("\n") == 1
-    assert finish(sender)[0] == 4  # the receiver's closing record does not decrypt either
+    # The receiver failed, so it reset: the sender learns its stream was not taken.
+    assert finish(sender)[0] == 1
 
 
 @needs_crypto
