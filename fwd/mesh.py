@@ -183,6 +183,7 @@ class Mesh:
         self.stuck_after = stuck_after  # 0: wait for a peer as long as it takes
         self.stuck: set[int] = set()  # full pipes unread for stuck_after: not waited for
         self._progress: dict[int, float] = {}  # full pipe -> when its peer last took some
+        self.stream_bytes = 0  # stream bytes sent (or queued) to other workers
         self._overflow: dict[int, list[list[bytes]]] = {}
         self._overflow_bytes: dict[int, int] = {}
         self.overflow_max = overflow_max
@@ -206,17 +207,22 @@ class Mesh:
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(worker_address(rundir, wid))
         self.inbox = Reader(loop, pull, self._from_peer)
+        self.rundir = rundir
         self.pipes: dict[int, Reader] = {}
         for peer in self.peers:
-            push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.SNDHWM, PIPE_HWM)
-            push.setsockopt(zmq.LINGER, 0)
-            push.setsockopt(zmq.RECONNECT_IVL, 10)  # peers start a few ms apart
-            self._watch(push)
-            push.connect(worker_address(rundir, peer))
-            self.pipes[peer] = Reader(loop, push, _ignore,
-                                      on_writable=functools.partial(self._pipe_writable, peer))
+            self.pipes[peer] = self._pipe(peer, watch=True)
         self._ask(HELLO)
+
+    def _pipe(self, peer: int, watch: bool = False) -> Reader:
+        push = self.ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, PIPE_HWM)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.RECONNECT_IVL, 10)  # peers start a few ms apart
+        if watch:
+            self._watch(push)
+        push.connect(worker_address(self.rundir, peer))
+        return Reader(self.loop, push, _ignore,
+                      on_writable=functools.partial(self._pipe_writable, peer))
 
     def _watch(self, sock: zmq.Socket) -> None:
         self._monitors.append(sock.get_monitor_socket(zmq.EVENT_CONNECTED))
@@ -388,9 +394,11 @@ class Mesh:
     def _send(self, worker: int, frames: list[bytes]) -> bool:
         pipe = self.pipes[worker]
         queued = self._overflow.get(worker)
+        stream = len(frames[-1]) if frames[0] in (TO, ALL) else 0
         if not queued:
             try:
                 pipe.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self.stream_bytes += stream
                 return worker not in self.full_pipes
             except zmq.Again:
                 self.full_pipes.add(worker)
@@ -399,14 +407,18 @@ class Mesh:
                     self._progress[worker] = self.loop.time()
                     self.loop.call_later(self.stuck_after, self._check_stuck, worker)
         # Past the high-water mark, and nothing overtakes what already waits:
-        # keep the bytes (each sender waits for the pipe after one read), up
-        # to overflow_max. Beyond it the peer is stuck (stopped, overloaded):
-        # its stream bytes are dropped, as for a slow consumer, while the
-        # small control messages still queue.
+        # keep the bytes (each sender waits for the pipe after one read, and
+        # held bytes are bounded by the hold's limits), as a local receiver's
+        # queue keeps them. Once the peer is stuck (stopped, hung) its stream
+        # bytes beyond overflow_max are dropped, as for a slow consumer,
+        # while the small control messages still queue. A peer that reads
+        # loses nothing.
         size = sum(len(f) for f in frames)
-        if frames[0] in (TO, ALL) and self._overflow_bytes.get(worker, 0) >= self.overflow_max:
-            self.handler.overflow_dropped(worker, len(frames[-1]))
-            return worker in self.stuck
+        if stream and worker in self.stuck \
+                and self._overflow_bytes.get(worker, 0) >= self.overflow_max:
+            self.handler.overflow_dropped(worker, stream)
+            return True
+        self.stream_bytes += stream
         self._overflow.setdefault(worker, []).append(frames)
         self._overflow_bytes[worker] = self._overflow_bytes.get(worker, 0) + size
         return worker in self.stuck  # nobody waits for a stuck peer
@@ -423,12 +435,19 @@ class Mesh:
         self.handler.peer_stuck(worker)
 
     def forget(self, worker: int) -> int:
-        """``worker`` died: what waited for it is not for its successor. Returns
-        the stream bytes dropped."""
+        """``worker`` died: what waited for it is not for its successor, in
+        our overflow nor in ZeroMQ's pipe (a new socket: the old one would
+        hand its queue to whoever binds the address next). Returns the
+        stream bytes dropped from the overflow (the pipe's are not counted)."""
         self.stuck.discard(worker)
         self._progress.pop(worker, None)
         queued = self._overflow.pop(worker, None) or []
         self._overflow_bytes.pop(worker, None)
+        self.pipes[worker].close()
+        self.pipes[worker] = self._pipe(worker)
+        if worker in self.full_pipes:
+            self.full_pipes.discard(worker)
+            self.handler.pipe_drained(worker)
         return sum(len(f[-1]) for f in queued if f[0] in (TO, ALL))
 
     def _pipe_writable(self, worker: int) -> None:

@@ -352,11 +352,9 @@ class Hub:
         stuck = mesh.stuck
         if route.to_all:
             peers = self.awake_peers()
-            self.stats["cross_worker_bytes"] += len(chunk) * len(peers)
             waits.extend(("pipe", w) for w in mesh.send_all(chunk, sender, peers))
             waits.extend(("worker", w) for w, n in self.remote_full_count.items()
                          if n > 0 and w not in stuck)
-        self.stats["cross_worker_bytes"] += len(chunk) * len(route.remote)
         for worker, chid in route.remote:
             if not mesh.send_to(worker, chid, chunk, sender):
                 waits.append(("pipe", worker))
@@ -518,7 +516,8 @@ class Hub:
         if chid is not None:
             if full:
                 self.remote_full_chids[chid] = worker
-            elif self.remote_full_chids.pop(chid, None) is not None:
+            elif self.remote_full_chids.get(chid) == worker:  # not a newer session's elsewhere
+                del self.remote_full_chids[chid]
                 self.resume_senders(self.backpressure.release(("chid", chid)))
         if count <= 0:
             self.resume_senders(self.backpressure.release(("worker", worker)))
@@ -627,6 +626,8 @@ class Hub:
     def snapshot(self) -> dict[str, Any]:
         """This worker's counters and gauges, as fwd-ctl status and the metrics show them."""
         totals = dict(self.stats)
+        if self.mesh is not None:
+            totals["cross_worker_bytes"] = self.mesh.stream_bytes
         live: collections.Counter[str] = collections.Counter()
         buffered = spliced = 0
         for s in self.sessions:

@@ -94,3 +94,21 @@ def test_with_a_per_address_limit_every_ended_connection_names_its_peer() -> Non
         loop.close()
         parent.close()
         child.close()
+
+
+def test_a_late_drain_from_a_chids_old_worker_keeps_its_new_sessions_full() -> None:
+    """x was full on worker 2, ended there, and came back full on worker 1.
+    The two notices travel on different pipes: worker 2's DRAIN may come
+    after worker 1's FULL, and it used to clear x's flag, so senders stopped
+    waiting for a receiver that reads nothing and its queue grew unbounded."""
+    loop = uvloop.new_event_loop()
+    try:
+        hub = Hub(Config(), loop)
+        hub.remote_full(2, "x", True)
+        hub.remote_full(1, "x", True)   # the new x
+        hub.remote_full(2, "x", False)  # the old one's, late
+        assert hub.remote_full_chids == {"x": 1}
+        hub.remote_full(1, "x", False)
+        assert hub.remote_full_chids == {}
+    finally:
+        loop.close()
