@@ -359,6 +359,10 @@ class Arbiter:
         if self.config.max_conns_per_ip:
             source.count_out(peer)
         target = self.workers.get(meta.pop("to", -1))
+        if target is not None and target.late and not target.exited and not source.exited:
+            # Silent (stopped, hung): it gets no new connections, nor sessions
+            # that would wait there for it; this one stays where it was.
+            target = source
         if target is None or target.exited:
             sock.close()  # that worker is restarting: the client sees the connection end
             if moved is not None and self.coordinator is not None:

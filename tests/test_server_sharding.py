@@ -849,3 +849,23 @@ def test_a_restarted_worker_gets_nothing_that_waited_for_its_predecessor(start_s
     s2, _ = server.handshake("s2", ["x"])
     s2.sendall(b"NEW;")
     assert recv_exact(x2, 4) == b"NEW;"
+
+
+def test_a_session_is_not_moved_into_a_silent_worker(start_server):
+    """A worker silent for 3 s gets no new connections; a session drawn to
+    its sessions was still moved there, and its client waited for hs4 until
+    the worker woke or was killed (--worker-timeout, 60 s). It stays where
+    it is now, and reaches its receiver once that worker reads again."""
+    server = start_server("--mode", "chan", "--workers", "2")
+    b, _ = server.handshake("b", ["nobody"])
+    home = server.worker_of(b)
+    mark = server.mark()
+    os.kill(home, signal.SIGSTOP)
+    try:
+        server.wait_log(r"worker \d+ \(pid %d\) has not answered" % home, start=mark)
+        a, _ = server.handshake("a", ["b"])
+        assert server.worker_of(a) != home
+        a.sendall(b"hi b")
+    finally:
+        os.kill(home, signal.SIGCONT)
+    assert recv_exact(b, 4) == b"hi b"
