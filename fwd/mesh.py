@@ -385,9 +385,11 @@ class Mesh:
         """Answer ``wake``: from now on ``worker`` gets our "everyone" bytes."""
         self._send(worker, [AWAKE, b"%d" % self.wid])
 
-    def signal(self, full: bool, chid: str | None) -> None:
-        """Tell every other worker that a local receiver crossed its high-water mark."""
-        frames = [FULL if full else DRAIN, (chid or "").encode(), b"%d" % self.wid]
+    def signal(self, full: bool, chid: str | None, senders: Iterable[str] | None) -> None:
+        """Tell every other worker that a local receiver crossed its high-water
+        mark; ``senders``, its hs3 filter: only they wait for it."""
+        heard = b"" if senders is None else json.dumps(sorted(senders)).encode()
+        frames = [FULL if full else DRAIN, (chid or "").encode(), b"%d" % self.wid, heard]
         for w in self.peers:
             self._send(w, frames)
 
@@ -476,7 +478,8 @@ class Mesh:
         elif kind == ALL:
             h.deliver_all(frames[2], frames[1].decode() or None)
         elif kind in (FULL, DRAIN):
-            h.remote_full(int(frames[2]), frames[1].decode() or None, kind == FULL)
+            heard = frozenset(json.loads(frames[3])) if frames[3] else None
+            h.remote_full(int(frames[2]), frames[1].decode() or None, kind == FULL, heard)
         elif kind == SLEEP:
             h.peer_asleep(int(frames[1]), True)
         elif kind == WAKE:

@@ -463,7 +463,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             return
         self.told_full = True
         self.hub.stats["full_notices"] += 1
-        self.hub.mesh.signal(True, self.chid)
+        self.hub.mesh.signal(True, self.chid, self.hub.router.senders_of(self))
 
     def resume_writing(self) -> None:
         self.writing_paused = False
@@ -473,7 +473,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.slow_timer = None
         if self.told_full:
             self.told_full = False
-            self.hub.mesh.signal(False, self.chid)
+            self.hub.mesh.signal(False, self.chid, self.hub.router.senders_of(self))
         self.hub.resume_senders(self.hub.backpressure.release(self))
 
     # -- broadcast sniffing ---------------------------------------------------------
@@ -1094,6 +1094,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.slow_timer = None
         hub.pending.discard(self)
         self.pending_out = None
+        heard = hub.router.senders_of(self)  # for its drain notice, below
         hub.router.leave(self)
         if was_live:
             hub.live_changed()
@@ -1101,7 +1102,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         if hub.mesh is not None:
             if self.told_full:
                 self.told_full = False
-                hub.mesh.signal(False, self.chid)
+                hub.mesh.signal(False, self.chid, heard)
             if self.chid is not None and not self.moved:
                 hub.mesh.release(self.chid, self.token)
                 if self.recvers:  # its bytes held here wait on: someone must ask

@@ -111,8 +111,13 @@ class Hub:
         # What takes a socket from the parent once the note about it left (serve).
         self.adopt: Callable[[socket.socket, dict[str, Any], bytes], None] = lambda *_: None
         self._tokens = itertools.count(1)
+        # Receivers on other workers above their mark: how many per worker, the
+        # chids of those that have one, and per worker those that hear anyone
+        # (no hs3 senders); a filtered one holds up only the senders it hears.
         self.remote_full_chids: dict[str, int] = {}
         self.remote_full_count: collections.Counter[int] = collections.Counter()
+        self.remote_full_open: collections.Counter[int] = collections.Counter()
+        self.remote_full_senders: dict[str, frozenset[str]] = {}
         self.buffer = bytearray(read_size(config.max_rate))
         self.view = memoryview(self.buffer)
         pipes = pipe_budget(config.max_conns)
@@ -353,12 +358,16 @@ class Hub:
         if route.to_all:
             peers = self.awake_peers()
             waits.extend(("pipe", w) for w in mesh.send_all(chunk, sender, peers))
-            waits.extend(("worker", w) for w, n in self.remote_full_count.items()
+            waits.extend(("worker", w) for w, n in self.remote_full_open.items()
                          if n > 0 and w not in stuck)
+            for chid, heard in self.remote_full_senders.items():
+                if sender in heard and self.remote_full_chids.get(chid) not in stuck:
+                    waits.append(("chid", chid))
         for worker, chid in route.remote:
             if not mesh.send_to(worker, chid, chunk, sender):
                 waits.append(("pipe", worker))
-            if chid in self.remote_full_chids and worker not in stuck:
+            if chid in self.remote_full_chids and worker not in stuck \
+                    and sender in self.remote_full_senders.get(chid, (sender,)):
                 waits.append(("chid", chid))
         return waits
 
@@ -456,8 +465,9 @@ class Hub:
         self.peer_awake(worker)
         self.router.drop_worker(worker)
         for chid in [c for c, w in self.remote_full_chids.items() if w == worker]:
-            self.remote_full(worker, chid, False)
+            self.remote_full(worker, chid, False, self.remote_full_senders.get(chid))
         self.remote_full_count.pop(worker, None)
+        self.remote_full_open.pop(worker, None)
         self.resume_senders(self.backpressure.release(("worker", worker)))
 
     def watch(self, chid: str, token: int) -> None:
@@ -509,18 +519,28 @@ class Hub:
         for p in self.pending:
             p._queue_pending(chunk)
 
-    def remote_full(self, worker: int, chid: str | None, full: bool) -> None:
-        """A receiver on ``worker`` crossed its high-water mark (or came back under)."""
-        count = self.remote_full_count[worker] + (1 if full else -1)
-        self.remote_full_count[worker] = max(count, 0)
+    def remote_full(self, worker: int, chid: str | None, full: bool,
+                    senders: frozenset[str] | None = None) -> None:
+        """A receiver on ``worker`` crossed its high-water mark (or came back
+        under); ``senders``: the only chids it hears (hs3), if it names them."""
+        step = 1 if full else -1
+        self.remote_full_count[worker] = max(self.remote_full_count[worker] + step, 0)
         if chid is not None:
             if full:
                 self.remote_full_chids[chid] = worker
+                if senders is None:
+                    self.remote_full_senders.pop(chid, None)
+                else:
+                    self.remote_full_senders[chid] = senders
             elif self.remote_full_chids.get(chid) == worker:  # not a newer session's elsewhere
                 del self.remote_full_chids[chid]
+                self.remote_full_senders.pop(chid, None)
                 self.resume_senders(self.backpressure.release(("chid", chid)))
-        if count <= 0:
-            self.resume_senders(self.backpressure.release(("worker", worker)))
+        if senders is None:  # "everyone" bytes wait on the worker for it
+            count = self.remote_full_open[worker] + step
+            self.remote_full_open[worker] = max(count, 0)
+            if count <= 0:
+                self.resume_senders(self.backpressure.release(("worker", worker)))
 
     def pipe_drained(self, worker: int) -> None:
         assert self.mesh is not None

@@ -4,6 +4,7 @@ here runs three workers, whatever FWD_TEST_WORKERS says."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -862,10 +863,43 @@ def test_a_session_is_not_moved_into_a_silent_worker(start_server):
     mark = server.mark()
     os.kill(home, signal.SIGSTOP)
     try:
-        server.wait_log(r"worker \d+ \(pid %d\) has not answered" % home, start=mark)
+        server.wait_log(rf"worker \d+ \(pid {home}\) has not answered", start=mark)
         a, _ = server.handshake("a", ["b"])
         assert server.worker_of(a) != home
         a.sendall(b"hi b")
     finally:
         os.kill(home, signal.SIGCONT)
     assert recv_exact(b, 4) == b"hi b"
+
+
+def test_a_full_receiver_that_hears_only_others_does_not_hold_up_everyone_senders(start_server):
+    """r hears only s (hs3 senders) and reads nothing. e, on another worker,
+    sends to everyone, which leaves r out (§3.1): on one worker e never
+    waits for r, but across workers r's full notice held e up, and with it
+    e's receivers there, until --slow-timeout (here never) cut r."""
+    server = start_server("--mode", "chan", "--workers", "2", "--slow-timeout", "0")
+    r, _ = server.handshake("r", ["nobody"], senders=["s"])
+    k, _ = server.handshake("k", ["r"])
+    # Fan-out: r's mark is --max-buffer. s reads nothing either, so it hears none of e.
+    s, _ = server.handshake("s", ["r", "k"], senders=["k"])
+    q, _ = server.handshake("q", ["nobody else"])
+    e, _ = server.handshake("e", [])
+    assert server.worker_of(s) == server.worker_of(k) == server.worker_of(r)
+    assert server.worker_of(e) == server.worker_of(q) != server.worker_of(r)
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):
+            s.sendall(bytes(16 * MiB))  # r reads none of it, k all
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while k.recv(1 << 20):
+                pass
+    threading.Thread(target=flood, daemon=True).start()
+    threading.Thread(target=drain, daemon=True).start()
+    wait_until(lambda: server.ctl_json("status")["totals"]["full_notices"] >= 1, 30,
+               "r above its mark")
+    up = Sender(e, 4 * MiB)
+    up.start()
+    assert recv_hash(q, 4 * MiB) == up.digest
+    up.finish()
