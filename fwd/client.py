@@ -54,6 +54,7 @@ from .protocol import (
     PLAIN,
     REFUSAL_WAIT,
     REFUSED_AT_ACCEPT,
+    SERVER_CLOSED,
     Handshake,
     Hs1,
     Hs2,
@@ -95,9 +96,10 @@ class HandshakeError(FwdError):
     over its limits, sends no FAIL line).
     """
 
-    def __init__(self, desc: str, hint: str | None = None) -> None:
-        # A wrong password already reads "handshake rejected": don't say it twice.
-        prefix = "" if desc.startswith(REJECTED) else "handshake rejected: "
+    def __init__(self, desc: str, hint: str | None = None, *, refused: bool = True) -> None:
+        # A wrong password already reads "handshake rejected": don't say it
+        # twice; ``refused=False``: our reading of the reply failed instead.
+        prefix = "" if desc.startswith(REJECTED) or not refused else "handshake rejected: "
         super().__init__(prefix + desc + (f": {hint}" if hint else ""))
         self.desc = desc
 
@@ -213,7 +215,12 @@ class _ClientHandshake:
                     self.done = True
                     return out
         except RemoteProtocolError as exc:
-            raise HandshakeError(exc.desc) from None
+            if exc.desc == SERVER_CLOSED:
+                raise HandshakeError(exc.desc) from None
+            # Not the server's word but our reading of its reply, which may
+            # not be a fwd-server's at all (not its "not JSON" refusal).
+            raise HandshakeError(f"the server's reply is not a fwd handshake line ({exc.desc}): "
+                                 "is it a fwd-server?", refused=False) from None
 
     def trailing(self) -> bytes:
         """Stream bytes that came in the same read as the hs4 line."""

@@ -330,6 +330,29 @@ def test_pending_tells_what_recv_has_that_the_socket_does_not(fake_server, key, 
         assert conn.pending() == 0
 
 
+def test_a_service_that_is_not_a_fwd_server_is_named_as_such():
+    """An SSH server's banner line read as "handshake rejected: not JSON",
+    the words a fwd-server without a password answers to an encrypted hs1:
+    a refusal it never sent."""
+    lst = socket.create_server(("127.0.0.1", 0))
+
+    def banner() -> None:
+        conn, _ = lst.accept()
+        with conn:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            conn.recv(1024)
+    t = threading.Thread(target=banner, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(HandshakeError) as info:
+            connect("127.0.0.1", lst.getsockname()[1], "me")
+        assert str(info.value) == ("the server's reply is not a fwd handshake line (not JSON): "
+                                   "is it a fwd-server?")
+    finally:
+        t.join(10)
+        lst.close()
+
+
 def test_connect_timeout_covers_a_silent_server():
     lst = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) but never answers
     try:
