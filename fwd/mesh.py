@@ -40,7 +40,8 @@ HELLO, CLAIM, LIVE, RELEASE, MOVE, PLACE, WANT = (
 CLAIMED, INUSE, PLACED, EVICT, LOC, GONE, DEAD, WATCH, EXPECT = (
     b"claimed", b"inuse", b"placed", b"evict", b"loc", b"gone", b"dead", b"watch", b"expect")
 # worker -> worker
-TO, ALL, FULL, DRAIN = b"to", b"all", b"full", b"drain"
+TO, ALL, FULL, DRAIN, HELD = b"to", b"all", b"full", b"drain", b"held"
+STREAM = (TO, ALL, HELD)
 SLEEP, WAKE, AWAKE, SENT = b"sleep", b"wake", b"awake", b"sent"
 
 ARITY = {HELLO: 0, CLAIM: 5, LIVE: 4, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 2,
@@ -360,6 +361,11 @@ class Mesh:
         only for us here). The sender goes along: receivers may refuse it."""
         return self._send(worker, [TO, chid.encode(), (sender or "").encode(), chunk])
 
+    def send_held(self, worker: int, chid: str, chunk: bytes, sender: str | None) -> None:
+        """Bytes held here for ``chid``, which went live on ``worker``: there
+        they count against --hold-total until written, as held bytes do."""
+        self._send(worker, [HELD, chid.encode(), (sender or "").encode(), chunk])
+
     def send_all(self, chunk: bytes, sender: str | None,
                  to: Iterable[int] | None = None) -> list[int]:
         """Bytes from chid ``sender`` for every live session of the other
@@ -396,7 +402,7 @@ class Mesh:
     def _send(self, worker: int, frames: list[bytes]) -> bool:
         pipe = self.pipes[worker]
         queued = self._overflow.get(worker)
-        stream = len(frames[-1]) if frames[0] in (TO, ALL) else 0
+        stream = len(frames[-1]) if frames[0] in STREAM else 0
         if not queued:
             try:
                 pipe.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
@@ -450,7 +456,7 @@ class Mesh:
         if worker in self.full_pipes:
             self.full_pipes.discard(worker)
             self.handler.pipe_drained(worker)
-        return sum(len(f[-1]) for f in queued if f[0] in (TO, ALL))
+        return sum(len(f[-1]) for f in queued if f[0] in STREAM)
 
     def _pipe_writable(self, worker: int) -> None:
         queued = self._overflow.get(worker)
@@ -473,8 +479,8 @@ class Mesh:
     def _from_peer(self, frames: list[bytes]) -> None:
         kind = frames[0]
         h = self.handler
-        if kind == TO:
-            h.deliver(frames[1].decode(), frames[3], frames[2].decode() or None)
+        if kind == TO or kind == HELD:
+            h.deliver(frames[1].decode(), frames[3], frames[2].decode() or None, kind == HELD)
         elif kind == ALL:
             h.deliver_all(frames[2], frames[1].decode() or None)
         elif kind in (FULL, DRAIN):

@@ -179,6 +179,14 @@ class Router(Generic[T]):
         self.queued += sum(map(len, chunks))
         return chunks
 
+    def queue_held(self, nbytes: int) -> bool:
+        """Held bytes from another worker are about to be queued for a live
+        receiver: they count as join()'s do, if they fit hold_total."""
+        if nbytes > self.hold_total - self.held - self.overhead - self.queued:
+            return False
+        self.queued += nbytes
+        return True
+
     def written_held(self, nbytes: int) -> None:
         """``nbytes`` of what join() returned have left their receiver's queue."""
         self.queued -= nbytes

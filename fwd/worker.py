@@ -380,7 +380,7 @@ class Hub:
         its session does not end its stream before that arrived (held_sent)."""
         assert self.mesh is not None
         for sender, chunk in self.router.set_remote(chid, worker):  # older than anything new
-            self.mesh.send_to(worker, chid, chunk, sender)
+            self.mesh.send_held(worker, chid, chunk, sender)
         self.sync_wants()
         for session in list(self.awaiting.pop(chid, ())):  # a pair forms in one worker only
             if senders is not None and session.chid not in senders:
@@ -481,9 +481,12 @@ class Hub:
         if session is not None and session.token == token:
             session.evict(by)
 
-    def deliver(self, chid: str, chunk: bytes, sender: str | None) -> None:
+    def deliver(self, chid: str, chunk: bytes, sender: str | None, held: bool = False) -> None:
         """Bytes from another worker's chid ``sender`` for a local receiver
-        (held if it is not here)."""
+        (held if it is not here); ``held``: that worker held them for it, so
+        here too they count against --hold-total until written (dropped if
+        they do not fit), or a receiver that reads nothing could take every
+        worker's holds, again and again."""
         now = self.loop.time()
         target = self.router.live(chid)
         if target is not None:
@@ -504,9 +507,14 @@ class Hub:
                 # that names it would say so; bytes from elsewhere must ask.
                 self.want_held((chid,))
             return
+        if held and not self.router.queue_held(len(chunk)):
+            self.drop("hold_full", len(chunk))
+            return
         target.last_active = now
         target.bytes_out += len(chunk)
         target.transport.write(chunk)
+        if held:
+            self.queued_held(target, len(chunk))
         if target.writing_paused:
             target.tell_full()
 
@@ -827,9 +835,11 @@ class Hub:
             self._hold_timer = self.loop.call_later(HOLD_TICK, self._expire_holds)
 
     def queued_held(self, session: Session, nbytes: int) -> None:
-        """``session`` just queued ``nbytes`` of held bytes, first in its stream."""
+        """``session`` just queued ``nbytes`` of held bytes (at the end of its queue)."""
         if nbytes:
-            self.held_queued[session] = (session.bytes_out, nbytes)
+            self.settle_held(session)
+            _, left = self.held_queued.get(session, (0, 0))
+            self.held_queued[session] = (session.bytes_out, left + nbytes)
             self.watch_holds()
 
     def settle_held(self, session: Session) -> None:

@@ -22,6 +22,7 @@ from helpers import (
     Sender,
     bcast_handshake,
     claim_again,
+    handshake,
     pair,
     read_json,
     read_until_reset,
@@ -903,3 +904,42 @@ def test_a_full_receiver_that_hears_only_others_does_not_hold_up_everyone_sender
     up.start()
     assert recv_hash(q, 4 * MiB) == up.digest
     up.finish()
+
+
+def test_held_bytes_delivered_from_another_worker_count_against_the_hold_total(start_server):
+    """A sender holds 12 MiB for 4 absent chids (in memory once), which then
+    go live on the other worker and read nothing. The sender's worker frees
+    its hold as it sends it over; the receivers' worker queued 4 copies (what
+    their sockets do not take) and charged nothing, past --hold-total (a
+    worker's share: 16 MiB here), and a sender could do it again and again.
+    Now held bytes count there until written, and what does not fit is
+    dropped as hold_full."""
+    server = start_server("--mode", "chan", "--workers", "2", "--hold-total", "32MiB",
+                          "--hold-bytes", "12MiB", "--max-buffer", "64MiB",
+                          "--slow-timeout", "0")
+    anc1, _ = pair(server, "anc1", "anc2")
+    there = server.worker_of(anc1)
+    n, size = 4, 12 * MiB
+    s, _ = server.handshake("s", [f"r{i}" for i in range(n)])
+    assert server.worker_of(s) != there
+    s.sendall(os.urandom(size))
+    wait_until(lambda: server.ctl_json("status")["totals"]["held_bytes"] == size, 30,
+               "the bytes held")
+    receivers = []
+    for i in range(n):
+        r = socket.socket()
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it reads nothing
+        r.connect((server.host, server.port))
+        handshake(r, f"r{i}", ["anc1", "anc2"])
+        assert server.worker_of(r) == there
+        receivers.append(r)
+
+    def arrived() -> bool:
+        st = server.ctl_json("status")
+        t = st["totals"]
+        return (t["held_bytes"] == 0 and t["bytes_out"] + t["buffered_bytes"]
+                + st["drops"].get("hold_full", 0) == n * size)
+    wait_until(arrived, 30, "the held bytes delivered or dropped")
+    st = server.ctl_json("status")
+    assert st["totals"]["buffered_bytes"] <= 16 * MiB
+    assert st["drops"].get("hold_full", 0) > 0
