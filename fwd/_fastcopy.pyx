@@ -272,7 +272,7 @@ cdef class Relay:
         if _meter is not None:
             _meter(self, moved, now, True)
         if keep:
-            self.unsent, _kept = (self._route, _kept, now), None
+            self.unsent, _kept = (self._route, _kept, now, rx), None
             # Before this session's next byte (buffer_updated, eof_received,
             # connection_lost flush it too), and where pausing is safe.
             self.hub.loop.call_soon(self.flush_rest)
@@ -296,8 +296,8 @@ cdef class Relay:
         unsent = self.unsent
         if unsent is not None:
             self.unsent = None
-            route, chunk, now = unsent
-            self._route_rest(route, chunk, len(chunk), now, None)
+            route, chunk, now, served = unsent
+            self._route_unsent(route, chunk, now, served)
 
     cdef bint _open_pipe(self):
         cdef int fds[2]

@@ -81,7 +81,7 @@ class Relay:
     bulk: bool
     pipe_r: int
     pipe_w: int
-    unsent: tuple[Any, bytes, float] | None
+    unsent: tuple[Any, bytes, float, list[Any]] | None
     pump_wait: bool  # no pumps here: kept for the same contract
     peer_reset: bool  # see _fastcopy.pyx
 
@@ -160,7 +160,7 @@ class Relay:
             _meter(self, moved, now, True)
         if keep:
             assert kept is not None
-            self.unsent = (route, kept, now)
+            self.unsent = (route, kept, now, rx)
             self.hub.loop.call_soon(self.flush_rest)  # see _fastcopy.pyx
         if queued is None:
             return True
@@ -176,8 +176,8 @@ class Relay:
         unsent = self.unsent
         if unsent is not None:
             self.unsent = None
-            route, chunk, now = unsent
-            self._route_rest(route, chunk, len(chunk), now, None)  # type: ignore[attr-defined]
+            route, chunk, now, served = unsent
+            self._route_unsent(route, chunk, now, served)  # type: ignore[attr-defined]
 
     def _open_pipe(self) -> bool:
         fds = _new_pipe()

@@ -896,6 +896,21 @@ class Session(Relay, asyncio.BufferedProtocol):
         full = fanout(chunk, route.targets, self, now)
         self._route_rest(route, chunk, len(chunk), now, full)
 
+    def _route_unsent(self, route: Route[Session], chunk: bytes, now: float,
+                      served: list[Session]) -> None:
+        """A tee round went to ``served``, the local receivers when it was
+        read; the rest of its route gets it now (Relay.flush_rest). Sessions
+        that went live since, in the same loop turn, took their hold or
+        their sniff queue without it: it goes to them now, as live bytes,
+        not into a hold (or a queue) nobody reads any more."""
+        full = None
+        if route.generation != self.hub.router.generation:
+            self.route = route = self.hub.router.route(self)
+            late = tuple(t for t in route.targets if t not in served)
+            if late:
+                full = fanout(chunk, late, self, now)
+        self._route_rest(route, chunk, len(chunk), now, full)
+
     def _route_rest(self, route: Route[Session], chunk: bytes | None, n: int, now: float,
                     full: list[Any] | None) -> None:
         """Everything but the local receivers: other workers, sessions still in
