@@ -98,6 +98,9 @@ class Router(Generic[T]):
         # The compiled read loop checks its cached route against this cell
         # on every read: a C load, where an attribute would be a dict lookup.
         self.generation_cell = array("q", [0])
+        # sender -> what expire() dropped of its held bytes, and when the
+        # newest of them was held
+        self.expired: dict[str, tuple[int, float]] = {}
         self.held = 0  # bytes in memory: a chunk held for several chids counts once
         self.overhead = 0  # the holds' own memory; held + overhead + queued <= hold_total
         self.queued = 0  # held bytes join() gave a receiver, not written out yet (written_held)
@@ -413,13 +416,17 @@ class Router(Generic[T]):
                 for _, kept, sender in hold.chunks]
 
     def expire(self, now: float) -> int:
-        """Drop held chunks older than ``hold_seconds``; return bytes dropped."""
+        """Drop held chunks older than ``hold_seconds``; return bytes dropped
+        (and, in ``expired``, what each sender lost)."""
         deadline = now - self.hold_seconds
         dropped = 0
         for chid in list(self._holds):
             hold = self._holds[chid]
             while hold.chunks and hold.chunks[0][0] <= deadline:
-                _, chunk, sender = hold.chunks.popleft()
+                when, chunk, sender = hold.chunks.popleft()
+                if sender is not None:
+                    was = self.expired.get(sender, (0, 0.0))[0]
+                    self.expired[sender] = (was + len(chunk), when)
                 left = hold.size[sender] - len(chunk)
                 if left:
                     hold.size[sender] = left
@@ -431,6 +438,14 @@ class Router(Generic[T]):
                 del self._holds[chid]
                 self.overhead -= self.chid_cost
         return dropped
+
+    def held_from(self, chid: str, sender: str) -> float | None:
+        """When the oldest bytes from ``sender`` held for ``chid`` were held
+        (None: none are: they went to a session of ``chid``, or expired)."""
+        hold = self._holds.get(chid)
+        if hold is None or sender not in hold.size:
+            return None
+        return next(when for when, _, s in hold.chunks if s == sender)
 
     def held_since(self, chid: str) -> float | None:
         """When the oldest bytes held for ``chid`` were held (None: none are)."""

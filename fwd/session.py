@@ -282,6 +282,11 @@ class Session(Relay, asyncio.BufferedProtocol):
             return True
         if self.state is St.LIVE:
             partner = self.hub.router.pair_of(self)
+            if partner is not None and self.dropped:
+                # What the hold dropped of ours (full, or expired before the
+                # partner came) is missing from its stream: a cut, not an end.
+                self.close("held bytes dropped", cut=True)
+                return True
             if partner is not None:
                 self.read_closed = True
                 self.partner, partner.partner = partner, self
@@ -331,17 +336,15 @@ class Session(Relay, asyncio.BufferedProtocol):
         if (chid == self.chid or (owner is not None and owner.state is St.LIVE)
                 or router.where(chid) is not None or hub.config.hold_seconds <= 0):
             return False  # live and not naming us (no pair), or elsewhere
-        if self.dropped:  # the hold was full: its partner to be gets a cut stream
+        if self.dropped:  # the hold dropped some: its partner to be gets a cut stream
             self.close("held bytes dropped", cut=True)
             return True
-        first = hub.held_by.get(self)
-        oldest = router.held_since(chid)
-        if first is None or oldest is None:
-            return False  # nothing of ours waits for it: no need to stay
+        first = router.held_from(chid, self.chid)
+        if first is None:
+            return False  # nothing of ours waits for it (an earlier session took it)
         self.read_closed = True
-        # Until our oldest held byte expires (others' older bytes may be held
-        # too; ours may have gone to an earlier session of that chid).
-        hub.awaiting.setdefault(chid, {})[self] = max(first, oldest) + hub.config.hold_seconds
+        # Until our oldest held byte expires.
+        hub.awaiting.setdefault(chid, {})[self] = first + hub.config.hold_seconds
         hub.watch_holds()
         log.debug("chid=%s half-closed; waits for chid=%s", logval(self.chid), logval(chid))
         return True
@@ -352,7 +355,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.state is St.LIVE and self.partner is None:
             self.close("pair partner never came", cut=True)
 
-    def _awaiting(self) -> bool:
+    def awaiting_partner(self) -> bool:
         """Half-closed, waiting for our partner to be (_await_partner)."""
         return (self.read_closed and self.partner is None and bool(self.recvers)
                 and self in self.hub.awaiting.get(self.recvers[0], ()))
@@ -942,7 +945,6 @@ class Session(Relay, asyncio.BufferedProtocol):
                 dropped = hub.router.hold(chid, chunk, now, self.chid)
                 if dropped:
                     self._note_dropped(chid, dropped)
-            hub.held_by.setdefault(self, now)
             hub.watch_holds()
         if full:
             self._wait_for(full)
@@ -998,7 +1000,7 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     def _idle_check(self) -> None:
         remaining = self.last_active + self.timeout - self.hub.loop.time()
-        if remaining <= 0 and (self._awaiting() or self._held_back()):
+        if remaining <= 0 and (self.awaiting_partner() or self._held_back()):
             remaining = self.timeout  # waiting is no idling: the hold bounds it
         if remaining > 0:
             self.timer = self.hub.loop.call_later(remaining, self._idle_check)
@@ -1094,7 +1096,6 @@ class Session(Relay, asyncio.BufferedProtocol):
         partner, self.partner = self.partner, None
         if partner is None and self.read_closed:
             self._stop_awaiting()
-        hub.held_by.pop(self, None)
         hub.forget_held_wait(self)
         hub.meters.pop(self, None)
         hub.throttled.discard(self)
@@ -1128,7 +1129,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             elif partner.read_closed or not keep_pair:
                 # One stream: it ends with its other half (if that half had sent
                 # its FIN, it has nobody left to hear from anyway).
-                partner.close("pair partner lost" if cut else "pair partner left", cut=cut)
+                lost = cut or resets  # our stream to it was cut either way
+                partner.close("pair partner lost" if lost else "pair partner left", cut=lost)
         if gone:
             hub.connection_gone(self)
         end = end_reason(reason)

@@ -149,7 +149,6 @@ class Hub:
         # (Session._await_partner), by that chid, with when they stop waiting.
         self.awaiting: dict[str, dict[Session, float]] = {}
         # When each session's bytes were first held (Session._route_rest).
-        self.held_by: dict[Session, float] = {}
         # Live sessions whose queue starts with held bytes (Router.join): where
         # they end in its stream (bytes_out), and how many still count (settle_held).
         self.held_queued: dict[Session, tuple[int, int]] = {}
@@ -867,6 +866,11 @@ class Hub:
         for session in list(self.held_queued):
             self.settle_held(session)
         dropped = self.router.expire(now)
+        expired, self.router.expired = self.router.expired, {}
+        for sender, (nbytes, when) in expired.items():  # their streams were cut there
+            owner = self.router.owner(sender)
+            if owner is not None and owner.started <= when:  # not a later session's
+                owner.dropped += nbytes
         if dropped:
             self.drop("hold_expired", dropped)
             log.info("dropped %d held bytes older than %gs (--hold-seconds)",
@@ -888,6 +892,9 @@ class Hub:
         for s in list(self.sessions):
             if isinstance(s.linger, ResetWhenSent):
                 continue  # a cut stream: it ends with its reset, as it would have
+            if s.awaiting_partner():  # its held bytes die with us: its stream is cut
+                s.close("server shutdown", cut=True, linger=self.config.drain_timeout)
+                continue
             if s.linger is not None:  # --drain-timeout bounds every flush now
                 s.linger.cancel()
                 s.linger = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,79 @@ def test_a_half_closed_session_whose_held_bytes_were_dropped_is_reset(start_serv
     server = start_server("--mode", "chan", "--hold-bytes", "1000")
     assert read_until_reset(half_closed_before_b(server, os.urandom(5000))) == 0
     server.wait_log(r"session end chid=a .*reason=\"held bytes dropped\" dropped=4000")
+
+
+def test_a_fin_after_its_bytes_were_delivered_ends_the_sender_though_others_are_held(
+        start_server):
+    """b came, read a's held bytes and left; then c left bytes for b. a's FIN
+    used to find the hold for b not empty and a's first hold time, so a
+    waited for b half-closed and was reset ("pair partner never came")."""
+    server = start_server("--mode", "chan", "--hold-seconds", "2")
+    sa, _ = server.handshake("a", ["b"])
+    sa.sendall(b"from a")
+    wait_until(lambda: server.ctl_json("status")["totals"]["held_bytes"] == 6, 10, "held")
+    sb, _ = server.handshake("b", ["nobody"])  # no pair
+    assert recv_exact(sb, 6) == b"from a"
+    mark = server.mark()
+    sb.close()
+    server.wait_log(r"session end chid=b ", start=mark)
+    sc, _ = server.handshake("c", ["b"])
+    sc.sendall(b"from c")
+    wait_until(lambda: server.ctl_json("status")["totals"]["held_bytes"] == 6, 10, "held")
+    sa.shutdown(socket.SHUT_WR)
+    sa.settimeout(30)
+    assert sa.recv(1) == b""  # a FIN: nothing of a's waits for b
+    server.wait_log(r"session end chid=a .*reason=\"client closed\"", start=mark)
+
+
+def test_a_sender_whose_held_bytes_expired_in_part_is_reset_at_its_fin(start_server):
+    """a's first bytes for b expired before b came: b would get a stream
+    without its start. a's FIN used to wait for b, which then got the rest
+    and a's FIN, and a a clean end."""
+    server = start_server("--mode", "chan", "--hold-seconds", "1")
+    mark = server.mark()
+    sa, _ = server.handshake("a", ["b"])
+    sa.sendall(b"part 1;")
+    server.wait_log(r"dropped 7 held bytes older than", start=mark)
+    sa.sendall(b"part 2")
+    sa.shutdown(socket.SHUT_WR)
+    server.wait_log(r"chid=a half-closed; waits|session end chid=a ", start=mark)
+    sb, _ = server.handshake("b", ["a"])  # the pair it waited for, if it did
+    sb.shutdown(socket.SHUT_WR)
+    sa.settimeout(30)
+    assert read_until_reset(sa) == 0
+    server.wait_log(r"session end chid=a .*reason=\"held bytes dropped\" dropped=7", start=mark)
+
+
+def test_a_sender_whose_hold_overflowed_is_reset_at_its_fin_in_the_pair_it_forms(start_server):
+    """a's bytes for b did not all fit the hold; b then came as a's pair
+    partner. a's FIN used to be passed on to b, which took its cut stream
+    for a whole one, and a got a clean end."""
+    server = start_server("--mode", "chan", "--hold-bytes", "1000")
+    mark = server.mark()
+    sa, _ = server.handshake("a", ["b"])
+    sa.sendall(os.urandom(5000))
+    server.wait_log(r"dropping bytes for absent receiver chid=b", start=mark)
+    sb, _ = server.handshake("b", ["a"])
+    assert len(recv_exact(sb, 1000)) == 1000
+    sa.shutdown(socket.SHUT_WR)
+    sa.settimeout(30)
+    assert read_until_reset(sa) == 0
+    assert read_until_reset(sb) == 0  # pair partner lost
+    server.wait_log(r"session end chid=a .*reason=\"held bytes dropped\" dropped=4000",
+                    start=mark)
+
+
+def test_a_sender_waiting_for_its_partner_is_reset_when_the_server_stops(start_server):
+    """a's bytes wait in the hold for b when the server stops: they die with
+    it, so a's stream was cut; it used to end with a FIN."""
+    server = start_server("--mode", "chan")
+    mark = server.mark()
+    sa = half_closed_before_b(server, b"important")
+    server.wait_log(r"chid=a half-closed; waits for chid=b", start=mark)
+    server.proc.send_signal(signal.SIGTERM)
+    assert read_until_reset(sa) == 0
+    server.wait_log(r"session end chid=a .*reason=\"server shutdown\"", start=mark)
 
 
 def test_a_half_closed_session_ends_when_its_receiver_comes_but_is_no_partner(chan_server):
