@@ -64,11 +64,11 @@ HOLD_CHID_COST = 1024
 """Memory of an absent chid's hold besides its bytes (its _Hold, deque, sizes
 and dict entry: about 1,000 bytes measured with one sender), charged to
 hold_total: one hs3 may name hundreds of absent chids."""
-HOLD_ENTRY_COST = 192
+HOLD_ENTRY_COST = 224
 """Memory of one held read besides its bytes (its (time, bytes, sender) tuple,
-deque slot, reference count, sender's size entry and the bytes object's own
-header: 188 measured), charged to hold_total: a flood of one-byte reads
-costs this each."""
+deque slot, reference count, sender's size and bookkeeping entries and the
+bytes object's own header: 208 measured), charged to hold_total and to its
+sender's hold_bytes: a flood of one-byte reads costs this each."""
 
 
 @dataclass(slots=True)
@@ -102,6 +102,10 @@ class Router(Generic[T]):
         # newest of them was held
         self.expired: dict[str, tuple[int, float]] = {}
         self.held = 0  # bytes in memory: a chunk held for several chids counts once
+        # Per sender, the bookkeeping of its held reads over all chids: it
+        # counts against its hold_bytes too, or tiny reads named to many
+        # chids would take hold_total at HOLD_ENTRY_COST each.
+        self._entries: dict[str | None, int] = {}
         self.overhead = 0  # the holds' own memory; held + overhead + queued <= hold_total
         self.queued = 0  # held bytes join() gave a receiver, not written out yet (written_held)
         self._refs: dict[int, int] = {}  # id(held read) -> holds that have it, or a view of it
@@ -364,7 +368,8 @@ class Router(Generic[T]):
         cost = self.entry_cost + (self.chid_cost if hold is None else 0)
         spare = self.hold_total - self.held - self.overhead - self.queued - cost  # for the bytes
         room = self.hold_bytes - (hold.size.get(sender, 0) if hold is not None else 0)
-        if room <= 0 or spare < 0:
+        entries = self._entries.get(sender, 0)
+        if room <= 0 or spare < 0 or entries + self.entry_cost > self.hold_bytes:
             return len(chunk)
         kept: bytes | memoryview
         if len(chunk) <= room and (id(chunk) in self._refs or len(chunk) <= spare):
@@ -381,6 +386,7 @@ class Router(Generic[T]):
             hold = self._holds[chid] = _Hold()
         self.overhead += cost
         hold.chunks.append((now, kept, sender))
+        self._entries[sender] = entries + self._entry(kept)
         hold.size[sender] = hold.size.get(sender, 0) + len(kept)
         refs = self._refs.get(id(base), 0)
         self._refs[id(base)] = refs + 1
@@ -388,14 +394,19 @@ class Router(Generic[T]):
             self.held += len(base)
         return len(chunk) - len(kept)
 
-    def _release(self, kept: bytes | memoryview) -> None:
+    def _entry(self, kept: bytes | memoryview) -> int:
+        return self.entry_cost * 2 if isinstance(kept, memoryview) else self.entry_cost
+
+    def _release(self, kept: bytes | memoryview, sender: str | None) -> None:
         """One hold lets go of ``kept``: the read's memory is free with the last."""
-        if isinstance(kept, memoryview):
-            self.overhead -= self.entry_cost * 2
-            base = cast(bytes, kept.obj)
+        entry = self._entry(kept)
+        self.overhead -= entry
+        left = self._entries.get(sender, 0) - entry
+        if left > 0:
+            self._entries[sender] = left
         else:
-            self.overhead -= self.entry_cost
-            base = kept
+            self._entries.pop(sender, None)
+        base = cast(bytes, kept.obj) if isinstance(kept, memoryview) else kept
         key = id(base)
         refs = self._refs[key] - 1
         if refs:
@@ -408,8 +419,8 @@ class Router(Generic[T]):
         hold = self._holds.pop(chid, None)
         if hold is None:
             return []
-        for _, kept, _ in hold.chunks:
-            self._release(kept)
+        for _, kept, sender in hold.chunks:
+            self._release(kept, sender)
         self.overhead -= self.chid_cost
         # A view becomes bytes here, the one copy of its part, as it leaves.
         return [(sender, kept if isinstance(kept, bytes) else bytes(kept))
@@ -433,7 +444,7 @@ class Router(Generic[T]):
                 else:
                     del hold.size[sender]
                 dropped += len(chunk)
-                self._release(chunk)
+                self._release(chunk, sender)
             if not hold.chunks:
                 del self._holds[chid]
                 self.overhead -= self.chid_cost

@@ -591,7 +591,7 @@ def test_a_read_held_in_part_for_many_chids_is_in_memory_once():
     """A fast sender naming hundreds of absent chids: each chid keeps the part
     of a read that fits its hold_bytes. Copies of that part, one per chid,
     made one connection take hundreds of times its hold_bytes of the total."""
-    r = make_router(hold_bytes=1000, hold_total=10**9, entry_cost=10)
+    r = make_router(hold_bytes=1000, hold_total=10**9)
     chids = [f"c{i}" for i in range(300)]
     reads = [bytes([i]) * 300 for i in range(5)]  # the fourth fits only in part
     for read in reads:
@@ -615,7 +615,7 @@ def test_the_holds_own_memory_counts_against_the_total():
     """A hold's bookkeeping costs memory too: hundreds of absent chids, or a
     flood of small reads, must reach --hold-total long before their bytes
     would."""
-    r = make_router(hold_bytes=100, hold_total=1000, chid_cost=100, entry_cost=10)
+    r = make_router(hold_bytes=1000, hold_total=1000, chid_cost=100, entry_cost=10)
     for i in range(8):  # 8 chids x (100 + 10 + 2) = 896
         assert r.hold(f"c{i}", b"x%d" % i, 0.0) == 0
     assert (r.held, r.overhead) == (16, 880)
@@ -977,3 +977,18 @@ def test_leave_forgets_the_senders():
     r.join(a)
     r.leave(a)
     assert r.senders_of(a) is None
+
+
+def test_a_senders_bookkeeping_counts_against_its_hold_bytes():
+    """Each held read costs HOLD_ENTRY_COST, per chid it is held for; only
+    its bytes counted against the sender's hold_bytes, so one-byte reads
+    named to many absent chids took the whole hold_total (700 chids, 100
+    one-byte reads: 8 MiB), and everyone else's bytes for absent chids were
+    dropped."""
+    r = make_router(hold_bytes=4000, hold_total=10**9, entry_cost=200)
+    chids = [f"c{i}" for i in range(700)]
+    for i in range(100):
+        for chid in chids:
+            r.hold(chid, bytes([i]), 0.0, "flood")
+    assert r.overhead <= 4000
+    assert r.hold("c1", b"another sender's", 0.0, "other") == 0  # its own share
