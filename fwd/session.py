@@ -39,7 +39,14 @@ from .protocol import (
     to_message,
 )
 from .runtime import logval, logvals
-from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_keepalive
+from .sockopts import (
+    RESET_BY_PEER,
+    ResetWhenSent,
+    reset,
+    reset_by_peer,
+    set_keepalive,
+    unacked,
+)
 
 if TYPE_CHECKING:
     from .routing import Route
@@ -845,7 +852,7 @@ class Session(Relay, asyncio.BufferedProtocol):
                                    "peer": self.peer, "worker": hub.wid, "mode": mode,
                                    "recvers": list(recvers) or None, "senders": senders}})
         if self.timeout > 0:
-            self.timer = hub.loop.call_later(self.timeout, self._idle_check)
+            self.timer = hub.loop.call_later(self.timeout, self._idle_check, self._written())
         if self.chid is not None and hub.awaiting:
             self._pair_waiting()
         if first:
@@ -998,12 +1005,25 @@ class Session(Relay, asyncio.BufferedProtocol):
             )
         self.dropped += nbytes
 
-    def _idle_check(self) -> None:
-        remaining = self.last_active + self.timeout - self.hub.loop.time()
+    def _written(self) -> int:
+        """Bytes our client's kernel acknowledged (our queue and our kernel's
+        send queue, autotuned to megabytes, hold the rest)."""
+        transport = self.transport
+        return self.bytes_out - (unacked(transport) if transport is not None else 0)
+
+    def _idle_check(self, written_before: int) -> None:
+        """``written_before``: _written() at the last check. More now means
+        our client read some (its kernel took more): bytes moved, though
+        none were queued for it meanwhile (its senders wait for it)."""
+        now = self.hub.loop.time()
+        written = self._written()
+        if written > written_before:
+            self.last_active = now
+        remaining = self.last_active + self.timeout - now
         if remaining <= 0 and (self.awaiting_partner() or self._held_back()):
             remaining = self.timeout  # waiting is no idling: the hold bounds it
         if remaining > 0:
-            self.timer = self.hub.loop.call_later(remaining, self._idle_check)
+            self.timer = self.hub.loop.call_later(remaining, self._idle_check, written)
         else:
             self.timer = None
             self.close("idle timeout")

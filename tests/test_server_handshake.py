@@ -501,6 +501,29 @@ def test_a_sender_held_back_by_a_stuck_receiver_outlives_its_idle_timeout(start_
     assert recv_exact(sa, 12) == b"still there?"
 
 
+def test_a_receiver_that_keeps_reading_outlives_its_idle_timeout(start_server):
+    """a sends to b and c; c reads nothing, so a waits and nothing new is
+    queued for b. b reads what is queued for it, slowly: bytes move, so it
+    is not idle. It used to be closed at its idle timeout."""
+    server = start_server("--mode", "chan", "--max-buffer", "256KiB", "--slow-timeout", "0")
+    sb, _ = server.handshake("b", ["nobody"], timeout=1)
+    sb.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sc, _ = server.handshake("c", ["nobody"], timeout=0)
+    sc.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    mark = server.mark()
+    sa, _ = server.handshake("a", ["b", "c"], timeout=0)
+    up = Sender(sa, 8 * MiB)
+    up.start()
+    server.wait_log(r"paused chid=a\b", start=mark)
+    got = 0
+    deadline = time.monotonic() + 4  # four idle timeouts
+    while time.monotonic() < deadline:
+        got += len(sb.recv(8192))
+        time.sleep(0.25)  # the subject: a slow, steady reader
+    states = {r["chid"]: r["state"] for r in server.ctl_json("sessions")["sessions"]}
+    assert states["b"] == "live", "b was ended (it flushes now) though it kept reading"
+
+
 def test_a_sender_paused_by_max_rate_outlives_its_idle_timeout(start_server):
     """Below the rate's next read it waits 2 s, twice its idle timeout: its
     bytes wait in our socket, so it is not idle."""
