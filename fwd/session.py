@@ -438,8 +438,17 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.hub.pumps.release(self)
         self.flush_rest()  # what was read before the end still goes out
         self.close_pipe()
-        self._leave("connection lost" if exc is None else f"connection lost: {exc}", cut=True,
-                    lost=True)
+        reason = "connection lost" if exc is None else f"connection lost: {exc}"
+        if self.state is St.HANDSHAKE and self.hs is not None:  # not moved here
+            # A failed handshake (a reset, where a FIN is _fail's), as §9.5 says.
+            desc = "connection closed during handshake" + (f" ({exc})" if exc else "")
+            self.hub.note_failure(failure_reason(desc))
+            log.info("handshake failed peer=%s desc=%s", self.peer, logval(desc),
+                     extra={"fields": {"event": "handshake_failed", "peer": self.peer,
+                                       "chid": self.chid, "desc": desc,
+                                       "reason": failure_reason(desc)}})
+            reason = f"handshake failed: {desc}"
+        self._leave(reason, cut=True, lost=True)
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -944,7 +953,8 @@ class Session(Relay, asyncio.BufferedProtocol):
                 assert chunk is not None
                 for p in hub.pending:
                     p._queue_pending(chunk)
-            elif len(route.targets) <= 1 and not hub.peers_live():
+            elif (not route.targets or (len(route.targets) == 1 and route.targets[0] is self)) \
+                    and not hub.peers_live():
                 hub.drop("no_receiver", n)  # nobody else anywhere
         elif route.missing:
             assert chunk is not None

@@ -30,6 +30,7 @@ from helpers import (
     read_line,
     recv_exact,
     recv_hash,
+    reset_close,
     send_json,
 )
 
@@ -644,8 +645,8 @@ def test_server_still_serves_a_fresh_pair_after_all_bad_inputs(start_server):
     mark = server.mark()
     port = port_of(rst)
     rst.close()
-    server.wait_log(rf"session end chid=\S+ peer=127\.0\.0\.1:{port} .*reason=\"connection lost",
-                    start=mark)
+    server.wait_log(rf"session end chid=\S+ peer=127\.0\.0\.1:{port} .*reason=\"handshake "
+                    r"failed: connection closed during handshake \(", start=mark)
     # handshake timeout (last: the others must finish well within it)
     slow = server.connect()
     hs1_ok(slow)
@@ -655,3 +656,18 @@ def test_server_still_serves_a_fresh_pair_after_all_bad_inputs(start_server):
     assert_pair_works(server)
     holder.close()
 
+
+
+def test_a_reset_during_the_handshake_is_a_failed_handshake(chan_server):
+    """hs1, then a reset: it was logged as the end of a live session
+    ("connection lost", end label reset) and counted as no failure, where a
+    FIN there is "connection closed during handshake" (§9.5)."""
+    mark = chan_server.mark()
+    s = chan_server.connect()
+    send_json(s, {"req": "hs1", "chid": "gone"})
+    assert read_json(s)["rsp"] == "hs2"
+    reset_close(s)
+    chan_server.wait_log(r"session end chid=gone .*reason=\"handshake failed: connection "
+                         r"closed during handshake \(\[Errno 104\]", start=mark)
+    chan_server.wait_log(r"handshake failed peer=\S+ desc=", start=mark)
+    assert chan_server.ctl_json("status")["failures"] == {"closed": 1}

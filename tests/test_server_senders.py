@@ -91,3 +91,17 @@ def test_senders_is_checked_like_recvers(chan_server):
     assert recv_exact(sock, 27) == b'{"rsp":"hs2","chid":"s"}\n{"'
     rest = sock.recv(200)
     assert b'"desc":"senders must be a list"' in rest
+
+
+def test_everyone_bytes_delivered_are_not_counted_as_reaching_nobody(chan_server):
+    """s hears only "nobody" and sends to everyone: r gets its bytes. The
+    check for "nobody else anywhere" took the one receiver of its route for
+    s itself (a route to everyone lists the sender, unless its own senders
+    leave it out) and counted delivered bytes as dropped (no_receiver)."""
+    r, _ = chan_server.handshake("r", ["nobody"])
+    s, _ = chan_server.handshake("s", [], senders=["nobody"])
+    s.sendall(b"x" * 1000)
+    assert recv_exact(r, 1000) == b"x" * 1000
+    status = chan_server.ctl_json("status")
+    assert status["drops"].get("no_receiver", 0) == 0
+    assert status["totals"]["dropped_bytes"] == 0
