@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import fcntl
 import functools
 import os
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Iterable
@@ -675,17 +678,23 @@ class Connection:
     def abort(self) -> None:
         """Reset the session (RST): what we sent may be cut, and the peer
         must not take it for a finished stream, as a FIN (or the FINAL
-        record) would say. For every exit that is not a normal end."""
-        with contextlib.suppress(OSError):
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self._close()
+        record) would say. For every exit that is not a normal end. Threads
+        blocked in ``recv`` or ``sendall`` wake up with an error."""
+        sock = self.sock
+        if sock.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _disconnect(sock)
+        sock.close()
 
     def _close(self) -> None:
-        # SHUT_RD wakes a thread blocked in recv() and sends nothing: a FIN
-        # (SHUT_WR) ahead of a reset would pass for the end of our stream.
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RD)
-        self.sock.close()
+        sock = self.sock
+        if sock.fileno() >= 0 and _unread(sock):
+            self.abort()  # the kernel resets anyway: no FIN first, to pass for an end
+            return
+        with contextlib.suppress(OSError):  # wakes threads blocked in recv() or sendall()
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
     def settimeout(self, value: float | None) -> None:
         self.sock.settimeout(value)
@@ -701,6 +710,27 @@ class Connection:
             self.close()
         else:
             self.abort()
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes received that nobody read (FIONREAD)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
+
+def _disconnect(sock: socket.socket) -> None:
+    """Reset a connection at once, waking threads blocked on it: connect()
+    to AF_UNSPEC (Linux's tcp_disconnect sends the RST). Closing alone would
+    wait for a thread blocked in send() to let go of the socket."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        unspec = ctypes.create_string_buffer(16)  # a sockaddr with sa_family 0
+        libc.connect(sock.fileno(), unspec, ctypes.sizeof(unspec))
+    except (OSError, AttributeError):  # pragma: no cover - no libc: the close resets
+        pass
 
 
 def connect(

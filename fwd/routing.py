@@ -64,6 +64,10 @@ HOLD_CHID_COST = 1024
 """Memory of an absent chid's hold besides its bytes (its _Hold, deque, sizes
 and dict entry: about 1,000 bytes measured with one sender), charged to
 hold_total: one hs3 may name hundreds of absent chids."""
+HOLD_BOOKKEEPING_MIN = 1 << 20
+"""A sender's bookkeeping of its held reads, over all chids, may take its
+hold_bytes, or this much if that is less: a small hold_bytes must still let
+a read be held for a few hundred chids."""
 HOLD_ENTRY_COST = 224
 """Memory of one held read besides its bytes (its (time, bytes, sender) tuple,
 deque slot, reference count, sender's size and bookkeeping entries and the
@@ -95,6 +99,7 @@ class Router(Generic[T]):
         self.hold_total = hold_total
         self.chid_cost = chid_cost
         self.entry_cost = entry_cost
+        self.bookkeeping_max = max(hold_bytes, HOLD_BOOKKEEPING_MIN)
         # The compiled read loop checks its cached route against this cell
         # on every read: a C load, where an attribute would be a dict lookup.
         self.generation_cell = array("q", [0])
@@ -369,7 +374,7 @@ class Router(Generic[T]):
         spare = self.hold_total - self.held - self.overhead - self.queued - cost  # for the bytes
         room = self.hold_bytes - (hold.size.get(sender, 0) if hold is not None else 0)
         entries = self._entries.get(sender, 0)
-        if room <= 0 or spare < 0 or entries + self.entry_cost > self.hold_bytes:
+        if room <= 0 or spare < 0 or entries + self.entry_cost > self.bookkeeping_max:
             return len(chunk)
         kept: bytes | memoryview
         if len(chunk) <= room and (id(chunk) in self._refs or len(chunk) <= spare):
@@ -436,8 +441,8 @@ class Router(Generic[T]):
             while hold.chunks and hold.chunks[0][0] <= deadline:
                 when, chunk, sender = hold.chunks.popleft()
                 if sender is not None:
-                    was = self.expired.get(sender, (0, 0.0))[0]
-                    self.expired[sender] = (was + len(chunk), when)
+                    was, newest = self.expired.get(sender, (0, when))
+                    self.expired[sender] = (was + len(chunk), max(newest, when))
                 left = hold.size[sender] - len(chunk)
                 if left:
                     hold.size[sender] = left
@@ -450,13 +455,15 @@ class Router(Generic[T]):
                 self.overhead -= self.chid_cost
         return dropped
 
-    def held_from(self, chid: str, sender: str) -> float | None:
-        """When the oldest bytes from ``sender`` held for ``chid`` were held
-        (None: none are: they went to a session of ``chid``, or expired)."""
+    def held_from(self, chid: str, sender: str, since: float) -> float | None:
+        """When the oldest bytes from ``sender`` held for ``chid`` at ``since``
+        or later (from its session that went live then, not an earlier one
+        of that chid) were held; None: none are (they went to a session of
+        ``chid``, or expired)."""
         hold = self._holds.get(chid)
         if hold is None or sender not in hold.size:
             return None
-        return next(when for when, _, s in hold.chunks if s == sender)
+        return next((when for when, _, s in hold.chunks if s == sender and when >= since), None)
 
     def held_since(self, chid: str) -> float | None:
         """When the oldest bytes held for ``chid`` were held (None: none are)."""

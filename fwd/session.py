@@ -130,7 +130,7 @@ class Session(Relay, asyncio.BufferedProtocol):
     __slots__ = (
         "state", "peer", "chid", "hs", "sniffed", "pending_out",
         "pending_size", "timeout", "timer", "slow_timer", "linger",
-        "started", "dropped",
+        "started", "live_since", "dropped",
         "partner", "nonce", "token", "adopted", "home_hint", "recvers", "flags",
     )
 
@@ -213,6 +213,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=hub.config.max_buffer)
         loop = hub.loop
         self.started = self.last_active = loop.time()
+        self.live_since = 0.0  # when it went live: held bytes of its chid's are its own since
         self.timeout = hub.config.idle_timeout  # hs3 may override it
         if self.adopted is not None:
             adopted, self.adopted = self.adopted, None  # keep no bytes for the session's life
@@ -346,7 +347,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.dropped:  # the hold dropped some: its partner to be gets a cut stream
             self.close("held bytes dropped", cut=True)
             return True
-        first = router.held_from(chid, self.chid)
+        first = router.held_from(chid, self.chid, self.live_since)
         if first is None:
             return False  # nothing of ours waits for it (an earlier session took it)
         self.read_closed = True
@@ -828,6 +829,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self._cancel_timer()
         self.state = St.LIVE
         self.live = True
+        self.live_since = hub.loop.time()
         self.hs = None
         self.recvers = recvers
         hub.pending.discard(self)
@@ -923,7 +925,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         their sniff queue without it: it goes to them now, as live bytes,
         not into a hold (or a queue) nobody reads any more."""
         full = None
-        if route.generation != self.hub.router.generation:
+        if route.generation != self.hub.router.generation and self.state is St.LIVE:
             self.route = route = self.hub.router.route(self)
             late = tuple(t for t in route.targets if t not in served)
             if late:

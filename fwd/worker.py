@@ -869,7 +869,7 @@ class Hub:
         expired, self.router.expired = self.router.expired, {}
         for sender, (nbytes, when) in expired.items():  # their streams were cut there
             owner = self.router.owner(sender)
-            if owner is not None and owner.started <= when:  # not a later session's
+            if owner is not None and owner.live_since <= when:  # not a later session's
                 owner.dropped += nbytes
         if dropped:
             self.drop("hold_expired", dropped)

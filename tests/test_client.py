@@ -858,3 +858,36 @@ def test_bytes_sent_after_the_servers_close_end_in_a_reset_not_a_clean_end():
         conn.close()
     finally:
         lst.close()
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+def test_close_and_abort_wake_a_thread_blocked_in_sendall(chan_server, how):
+    """b reads nothing, so a's sendall blocks in another thread. abort()
+    (and close(), when nothing unread waits) must end the connection and
+    wake it: shutting down only the reading side left the thread blocked
+    and the connection open."""
+    b = connect(chan_server.host, chan_server.port, "wb2", ["wa2"])
+    a = connect(chan_server.host, chan_server.port, "wa2", ["wb2"])
+    failed: list[BaseException] = []
+
+    def flood() -> None:
+        try:
+            a.sendall(bytes(256 * 1024 * 1024))
+        except OSError as exc:
+            failed.append(exc)
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    wait_until(lambda: _blocked_in(sender, "sendall"), WAIT, "the sender blocked")
+    getattr(a, how)()
+    sender.join(10)  # at once, in fact; it stayed blocked for good
+    assert not sender.is_alive() and failed
+    b.close()
+
+
+def _blocked_in(thread: threading.Thread, name: str) -> bool:
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False

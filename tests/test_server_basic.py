@@ -164,6 +164,25 @@ def test_a_fin_after_its_bytes_were_delivered_ends_the_sender_though_others_are_
     server.wait_log(r"session end chid=a .*reason=\"client closed\"", start=mark)
 
 
+def test_a_senders_fin_ignores_what_an_earlier_session_of_its_chid_left_held(start_server):
+    """a's first session sent, and was reset: its bytes stay held for b. A
+    new session of a that sends nothing and half-closes has nothing of its
+    own waiting for b: its FIN ends it at once. It used to take the old
+    session's bytes for its own and wait, half-closed, for b."""
+    server = start_server("--mode", "chan", "--hold-seconds", "30")
+    first, _ = server.handshake("a", ["b"])
+    first.sendall(b"first try, cut")
+    wait_until(lambda: server.ctl_json("status")["totals"]["held_bytes"] == 14, 10, "held")
+    mark = server.mark()
+    reset_close(first)
+    server.wait_log(r"session end chid=a ", start=mark)
+    again, _ = server.handshake("a", ["b"])
+    again.shutdown(socket.SHUT_WR)
+    again.settimeout(30)
+    assert again.recv(1) == b""
+    server.wait_log(r"session end chid=a .*reason=\"client closed\"", start=mark)
+
+
 def test_a_sender_whose_held_bytes_expired_in_part_is_reset_at_its_fin(start_server):
     """a's first bytes for b expired before b came: b would get a stream
     without its start. a's FIN used to wait for b, which then got the rest

@@ -224,3 +224,36 @@ def test_a_receiver_that_goes_live_between_a_round_and_its_hold_gets_every_byte(
         assert got == data[:sent], f"try {trial}: a hole or a swap"
         s.close()
         b.close()
+
+
+def test_a_sender_taken_over_mid_round_leaves_its_round_to_its_route(start_server):
+    """A takeover ends the sender between a teed round and the moment the
+    rest of its route gets it (the same loop turn): looking its route up
+    again then raised (it had left the router), and the round was lost."""
+    server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno",
+                          "--takeover", "--pump-pairs", "0", "--hold-bytes", "256MiB",
+                          "--hold-total", "1GiB")
+    c, _ = server.handshake("c", ["nobody"])
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while c.recv(1 << 20):
+                pass
+    threading.Thread(target=drain, daemon=True).start()
+    piece = 128 * 1024
+    data = bytes(4 * MiB)
+    for trial in range(10):
+        mark = server.mark()
+        s, _ = server.handshake(f"s{trial}", ["c", f"b{trial}"])
+        t = server.connect()
+        with contextlib.suppress(OSError):
+            for i in range(30):
+                s.sendall(data[i * piece:(i + 1) * piece])
+                if i == 5:  # the same chid again, right behind a round
+                    t.sendall(b'{"req":"hs1","chid":"s%d"}\n{"req":"hs3","recvers":["nobody"]}\n'
+                              % trial)
+                time.sleep(0.001)  # the stream's pace: rounds, not one long read
+        server.wait_log(rf"session end chid=s{trial} .*taken over", start=mark)
+        s.close()
+        t.close()
+    assert not any("Traceback" in ln or "Exception in callback" in ln for ln in server.lines)
