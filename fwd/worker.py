@@ -458,8 +458,8 @@ class Hub:
 
     def worker_dead(self, worker: int) -> None:
         assert self.mesh is not None
+        self._stuck.discard(worker)  # before forget: it is gone, it does not "read again"
         self.drop("worker_gone", self.mesh.forget(worker))
-        self._stuck.discard(worker)
         self.sleeping.discard(worker)  # its successor starts awake
         self.peer_awake(worker)
         self.router.drop_worker(worker)
