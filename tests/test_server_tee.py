@@ -190,6 +190,15 @@ def test_a_stalled_receiver_is_cut_off_and_the_others_get_every_byte(start_serve
     stalled.close()
 
 
+def drain(sock: socket.socket) -> None:
+    """Read and forget what ``sock`` gets, in the background, until it ends."""
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            while sock.recv(1 << 20):
+                pass
+    threading.Thread(target=run, daemon=True).start()
+
+
 def test_a_receiver_that_goes_live_between_a_round_and_its_hold_gets_every_byte(start_server):
     """A teed round goes to the live receivers at once and to the rest of its
     route (the hold for an absent chid) later in the same loop turn. A
@@ -198,13 +207,7 @@ def test_a_receiver_that_goes_live_between_a_round_and_its_hold_gets_every_byte(
     and the round expired later (in about 7 of 10 tries)."""
     server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno",
                           "--pump-pairs", "0", "--hold-bytes", "256MiB", "--hold-total", "1GiB")
-    c, _ = server.handshake("c", ["nobody"])
-
-    def drain() -> None:
-        with contextlib.suppress(OSError):
-            while c.recv(1 << 20):
-                pass
-    threading.Thread(target=drain, daemon=True).start()
+    drain(server.handshake("c", ["nobody"])[0])
     piece = 128 * 1024
     data = b"".join(struct.pack(">Q", i) for i in range(8 * MiB // 8))
     for trial in range(10):
@@ -233,13 +236,7 @@ def test_a_sender_taken_over_mid_round_leaves_its_round_to_its_route(start_serve
     server = start_server("--mode", "chan", "--workers", "1", "--tcp-congestion", "reno",
                           "--takeover", "--pump-pairs", "0", "--hold-bytes", "256MiB",
                           "--hold-total", "1GiB")
-    c, _ = server.handshake("c", ["nobody"])
-
-    def drain() -> None:
-        with contextlib.suppress(OSError):
-            while c.recv(1 << 20):
-                pass
-    threading.Thread(target=drain, daemon=True).start()
+    drain(server.handshake("c", ["nobody"])[0])
     piece = 128 * 1024
     data = bytes(4 * MiB)
     for trial in range(10):
