@@ -910,10 +910,15 @@ class Session(Relay, asyncio.BufferedProtocol):
 
     def _forward(self, chunk: bytes) -> None:
         """Route bytes the session already holds (the first bytes after hs3);
-        the same steps as the hot path in buffer_updated, from a bytes object."""
-        now = self.last_active = self.hub.loop.time()
+        the same steps as the hot path in buffer_updated, from a bytes object.
+        They were read before the meter saw the session: --max-rate charges
+        them now (inside: this may run in the read callback of hs3)."""
+        hub = self.hub
+        now = self.last_active = hub.loop.time()
         self.bytes_in += len(chunk)
-        route = self.hub.router.route(self)
+        if hub.config.max_rate:
+            hub.meter(self, len(chunk), now, inside=True)
+        route = hub.router.route(self)
         full = fanout(chunk, route.targets, self, now)
         self._route_rest(route, chunk, len(chunk), now, full)
 

@@ -639,6 +639,23 @@ def test_max_rate_paces_a_sender_and_loses_nothing(start_server):
     assert totals["pumped_pairs"] == 0
 
 
+def test_max_rate_charges_stream_bytes_pipelined_behind_the_handshake(start_server):
+    """Stream bytes in the read that carried hs3 are forwarded when the
+    session goes live, not by a metered read: they are charged then, or a
+    client would get a read's worth free each session, on top of its burst."""
+    server = start_server("--mode", "chan", "--workers", "1", "--max-rate", "1KiB")
+    b, _ = server.handshake("b")
+    a = server.connect()
+    head = b'{"req":"hs1","chid":"a"}\n{"req":"hs3","recvers":["b"]}\n'
+    # Reads are 4 KiB (the least): hs3 and over three seconds' worth in one.
+    payload = os.urandom(4 * KiB - len(head) - 16)
+    a.sendall(head + payload)
+    assert read_json(a) == {"rsp": "hs2", "chid": "a"}
+    assert read_json(a) == {"rsp": "hs4", "result": "OK"}
+    assert recv_exact(b, len(payload)) == payload
+    assert server.ctl_json("status")["totals"]["throttled"] == 1
+
+
 def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_server):
     """Pairs are moved to one worker after their handshake: the count of their
     address must follow, or ends heard from the new worker would free slots
