@@ -184,7 +184,7 @@ class Mesh:
         self.stuck_after = stuck_after  # 0: wait for a peer as long as it takes
         self.stuck: set[int] = set()  # full pipes unread for stuck_after: not waited for
         self._progress: dict[int, float] = {}  # full pipe -> when its peer last took some
-        self.stream_bytes = 0  # stream bytes sent (or queued) to other workers
+        self.stream_bytes = 0  # stream bytes handed to ZeroMQ for other workers
         self._overflow: dict[int, list[list[bytes]]] = {}
         self._overflow_bytes: dict[int, int] = {}
         self.overflow_max = overflow_max
@@ -426,7 +426,6 @@ class Mesh:
                 and self._overflow_bytes.get(worker, 0) >= self.overflow_max:
             self.handler.overflow_dropped(worker, stream)
             return True
-        self.stream_bytes += stream
         self._overflow.setdefault(worker, []).append(frames)
         self._overflow_bytes[worker] = self._overflow_bytes.get(worker, 0) + size
         return worker in self.stuck  # nobody waits for a stuck peer
@@ -468,6 +467,8 @@ class Mesh:
                 return
             sent = queued.pop(0)
             self._overflow_bytes[worker] -= sum(len(f) for f in sent)
+            if sent[0] in STREAM:
+                self.stream_bytes += len(sent[-1])
             if worker in self._progress:
                 self._progress[worker] = self.loop.time()
         self._progress.pop(worker, None)

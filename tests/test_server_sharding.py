@@ -839,13 +839,23 @@ def test_a_restarted_worker_gets_nothing_that_waited_for_its_predecessor(start_s
     assert server.worker_of(s) == here
     mark = server.mark()
     os.kill(home, signal.SIGSTOP)
-    up = Sender(s, 8 * MiB)  # waits in the pipe to x's stopped worker (64 reads)
+    # Fills the pipe to x's stopped worker (64 reads), then the mesh's own
+    # queue, where s waits until that worker is stuck (3 s), then --max-buffer.
+    up = Sender(s, 32 * MiB)
     up.start()
-    assert recv_hash(a1, 8 * MiB) == up.digest
+    a1.settimeout(60)
+    assert recv_hash(a1, 32 * MiB) == up.digest
     up.finish()
     s.close()  # nothing here names x any more: the next x lands where it connects
     os.kill(home, signal.SIGKILL)
     _worker_ready(server, home, mark)
+    # What waited in the mesh's own queue is dropped, not sent: each byte for
+    # x is counted once, as sent to the other worker or as lost with it.
+    wait_until(lambda: "worker_gone" in server.ctl_json("status")["drops"],
+               30, "the bytes queued for the dead worker counted as dropped")
+    st = server.ctl_json("status")
+    sent, drops = st["totals"]["cross_worker_bytes"], st["drops"]
+    assert sent + drops["worker_gone"] + drops["worker_stuck"] == 32 * MiB
     x2, _ = server.handshake("x", ["nobody else"])
     assert server.worker_of(x2) not in (here, home)  # on the successor
     s2, _ = server.handshake("s2", ["x"])
