@@ -97,6 +97,7 @@ import logging
 import os
 import random
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +121,14 @@ from .protocol import (
     refusal,
 )
 from .pumps import RETRY, RETRY_SOON, STALL, hold_offers
-from .sockopts import RESET_BY_PEER, ResetWhenSent, reset, reset_by_peer, set_keepalive
+from .sockopts import (
+    RESET_BY_PEER,
+    ResetWhenSent,
+    reset,
+    reset_by_peer,
+    set_keepalive,
+    unacked,
+)
 
 log = logging.getLogger("fwd.bridge")
 
@@ -134,10 +142,14 @@ MAX_BUFFER = 1024 * 1024
 BACKOFF_START = 0.5
 BACKOFF_CAP = 10.0
 HEALTHY_AFTER = 10.0
+"""A connection that lived this long was not a failed attempt, even if it carried nothing."""
 QUICK_END = 1.0
 """A connection that ended sooner with nothing asked of it waits before the
 next, as after a failure, though it counts as none."""
-"""A connection that lived this long was not a failed attempt, even if it carried nothing."""
+ATTEMPT_MIN = 0.2
+"""Least time a connect to server1 gets while a request waits, even when
+less of --service-wait is left (0 included): a service that is up must not
+be given up on because it took a millisecond to accept."""
 CLOSE_LINGER = 5.0
 """How long a closing side may take to flush before it is aborted."""
 SHUTDOWN_LINGER = 2.0
@@ -228,8 +240,10 @@ def describe(exc: BaseException) -> str:
         return f"handshake failed: {exc.desc}"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "timed out"
+    if isinstance(exc, OSError) and exc.errno is not None:  # sock_connect's strerror
+        return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"  # names the address instead
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror if exc.errno is None else f"[Errno {exc.errno}] {exc.strerror}"
+        return exc.strerror
     return str(exc) or type(exc).__name__
 
 
@@ -287,6 +301,11 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.welcomed = False
         self.reset_lost = 0  # what our resets destroyed in the kernel (reset_now)
         self.closing: str | None = None  # why it was detached
+        self.after_flush: Link | None = None
+        """Stopping: the other side, which sent what we still flush. It is
+        closed when our peer has acknowledged all of it, with a FIN; if the
+        linger ends first, both are reset, so that the other side's peer
+        never takes a cut upload for a whole one."""
         """server0 answered our handshake OK: what ends it later is no failed attempt."""
 
     # -- asyncio callbacks --------------------------------------------------------
@@ -377,8 +396,13 @@ class Link(Relay, asyncio.BufferedProtocol):
         # What was still queued, and what a reset of ours destroyed, never
         # reached the peer: the closed line counts what did.
         queued = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        whole = exc is None and not queued and not self.reset_lost
         self.bytes_out -= queued + self.reset_lost
         self.reset_lost = 0
+        if self.after_flush is not None:  # within stop()'s SHUTDOWN_LINGER
+            left = max(self.bridge.stop_by - self.bridge.loop.time(), 0.0)
+            self.after_flush.close(linger=left, cut=not whole)
+            self.after_flush = None
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
@@ -502,6 +526,10 @@ class Link(Relay, asyncio.BufferedProtocol):
         if cut:
             self.linger = ResetWhenSent(self.bridge.loop, t, linger, self.reset_now)
             return
+        if self.after_flush is not None:  # closed once the peer has it all, or reset
+            self.linger = ResetWhenSent(self.bridge.loop, t, linger, self.reset_now,
+                                        acked=lambda tr: tr.close())
+            return
         t.close()
         self.linger = self.bridge.loop.call_later(linger, self.reset_now, t)
 
@@ -545,6 +573,7 @@ class Bridge:
         """Bumped when a pair ends (``both``): attempts started for the old pair are void."""
         self.pair_started = 0.0
         self.stopping = False
+        self.stop_by = 0.0  # stop(): when every side should be closed
         self.poke = [asyncio.Event(), asyncio.Event()]
         self.gone = asyncio.Event()
         # A bulk pair's bytes can go through a Pump, as in fwd-server (fwd/pumps.py).
@@ -908,10 +937,11 @@ class Bridge:
         timeout = self.opts.connect_timeout
         left = self._wait_left() if side == 1 else None
         if left is not None:  # a request waits: --service-wait bounds the attempt
-            timeout = max(min(timeout, left), 0.001)
+            timeout = min(timeout, max(left, ATTEMPT_MIN))
         deadline = self.loop.time() + timeout
         try:
-            await asyncio.wait_for(self.loop.create_connection(factory, host, port), timeout)
+            sock = await self._open(host, port, timeout)
+            await self.loop.create_connection(factory, sock=sock)
             link = made[-1]
             try:
                 await asyncio.wait_for(link.ready, max(deadline - self.loop.time(), 0.001))
@@ -924,6 +954,33 @@ class Bridge:
                 x.close(abort=True)
             raise
         return link
+
+    async def _open(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A socket connected within ``timeout``, before any transport exists.
+        A timeout around create_connection could hit after connection_made:
+        uvloop then closes the new transport without connection_lost, and
+        the link, attached already (and sent the request), stays for good."""
+        deadline = self.loop.time() + timeout
+        infos = await asyncio.wait_for(
+            self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        error: OSError | None = None
+        for family, kind, proto, _, addr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await asyncio.wait_for(self.loop.sock_connect(sock, addr),
+                                       max(deadline - self.loop.time(), 0.0))
+                return sock
+            except (asyncio.TimeoutError, TimeoutError):  # an OSError since 3.11
+                sock.close()
+                raise
+            except OSError as exc:  # refused: the next address, as create_connection
+                sock.close()
+                error = exc
+            except BaseException:  # cancelled
+                sock.close()
+                raise
+        raise error or OSError(f"no address for {host}")
 
     def _count_failure(self, side: int, why: str) -> int:
         """One more failure in a row for ``side``; GiveUp past --max-retries."""
@@ -975,17 +1032,26 @@ class Bridge:
         """Close every connection (queued bytes get SHUTDOWN_LINGER to flush) and wake
         every slot, so that none waits on a link that will never end. A side
         whose bytes are still held for the other is reset, not closed: its
-        peer must not take the FIN for delivery."""
+        peer must not take the FIN for delivery. One whose bytes the other
+        side still flushes is closed once that flush is over, and reset if
+        the flush was cut (Link.after_flush)."""
         self.stopping = True
+        self.stop_by = self.loop.time() + SHUTDOWN_LINGER
         held = sum(len(c) for q in self.pending for c in q)
         held += sum(len(x.suspect_line) for x in self.links_all if x.suspect is not None)
         if held:
             log.warning("dropped %d held bytes", held)
+        flushing = [x for x in self.links if x is not None and x.transport is not None
+                    and not x.transport.is_closing() and unacked(x.transport)]
+        waiting = None  # a side whose bytes the other still flushes: closed after it
+        if len(flushing) == 1 and (waiting := self.links[1 - flushing[0].side]) is not None:
+            flushing[0].after_flush = waiting
         for link in list(self.links_all):
             cut = link.attached and (bool(self.pending[1 - link.side])
                                      or link.suspect is not None)  # its line is dropped
             self.detach(link, "shutting down")
-            link.close(linger=SHUTDOWN_LINGER, cut=cut)
+            if link is not waiting or cut:
+                link.close(linger=SHUTDOWN_LINGER, cut=cut)
         for ev in self.poke:
             ev.set()
 

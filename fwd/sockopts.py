@@ -131,13 +131,17 @@ class ResetWhenSent:
     (its other half was reset): the bytes that did arrive are delivered, and
     the reset still tells the client the stream was cut. A reset sent at once
     would destroy them; a close would end with a FIN that reads as a finished
-    stream. Reading is paused meanwhile. ``cancel`` stops it, like a timer."""
+    stream. Reading is paused meanwhile. ``cancel`` stops it, like a timer.
+    With ``acked``, a peer that took everything in time gets that instead
+    (a close: fwd-client's stop, where a cut is known only at the limit)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
-                 limit: float, abort: Callable[[asyncio.Transport], Any] = reset) -> None:
+                 limit: float, abort: Callable[[asyncio.Transport], Any] = reset,
+                 acked: Callable[[asyncio.Transport], Any] | None = None) -> None:
         self.loop = loop
         self.transport = transport
         self.abort = abort  # the reset, by whoever counts what it destroys
+        self.acked = abort if acked is None else acked
         self.deadline = loop.time() + limit
         self.delay = 0.001
         transport.pause_reading()
@@ -147,7 +151,10 @@ class ResetWhenSent:
         t = self.transport
         if t.is_closing():
             return
-        if not unacked(t) or self.loop.time() >= self.deadline:
+        if not unacked(t):
+            self.acked(t)
+            return
+        if self.loop.time() >= self.deadline:
             self.abort(t)
             return
         self.delay = min(self.delay * 2, 0.05)  # loopback acks in microseconds, a WAN in ms

@@ -353,6 +353,28 @@ def test_a_request_the_service_cannot_take_is_reset_after_service_wait(
     round_trip(remote, 64 * 1024)
 
 
+def test_service_wait_0_serves_every_request_to_a_service_that_is_up(
+        start_server, start_client, start_service):
+    """--service-wait 0 gave each connect to the service 1 ms. One that took
+    longer was reset though the service was up; one whose timeout hit just
+    as it connected left a dead link in server1's place (uvloop closes such
+    a transport without connection_lost), which got the request, so the
+    remote hung and the service was never tried again. Here 1 to 5 of 20
+    requests failed so. A connect now gets ATTEMPT_MIN at least, and no
+    transport exists before the connection does."""
+    server = start_server("--mode", "chan")
+    svc = start_service(xor_echo)
+    br = chan_bridge(start_client, server, svc, "--service-wait", "0")
+    for i in range(20):
+        br.wait_log(r"server0 connected \S+ chid=svc", count=i + 1)
+        remote = claim_again(server, "user", ["svc"])
+        remote.settimeout(WAIT)
+        remote.sendall(b"ping")
+        assert recv_exact(remote, 4) == b"ping".translate(XOR), f"request {i}"
+        remote.close()
+    assert not any("Fatal error" in ln for ln in br.lines)
+
+
 def test_fwd_server_restart_on_same_port_is_recovered(start_server, start_client,
                                                       start_service):
     server = start_server("--mode", "chan")
@@ -948,6 +970,47 @@ def test_a_stop_cuts_a_stream_still_flushing_with_a_reset(start_client):
                 got += len(chunk)
             raise AssertionError(f"EOF after {got} of the {out} bytes counted as sent")
         assert got == out
+
+
+def test_a_stop_resets_the_relay_side_whose_upload_it_could_not_deliver(start_client):
+    """The remote's whole upload and its FIN were read, and part of it waits
+    for a slow service when fwd-client stops. The relay side used to be
+    closed with a FIN at once, and the service reset at the linger's end:
+    the remote took an upload the service never got for delivered. Now the
+    relay side is closed once that flush is over, and reset as here, where
+    it is cut."""
+    with stand_ins(start_client, "--no-handshake", rcvbuf=8192) as (br, c0, c1):
+        mark = br.mark()
+        flood_until_stalled(c0)  # every buffer on the way to the service is full
+        c0.settimeout(WAIT)
+        c0.shutdown(socket.SHUT_WR)
+        # The service reads slowly until fwd-client has read the upload's
+        # end: what its queue holds for the service stays there.
+        while not any("server0 sent EOF" in ln for ln in br.lines[mark:]):
+            c1.recv(8192)
+            time.sleep(0.001)
+        br.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionResetError):
+            c0.recv(1)
+        assert br.exit_code() == 0
+
+
+def test_a_stop_closes_the_relay_side_with_a_fin_once_its_upload_is_delivered(start_client):
+    """The same, with a service that reads on: the flush completes, and the
+    relay side then gets its FIN."""
+    with stand_ins(start_client, "--no-handshake", rcvbuf=8192) as (br, c0, c1):
+        mark = br.mark()
+        up = os.urandom(512 * 1024)
+        c0.sendall(up)
+        c0.shutdown(socket.SHUT_WR)
+        br.wait_log(r"server0 sent EOF", start=mark)
+        c1.sendall(b"answer")
+        assert recv_exact(c0, 6) == b"answer"
+        br.proc.send_signal(signal.SIGTERM)
+        assert recv_exact(c1, len(up)) == up
+        assert c1.recv(1) == b""
+        assert c0.recv(1) == b""
+        assert br.exit_code() == 0
 
 
 def test_a_service_that_answers_nothing_is_no_failed_attempt(start_client, start_service):
