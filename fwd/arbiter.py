@@ -117,6 +117,10 @@ class Arbiter:
         self.exit_code = 0
         self._stop = asyncio.Event()
         self._all_exited = asyncio.Event()
+        # SIGHUP too: a closed terminal drains the server, as Ctrl-C does.
+        # First of all: a signal from here on must remove the run directory.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self._signalled)
         self._rr = itertools.cycle(range(config.workers))
         self._incarnations = itertools.count(1)  # every start of a worker gets the next
         self._served: set[int] = set()  # worker slots that had a ready worker
@@ -127,6 +131,7 @@ class Arbiter:
         self._park_timer: asyncio.TimerHandle | None = None
         self.refused = 0
         self._last_refusal_log = -1e9
+        self._reloading = asyncio.Lock()
         # ZeroMQ ipc endpoints live here, private to this server, removed at exit.
         self.rundir = tempfile.mkdtemp(prefix="fwd-")
         self.coordinator: Coordinator | None = None
@@ -174,9 +179,6 @@ class Arbiter:
             log.info("metrics on http://%s/metrics", format_hostport(host, port))
         if self.config.workers > 1:
             self.coordinator = Coordinator(self.loop, self.config.workers, self.rundir)
-        # SIGHUP too: a closed terminal drains the server, as Ctrl-C does.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self.loop.add_signal_handler(sig, self._signalled)
         for wid in range(self.config.workers):
             if self._stop.is_set():  # a signal while they start: stop at once
                 break
@@ -625,12 +627,17 @@ class Arbiter:
         served stay (``kick --peer`` ends them); a file that does not read or
         parse leaves the filter as it was, as nginx keeps its configuration."""
         files = [f for f in (self.config.allow_file, self.config.deny_file) if f]
-        try:  # a long blocklist parses off the loop, which keeps accepting
-            new = await self.loop.run_in_executor(None, self.config.address_filter)
-        except ValueError as exc:
-            log.warning("reload failed, address filter unchanged: %s", exc)
-            return control.error(f"reload failed, nothing changed: {exc}")
-        self.filter = new
+        # One at a time, in order: a reload that began on an older file and
+        # took longer must not replace what a later one installed.
+        if self._reloading.locked():
+            log.info("reload: waiting for the one in progress")
+        async with self._reloading:
+            try:  # a long blocklist parses off the loop, which keeps accepting
+                new = await self.loop.run_in_executor(None, self.config.address_filter)
+            except ValueError as exc:
+                log.warning("reload failed, address filter unchanged: %s", exc)
+                return control.error(f"reload failed, nothing changed: {exc}")
+            self.filter = new
         allow = None if new.allow is None else len(new.allow)
         log.info("reloaded %s: allow %s, deny %d networks", " and ".join(files) or "nothing",
                  "any" if allow is None else allow, len(new.deny))
