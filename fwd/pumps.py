@@ -142,18 +142,24 @@ class Pumps:
         log.debug("pair chid=%s <-> chid=%s back in the loop (%s)", logval(a.chid), logval(b.chid),
                   why or "asked")
         hold_offers(self.hub.loop, RETRY, a, b)
-        for x in (a, b):
-            if x.transport is not None and not x.transport.is_closing():
+        # A side whose peer reset (a thread's splice failed on it; no FIN was
+        # passed on while pumped, so CLOSE is a reset) ends once its reads
+        # find that out, and its partner with it. Meanwhile the partner is
+        # not read, as a sender behind a full receiver: what it sent would
+        # be read only to be thrown away (tens of MiB, explore22).
+        gone = {x for x in (a, b)
+                if x.transport is not None and reset_by_peer(x.transport)}
+        for x in gone:
+            x.peer_reset = True
+        for x, dst in ((a, b), (b, a)):
+            if x.transport is not None and not x.transport.is_closing() \
+                    and (dst not in gone or x in gone):
                 x.transport.resume_reading()
         for src, dst, rest, spliced, stuck in ((a, b, ab, bulk[0], stalled[0]),
                                                (b, a, ba, bulk[1], stalled[1])):
-            # Not to a receiver whose peer reset (a thread's splice failed on
-            # it): its transport would close it before we read what it holds.
-            # No FIN was passed on while pumped: CLOSE is a reset.
-            transport = dst.transport
-            if transport is not None and reset_by_peer(transport):
-                dst.peer_reset = True
-                transport = None
+            # Not to a receiver whose peer reset: its transport would close
+            # it before we read what it holds.
+            transport = None if dst in gone else dst.transport
             if transport is None:
                 if rest:
                     self.hub.drop("discarded", len(rest))

@@ -20,6 +20,7 @@ import pytest
 from helpers import (
     Sender,
     claim_again,
+    flood_until_stalled,
     pair,
     read_until_reset,
     recv_exact,
@@ -362,6 +363,34 @@ def test_a_reset_while_pumped_reaches_the_partner_as_a_reset(chan_server):
                                  r"\[Errno 104\]", start=mark)
         chan_server.wait_log(r"session end chid=b .*reason=\"pair partner lost", start=mark)
         assert got_b.result(timeout=30) == int(m.group(1)) - rows["a"]["bytes_in"]
+
+
+def test_a_pair_taken_back_from_a_reset_receiver_does_not_drain_its_sender(chan_server):
+    """The pair came back to the loop with its receiver reset; the loop
+    resumed the sender first and read its flood at full speed, throwing it
+    away, until the receiver's reset was read (10-46 MiB here). Without
+    threads the sender waits behind its receiver, and nothing is read."""
+    sa, sb = pumped_pair(chan_server)
+    mark = chan_server.mark()
+    flood_until_stalled(sa)  # b reads nothing: every buffer from a to b is full
+    sa.setblocking(True)
+
+    def flood() -> None:
+        block = os.urandom(1 << 16)
+        try:
+            while True:
+                sa.sendall(block)
+        except OSError:  # the server resets it with its partner
+            pass
+
+    sender = threading.Thread(target=flood)
+    sender.start()
+    reset_close(sb)
+    chan_server.wait_log(r"session end chid=a .*reason=\"pair partner lost", start=mark)
+    sender.join(30)
+    assert not sender.is_alive()
+    discarded = chan_server.ctl_json("status")["drops"].get("discarded", 0)
+    assert discarded < 4 * MiB  # what the threads and kernels held, no more
 
 
 def test_bytes_count_and_keep_an_active_pair_from_its_idle_timeout(chan_server):
