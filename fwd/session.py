@@ -803,7 +803,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         limits until then."""
         transport = self.transport
         assert transport is not None
-        self._leave(reason, gone=False)
+        self._leave(reason)
         self.write_closed = True  # our FIN: the client's EOF is no reset (reset_by_peer)
         transport.write_eof()
         transport.resume_reading()
@@ -1115,14 +1115,15 @@ class Session(Relay, asyncio.BufferedProtocol):
         self.close(f"taken over by {by}")
 
     def _leave(self, reason: str, cut: bool = False, keep_pair: bool = False,
-               gone: bool = True, lost: bool = False, resets: bool = False) -> None:
+               lost: bool = False, resets: bool = False) -> None:
         """Leave every route at once. ``cut``: the connection was reset or
         aborted, not closed. A chan pair is one stream, so its other half ends
         too (reset if this end was a cut, §3.7), unless the chid lives on:
-        ``keep_pair`` (takeover), a move, or a server shutdown. ``gone``: the
-        parent may count the connection out now; else when it closes.
-        ``lost``: the connection is gone already (connection_lost); ``resets``:
-        it will end with a reset (ResetWhenSent)."""
+        ``keep_pair`` (takeover), a move, or a server shutdown. The
+        connection is counted out when it closes (Hub.release), not now: while
+        it flushes, it holds its queue, which --max-conns and
+        --max-conns-per-ip bound. ``lost``: the connection is gone already
+        (connection_lost); ``resets``: it will end with a reset (ResetWhenSent)."""
         if self.state is St.CLOSED:
             return
         hub = self.hub
@@ -1168,8 +1169,6 @@ class Session(Relay, asyncio.BufferedProtocol):
                 # its FIN, it has nobody left to hear from anyway).
                 lost = cut or resets  # our stream to it was cut either way
                 partner.close("pair partner lost" if lost else "pair partner left", cut=lost)
-        if gone:
-            hub.connection_gone(self)
         end = end_reason(reason)
         if was_live and not self.moved:
             hub.ends[end] += 1

@@ -197,7 +197,8 @@ class Hub:
     def connection_gone(self, session: Session | None = None, peer: str = "?") -> None:
         """Tell the parent, which counts connections per worker (--max-conns,
         placement), and per address (--max-conns-per-ip): once per
-        connection, as soon as its session ends."""
+        connection, once it is closed (a session that ended may still flush
+        its queue for CLOSE_LINGER, and that memory is what the limits bound)."""
         if session is not None:
             if session.counted_out or session.moved:  # a moved one is counted by the parent
                 return

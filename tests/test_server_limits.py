@@ -32,6 +32,7 @@ from helpers import (
     assert_closed,
     assert_pair_works,
     claim_again,
+    flood_until_stalled,
     handshake,
     pair,
     read_json,
@@ -685,6 +686,28 @@ def test_max_rate_charges_stream_bytes_pipelined_behind_the_handshake(start_serv
     assert read_json(a) == {"rsp": "hs4", "result": "OK"}
     assert recv_exact(b, len(payload)) == payload
     assert server.ctl_json("status")["totals"]["throttled"] == 1
+
+
+def test_a_connection_that_still_flushes_after_its_session_counts_for_its_address(
+        start_server):
+    """A session that ended may flush its queue for 5 s (CLOSE_LINGER), and
+    that queue is what the limits bound. It was counted out when its session
+    ended: clients that read nothing and half-closed, one after another,
+    kept far more open than --max-conns-per-ip (and, with several workers,
+    --max-conns) allows, each with --max-buffer queued."""
+    server = start_server("--mode", "chan", "--max-conns-per-ip", "2")
+    readers = []
+    for i in range(2):
+        r = server.connect(source="127.0.0.2")
+        handshake(r, f"r{i}")
+        readers.append(r)
+    s, _ = server.handshake("s", ["r0", "r1"], source="127.0.0.3")
+    flood_until_stalled(s)  # r0 and r1 read nothing: their queues fill
+    for r in readers:
+        r.shutdown(socket.SHUT_WR)  # their sessions end; their queues still flush
+    wait_until(lambda: server.ctl_json("status")["totals"]["sessions"] == 1, 10,
+               "the sessions of r0 and r1 ended")
+    assert_refused(server.connect(source="127.0.0.2"), PER_IP)
 
 
 def test_max_conns_per_ip_counts_sessions_that_moved_between_workers(start_server):
