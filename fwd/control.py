@@ -201,14 +201,24 @@ class ControlServer:
                     return
                 if not line.endswith(b"\n"):
                     return  # EOF (a last line without its newline is not a request)
+                cmd = None
                 try:
-                    reply = await self.handler(parse_request(line, self.commands))
+                    request = parse_request(line, self.commands)
+                    cmd = request.cmd
+                    reply = await self.handler(request)
                 except ControlError as exc:
                     reply = error(str(exc))
                 if writer.is_closing():  # the asker gave up waiting (a stopped worker)
                     return
                 writer.write(encode(reply))
                 await writer.drain()
+                if cmd == "drain" and reply.get("ok"):
+                    # Open until the server exits, which is how fwd-ctl drain
+                    # knows the drain is over: no IDLE_LIMIT, which a longer
+                    # --drain-timeout outlasts.
+                    while await reader.read(65536):
+                        pass
+                    return
         except (ConnectionError, OSError):
             pass
         except Exception:  # a bug must not take the control socket down
