@@ -141,8 +141,7 @@ def _take_password(options: dict[str, Any]) -> str | None:
 
 def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
     """A secret from its option/env value or the first line of a file; never echoed."""
-    if value is None and path is None:
-        _refuse_empty_env(what)
+    _refuse_empty_env(what)  # even beside the other form: it was meant to say something
     if value is not None and path is not None:
         raise click.UsageError(f"give --{what} or --{what}-file, not both")
     if path is not None:
@@ -285,9 +284,8 @@ def _env_epilog(examples: str) -> str:
 def server(**options: Any) -> None:
     """Relay raw TCP bytes between clients that connect to it."""
     options["listen"] = list(options["listen"])
-    for what in ("allow", "deny"):
-        if not options[what] and options[f"{what}_file"] is None:
-            _refuse_empty_env(what, "a network")
+    for what in ("allow", "deny"):  # also beside the other form (FWD_DENY_FILE= --deny X)
+        _refuse_empty_env(what, "a network")
     options["password"] = _take_password(options)
     config = Config(**options)
     setup_logging(config.log_level, "acceptor", config.log_format)

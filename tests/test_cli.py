@@ -83,6 +83,10 @@ def test_values_that_would_overflow_or_cannot_work_are_refused(args, said) -> No
     ([], {"FWD_ALLOW": ""}, "FWD_ALLOW is set but empty"),
     ([], {"FWD_ALLOW_FILE": ""}, "FWD_ALLOW_FILE is set but empty"),
     ([], {"FWD_DENY": ""}, "FWD_DENY is set but empty"),
+    # Beside the other form too: the deny file it was meant to name was unused.
+    (["--deny", "192.0.2.1"], {"FWD_DENY_FILE": ""}, "FWD_DENY_FILE is set but empty"),
+    (["--allow", "127.0.0.1"], {"FWD_ALLOW_FILE": ""}, "FWD_ALLOW_FILE is set but empty"),
+    (["--password", "pw"], {"FWD_PASSWORD_FILE": ""}, "FWD_PASSWORD_FILE is set but empty"),
 ])
 def test_an_empty_allow_or_deny_list_is_refused(args, env, said) -> None:
     assert said in refused(*args, env=env)
