@@ -105,9 +105,15 @@ def _nonempty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
+MAX_SECONDS = 1e9
+"""About 31 years: longer durations overflow socket and timer APIs (1e300
+made fwd-ctl's --timeout, or a drain's wait, end in a traceback)."""
+
+
 class Seconds(click.FloatRange):
     """A duration: finite (click's FloatRange takes "nan", which compares
-    false with everything and so would mean "never", and "inf")."""
+    false with everything and so would mean "never", and "inf"), and at most
+    MAX_SECONDS."""
 
     name = "SECONDS"
 
@@ -116,6 +122,8 @@ class Seconds(click.FloatRange):
         seconds = super().convert(value, param, ctx)
         if not math.isfinite(seconds):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if seconds > MAX_SECONDS:
+            self.fail(f"{value!r} is more than {MAX_SECONDS:g} seconds", param, ctx)
         return seconds
 
 

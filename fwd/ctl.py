@@ -11,12 +11,14 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from . import control
 from .cli import Seconds
+
+T = TypeVar("T")
 
 EXIT_ERROR = 1
 
@@ -152,7 +154,7 @@ def _check_owner(path: str) -> None:
         _die(f"{path} is not a socket")
 
 
-def _formatted(fmt: Callable[[dict[str, Any]], str], reply: dict[str, Any]) -> str:
+def _formatted(fmt: Callable[[dict[str, Any]], T], reply: dict[str, Any]) -> T:
     """A reply without the fields a fwd-server sends (another program on the
     socket, another version) is one line on stderr, not a traceback."""
     try:
@@ -254,16 +256,19 @@ def kick(ctl: _Ctl, chid: str | None, peer: str | None) -> None:
 def reload(ctl: _Ctl) -> None:
     """Read --allow-file and --deny-file again (new connections only; a file
     with an error changes nothing)."""
-    reply = ctl.call({"cmd": "reload"})
+    click.echo(_formatted(format_reload, ctl.call({"cmd": "reload"})))
+
+
+def format_reload(reply: dict[str, Any]) -> str:
     if not reply.get("files"):
-        click.echo("nothing to reload: the server has no --allow-file or --deny-file")
-        return
+        return "nothing to reload: the server has no --allow-file or --deny-file"
+
     def networks(n: int) -> str:
-        return f"{n} network" + ("" if n == 1 else "s")
+        return f"{int(n)} network" + ("" if n == 1 else "s")
 
     allow = "any address" if reply["allow"] is None else networks(reply["allow"])
-    click.echo(f"reloaded {' and '.join(reply['files'])}: allow {allow}, "
-               f"deny {networks(reply['deny'])}")
+    return (f"reloaded {' and '.join(reply['files'])}: allow {allow}, "
+            f"deny {networks(reply['deny'])}")
 
 
 @main.command()
@@ -276,7 +281,7 @@ def drain(ctl: _Ctl, wait: bool) -> None:
     try:
         reply = ctl.call({"cmd": "drain"}, client)
         if wait:
-            limit = float(reply.get("drain_timeout", 5.0)) + 10.0
+            limit = _formatted(lambda r: float(r.get("drain_timeout", 5.0)), reply) + 10.0
             if not client.wait_closed(limit):
                 _die(f"the server has not exited within {limit:g}s")
     finally:

@@ -68,6 +68,8 @@ def refused(*args: str, env: dict[str, str] | None = None) -> str:
     # A million workers: each ran out of ZeroMQ sockets and was restarted, and
     # the parent never got to hear SIGTERM.
     (["--workers", "257"], "'--workers': 257 is not in the range 1<=x<=256"),
+    # Timers and socket timeouts overflow: fwd-ctl drain's wait ended in a traceback.
+    (["--drain-timeout", "1e300"], "'--drain-timeout': '1e300' is more than 1e+09 seconds"),
     # Workers report every second: healthy ones were killed every second.
     (["--worker-timeout", "0.5"], "'--worker-timeout': 0.5 is less than 2"),
 ])
