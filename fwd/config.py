@@ -97,7 +97,9 @@ def read_networks(path: str) -> list[Network]:
         raise ValueError(f"cannot read {path}: "
                          f"{getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
     nets: list[Network] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # Lines end at \n only: splitlines() also breaks at \f, \v, \x1c, U+2028...,
+    # which numbered lines wrong and ended a comment early (explore24).
+    for n, line in enumerate(text.split("\n"), 1):
         for word in line.partition("#")[0].replace(",", " ").split():
             try:
                 nets.append(parse_network(word))

@@ -134,6 +134,17 @@ def test_an_allow_or_deny_file_lists_networks_with_comments(tmp_path) -> None:
         read_networks(str(path))
 
 
+def test_only_a_newline_ends_a_line_of_an_allow_or_deny_file(tmp_path) -> None:
+    """str.splitlines() also breaks at form feeds, U+2028 and more: a
+    commented-out network after one was live, and errors named the wrong line."""
+    path = tmp_path / "nets"
+    path.write_text("# off for now\f 10.0.0.0/8\n192.0.2.0/24\u2028\n")
+    assert read_networks(str(path)) == [ipaddress.ip_network("192.0.2.0/24")]
+    path.write_text("192.0.2.1 \x1c\n127.0.0.300\n")
+    with pytest.raises(ValueError, match="line 2: "):
+        read_networks(str(path))
+
+
 def test_files_add_to_the_options_and_an_empty_allow_file_takes_nobody(tmp_path) -> None:
     allow, deny = tmp_path / "allow", tmp_path / "deny"
     allow.write_text("10.1.0.0/16\n")
