@@ -595,8 +595,12 @@ class Arbiter:
                 reply = control.error(f"cannot ask it: {exc}")
             return {"worker": w.wid, "pid": w.pid, **reply}
 
-        workers = sorted(self.workers.values(), key=lambda w: w.wid)
-        return list(await asyncio.gather(*(one(w) for w in workers)))
+        async def unborn(wid: int) -> dict[str, Any]:  # at start-up, before its spawn
+            return {"worker": wid, "pid": None, "ok": False, "error": "restarting"}
+
+        return list(await asyncio.gather(*(
+            one(self.workers[wid]) if wid in self.workers else unborn(wid)
+            for wid in range(self.config.workers))))
 
     async def serve_control(self, request: control.Request) -> dict[str, Any]:
         """fwd-ctl's requests (docs/PROTOCOL.md §9)."""

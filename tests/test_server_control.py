@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,31 @@ def status_as_nobody(path: str) -> bytes:
         out = f.read()
     os.waitpid(pid, 0)
     return out
+
+
+def test_status_lists_every_worker_from_the_start(tmp_path: Any) -> None:
+    """The control socket answers before every worker is spawned: those not
+    spawned yet were left out, not listed as restarting (§9.2)."""
+    path = str(tmp_path / "start.ctl")
+    proc = subprocess.Popen([sys.executable, "-m", "fwd.cli", "--listen", "127.0.0.1:0",
+                             "--workers", "3", "--control", path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        reply = None
+        while reply is None:  # the first answer the socket gives
+            assert proc.poll() is None
+            with contextlib.suppress(OSError, ValueError), \
+                    socket.socket(socket.AF_UNIX) as c:
+                c.settimeout(10)
+                c.connect(path)
+                c.sendall(b'{"cmd": "status"}\n')
+                reply = json.loads(c.makefile("rb").readline())
+            time.sleep(0.001)  # a poll: the socket appears when it appears
+        assert [w["worker"] for w in reply["workers"]] == [0, 1, 2]
+        assert all(w.get("error") in (None, "restarting") for w in reply["workers"])
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
 
 
 def test_control_socket_is_for_its_owner_only(start_server: Callable[..., Server]) -> None:
