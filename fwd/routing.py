@@ -113,6 +113,10 @@ class Router(Generic[T]):
         self._entries: dict[str | None, int] = {}
         self.overhead = 0  # the holds' own memory; held + overhead + queued <= hold_total
         self.queued = 0  # held bytes join() gave a receiver, not written out yet (written_held)
+        # Called when hold_total looks full while some of ``queued`` may have
+        # been written already (the I/O layer learns that only when it looks):
+        # a hold is not refused for bytes that are gone.
+        self.settle: Callable[[], None] | None = None
         self._refs: dict[int, int] = {}  # id(held read) -> holds that have it, or a view of it
         self._owner: dict[str, T] = {}  # claimed chids; live ones have _recvers too
         self._muted: set[T] = set()
@@ -195,7 +199,10 @@ class Router(Generic[T]):
         """Held bytes from another worker are about to be queued for a live
         receiver: they count as join()'s do, if they fit hold_total."""
         if nbytes > self.hold_total - self.held - self.overhead - self.queued:
-            return False
+            if self.queued and self.settle is not None:
+                self.settle()
+            if nbytes > self.hold_total - self.held - self.overhead - self.queued:
+                return False
         self.queued += nbytes
         return True
 
@@ -372,6 +379,9 @@ class Router(Generic[T]):
         hold = self._holds.get(chid)
         cost = self.entry_cost + (self.chid_cost if hold is None else 0)
         spare = self.hold_total - self.held - self.overhead - self.queued - cost  # for the bytes
+        if spare < len(chunk) and self.queued and self.settle is not None:
+            self.settle()
+            spare = self.hold_total - self.held - self.overhead - self.queued - cost
         room = self.hold_bytes - (hold.size.get(sender, 0) if hold is not None else 0)
         entries = self._entries.get(sender, 0)
         if room <= 0 or spare < 0 or entries + self.entry_cost > self.bookkeeping_max:

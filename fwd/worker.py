@@ -97,6 +97,7 @@ class Hub:
             hold_seconds=config.hold_seconds,
             hold_total=config.hold_total // config.workers,  # a server-wide cap
         )
+        self.router.settle = self._settle_all
         # Senders wait on local sessions, or on keys for other workers:
         # ("chid", c) a remote receiver, ("worker", w) any receiver there
         # (for "everyone" routes), ("pipe", w) a full ZeroMQ pipe.
@@ -653,6 +654,7 @@ class Hub:
 
     def snapshot(self) -> dict[str, Any]:
         """This worker's counters and gauges, as fwd-ctl status and the metrics show them."""
+        self._settle_all()  # held_memory as of now, not of the last hold tick
         totals = dict(self.stats)
         if self.mesh is not None:
             totals["cross_worker_bytes"] = self.mesh.stream_bytes
@@ -861,11 +863,16 @@ class Hub:
             else:
                 del self.held_queued[session]
 
+    def _settle_all(self) -> None:
+        """The hold looks full: what receivers took of their held bytes since
+        the last look is free again (Router.settle)."""
+        for session in list(self.held_queued):
+            self.settle_held(session)
+
     def _expire_holds(self) -> None:
         self._hold_timer = None
         now = self.loop.time()
-        for session in list(self.held_queued):
-            self.settle_held(session)
+        self._settle_all()
         dropped = self.router.expire(now)
         expired, self.router.expired = self.router.expired, {}
         for sender, (nbytes, when) in expired.items():  # their streams were cut there

@@ -535,6 +535,22 @@ def test_hold_global_cap():
     assert r.held == 10
 
 
+def test_a_full_hold_asks_the_io_layer_what_was_written_before_it_refuses():
+    """Held bytes a receiver took stopped counting only at the next
+    once-a-second look: meanwhile a hold that fit was cut (explore23)."""
+    r = make_router(hold_bytes=8, hold_total=10)
+    r.hold("a", b"x" * 8, 0.0)
+    s = Sess("s")
+    r.claim(s, "a")
+    r.join(s)
+    written = [8]  # what the I/O layer finds out when it looks
+    r.settle = lambda: r.written_held(written.pop()) if written else None
+    assert r.hold("b", b"y" * 8, 0.0) == 0
+    assert r.queued == 0 and not written
+    assert r.hold("c", b"z" * 8, 0.0) == 6  # nothing more to settle: the cap holds
+    assert r.queue_held(1) is False
+
+
 def test_hold_global_cap_accounting_is_exact():
     r = make_router(hold_bytes=8, hold_total=10)
     r.hold("a", b"x" * 8, 0.0)
