@@ -718,9 +718,9 @@ class Arbiter:
             self.acceptor.stop()
         self._unpark()  # told: the server stops
         live = [w for w in self.workers.values() if not w.exited]
-        self.notifier.send("STOPPING=1", f"STATUS=draining {len(live)} workers")
-        log.info("stopping: draining %d workers (up to %gs)", len(live),
-                 self.config.drain_timeout)
+        workers = f"{len(live)} worker{'s' if len(live) != 1 else ''}"
+        self.notifier.send("STOPPING=1", f"STATUS=draining {workers}")
+        log.info("stopping: draining %s (up to %gs)", workers, self.config.drain_timeout)
         for w in live:
             try:
                 w.transport.send_signal(signal.SIGTERM)
