@@ -689,7 +689,7 @@ class Hub:
                          "state": s.state.value,
                          "recvers": list(s.recvers) if s.recvers else None,
                          "bytes_in": s.bytes_in, "bytes_out": s.bytes_out - queued,
-                         "buffered": queued, "idle": round(now - s.last_active, 3),
+                         "buffered": queued, "idle": round(max(now - s.last_active, 0.0), 3),
                          "age": round(now - s.started, 3)})
         return rows
 
