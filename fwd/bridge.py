@@ -299,6 +299,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.started = loop.time()
         self.linger: asyncio.TimerHandle | ResetWhenSent | None = None
         self.welcomed = False
+        """server0 answered our handshake OK: what ends it later is no failed attempt."""
         self.reset_lost = 0  # what our resets destroyed in the kernel (reset_now)
         self.closing: str | None = None  # why it was detached
         self.after_flush: Link | None = None
@@ -306,7 +307,6 @@ class Link(Relay, asyncio.BufferedProtocol):
         closed when our peer has acknowledged all of it, with a FIN; if the
         linger ends first, both are reset, so that the other side's peer
         never takes a cut upload for a whole one."""
-        """server0 answered our handshake OK: what ends it later is no failed attempt."""
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -1052,6 +1052,8 @@ class Bridge:
             self.detach(link, "shutting down")
             if link is not waiting or cut:
                 link.close(linger=SHUTDOWN_LINGER, cut=cut)
+            else:  # what it still sends is not read: closed with it unread, it is a reset
+                link.set_reading(False)
         for ev in self.poke:
             ev.set()
 
