@@ -131,7 +131,7 @@ class Arbiter:
         self._park_timer: asyncio.TimerHandle | None = None
         self.refused = 0
         self._last_refusal_log = -1e9
-        self._reloading = asyncio.Lock()
+        self._reloads = self._installed = 0  # reloads begun; the newest one installed
         # ZeroMQ ipc endpoints live here, private to this server, removed at exit.
         self.rundir = tempfile.mkdtemp(prefix="fwd-")
         self.coordinator: Coordinator | None = None
@@ -631,17 +631,21 @@ class Arbiter:
         served stay (``kick --peer`` ends them); a file that does not read or
         parse leaves the filter as it was, as nginx keeps its configuration."""
         files = [f for f in (self.config.allow_file, self.config.deny_file) if f]
-        # One at a time, in order: a reload that began on an older file and
-        # took longer must not replace what a later one installed.
-        if self._reloading.locked():
-            log.info("reload: waiting for the one in progress")
-        async with self._reloading:
-            try:  # a long blocklist parses off the loop, which keeps accepting
-                new = await self.loop.run_in_executor(None, self.config.address_filter)
-            except ValueError as exc:
-                log.warning("reload failed, address filter unchanged: %s", exc)
-                return control.error(f"reload failed, nothing changed: {exc}")
-            self.filter = new
+        # A reload that began on an older file and took longer must not
+        # replace what a later one installed; nor may one whose read hangs
+        # (a FIFO, a dead NFS mount) hold up the next: no lock, an order.
+        self._reloads += 1
+        started = self._reloads
+        try:  # a long blocklist parses off the loop, which keeps accepting
+            new = await self.loop.run_in_executor(None, self.config.address_filter)
+        except ValueError as exc:
+            log.warning("reload failed, address filter unchanged: %s", exc)
+            return control.error(f"reload failed, nothing changed: {exc}")
+        if started < self._installed:
+            log.warning("reload superseded by a later one, address filter unchanged")
+            return control.error("reload superseded by a later one, nothing changed")
+        self._installed = started
+        self.filter = new
         allow = None if new.allow is None else len(new.allow)
         log.info("reloaded %s: allow %s, deny %d networks", " and ".join(files) or "nothing",
                  "any" if allow is None else allow, len(new.deny))

@@ -240,8 +240,11 @@ def describe(exc: BaseException) -> str:
         return f"handshake failed: {exc.desc}"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "timed out"
-    if isinstance(exc, OSError) and exc.errno is not None:  # sock_connect's strerror
-        return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"  # names the address instead
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0 \
+            and not isinstance(exc, (socket.gaierror, socket.herror)):
+        # sock_connect's strerror names the address instead; a resolver's
+        # errno is an EAI_ code, which os.strerror does not know
+        return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
@@ -301,6 +304,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         self.welcomed = False
         """server0 answered our handshake OK: what ends it later is no failed attempt."""
         self.reset_lost = 0  # what our resets destroyed in the kernel (reset_now)
+        self.was_reset = False  # by reset_now: whatever the kernel still had is lost
         self.closing: str | None = None  # why it was detached
         self.after_flush: Link | None = None
         """Stopping: the other side, which sent what we still flush. It is
@@ -396,7 +400,7 @@ class Link(Relay, asyncio.BufferedProtocol):
         # What was still queued, and what a reset of ours destroyed, never
         # reached the peer: the closed line counts what did.
         queued = self.transport.get_write_buffer_size() if self.transport is not None else 0
-        whole = exc is None and not queued and not self.reset_lost
+        whole = exc is None and not queued and not self.reset_lost and not self.was_reset
         self.bytes_out -= queued + self.reset_lost
         self.reset_lost = 0
         if self.after_flush is not None:  # within stop()'s SHUTDOWN_LINGER
@@ -536,6 +540,7 @@ class Link(Relay, asyncio.BufferedProtocol):
     def reset_now(self, transport: asyncio.Transport) -> None:
         """Reset; what the kernel still held for the peer dies with it, and
         is not counted as sent (connection_lost)."""
+        self.was_reset = True
         self.reset_lost += reset(transport)
 
     def write_eof(self) -> None:
@@ -965,7 +970,11 @@ class Bridge:
             self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
         error: OSError | None = None
         for family, kind, proto, _, addr in infos:
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # a family this kernel lacks (IPv6): the next address
+                error = exc
+                continue
             try:
                 sock.setblocking(False)
                 await asyncio.wait_for(self.loop.sock_connect(sock, addr),
@@ -1041,14 +1050,18 @@ class Bridge:
         held += sum(len(x.suspect_line) for x in self.links_all if x.suspect is not None)
         if held:
             log.warning("dropped %d held bytes", held)
-        flushing = [x for x in self.links if x is not None and x.transport is not None
-                    and not x.transport.is_closing() and unacked(x.transport)]
+        live = [(x, x.transport) for x in self.links
+                if x is not None and x.transport is not None and not x.transport.is_closing()]
+        # A side whose peer reset (not read yet) lost what was sent to it.
+        lost = {x.side for x, t in live if reset_by_peer(t)}
+        flushing = [x for x, t in live if x.side not in lost and unacked(t)]
         waiting = None  # a side whose bytes the other still flushes: closed after it
         if len(flushing) == 1 and (waiting := self.links[1 - flushing[0].side]) is not None:
             flushing[0].after_flush = waiting
         for link in list(self.links_all):
             cut = link.attached and (bool(self.pending[1 - link.side])
-                                     or link.suspect is not None)  # its line is dropped
+                                     or link.suspect is not None  # its line is dropped
+                                     or 1 - link.side in lost)
             self.detach(link, "shutting down")
             if link is not waiting or cut:
                 link.close(linger=SHUTDOWN_LINGER, cut=cut)

@@ -43,8 +43,9 @@ def _refuse_empty_env(what: str, give: str | None = None) -> None:
     ctx = click.get_current_context()
     names = {what.replace("-", "_"), what.replace("-", "_") + "_file"}
     for param in ctx.command.params:
-        if param.name not in names:
-            continue
+        if param.name not in names \
+                or ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+            continue  # the command line overrides its own variable
         for name in _envvars(ctx, param):
             if os.environ.get(name) == "":
                 raise click.UsageError(f"{name} is set but empty: unset it or give "
@@ -149,7 +150,7 @@ def _take_password(options: dict[str, Any]) -> str | None:
 
 def _read_secret(value: str | None, path: str | None, what: str) -> str | None:
     """A secret from its option/env value or the first line of a file; never echoed."""
-    _refuse_empty_env(what)  # even beside the other form: it was meant to say something
+    _refuse_empty_env(what)  # beside the other form too: it was meant to say something
     if value is not None and path is not None:
         raise click.UsageError(f"give --{what} or --{what}-file, not both")
     if path is not None:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from . import control
-from .cli import Seconds
+from .cli import MAX_SECONDS, Seconds
 
 T = TypeVar("T")
 
@@ -259,6 +259,13 @@ def reload(ctl: _Ctl) -> None:
     click.echo(_formatted(format_reload, ctl.call({"cmd": "reload"})))
 
 
+def _drain_timeout(reply: dict[str, Any]) -> float:
+    seconds = float(reply.get("drain_timeout", 5.0))
+    if not 0 <= seconds <= MAX_SECONDS:  # nan too: a socket timeout must be a number
+        raise ValueError(f"drain_timeout {seconds!r}")
+    return seconds
+
+
 def format_reload(reply: dict[str, Any]) -> str:
     if not reply.get("files"):
         return "nothing to reload: the server has no --allow-file or --deny-file"
@@ -281,7 +288,7 @@ def drain(ctl: _Ctl, wait: bool) -> None:
     try:
         reply = ctl.call({"cmd": "drain"}, client)
         if wait:
-            limit = _formatted(lambda r: float(r.get("drain_timeout", 5.0)), reply) + 10.0
+            limit = _formatted(_drain_timeout, reply) + 10.0
             if not client.wait_closed(limit):
                 _die(f"the server has not exited within {limit:g}s")
     finally:

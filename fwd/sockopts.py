@@ -151,8 +151,8 @@ class ResetWhenSent:
         t = self.transport
         if t.is_closing():
             return
-        if not unacked(t):
-            self.acked(t)
+        if not unacked(t):  # also 0 once the peer reset: that is no delivery
+            (self.abort if reset_by_peer(t) else self.acked)(t)
             return
         if self.loop.time() >= self.deadline:
             self.abort(t)

@@ -65,6 +65,9 @@ at most 64 KiB (a larger one would be cut, and its connections never counted out
 GONE_PEERS_PER_NOTE = 800
 """The same with --max-conns-per-ip, where each carries its peer and a line
 end: at most 54 bytes (``[IPv6]:port``), 70 with an interface zone."""
+SETTLE_EVERY = 0.005
+"""Seconds between looks at what receivers took of their held bytes when the
+hold is full (Hub._settle_all): a hold refused meanwhile may have fit."""
 HELD_WAIT = 2.0
 """Seconds a session that just went live waits at most for what other workers
 held for it, before its stream may end (a worker that died sends nothing)."""
@@ -98,6 +101,7 @@ class Hub:
             hold_total=config.hold_total // config.workers,  # a server-wide cap
         )
         self.router.settle = self._settle_all
+        self._settled = -1e9
         # Senders wait on local sessions, or on keys for other workers:
         # ("chid", c) a remote receiver, ("worker", w) any receiver there
         # (for "everyone" routes), ("pipe", w) a full ZeroMQ pipe.
@@ -654,7 +658,7 @@ class Hub:
 
     def snapshot(self) -> dict[str, Any]:
         """This worker's counters and gauges, as fwd-ctl status and the metrics show them."""
-        self._settle_all()  # held_memory as of now, not of the last hold tick
+        self._settle_all(force=True)  # held_memory as of now, not of the last hold tick
         totals = dict(self.stats)
         if self.mesh is not None:
             totals["cross_worker_bytes"] = self.mesh.stream_bytes
@@ -863,16 +867,22 @@ class Hub:
             else:
                 del self.held_queued[session]
 
-    def _settle_all(self) -> None:
+    def _settle_all(self, force: bool = False) -> None:
         """The hold looks full: what receivers took of their held bytes since
-        the last look is free again (Router.settle)."""
+        the last look is free again (Router.settle). At most once per
+        SETTLE_EVERY, unless ``force``d: a flood to absent chids asks on
+        every read, and the walk is over every such receiver."""
+        now = self.loop.time()
+        if not force and now - self._settled < SETTLE_EVERY:
+            return
+        self._settled = now
         for session in list(self.held_queued):
             self.settle_held(session)
 
     def _expire_holds(self) -> None:
         self._hold_timer = None
         now = self.loop.time()
-        self._settle_all()
+        self._settle_all(force=True)
         dropped = self.router.expire(now)
         expired, self.router.expired = self.router.expired, {}
         for sender, (nbytes, when) in expired.items():  # their streams were cut there

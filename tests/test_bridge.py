@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Process, Server
+from fwd.bridge import describe
 from helpers import (
     TCP_LISTEN,
     Sender,
@@ -993,6 +994,32 @@ def test_a_stop_resets_the_relay_side_whose_upload_it_could_not_deliver(start_cl
         with pytest.raises(ConnectionResetError):
             c0.recv(1)
         assert br.exit_code() == 0
+
+
+def test_a_service_reset_during_a_stops_flush_resets_the_relay_side(start_client):
+    """A reset leaves nothing unacknowledged in the kernel's count: it was
+    taken for a flush that went through, and the relay side got its FIN."""
+    with stand_ins(start_client, "--no-handshake", rcvbuf=8192) as (br, c0, c1):
+        mark = br.mark()
+        flood_until_stalled(c0)
+        c0.settimeout(WAIT)
+        c0.shutdown(socket.SHUT_WR)
+        while not any("server0 sent EOF" in ln for ln in br.lines[mark:]):
+            c1.recv(8192)
+            time.sleep(0.001)
+        br.proc.send_signal(signal.SIGTERM)
+        reset_close(c1)  # the service dies with the upload unread
+        with pytest.raises(ConnectionResetError):
+            c0.recv(1)
+        assert br.exit_code() == 0
+
+
+def test_a_resolver_error_is_named_by_the_resolver() -> None:
+    """os.strerror does not know the resolver's EAI_ codes ("Unknown error -2")."""
+    exc = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert describe(exc) == "Name or service not known"
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")
+    assert describe(refused) == "[Errno 111] Connection refused"
 
 
 def test_a_stop_closes_the_relay_side_with_a_fin_once_its_upload_is_delivered(start_client):

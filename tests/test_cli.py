@@ -94,6 +94,13 @@ def test_an_empty_allow_or_deny_list_is_refused(args, env, said) -> None:
     assert said in refused(*args, env=env)
 
 
+def test_an_empty_variable_the_command_line_overrides_is_no_error(start_server) -> None:
+    """--allow given: FWD_ALLOW is not read, empty or not. Only an empty
+    variable that would be read, or that names the other form, is refused."""
+    server = start_server("--mode", "chan", "--allow", "127.0.0.1", env={"FWD_ALLOW": ""})
+    server.handshake("a")
+
+
 def test_a_bad_value_from_the_environment_names_its_variable() -> None:
     """The command line had no --max-buffer: the error must say where it came from."""
     said = refused(env={"FWD_MAX_BUFFER": "1XB"})

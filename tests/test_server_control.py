@@ -411,6 +411,8 @@ def test_no_control_socket_when_disabled(start_server: Callable[..., Server]) ->
     ("status", b'{"ok": true}'),
     ("reload", b'{"ok": true, "files": ["f"]}'),
     ("drain", b'{"ok": true, "drain_timeout": "soon"}'),
+    ("drain", b'{"ok": true, "drain_timeout": 1e300}'),
+    ("drain", b'{"ok": true, "drain_timeout": NaN}'),
 ])
 def test_a_reply_without_the_servers_fields_is_one_line_not_a_traceback(
         tmp_path: Any, command: str, reply: bytes) -> None:
