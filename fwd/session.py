@@ -303,7 +303,9 @@ class Session(Relay, asyncio.BufferedProtocol):
                 return True
             if self._await_partner():
                 return True
-        if self.state is St.SNIFF and self.sniffed:
+        if self.state is St.SNIFF and (self.sniffed or self.pending_out):
+            # A plain client after all: what others sent it meanwhile is
+            # written before its end, as for any client's EOF (§3.7).
             self._sniff_expired()
         self.close("client closed")
         return True
@@ -507,7 +509,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         elif verdict is Sniff.HANDSHAKE:
             self._cancel_timer()
             self.hub.pending.discard(self)
-            self.pending_out = None
+            self._drop_pending()  # a handshake client gets no broadcast from before
             data, self.sniffed = self.sniffed, b""
             self._start_handshake()
             self._handshake_input(data)
@@ -992,6 +994,14 @@ class Session(Relay, asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.set_write_buffer_limits(high=min(PAIR_MARK, self.hub.config.max_buffer))
 
+    def _drop_pending(self) -> None:
+        """What was queued for this connection while it was undecided reaches
+        nobody: it turned out a handshake client, or ended undecided (a
+        reset, a kick, the server's shutdown)."""
+        if self.pending_out:
+            self.hub.drop("sniff_window", self.pending_size)
+        self.pending_out = None
+
     def _queue_pending(self, chunk: bytes) -> None:
         """Broadcast bytes for a connection still in its sniff window: the last
         --max-buffer of them. Dropping the oldest, cut inside a read if need
@@ -1147,7 +1157,7 @@ class Session(Relay, asyncio.BufferedProtocol):
             self.slow_timer.cancel()
             self.slow_timer = None
         hub.pending.discard(self)
-        self.pending_out = None
+        self._drop_pending()
         heard = hub.router.senders_of(self)  # for its drain notice, below
         hub.router.leave(self)
         if was_live:

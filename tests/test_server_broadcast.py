@@ -316,6 +316,23 @@ def test_bytes_sent_during_a_new_clients_sniff_window_are_queued(start_server):
     assert sent_at < live_at, bcast_server.lines[mark:]
 
 
+def test_an_undecided_connection_that_sends_its_fin_gets_what_was_queued_for_it(start_server):
+    """A FIN with no byte before it, inside the sniff window: the connection
+    is a plain client after all, and gets what others sent it meanwhile
+    before its end, as for any client's EOF (§3.7). Its queue used to be
+    thrown away, and counted nowhere."""
+    server = start_server("--mode", "broadcast", "--workers", "1")
+    mark = server.mark()
+    listener = server.connect()  # never sends a byte
+    sender = server.connect()  # accepted after it: handled once it exists
+    sender.sendall(b"early bytes")
+    server.wait_log(live_pattern(sender), start=mark)  # it forwarded them as it went live
+    listener.shutdown(socket.SHUT_WR)
+    listener.settimeout(10)
+    assert recv_exact(listener, 11) == b"early bytes"
+    assert listener.recv(100) == b""
+
+
 def test_an_undecided_connection_keeps_the_newest_bytes_its_queue_can_hold(start_server):
     """--max-buffer bounds what is queued for a connection in its sniff window:
     the oldest bytes go (cut inside a write), so that the queue runs on into
@@ -375,6 +392,8 @@ def test_bytes_queued_in_the_sniff_window_are_dropped_when_it_handshakes(bcast_s
     assert read_line(h) == b'{"rsp":"hs4","result":"OK"}\n'
     senders[0].sendall(b"after")
     assert recv_exact(h, 5) == b"after"
+    # What h's queue held reached nobody: counted (it was not, before 2026-11-28).
+    assert bcast_server.ctl_json("status")["drops"].get("sniff_window", 0) >= 17
 
 
 @pytest.mark.both_impls
