@@ -501,16 +501,36 @@ cdef void _read_exactly(int fd, char *p, Py_ssize_t n) except *:
 
 def fanout(bytes chunk, tuple targets, object sender, double now):
     """Write ``chunk`` to each target but ``sender``; return the targets that
-    are now above their high-water mark (None when there are none)."""
+    are now above their high-water mark (None when there are none). As in
+    _send_view, a target with nothing queued gets a plain send() first, so
+    that a reset peer is learnt here (_gone), not by its transport, which
+    would close the socket before its reads got what its kernel holds."""
     cdef list full = None
     cdef Relay t
+    cdef const char *ptr = chunk
+    cdef Py_ssize_t n = len(chunk)
+    cdef ssize_t sent
     for obj in targets:
         if obj is sender:
             continue
         t = <Relay?>obj
-        t.transport.write(chunk)
         t.last_active = now
-        t.bytes_out += len(chunk)
+        t.bytes_out += n
+        transport = t.transport
+        sent = 0
+        if _nothing_queued(transport):
+            sent = send(t.fd, ptr, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if sent == n:
+                continue
+            if sent < 0:
+                if _gone(errno):
+                    t.bytes_out -= n
+                    t.hub.drop("discarded", n)
+                    t.peer_reset = True
+                    t.hub.loop.call_soon(t.peer_gone)
+                    continue
+                sent = 0  # EAGAIN
+        transport.write(chunk if sent == 0 else chunk[sent:])
         if t.writing_paused:
             if full is None:
                 full = []

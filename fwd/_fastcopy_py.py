@@ -327,12 +327,28 @@ def fanout(chunk: bytes, targets: tuple[Any, ...], sender: Any, now: float) -> l
     """Write ``chunk`` to each target but ``sender``; return the targets that
     are now above their high-water mark (None when there are none)."""
     full = None
+    n = len(chunk)
     for t in targets:
         if t is sender:
             continue
-        t.transport.write(chunk)
         t.last_active = now
-        t.bytes_out += len(chunk)
+        t.bytes_out += n
+        transport = t.transport
+        sent = 0
+        if transport.get_write_buffer_size() == 0:  # see _fastcopy.pyx fanout
+            try:
+                sent = os.write(t.fd, chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                t.bytes_out -= n
+                t.hub.drop("discarded", n)
+                t.peer_reset = True
+                t.hub.loop.call_soon(t.peer_gone)
+                continue
+            except OSError:  # EAGAIN
+                sent = 0
+            if sent == n:
+                continue
+        transport.write(chunk if sent == 0 else chunk[sent:])
         if t.writing_paused:
             if full is None:
                 full = []

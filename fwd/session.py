@@ -99,6 +99,9 @@ def end_reason(reason: str) -> str:
     return "other"
 
 
+MOVE_WAIT = 1.0
+"""Seconds a just-handshaken session waits at most for the channel to the
+parent to take its move (Session._try_move), before it stays where it is."""
 PAIR_MARK = 64 * 1024
 """High-water mark for the receiver of a 1->1 route, instead of --max-buffer: its
 sender waits early and its bytes stay in the kernel's socket buffers, so what the
@@ -652,14 +655,33 @@ class Session(Relay, asyncio.BufferedProtocol):
         self._cancel_timer()
         ok = hs.send(Hs4(True))
         trailing = hs.trailing_data
-        router = self.hub.router
         # A moving session gets its hs4 from its new worker, once it is live
         # there: a client never sees OK before its receivers can reach it.
-        if (home is not None and home != self.hub.wid
-                and not any(router.live(c) is not None for c in recvers)
-                and self._move(home, recvers, ok, trailing)):
+        if home is not None and home != self.hub.wid:
+            self._try_move(home, recvers, ok, trailing, self.hub.loop.time() + MOVE_WAIT)
             return
         self._send_hs4(ok, recvers, trailing)
+
+    def _try_move(self, home: int, recvers: tuple[str, ...], ok: bytes, trailing: bytes,
+                  deadline: float) -> None:
+        """Move to ``home``, or stay and go live here. A full channel to the
+        parent (a burst of handshakes, the parent behind) is waited for, up
+        to MOVE_WAIT: a pair split between two workers passes no FIN on."""
+        self.claiming = False
+        if self.state is St.CLOSED or self.transport is None:
+            return
+        moved = None
+        if not any(self.hub.router.live(c) is not None for c in recvers):
+            moved = self._move(home, recvers, ok, trailing)
+            if moved is None and self.hub.loop.time() < deadline:
+                self.claiming = True  # nothing more from the client meanwhile
+                self.transport.pause_reading()
+                self.hub.when_channel_free(functools.partial(
+                    self._try_move, home, recvers, ok, trailing, deadline))
+                return
+        if not moved:
+            self.transport.resume_reading()
+            self._send_hs4(ok, recvers, trailing)
 
     def _send_hs4(self, ok: bytes, recvers: tuple[str, ...], first: bytes) -> None:
         """hs4 OK and live, once the other workers know this one has live
@@ -682,10 +704,12 @@ class Session(Relay, asyncio.BufferedProtocol):
         self._go_live(recvers, first)
         self.transport.resume_reading()
 
-    def _move(self, home: int, recvers: tuple[str, ...], ok: bytes, trailing: bytes) -> bool:
+    def _move(self, home: int, recvers: tuple[str, ...], ok: bytes,
+              trailing: bytes) -> bool | None:
         """Hand this just-handshaken session to worker ``home``, where its
         receivers live, so that its bytes never cross processes. False if it
-        cannot move now (it then stays here, and its bytes cross)."""
+        cannot move (it then stays here, and its bytes cross); None if the
+        channel to the parent is full now. Reading is paused unless it went."""
         transport = self.transport
         assert transport is not None and self.chid is not None
         if transport.get_write_buffer_size() or len(trailing) > fdpass.MAX_DATA:
@@ -697,9 +721,9 @@ class Session(Relay, asyncio.BufferedProtocol):
                           "senders": None if senders is None else sorted(senders),
                           "peer": self.peer, "hs4": ok.decode("ascii")}, "to": home}
         transport.pause_reading()
-        if not self.hub.send_to_parent(sock.fileno(), meta, trailing):
-            transport.resume_reading()
-            return False
+        sent = self.hub.send_to_parent(sock.fileno(), meta, trailing)
+        if not sent:
+            return sent
         log.debug("moving chid=%s peer=%s to worker %d", logval(self.chid), self.peer, home)
         self.moved = True
         self._leave("moved")

@@ -150,6 +150,7 @@ class Hub:
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}
         self.pending: set[Session] = set()
+        self._channel_waits: list[Callable[[], None]] = []  # when_channel_free
         # Half-closed sessions waiting for the one chid they name to go live
         # (Session._await_partner), by that chid, with when they stop waiting.
         self.awaiting: dict[str, dict[Session, float]] = {}
@@ -273,6 +274,9 @@ class Hub:
         assert self.channel is not None
         self.loop.remove_writer(self.channel)
         self._send_notes()
+        waits, self._channel_waits = self._channel_waits, []
+        for then in waits:  # each may find it full again, and wait again
+            then()
 
     def beat(self) -> None:
         """Show the parent that the event loop runs, once a BEAT until the drain
@@ -311,14 +315,25 @@ class Hub:
             votes[hint] += 1
         return True, (votes.most_common(1)[0][0] if votes else None)
 
-    def send_to_parent(self, fd: int, meta: dict[str, Any], data: bytes) -> bool:
-        """Pass a socket to the parent (which forwards it); False if it cannot go now."""
+    def send_to_parent(self, fd: int, meta: dict[str, Any], data: bytes) -> bool | None:
+        """Pass a socket to the parent (which forwards it): True if it went,
+        None if the channel is full now (when_channel_free), False if it
+        cannot go (the parent is gone)."""
         assert self.channel is not None
         try:
             fdpass.send_socket(self.channel, fd, meta, data)
-        except OSError:  # full channel (or parent gone): the session stays
+        except BlockingIOError:
+            return None
+        except OSError:
             return False
         return True
+
+    def when_channel_free(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once the channel to the parent takes a message again
+        (a burst of sessions moving, with the parent behind)."""
+        assert self.channel is not None
+        self._channel_waits.append(then)
+        self.loop.add_writer(self.channel, self._writable)
 
     # -- other workers (called by the Mesh) ------------------------------------------
 
@@ -515,12 +530,10 @@ class Hub:
         if held and not self.router.queue_held(len(chunk)):
             self.drop("hold_full", len(chunk))
             return
-        target.last_active = now
-        target.bytes_out += len(chunk)
-        target.transport.write(chunk)
+        full = fanout(chunk, (target,), None, now)  # a reset peer is learnt there
         if held:
             self.queued_held(target, len(chunk))
-        if target.writing_paused:
+        if full:
             target.tell_full()
 
     def deliver_all(self, chunk: bytes, sender: str | None) -> None:

@@ -22,6 +22,7 @@ from helpers import (
     Sender,
     bcast_handshake,
     claim_again,
+    flood_until_stalled,
     handshake,
     pair,
     read_json,
@@ -29,6 +30,7 @@ from helpers import (
     recv_exact,
     recv_hash,
     recv_skipping,
+    reset_close,
     send_json,
     tcp_sockets,
     wait_until,
@@ -861,6 +863,76 @@ def test_a_restarted_worker_gets_nothing_that_waited_for_its_predecessor(start_s
     s2, _ = server.handshake("s2", ["x"])
     s2.sendall(b"NEW;")
     assert recv_exact(x2, 4) == b"NEW;"
+
+
+def test_bytes_from_another_worker_to_a_reset_receiver_leave_its_stream_whole(start_server):
+    """b's client reset while its last bytes, for its partner a (who reads
+    nothing), still waited in the server's kernel. c, on the other worker,
+    then sent b 8 bytes: their write met the reset, and b's transport closed
+    the socket with those bytes unread; a got a prefix. As from a sender
+    on b's worker, the reset is now learnt by a plain send first, and b's
+    reads go on to the last byte, then a gets the reset."""
+    server = start_server("--mode", "chan", "--workers", "2", "--max-buffer", "256KiB")
+    sa, sb = pair(server, "a", "b")
+    home = server.worker_of(sb)
+    for i in range(20):  # c must land on the other worker, where "anchor" lives
+        anchor, _ = server.handshake(f"anchor{i}", ["nobody"])
+        sc, _ = server.handshake(f"c{i}", ["b", f"anchor{i}"])
+        if server.worker_of(sc) != home and server.worker_of(anchor) != home:
+            break
+        sc.close()
+        anchor.close()
+    else:
+        pytest.skip("c never landed on the other worker")
+    acked = flood_until_stalled(sb)  # a reads nothing: b's last bytes wait in the server
+    reset_close(sb)
+    sc.sendall(b"<from c>")
+    sa.settimeout(30)
+    assert read_until_reset(sa) == acked
+
+
+def _pipelined_half(me: str, other: str, data: bytes, sock: socket.socket,
+                    go: threading.Barrier, got: dict[str, bytes]) -> None:
+    """hs1, hs3, ``data`` and a FIN in one write, at ``go``; then all it gets."""
+    go.wait()
+    sock.sendall(json.dumps({"req": "hs1", "chid": me}).encode() + b"\n"
+                 + json.dumps({"req": "hs3", "recvers": [other]}).encode() + b"\n" + data)
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(30)
+    stream = b""
+    while chunk := sock.recv(1 << 16):
+        stream += chunk
+    got[me] = stream
+
+
+def test_pairs_that_connect_in_a_burst_are_not_split_between_workers(start_server):
+    """A hundred pairs whose halves handshake at once, each pipelining hs1,
+    hs3, its bytes and its FIN. A half whose move to its partner's worker
+    met a full channel to the parent went live where it was: the pair was
+    split, no FIN crossed, and a half got a FIN with none of its partner's
+    bytes. The move now waits for the channel (MOVE_WAIT)."""
+    server = start_server("--mode", "chan", "--workers", "2")
+    for rnd in range(2):
+        halves = []
+        for i in range(100):
+            a, b = f"p{rnd}-{i}a", f"p{rnd}-{i}b"
+            halves += [(a, b, os.urandom(5000 + i), server.connect()),
+                       (b, a, os.urandom(5000 + i), server.connect())]
+        payload = {me: data for me, _, data, _ in halves}
+        got: dict[str, bytes] = {}
+        go = threading.Barrier(len(halves))
+        threads = [threading.Thread(target=_pipelined_half, args=(*h, go, got))
+                   for h in halves]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for me, other, _, sock in halves:
+            lines = got[me].split(b"\n", 2)
+            assert lines[:2] == [json.dumps({"rsp": "hs2", "chid": me}, separators=(",", ":"))
+                                 .encode(), b'{"rsp":"hs4","result":"OK"}'], me
+            assert lines[2] == payload[other], f"{me}: {len(lines[2])} of its partner's bytes"
+            sock.close()
 
 
 def test_a_session_is_not_moved_into_a_silent_worker(start_server):
