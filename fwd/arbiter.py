@@ -31,7 +31,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import control, fdpass
 from .acceptor import Acceptor, describe, open_listeners
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from .metrics import MetricsServer, ParentMetrics
 
 log = logging.getLogger("fwd.arbiter")
+T = TypeVar("T")
 
 KILL_MARGIN = 3.0
 """Seconds past ``--drain-timeout`` before workers that still run are killed."""
@@ -637,7 +640,7 @@ class Arbiter:
         self._reloads += 1
         started = self._reloads
         try:  # a long blocklist parses off the loop, which keeps accepting
-            new = await self.loop.run_in_executor(None, self.config.address_filter)
+            new = await self._off_loop(self.config.address_filter)
         except ValueError as exc:
             log.warning("reload failed, address filter unchanged: %s", exc)
             return control.error(f"reload failed, nothing changed: {exc}")
@@ -650,6 +653,31 @@ class Arbiter:
         log.info("reloaded %s: allow %s, deny %d networks", " and ".join(files) or "nothing",
                  "any" if allow is None else allow, len(new.deny))
         return control.ok(files=files, allow=allow, deny=len(new.deny))
+
+    def _off_loop(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        """``call()`` in a thread of its own, a daemon: a read that never
+        returns (a FIFO, a dead mount) holds only that thread, where it would
+        take one of the loop's few executor threads for good, and the process
+        can still exit."""
+        future: asyncio.Future[T] = self.loop.create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if not future.done():
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+
+        def run() -> None:
+            try:
+                result = call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                self.loop.call_soon_threadsafe(done, None, exc)
+            else:
+                self.loop.call_soon_threadsafe(done, result, None)
+
+        threading.Thread(target=run, name="fwd-reload", daemon=True).start()
+        return future
 
     def _status(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
         totals: collections.Counter[str] = collections.Counter()

@@ -124,6 +124,7 @@ from .pumps import RETRY, RETRY_SOON, STALL, hold_offers
 from .sockopts import (
     RESET_BY_PEER,
     ResetWhenSent,
+    error_reset,
     reset,
     reset_by_peer,
     set_keepalive,
@@ -1053,7 +1054,10 @@ class Bridge:
         live = [(x, x.transport) for x in self.links
                 if x is not None and x.transport is not None and not x.transport.is_closing()]
         # A side whose peer reset (not read yet) lost what was sent to it.
-        lost = {x.side for x, t in live if reset_by_peer(t)}
+        # After our own FIN, CLOSE is also the state of a clean close: the
+        # socket's pending error tells.
+        lost = {x.side for x, t in live if x.gone or x.peer_reset or (
+            reset_by_peer(t) and (not x.eof_out or error_reset(t)))}
         flushing = [x for x, t in live if x.side not in lost and unacked(t)]
         waiting = None  # a side whose bytes the other still flushes: closed after it
         if len(flushing) == 1 and (waiting := self.links[1 - flushing[0].side]) is not None:

@@ -182,7 +182,10 @@ class ControlServer:
         await close_connections(self._conns)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with tracked(self._conns, writer):
+        with tracked(self._conns, writer), contextlib.suppress(asyncio.CancelledError):
+            # Cancelled at close (close_connections) while a request waits (a
+            # reload whose read hangs): asyncio's stream server would log the
+            # cancelled task as an error.
             await self._exchange(reader, writer)
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -668,20 +668,32 @@ class Session(Relay, asyncio.BufferedProtocol):
         parent (a burst of handshakes, the parent behind) is waited for, up
         to MOVE_WAIT: a pair split between two workers passes no FIN on."""
         self.claiming = False
+        self._cancel_timer()
         if self.state is St.CLOSED or self.transport is None:
             return
         moved = None
         if not any(self.hub.router.live(c) is not None for c in recvers):
             moved = self._move(home, recvers, ok, trailing)
-            if moved is None and self.hub.loop.time() < deadline:
+            now = self.hub.loop.time()
+            if moved is None and now < deadline:
                 self.claiming = True  # nothing more from the client meanwhile
                 self.transport.pause_reading()
-                self.hub.when_channel_free(functools.partial(
-                    self._try_move, home, recvers, ok, trailing, deadline))
+                again = functools.partial(self._move_again, home, recvers, ok, trailing,
+                                          deadline)
+                self.hub.when_channel_free(again)  # whichever comes first
+                self.timer = self.hub.loop.call_later(deadline - now, again)
                 return
         if not moved:
             self.transport.resume_reading()
             self._send_hs4(ok, recvers, trailing)
+
+    def _move_again(self, home: int, recvers: tuple[str, ...], ok: bytes, trailing: bytes,
+                    deadline: float) -> None:
+        """The channel took messages again, or MOVE_WAIT passed: the first of
+        the two tries once more (or goes live here); the other finds the
+        session no longer waiting."""
+        if self.claiming and self.state is St.HANDSHAKE:
+            self._try_move(home, recvers, ok, trailing, deadline)
 
     def _send_hs4(self, ok: bytes, recvers: tuple[str, ...], first: bytes) -> None:
         """hs4 OK and live, once the other workers know this one has live
@@ -799,7 +811,10 @@ class Session(Relay, asyncio.BufferedProtocol):
             desc = REJECTED
         else:
             fail = Hs4(False, desc)
-            line = hs.send(fail) if hs else self._codec().encode(to_message(fail))
+            if hs is not None and hs.refusable:
+                line = hs.send(fail)
+            else:  # moved here, or its OK decided but never written (end)
+                line = (hs.codec if hs is not None else self._codec()).encode(to_message(fail))
         reason = failure_reason(desc)
         if rejected and failure_reason(rejected) in ("timeout", "closed"):
             reason = failure_reason(rejected)  # the client's silence, not its password
@@ -1106,7 +1121,9 @@ class Session(Relay, asyncio.BufferedProtocol):
         """End on the server's side (shutdown, fwd-ctl kick). A client still in
         its handshake is owed an hs4: it gets FAIL with the reason."""
         hs = self.hs
-        if self.state is St.HANDSHAKE and (hs is None or hs.refusable):  # None: moved here
+        # hs None: moved here; claiming after the OK was decided: it waits
+        # for a move or the other workers' wake-up, its OK still unwritten.
+        if self.state is St.HANDSHAKE and (hs is None or hs.refusable or self.claiming):
             self._fail(reason, count=False)
         else:
             self.close(reason, linger=linger)

@@ -98,6 +98,18 @@ def reset_by_peer(transport: asyncio.BaseTransport) -> bool:
         return False
 
 
+def error_reset(transport: asyncio.BaseTransport) -> bool:
+    """Whether the socket's pending error is a reset, which tells one apart
+    from a clean close after our own FIN, where reset_by_peer cannot (both
+    are CLOSE). Reading the error clears it: for a connection being closed."""
+    sock = transport.get_extra_info("socket")
+    try:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if sock is not None else 0
+    except OSError:
+        return False
+    return err in (errno.ECONNRESET, errno.EPIPE)
+
+
 def unacked(transport: asyncio.WriteTransport) -> int:
     """Bytes written to ``transport`` that its peer has not acknowledged yet:
     the transport's own buffer plus the kernel's send queue (SIOCOUTQ)."""

@@ -20,6 +20,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -620,6 +621,35 @@ def test_a_reload_of_an_older_file_does_not_undo_a_later_one(start_server, tmp_p
     assert first[0].returncode == 1
     assert first[0].stderr == "fwd-ctl: reload superseded by a later one, nothing changed\n"
     assert_refused(server.connect(source="127.0.0.2"), NOT_ALLOWED)
+
+
+def test_reloads_whose_reads_hang_do_not_hold_up_a_later_one(start_server, tmp_path):
+    """Each reload reads in a thread. On the loop's executor, eight reads that
+    never return (a FIFO nobody writes, a dead mount) took all its threads,
+    and no reload answered again until a restart."""
+    deny = tmp_path / "deny"
+    deny.write_text("192.0.2.1\n")
+    server = start_server("--mode", "chan", "--deny-file", str(deny))
+    parent = server.pids()[0]
+    threads = len(os.listdir(f"/proc/{parent}/task"))
+    deny.unlink()
+    os.mkfifo(deny)  # nobody ever writes: each reload blocks in its open()
+    hung = [subprocess.Popen([sys.executable, "-m", "fwd.ctl", "--control", server.control,
+                              "--timeout", "60", "reload"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(8)]
+    try:
+        wait_until(lambda: len(os.listdir(f"/proc/{parent}/task")) >= threads + 6,
+                   30, "the reloads reading, as many as the loop's executor had threads")
+        fixed = tmp_path / "fixed"
+        fixed.write_text("127.0.0.2\n")
+        os.replace(fixed, deny)
+        assert server.ctl("reload").stdout == (
+            f"reloaded {deny}: allow any address, deny 1 network\n")
+    finally:
+        for p in hung:
+            p.kill()
+            p.wait()
 
 
 def test_an_emptied_allow_file_takes_nobody_and_no_file_has_nothing_to_reload(
