@@ -517,19 +517,9 @@ def fanout(bytes chunk, tuple targets, object sender, double now):
         t.last_active = now
         t.bytes_out += n
         transport = t.transport
-        sent = 0
-        if _nothing_queued(transport):
-            sent = send(t.fd, ptr, n, MSG_DONTWAIT | MSG_NOSIGNAL)
-            if sent == n:
-                continue
-            if sent < 0:
-                if _gone(errno):
-                    t.bytes_out -= n
-                    t.hub.drop("discarded", n)
-                    t.peer_reset = True
-                    t.hub.loop.call_soon(t.peer_gone)
-                    continue
-                sent = 0  # EAGAIN
+        sent = _send_first(t, ptr, n) if _nothing_queued(transport) else 0
+        if sent == n or sent < 0:
+            continue
         transport.write(chunk if sent == 0 else chunk[sent:])
         if t.writing_paused:
             if full is None:
@@ -549,6 +539,22 @@ def send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender, double 
     chunk = _send_view(buf, n, targets, sender, now)
     full, _full = _full, None
     return full, chunk
+
+
+cdef inline ssize_t _send_first(Relay t, const char *ptr, Py_ssize_t n) except -2:
+    """A plain non-blocking send() to a target with nothing queued: what it
+    took, or -1 if its peer reset (_gone: the bytes are dropped and counted,
+    and the target is told, as its transport would not)."""
+    cdef ssize_t sent = send(t.fd, ptr, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+    if sent >= 0:
+        return sent
+    if _gone(errno):
+        t.bytes_out -= n
+        t.hub.drop("discarded", n)
+        t.peer_reset = True
+        t.hub.loop.call_soon(t.peer_gone)
+        return -1
+    return 0  # EAGAIN
 
 
 cdef inline bint _nothing_queued(object transport) except -1:
@@ -578,19 +584,9 @@ cdef object _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender
         t.last_active = now
         t.bytes_out += n
         transport = t.transport
-        sent = 0
-        if _nothing_queued(transport):
-            sent = send(t.fd, ptr, n, MSG_DONTWAIT | MSG_NOSIGNAL)
-            if sent == n:
-                continue
-            if sent < 0:
-                if _gone(errno):
-                    t.bytes_out -= n
-                    t.hub.drop("discarded", n)
-                    t.peer_reset = True
-                    t.hub.loop.call_soon(t.peer_gone)
-                    continue
-                sent = 0  # EAGAIN
+        sent = _send_first(t, ptr, n) if _nothing_queued(transport) else 0
+        if sent == n or sent < 0:
+            continue
         if chunk is None:
             chunk = PyBytes_FromStringAndSize(ptr, n)
         transport.write(chunk if sent == 0 else chunk[sent:])

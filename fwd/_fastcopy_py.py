@@ -323,6 +323,20 @@ def _read_exactly(fd: int, n: int) -> bytes:
     return out
 
 
+def _send_first(t: Any, data: bytes | memoryview, n: int) -> int:
+    """See _fastcopy.pyx: what a plain send took, or -1 if the peer reset."""
+    try:
+        return os.write(t.fd, data)
+    except (BrokenPipeError, ConnectionResetError):  # see _fastcopy.pyx _gone
+        t.bytes_out -= n
+        t.hub.drop("discarded", n)
+        t.peer_reset = True
+        t.hub.loop.call_soon(t.peer_gone)
+        return -1
+    except OSError:  # EAGAIN
+        return 0
+
+
 def fanout(chunk: bytes, targets: tuple[Any, ...], sender: Any, now: float) -> list[Any] | None:
     """Write ``chunk`` to each target but ``sender``; return the targets that
     are now above their high-water mark (None when there are none)."""
@@ -334,20 +348,9 @@ def fanout(chunk: bytes, targets: tuple[Any, ...], sender: Any, now: float) -> l
         t.last_active = now
         t.bytes_out += n
         transport = t.transport
-        sent = 0
-        if transport.get_write_buffer_size() == 0:  # see _fastcopy.pyx fanout
-            try:
-                sent = os.write(t.fd, chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                t.bytes_out -= n
-                t.hub.drop("discarded", n)
-                t.peer_reset = True
-                t.hub.loop.call_soon(t.peer_gone)
-                continue
-            except OSError:  # EAGAIN
-                sent = 0
-            if sent == n:
-                continue
+        sent = _send_first(t, chunk, n) if transport.get_write_buffer_size() == 0 else 0
+        if sent == n or sent < 0:
+            continue
         transport.write(chunk if sent == 0 else chunk[sent:])
         if t.writing_paused:
             if full is None:
@@ -371,20 +374,9 @@ def send_view(buf: bytearray, n: int, targets: tuple[Any, ...], sender: Any,
         t.last_active = now
         t.bytes_out += n
         transport = t.transport
-        sent = 0
-        if transport.get_write_buffer_size() == 0:
-            try:
-                sent = os.write(t.fd, view)
-            except (BrokenPipeError, ConnectionResetError):  # see _fastcopy.pyx _gone
-                t.bytes_out -= n
-                t.hub.drop("discarded", n)
-                t.peer_reset = True
-                t.hub.loop.call_soon(t.peer_gone)
-                continue
-            except OSError:  # EAGAIN
-                sent = 0
-            if sent == n:
-                continue
+        sent = _send_first(t, view, n) if transport.get_write_buffer_size() == 0 else 0
+        if sent == n or sent < 0:
+            continue
         if chunk is None:
             chunk = bytes(view)
         transport.write(chunk if sent == 0 else chunk[sent:])

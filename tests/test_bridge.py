@@ -973,6 +973,20 @@ def test_a_stop_cuts_a_stream_still_flushing_with_a_reset(start_client):
         assert got == out
 
 
+def upload_read_while_the_service_is_slow(br: Client, c0: socket.socket,
+                                          c1: socket.socket) -> None:
+    """The remote (c0) uploads until every buffer on the way to the service
+    (c1) is full, and half-closes; the service reads slowly until fwd-client
+    has read the upload's end: what its queue holds for the service stays."""
+    mark = br.mark()
+    flood_until_stalled(c0)
+    c0.settimeout(WAIT)
+    c0.shutdown(socket.SHUT_WR)
+    while not any("server0 sent EOF" in ln for ln in br.lines[mark:]):
+        c1.recv(8192)
+        time.sleep(0.001)  # a slow reader, the subject
+
+
 def test_a_stop_resets_the_relay_side_whose_upload_it_could_not_deliver(start_client):
     """The remote's whole upload and its FIN were read, and part of it waits
     for a slow service when fwd-client stops. The relay side used to be
@@ -981,15 +995,7 @@ def test_a_stop_resets_the_relay_side_whose_upload_it_could_not_deliver(start_cl
     relay side is closed once that flush is over, and reset as here, where
     it is cut."""
     with stand_ins(start_client, "--no-handshake", rcvbuf=8192) as (br, c0, c1):
-        mark = br.mark()
-        flood_until_stalled(c0)  # every buffer on the way to the service is full
-        c0.settimeout(WAIT)
-        c0.shutdown(socket.SHUT_WR)
-        # The service reads slowly until fwd-client has read the upload's
-        # end: what its queue holds for the service stays there.
-        while not any("server0 sent EOF" in ln for ln in br.lines[mark:]):
-            c1.recv(8192)
-            time.sleep(0.001)
+        upload_read_while_the_service_is_slow(br, c0, c1)
         br.proc.send_signal(signal.SIGTERM)
         with pytest.raises(ConnectionResetError):
             c0.recv(1)
@@ -1000,13 +1006,7 @@ def test_a_service_reset_during_a_stops_flush_resets_the_relay_side(start_client
     """A reset leaves nothing unacknowledged in the kernel's count: it was
     taken for a flush that went through, and the relay side got its FIN."""
     with stand_ins(start_client, "--no-handshake", rcvbuf=8192) as (br, c0, c1):
-        mark = br.mark()
-        flood_until_stalled(c0)
-        c0.settimeout(WAIT)
-        c0.shutdown(socket.SHUT_WR)
-        while not any("server0 sent EOF" in ln for ln in br.lines[mark:]):
-            c1.recv(8192)
-            time.sleep(0.001)
+        upload_read_while_the_service_is_slow(br, c0, c1)
         br.proc.send_signal(signal.SIGTERM)
         reset_close(c1)  # the service dies with the upload unread
         with pytest.raises(ConnectionResetError):
