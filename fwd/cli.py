@@ -496,7 +496,7 @@ def cat(address: tuple[str, int], chid: str | None, recvers: tuple[str, ...],
             return die(f"{where}: {exc}", CAT_EXIT_REJECTED)
         except E2EError as exc:
             return die(f"end-to-end decryption: {exc}", CAT_EXIT_E2E)
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):  # EPIPE: a send after the reset
             return die(f"{where}: the server reset the connection; what was sent may not "
                        "all have been delivered (the server's log says why)", CAT_EXIT_ERROR)
         except OSError as exc:
