@@ -430,7 +430,9 @@ def test_slow_lan_service_throttles_the_relay_side(start_server, start_client, s
         gate.wait(WAIT * 2)
         xor_echo(conn)
 
-    server = start_server("--mode", "chan")
+    # One worker: between two, the relay may hold tens of MiB in flight
+    # (PROTOCOL.md §3.4), and the stream must outgrow every buffer on the way.
+    server = start_server("--mode", "chan", "--workers", "1")
     svc = start_service(gated_echo)
     br = chan_bridge(start_client, server, svc)
     remote, _ = server.handshake("user", ["svc"])
@@ -442,8 +444,10 @@ def test_slow_lan_service_throttles_the_relay_side(start_server, start_client, s
         up.start()
         br.wait_log(r"server1 connected")
         # The service reads nothing: the bridge must leave server0's bytes in the kernel.
+        # How many fit there depends on how far autotuning grew the buffer while
+        # the bridge still read (413 KiB in one CI run): the checks below decide.
         deadline = time.monotonic() + WAIT
-        while (q := _rx_queue(br.pid, server.port) or 0) < 512 * 1024:
+        while (q := _rx_queue(br.pid, server.port) or 0) < 128 * 1024:
             assert time.monotonic() < deadline, f"bridge kept reading server0 (rx_queue={q})"
             time.sleep(0.05)  # polling kernel state; there is no event to wait on
         # "Nothing more gets through" needs a window: without backpressure the bridge
