@@ -124,6 +124,13 @@ def stopped(pid: int) -> Iterator[None]:
     try:
         yield
     finally:
+        cont(pid)
+
+
+def cont(pid: int) -> None:
+    """SIGCONT ``pid``, which the block may have killed: the parent may have
+    reaped it already."""
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGCONT)
 
 
@@ -160,7 +167,7 @@ def test_a_connection_a_dying_worker_never_read_goes_to_another(start_server):
         mark = server.mark()
         os.kill(victim, signal.SIGKILL)
     finally:
-        os.kill(victim, signal.SIGCONT)
+        cont(victim)
     server.wait_log(rf"worker \d+ \(pid {victim}\) exited with signal 9", start=mark)
     for sock, chid, peer in ((a, "a", "b"), (b, "b", "a")):
         send_json(sock, {"req": "hs1", "chid": chid})
@@ -223,8 +230,7 @@ def test_a_connection_a_worker_took_before_dying_is_not_served_twice(start_serve
         finally:
             os.kill(server.pid, signal.SIGCONT)
     finally:
-        with contextlib.suppress(ProcessLookupError):  # killed and reaped by now
-            os.kill(victim, signal.SIGCONT)
+        cont(victim)
     server.wait_log(rf"worker \d+ \(pid {victim}\) exited with signal 9", start=mark)
     sock.settimeout(10)
     try:

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -430,13 +431,12 @@ def test_senders_stop_waiting_for_a_worker_that_does_not_read(start_server):
     everyone else gets every byte, and once it reads again the others say so
     and both workers serve."""
     server = start_server("--mode", "broadcast", "--workers", "2", "--max-buffer", "256KiB")
-    mark = server.mark()
-    clients = [server.connect() for _ in range(4)]
-    server.wait_log(r"session start chid=None", start=mark, count=4)
-    here = server.worker_of(clients[0])
-    sender = clients[0]
-    receiver = next(c for c in clients[1:] if server.worker_of(c) == here)
+    sender = _live_where(server, lambda w: True)
+    here = server.worker_of(sender)
+    receiver = _live_where(server, lambda w: w == here)
+    _drain(_live_where(server, lambda w: w != here))  # the victim must hear everyone
     victim = next(w for w in server.workers() if w != here)
+    mark = server.mark()
     os.kill(victim, signal.SIGSTOP)
     try:
         up = Sender(sender, 16 * MiB)
@@ -464,6 +464,44 @@ def test_senders_stop_waiting_for_a_worker_that_does_not_read(start_server):
         chunk = sb.recv(1 << 16)
         assert chunk, "closed"
         got += chunk
+
+
+def _connect_where(server, connect: Callable[[int], socket.socket],
+                   where: Callable[[int], bool],
+                   miss: Callable[[socket.socket], object] = lambda s: None) -> socket.socket:
+    """``connect(i)`` until a connection lands on a worker ``where`` accepts;
+    the others stay open (a closed one would free its worker's place for the
+    next), given to ``miss``. The parent places a connection on the worker
+    with fewest, but skips one late with its reports (on a loaded machine)."""
+    for i in range(20):
+        sock = connect(i)
+        if where(server.worker_of(sock)):
+            return sock
+        miss(sock)
+    raise AssertionError("20 connections, none where wanted")
+
+
+def _drain(sock: socket.socket) -> threading.Thread:
+    """Read ``sock`` to its end in the background, so that it holds up no sender."""
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            while sock.recv(1 << 20):
+                pass
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _live_where(server, where: Callable[[int], bool]) -> socket.socket:
+    """A plain broadcast client, live, on a worker ``where`` accepts; those
+    that land elsewhere are drained."""
+    def connect(_i: int) -> socket.socket:
+        mark = server.mark()
+        sock = server.connect()
+        server.wait_log(rf"session start chid=None peer=127\.0\.0\.1:{sock.getsockname()[1]} ",
+                        start=mark)
+        return sock
+    return _connect_where(server, connect, where, _drain)
 
 
 def _worker_ready(server, pid: int, start: int) -> None:
@@ -630,10 +668,10 @@ def test_everyone_bytes_from_another_worker_skip_a_session_with_senders(sharded)
     svc, _ = server.handshake("svc", ["user"], senders=["user"])
     here = server.worker_of(svc)
     # New connections go to the least-loaded worker: some land by svc, some not.
-    probes = [server.handshake(f"probe{i}", [])[0] for i in range(3)]  # silent
-    louds = [server.handshake(f"loud{i}", [])[0] for i in range(3)]
-    probe = next(p for p in probes if server.worker_of(p) == here)
-    loud = next(s for s in louds if server.worker_of(s) != here)
+    probe = _connect_where(server, lambda i: server.handshake(f"probe{i}", [])[0],
+                           lambda w: w == here)  # silent
+    loud = _connect_where(server, lambda i: server.handshake(f"loud{i}", [])[0],
+                          lambda w: w != here)
     loud.sendall(b"loud!")
     assert recv_exact(probe, 5) == b"loud!"  # svc's worker has handled that frame
     user, _ = server.handshake("user", ["svc"])
