@@ -70,10 +70,11 @@ hanging, and the next request tries again.
 
 Handshake failures. An hs4 FAIL saying ``chid in use`` is retried: the session
 holding the chid is often our own previous one, still being torn down by the
-server (or a peer that will go away); within CLOSE_LINGER of our own
-session's end (its detach, or its connection's close, which may come up to
-CLOSE_LINGER later while it flushes) it is not counted as a failure. So are a handshake timeout, a
-connection closed during the handshake, and a refusal (``server full``,
+server (or a peer that will go away); while our own previous connection
+still flushes (up to CLOSE_LINGER after its session's end), and within
+CLOSE_LINGER of that end or of its close, it is not counted as a failure.
+So are a handshake timeout, a connection closed during the handshake, and a
+refusal (``server full``,
 ``server restarting``, ``server shutdown``, ``too many connections from this
 address``).
 Any other FAIL (a chid or recvers the server refuses) or a reply that is not
@@ -900,8 +901,10 @@ class Bridge:
                                  f"the handshake: {exc.desc}" + (f": {hint}" if hint else ""),
                                  EXIT_REJECTED) from None
                 # Our own session, the server still tearing it down: no failure.
-                ours = (exc.desc.startswith("chid in use")
-                        and self.loop.time() - self.ended[side] < CLOSE_LINGER)
+                # Its connection may still flush, up to CLOSE_LINGER after its end.
+                ours = exc.desc.startswith("chid in use") and (
+                    self.loop.time() - self.ended[side] < CLOSE_LINGER
+                    or any(x.side == side and x.welcomed for x in self.links_all))
                 if not await self._backoff(side, describe(exc), gen, count=not ours):
                     return None
             except (OSError, asyncio.TimeoutError) as exc:
