@@ -1163,7 +1163,10 @@ def test_chid_in_use_while_our_old_connection_still_flushes_is_no_failed_attempt
                           "--chid", "svc", "--connect", "eager", "--max-retries", "0")
         old, _ = relay.accept()
         welcome(old)
+        mark = br.mark()
         svc, _ = lan.accept()
+        # A reset before fwd-client saw its connect complete fails that connect.
+        br.wait_log(r"server1 connected", start=mark)
         # server0 reads nothing, so this waits in fwd-client (under the 1 MiB
         # at which it would stop reading the service, and see no reset).
         svc.sendall(os.urandom(256 * 1024))
