@@ -832,6 +832,10 @@ def test_many_held_reads_for_a_chid_that_goes_live_on_another_worker_all_arrive(
     for s in senders:  # their bytes stay held; nothing draws x to their worker now
         s.close()
     server.wait_log(r"session end chid=s\d+ ", start=mark, count=n)
+    # Until the coordinator has their releases (a moment after those lines),
+    # they still draw x to their worker.
+    for i in range(n):
+        wait_until(lambda i=i: _claimable(server, f"s{i}"), 30, f"s{i} released")
     x, _ = server.handshake("x", ["anc1", "anc2"])
     assert server.worker_of(x) == server.worker_of(anc1)
     got = recv_exact(x, n * size)
