@@ -669,6 +669,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         to MOVE_WAIT: a pair split between two workers passes no FIN on."""
         self.claiming = False
         self._cancel_timer()
+        self.hub.forget_channel_wait(self)  # whichever came first, the other is moot
         if self.state is St.CLOSED or self.transport is None:
             return
         moved = None
@@ -680,7 +681,7 @@ class Session(Relay, asyncio.BufferedProtocol):
                 self.transport.pause_reading()
                 again = functools.partial(self._move_again, home, recvers, ok, trailing,
                                           deadline)
-                self.hub.when_channel_free(again)  # whichever comes first
+                self.hub.when_channel_free(self, again)  # whichever comes first
                 self.timer = self.hub.loop.call_later(deadline - now, again)
                 return
         if not moved:
@@ -690,8 +691,7 @@ class Session(Relay, asyncio.BufferedProtocol):
     def _move_again(self, home: int, recvers: tuple[str, ...], ok: bytes, trailing: bytes,
                     deadline: float) -> None:
         """The channel took messages again, or MOVE_WAIT passed: the first of
-        the two tries once more (or goes live here); the other finds the
-        session no longer waiting."""
+        the two tries once more (or goes live here), and drops the other."""
         if self.claiming and self.state is St.HANDSHAKE:
             self._try_move(home, recvers, ok, trailing, deadline)
 
@@ -709,7 +709,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         self._go_live(recvers, first)
 
     def _woken(self, ok: bytes, recvers: tuple[str, ...], first: bytes) -> None:
-        if self.state is St.CLOSED or self.transport is None:
+        if self.state is not St.HANDSHAKE or self.transport is None:  # OK is sent once
             return
         self.claiming = False
         self.transport.write(ok)

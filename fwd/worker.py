@@ -150,7 +150,7 @@ class Hub:
         # times larger (measured: about 75 bytes per idle session).
         self.sessions: dict[Session, None] = {}
         self.pending: set[Session] = set()
-        self._channel_waits: list[Callable[[], None]] = []  # when_channel_free
+        self._channel_waits: dict[object, Callable[[], None]] = {}  # when_channel_free
         # Half-closed sessions waiting for the one chid they name to go live
         # (Session._await_partner), by that chid, with when they stop waiting.
         self.awaiting: dict[str, dict[Session, float]] = {}
@@ -274,8 +274,8 @@ class Hub:
         assert self.channel is not None
         self.loop.remove_writer(self.channel)
         self._send_notes()
-        waits, self._channel_waits = self._channel_waits, []
-        for then in waits:  # each may find it full again, and wait again
+        waits, self._channel_waits = self._channel_waits, {}
+        for then in waits.values():  # each may find it full again, and wait again
             then()
 
     def beat(self) -> None:
@@ -328,12 +328,18 @@ class Hub:
             return False
         return True
 
-    def when_channel_free(self, then: Callable[[], None]) -> None:
+    def when_channel_free(self, key: object, then: Callable[[], None]) -> None:
         """Call ``then`` once the channel to the parent takes a message again
-        (a burst of sessions moving, with the parent behind)."""
+        (a burst of sessions moving, with the parent behind), unless ``key``
+        waits again meanwhile (the new ``then`` replaces it) or forgets it."""
         assert self.channel is not None
-        self._channel_waits.append(then)
+        self._channel_waits[key] = then
         self.loop.add_writer(self.channel, self._writable)
+
+    def forget_channel_wait(self, key: object) -> None:
+        """``key`` no longer waits (a timer went first): a call left behind
+        could act on a state that only looks like the one it waited in."""
+        self._channel_waits.pop(key, None)
 
     # -- other workers (called by the Mesh) ------------------------------------------
 

@@ -112,3 +112,34 @@ def test_a_late_drain_from_a_chids_old_worker_keeps_its_new_sessions_full() -> N
         assert hub.remote_full_chids == {}
     finally:
         loop.close()
+
+
+def test_a_channel_wait_that_was_forgotten_or_replaced_is_not_called() -> None:
+    """A session waits for the parent's channel and for a timer, whichever
+    comes first. The channel's call, left behind when the timer went first,
+    found the session waiting for the other workers' wake-up (it looks the
+    same) and could send its hs4 OK a second time."""
+    loop = uvloop.new_event_loop()
+    parent, child = fdpass.channel_pair()
+    child.setblocking(False)
+    try:
+        hub = Hub(Config(), loop)
+        hub.channel = child
+        called: list[str] = []
+        hub.when_channel_free("timer went first", lambda: called.append("forgotten"))
+        hub.when_channel_free("waits again", lambda: called.append("replaced"))
+        hub.when_channel_free("waits again", lambda: called.append("latest"))
+        hub.when_channel_free("plain", lambda: called.append("plain"))
+        hub.forget_channel_wait("timer went first")
+
+        async def until_called() -> None:
+            while len(called) < 2:
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(asyncio.wait_for(until_called(), 10))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert sorted(called) == ["latest", "plain"]
+    finally:
+        loop.close()
+        parent.close()
+        child.close()
