@@ -68,15 +68,15 @@ of that wait): then the relay session is reset,
 so that the remote client learns the service is not there instead of
 hanging, and the next request tries again.
 
-Handshake failures. An hs4 FAIL saying ``chid in use`` is retried: the session
-holding the chid is often our own previous one, still being torn down by the
-server (or a peer that will go away); while our own previous connection
-still flushes (up to CLOSE_LINGER after its session's end), and within
-CLOSE_LINGER of that end or of its close, it is not counted as a failure.
-So are a handshake timeout, a connection closed during the handshake, and a
-refusal (``server full``,
-``server restarting``, ``server shutdown``, ``too many connections from this
-address``).
+Handshake failures. These are retried: an hs4 FAIL saying ``chid in use``,
+a handshake timeout, a connection closed during the handshake, and a refusal
+(``server full``, ``server restarting``, ``server shutdown``, ``too many
+connections from this address``). Each counts as a failure, but for a ``chid
+in use``, ``server full`` or ``too many connections`` that our own previous
+session may cause: the server frees its chid, and its place in the limits,
+only once it has seen its connection close. So while that connection still
+flushes (up to CLOSE_LINGER after its session's end), and within CLOSE_LINGER
+of that end or of its close, those do not count.
 Any other FAIL (a chid or recvers the server refuses) or a reply that is not
 the protocol at all will fail the same way every time: the bridge exits with
 status 3 and the server's reason.
@@ -165,6 +165,10 @@ EXIT_REJECTED = 3
 _RETRYABLE_FAIL = ("chid in use", "handshake timeout", "connection closed", "server shutdown",
                    "server full", "server restarting", "too many connections",
                    "the server closed")
+_OURS_FAIL = ("chid in use", "server full", "too many connections")
+"""What our own previous session may cause while the server has not seen its
+connection close: its chid is taken, its connection still counts for the
+limits. Not counted as failures then."""
 
 
 @dataclass(frozen=True)
@@ -902,7 +906,7 @@ class Bridge:
                                  EXIT_REJECTED) from None
                 # Our own session, the server still tearing it down: no failure.
                 # Its connection may still flush, up to CLOSE_LINGER after its end.
-                ours = exc.desc.startswith("chid in use") and (
+                ours = exc.desc.startswith(_OURS_FAIL) and (
                     self.loop.time() - self.ended[side] < CLOSE_LINGER
                     or any(x.side == side and x.welcomed for x in self.links_all))
                 if not await self._backoff(side, describe(exc), gen, count=not ours):

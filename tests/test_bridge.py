@@ -27,6 +27,7 @@ import pytest
 
 from conftest import Process, Server
 from fwd.bridge import describe
+from fwd.protocol import FULL, PER_IP
 from helpers import (
     TCP_LISTEN,
     Sender,
@@ -1111,17 +1112,24 @@ def welcome(conn: socket.socket) -> None:
     send_json(conn, {"rsp": "hs4", "result": "OK"})
 
 
-def chid_in_use(conn: socket.socket) -> None:
+def fail_hs(conn: socket.socket, desc: str) -> None:
     conn.settimeout(WAIT)
     read_line(conn)
-    send_json(conn, {"rsp": "hs4", "result": "FAIL", "desc": "chid in use: svc"})
+    send_json(conn, {"rsp": "hs4", "result": "FAIL", "desc": desc})
     conn.close()
 
 
-def test_chid_in_use_right_after_our_own_session_is_no_failed_attempt(start_client):
+# What our own session, not yet gone on the server, may cause: its chid, or
+# its connection counted against a limit until the server has seen it close.
+OURS = pytest.mark.parametrize("desc", ["chid in use: svc", PER_IP, FULL])
+
+
+@OURS
+def test_chid_in_use_right_after_our_own_session_is_no_failed_attempt(start_client, desc):
     """Our session ended and we reconnect at once: the server may not have
-    torn the old one down yet and answers "chid in use". That is retried
-    without counting (--max-retries 0 used to give up on it)."""
+    torn the old one down yet and answers "chid in use", or still counts its
+    connection against --max-conns(-per-ip). That is retried without counting
+    (--max-retries 0 used to give up on it)."""
     relay = socket.create_server(("127.0.0.1", 0))
     relay.settimeout(WAIT)
     try:
@@ -1132,7 +1140,7 @@ def test_chid_in_use_right_after_our_own_session_is_no_failed_attempt(start_clie
         br.wait_log(r"server0 connected \S+ chid=svc")
         reset_close(first)
         again, _ = relay.accept()
-        chid_in_use(again)
+        fail_hs(again, desc)
         third, _ = relay.accept()
         welcome(third)
         br.wait_log(r"server0 connected \S+ chid=svc", count=2)
@@ -1143,8 +1151,9 @@ def test_chid_in_use_right_after_our_own_session_is_no_failed_attempt(start_clie
         relay.close()
 
 
+@OURS
 def test_chid_in_use_while_our_old_connection_still_flushes_is_no_failed_attempt(
-        start_client):
+        start_client, desc):
     """The old session's connection may flush (and so hold the chid) for
     CLOSE_LINGER after the pair ended, and the server frees the chid only
     once it is gone. The window for "our own chid" used to start at the
@@ -1175,7 +1184,7 @@ def test_chid_in_use_while_our_old_connection_still_flushes_is_no_failed_attempt
         while True:
             conn, _ = relay.accept()
             gone = any("server0 closed after" in ln for ln in br.lines[mark:])
-            chid_in_use(conn)  # as the server answers until it saw the reset
+            fail_hs(conn, desc)  # as the server answers until it saw the reset
             if gone:
                 break
         again, _ = relay.accept()
