@@ -21,7 +21,7 @@ from .runtime import logval
 
 log = logging.getLogger("fwd.coordinator")
 
-_TOKEN_ARG = {mesh.CLAIM: 2, mesh.LIVE: 1, mesh.MOVE: 3}
+_TOKEN_ARG = {mesh.CLAIM: 2, mesh.LIVE: 1, mesh.MOVE: 3, mesh.WANT: 2}
 """Where the sender's own session token is among a message's frames."""
 
 

@@ -44,7 +44,7 @@ TO, ALL, FULL, DRAIN, HELD = b"to", b"all", b"full", b"drain", b"held"
 STREAM = (TO, ALL, HELD)
 SLEEP, WAKE, AWAKE, SENT = b"sleep", b"wake", b"awake", b"sent"
 
-ARITY = {HELLO: 0, CLAIM: 5, LIVE: 4, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 2,
+ARITY = {HELLO: 0, CLAIM: 5, LIVE: 4, RELEASE: 2, MOVE: 4, PLACE: 3, WANT: 3,
          CLAIMED: 3, INUSE: 2, PLACED: 3, EVICT: 3, LOC: 3, GONE: 2, DEAD: 1, WATCH: 2,
          EXPECT: 2}
 """Frames after the kind, per coordinator message kind."""
@@ -309,10 +309,12 @@ class Mesh:
     def release(self, chid: str, token: int) -> None:
         self._ask(RELEASE, chid.encode(), b"%d" % token)
 
-    def want(self, chid: str, wanted: bool) -> None:
+    def want(self, chid: str, wanted: bool, token: int) -> None:
         """This worker holds bytes for ``chid`` that came from other workers
-        (or no longer does): tell it where ``chid`` is live (``loc``)."""
-        self._ask(WANT, chid.encode(), b"1" if wanted else b"-1")
+        (or no longer does): tell it where ``chid`` is live (``loc``).
+        ``token``: any of this worker's, so that a want read after its death
+        does not count for its successor."""
+        self._ask(WANT, chid.encode(), b"1" if wanted else b"-1", b"%d" % token)
 
     def _from_coordinator(self, frames: list[bytes]) -> None:
         for kind, args in unbatch(frames):

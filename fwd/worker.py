@@ -116,6 +116,7 @@ class Hub:
         # What takes a socket from the parent once the note about it left (serve).
         self.adopt: Callable[[socket.socket, dict[str, Any], bytes], None] = lambda *_: None
         self._tokens = itertools.count(1)
+        self.own_token = 0
         # Receivers on other workers above their mark: how many per worker, the
         # chids of those that have one, and per worker those that hear anyone
         # (no hs3 senders); a filtered one holds up only the senders it hears.
@@ -196,6 +197,7 @@ class Hub:
     def start_tokens(self, incarnation: int) -> None:
         """Session tokens unique for the server's life (registry.TOKEN_BITS)."""
         self._tokens = itertools.count((incarnation << TOKEN_BITS) + 1)
+        self.own_token = incarnation << TOKEN_BITS  # no session's: for wants
 
     def new_token(self) -> int:
         return next(self._tokens)
@@ -470,7 +472,7 @@ class Hub:
             if chid not in self._wants and self.router.holding(chid) \
                     and self.router.live(chid) is None:
                 self._wants.add(chid)
-                self.mesh.want(chid, True)
+                self.mesh.want(chid, True, self.own_token)
 
     def sync_wants(self) -> None:
         """Withdraw the interest in chids this worker no longer holds bytes for."""
@@ -478,7 +480,7 @@ class Hub:
             assert self.mesh is not None
             for chid in [c for c in self._wants if not self.router.holding(c)]:
                 self._wants.discard(chid)
-                self.mesh.want(chid, False)
+                self.mesh.want(chid, False, self.own_token)
 
     def remote_gone(self, chid: str, worker: int) -> None:
         self.router.drop_remote(chid, worker)

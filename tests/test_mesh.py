@@ -82,6 +82,26 @@ def test_what_a_dead_worker_sent_holds_no_chid_for_its_successor(tmp_path: objec
         loop.close()
 
 
+def test_a_want_a_dead_worker_sent_draws_nothing_to_its_successor(tmp_path: object) -> None:
+    """A want (bytes held for a chid) is withdrawn by the worker that sent it;
+    one read after that worker's death would draw the chid's sessions to its
+    successor for good, which never withdraws it."""
+    loop, coord = _coordinator(tmp_path)
+    try:
+        old, new = 1 << TOKEN_BITS, 2 << TOKEN_BITS
+        coord.worker_started(0, 1)
+        coord.worker_started(1, 1)
+        coord.worker_lost(0)
+        coord.worker_started(0, 2)
+        coord._handle([b"w0", mesh.WANT, b"x", b"1", b"%d" % old])
+        assert coord.registry.wanted_home("x") is None
+        coord._handle([b"w0", mesh.WANT, b"x", b"1", b"%d" % new])
+        assert coord.registry.wanted_home("x") == 0
+    finally:
+        coord.close()
+        loop.close()
+
+
 def test_a_session_on_its_way_to_a_worker_that_dies_frees_its_chid(tmp_path: object) -> None:
     loop, coord = _coordinator(tmp_path)
     try:
