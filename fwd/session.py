@@ -1186,6 +1186,7 @@ class Session(Relay, asyncio.BufferedProtocol):
         if partner is None and self.read_closed:
             self._stop_awaiting()
         hub.forget_held_wait(self)
+        hub.forget_channel_wait(self)
         hub.meters.pop(self, None)
         hub.throttled.discard(self)
         if partner is None and was_live and not keep_pair:

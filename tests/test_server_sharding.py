@@ -427,9 +427,8 @@ def test_senders_stop_waiting_for_a_worker_that_does_not_read(start_server):
     """A stopped (hung) worker would hold up every sender to everyone, and
     its receivers on the healthy workers, until --worker-timeout killed it.
     After mesh.STUCK_AFTER the senders go on without it: its bytes beyond
-    --max-buffer queued are dropped and counted (the others do not grow),
-    everyone else gets every byte, and once it reads again the others say so
-    and both workers serve."""
+    --max-buffer queued are dropped and counted, everyone else gets every
+    byte, and once it reads again the others say so and both workers serve."""
     server = start_server("--mode", "broadcast", "--workers", "2", "--max-buffer", "256KiB")
     sender = _live_where(server, lambda w: True)
     here = server.worker_of(sender)
