@@ -956,12 +956,16 @@ class Bridge:
             sock = await self._open(host, port, timeout)
             await self.loop.create_connection(factory, sock=sock)
             link = made[-1]
-            try:
-                await asyncio.wait_for(link.ready, max(deadline - self.loop.time(), 0.001))
-            except asyncio.TimeoutError:
+            # Not wait_for: since 3.12 it may raise even if the link became
+            # ready in the same loop turn (attached, its pair going).
+            done, _ = await asyncio.wait((link.ready,),
+                                         timeout=max(deadline - self.loop.time(), 0.001))
+            if not done:
+                link.ready.cancel()
                 if link.hs is None:  # nothing to answer: no handshake sent
-                    raise
-                raise HandshakeTimeout(self.opts.connect_timeout) from None
+                    raise asyncio.TimeoutError
+                raise HandshakeTimeout(self.opts.connect_timeout)
+            link.ready.result()  # its failure, if it failed
         except (asyncio.TimeoutError, TimeoutError):  # distinct classes before 3.11
             for x in made:
                 x.close(abort=True)
