@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import threading
@@ -33,6 +34,7 @@ from helpers import (
     recv_skipping,
     reset_close,
     send_json,
+    socket_inodes,
     tcp_sockets,
     wait_until,
 )
@@ -478,6 +480,18 @@ def _connect_where(server, connect: Callable[[int], socket.socket],
             return sock
         miss(sock)
     raise AssertionError("20 connections, none where wanted")
+
+
+def _connect_where_index(server, prefix: str, where: Callable[[int], bool]) -> int:
+    """_connect_where for sessions ``prefix<i>`` that name everyone: which i landed."""
+    tried: list[int] = []
+
+    def connect(i: int) -> socket.socket:
+        tried.append(i)
+        return server.handshake(f"{prefix}{i}", [])[0]
+
+    _connect_where(server, connect, where)
+    return tried[-1]
 
 
 def _drain(sock: socket.socket) -> threading.Thread:
@@ -1044,3 +1058,43 @@ def test_held_bytes_delivered_from_another_worker_count_against_the_hold_total(s
     st = server.ctl_json("status")
     assert st["totals"]["buffered_bytes"] <= 16 * MiB
     assert st["drops"].get("hold_full", 0) > 0
+
+
+def test_moves_that_meet_a_stopped_parent_go_live_where_they_are(start_server):
+    """Sessions drawn to R's worker while the parent is stopped: the first
+    moves fill the channel to it, the rest waited for that channel for as
+    long as the parent took. They go live where they are after MOVE_WAIT
+    instead, each with one hs4 OK (its next bytes are R's, not a second OK),
+    and the moved ones get theirs once the parent goes on."""
+    server = start_server("--mode", "chan", "--workers", "2")
+    r, _ = server.handshake("R", [])
+    home = server.worker_of(r)
+    there = next(w for w in server.workers() if w != home)
+    # A session on the other worker naming R that stays there (a tie with L):
+    # that worker then knows where R lives, and decides the moves alone.
+    lchid = f"L{_connect_where_index(server, 'L', lambda w: w == there)}"
+    _connect_where(server, lambda i: server.handshake(f"stay{i}", ["R", lchid])[0],
+                   lambda w: w == there)
+    socks = []
+    for i in range(800):  # about 400 to move: more than the channel holds (~270)
+        s = server.connect()
+        send_json(s, {"req": "hs1", "chid": f"s{i}"})
+        assert read_json(s)["rsp"] == "hs2"
+        socks.append(s)
+    mine = socket_inodes(there)
+    ports = {t.remote_port for t in tcp_sockets()
+             if t.local_port == server.port and t.inode in mine}
+    movers = [s for s in socks if s.getsockname()[1] in ports]
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        for s in movers:
+            send_json(s, {"req": "hs3", "recvers": ["R"]})
+        assert select.select(movers, [], [], 30)[0], "no hs4 while the parent is stopped"
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    for s in movers:
+        s.settimeout(30)
+        assert read_json(s) == {"rsp": "hs4", "result": "OK"}
+    r.sendall(b"ping\n")
+    for s in movers:
+        assert recv_exact(s, 5) == b"ping\n"
