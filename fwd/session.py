@@ -677,6 +677,8 @@ class Session(Relay, asyncio.BufferedProtocol):
             moved = self._move(home, recvers, ok, trailing)
             now = self.hub.loop.time()
             if moved is None and now < deadline:
+                log.debug("chid=%s peer=%s waits for the channel to the parent to move",
+                          logval(self.chid), self.peer)
                 self.claiming = True  # nothing more from the client meanwhile
                 self.transport.pause_reading()
                 again = functools.partial(self._move_again, home, recvers, ok, trailing,

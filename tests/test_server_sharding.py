@@ -4,6 +4,7 @@ here runs three workers, whatever FWD_TEST_WORKERS says."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -28,6 +29,7 @@ from helpers import (
     handshake,
     pair,
     read_json,
+    read_line,
     read_until_reset,
     recv_exact,
     recv_hash,
@@ -1060,23 +1062,20 @@ def test_held_bytes_delivered_from_another_worker_count_against_the_hold_total(s
     assert st["drops"].get("hold_full", 0) > 0
 
 
-def test_moves_that_meet_a_stopped_parent_go_live_where_they_are(start_server):
-    """Sessions drawn to R's worker while the parent is stopped: the first
-    moves fill the channel to it, the rest waited for that channel for as
-    long as the parent took. They go live where they are after MOVE_WAIT
-    instead, each with one hs4 OK (its next bytes are R's, not a second OK),
-    and the moved ones get theirs once the parent goes on."""
-    server = start_server("--mode", "chan", "--workers", "2")
+def _movers(server) -> tuple[socket.socket, int, list[socket.socket]]:
+    """R, on worker ``home``, and about 400 sessions past their hs1 on the other
+    worker, which knows where R lives: an hs3 naming R moves them to ``home``
+    without asking the parent (more than its channel holds, about 270)."""
     r, _ = server.handshake("R", [])
     home = server.worker_of(r)
     there = next(w for w in server.workers() if w != home)
-    # A session on the other worker naming R that stays there (a tie with L):
-    # that worker then knows where R lives, and decides the moves alone.
+    # A session there naming R that stays there (a tie with L): that worker
+    # then knows where R lives, and decides the moves alone.
     lchid = f"L{_connect_where_index(server, 'L', lambda w: w == there)}"
     _connect_where(server, lambda i: server.handshake(f"stay{i}", ["R", lchid])[0],
                    lambda w: w == there)
     socks = []
-    for i in range(800):  # about 400 to move: more than the channel holds (~270)
+    for i in range(800):
         s = server.connect()
         send_json(s, {"req": "hs1", "chid": f"s{i}"})
         assert read_json(s)["rsp"] == "hs2"
@@ -1084,7 +1083,17 @@ def test_moves_that_meet_a_stopped_parent_go_live_where_they_are(start_server):
     mine = socket_inodes(there)
     ports = {t.remote_port for t in tcp_sockets()
              if t.local_port == server.port and t.inode in mine}
-    movers = [s for s in socks if s.getsockname()[1] in ports]
+    return r, there, [s for s in socks if s.getsockname()[1] in ports]
+
+
+def test_moves_that_meet_a_stopped_parent_go_live_where_they_are(start_server):
+    """Sessions drawn to R's worker while the parent is stopped: the first
+    moves fill the channel to it, the rest waited for that channel for as
+    long as the parent took. They go live where they are after MOVE_WAIT
+    instead, each with one hs4 OK (its next bytes are R's, not a second OK),
+    and the moved ones get theirs once the parent goes on."""
+    server = start_server("--mode", "chan", "--workers", "2")
+    r, _, movers = _movers(server)
     os.kill(server.pid, signal.SIGSTOP)
     try:
         for s in movers:
@@ -1098,3 +1107,31 @@ def test_moves_that_meet_a_stopped_parent_go_live_where_they_are(start_server):
     r.sendall(b"ping\n")
     for s in movers:
         assert recv_exact(s, 5) == b"ping\n"
+
+
+def test_sessions_waiting_to_move_when_their_worker_stops_get_their_fail(start_server):
+    """A session that waits for the parent's channel to move is past its
+    handshake's checks but has no hs4 yet: when its worker stops then, it
+    gets hs4 FAIL `server shutdown`, not a close without a word."""
+    server = start_server("--mode", "chan", "--workers", "2")
+    _, there, movers = _movers(server)
+    mark = server.mark()
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        for s in movers:
+            send_json(s, {"req": "hs3", "recvers": ["R"]})
+        server.wait_log(r"waits for the channel to the parent to move", start=mark)
+        os.kill(there, signal.SIGTERM)
+        wid = server.wait_log(rf"worker (\d+) ready pid={there}\b").group(1)
+        server.wait_log(rf" w{wid} fwd.worker: draining", start=mark)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    answers = collections.Counter()
+    for s in movers:  # the moved ones get theirs from R's worker
+        s.settimeout(30)
+        line = read_line(s)
+        assert line, "closed without an hs4"
+        answers[json.loads(line).get("desc", "OK")] += 1
+    assert set(answers) <= {"OK", "server shutdown"}, answers
+    if not answers["server shutdown"]:  # the log line came after MOVE_WAIT: all went live
+        pytest.skip("the worker stopped after its sessions' wait")
