@@ -520,7 +520,7 @@ def fanout(bytes chunk, tuple targets, object sender, double now):
         sent = _send_first(t, ptr, n) if _nothing_queued(transport) else 0
         if sent == n or sent < 0:
             continue
-        transport.write(chunk if sent == 0 else chunk[sent:])
+        transport.write(chunk if sent == 0 else memoryview(chunk)[sent:])
         if t.writing_paused:
             if full is None:
                 full = []
@@ -589,7 +589,7 @@ cdef object _send_view(bytearray buf, Py_ssize_t n, tuple targets, object sender
             continue
         if chunk is None:
             chunk = PyBytes_FromStringAndSize(ptr, n)
-        transport.write(chunk if sent == 0 else chunk[sent:])
+        transport.write(chunk if sent == 0 else memoryview(chunk)[sent:])
         if t.writing_paused:
             if full is None:
                 full = []

@@ -351,7 +351,7 @@ def fanout(chunk: bytes, targets: tuple[Any, ...], sender: Any, now: float) -> l
         sent = _send_first(t, chunk, n) if transport.get_write_buffer_size() == 0 else 0
         if sent == n or sent < 0:
             continue
-        transport.write(chunk if sent == 0 else chunk[sent:])
+        transport.write(chunk if sent == 0 else memoryview(chunk)[sent:])
         if t.writing_paused:
             if full is None:
                 full = []
@@ -379,7 +379,7 @@ def send_view(buf: bytearray, n: int, targets: tuple[Any, ...], sender: Any,
             continue
         if chunk is None:
             chunk = bytes(view)
-        transport.write(chunk if sent == 0 else chunk[sent:])
+        transport.write(chunk if sent == 0 else memoryview(chunk)[sent:])
         if t.writing_paused:
             if full is None:
                 full = []
